@@ -1,0 +1,124 @@
+"""The trial config: the only thing the orchestrator hands a worker. Validated with pydantic.
+
+Errors are reported all at once, one line, in optuna's form: the rule, then the value and its source.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainables.registry import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(Strict):
+    crop_pad: int = Field(0, ge=0, description="random-crop padding in pixels (0: no crop)")
+    flip: bool = Field(False, description="random horizontal flip")
+
+
+class DatasetConfig(Strict):
+    name: str = "digits"
+    root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    download: bool = False
+    augment: AugmentConfig | None = Field(None, description="None: the dataset's default (crop+flip for CIFAR)")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = True
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step: fractions of the epochs")
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class LossConfig(BaseModel):
+    """name + alpha + temperature; any other key is passed to the loss (e.g. dkd_beta, beta)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "kd"
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0)
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "temperature": self.temperature, **(self.model_extra or {})}
+
+
+class TrialConfig(Strict):
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    student: str = "cnn_tiny"
+    student_kwargs: dict[str, Any] = Field(default_factory=dict)
+    teacher_path: str | None = Field(None, description="folder with teacher.safetensors + teacher.json")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(2048, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = True
+    compile: bool = False
+    teacher_targets: Literal["auto", "online", "precomputed"] = Field(
+        "auto", description="precomputed: teacher logits once per trial when views never change"
+    )
+    checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
+    profile: bool = Field(True, description="measure params/bytes/latency/FLOPs")
+
+    @field_validator("student")
+    @classmethod
+    def _known_student(cls, v: str) -> str:
+        from trainables.models import MODELS
+
+        MODELS.get(v) if v in MODELS else _raise_unknown("student", v, MODELS.names())
+        return v
+
+
+def _raise_unknown(field: str, value: str, choices: list[str]):
+    raise ValueError(f"must be one of {choices}, but got {field}={value!r}")
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+
+
+def format_errors(e: ValidationError, source: str | None = None, prefix: str = "") -> str:
+    """All pydantic errors as one line: "`field`: rule, but got field=value (source)"."""
+    where = f" ({source})" if source else ""
+    parts = []
+    for err in e.errors():
+        field = prefix + _loc(err)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"`{field}` is not a known key: remove it or fix its spelling{where}")
+        elif err["type"] == "missing":
+            parts.append(f"`{field}` is required{where}")
+        elif "but got" in msg:
+            parts.append(f"`{field}` {msg}{where}")
+        else:
+            parts.append(f"`{field}`: {msg[0].lower() + msg[1:]}, but got {field}={err.get('input')!r}{where}")
+    return "; ".join(parts)
+
+
+def validate(model: type[M], data: Any, source: str | None = None, prefix: str = "") -> M:
+    """Validate `data` as `model`, raising one ConfigError that lists every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source, prefix)) from None

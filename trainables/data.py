@@ -1,0 +1,293 @@
+"""Datasets as device-resident uint8 tensors, a deterministic validation split, and batched augmentation.
+
+No DataLoader in the hot loop: a whole split lives on the training device, batches are slices of a
+seeded permutation, and crop/flip run batched on the device. Every random choice of an epoch is a pure
+function of (seed, epoch, batch index), so the same view can be re-created anywhere (teacher caching,
+exact resume) without saving RNG state.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from trainables.registry import ConfigError, Registry
+
+# name -> loader(root, download, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes)
+Loader = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, int]]
+DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
+
+#: Augmentation each dataset gets unless the config says otherwise.
+DEFAULT_AUGMENT = {"cifar10": {"crop_pad": 4, "flip": True}, "cifar100": {"crop_pad": 4, "flip": True}}
+
+
+def cache_dir() -> Path:
+    """Where decompressed files go: never inside a user's (possibly read-only) data root."""
+    return Path(os.environ.get("KDSWEEP_CACHE", Path.home() / ".cache" / "kdsweep")) / "data"
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train/val/test images (uint8, NCHW) and labels (int64); val is carved from the official train."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "DataSplits":
+        move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+        return replace(self, **move)
+
+
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    download: bool = False,
+    **kwargs,
+) -> DataSplits:
+    """Load a registered dataset and carve a deterministic validation split from its train split.
+
+    The split depends on `split_seed` only (not the trial seed), so every trial of a sweep, and the
+    teacher, see the same train/val partition and the test split is never touched by the search.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
+    train_x, train_y, test_x, test_y, num_classes = DATASETS.get(name)(root=root, download=download, **kwargs)
+    n = len(train_y)
+    n_val = max(1, round(n * val_fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    val_idx, tr_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    tr = train_x[tr_idx].float() / 255.0
+    mean = tuple(tr.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(tr.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return DataSplits(
+        name=name,
+        train_x=train_x[tr_idx].contiguous(),
+        train_y=train_y[tr_idx].contiguous(),
+        val_x=train_x[val_idx].contiguous(),
+        val_y=train_y[val_idx].contiguous(),
+        test_x=test_x.contiguous(),
+        test_y=test_y.contiguous(),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered datasets
+
+
+@DATASETS.register
+def digits(root: str | None = None, download: bool = False, test_fraction: float = 0.2):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): offline, the embedded default.
+
+    It has no official test split; a fixed 20% (seed 0) is held out as test.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_test = round(len(y) * test_fraction)
+    te, tr = perm[:n_test].sort().values, perm[n_test:].sort().values
+    return x[tr], y[tr], x[te], y[te], 10
+
+
+def _resolve_root(root: str | None, field: str = "dataset.root") -> Path:
+    root = root or os.environ.get("KD_DATA_ROOT")
+    if not root:
+        raise ConfigError(
+            f"`{field}` is required for this dataset: set it to the folder that holds the data "
+            "(or export KD_DATA_ROOT)"
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"`{field}` must be an existing folder, but got {field}={root!r}: fix the path")
+    return path
+
+
+def _mnist_like(cls_name: str, root: str | None, download: bool):
+    """torchvision's MNIST-family class over a local root; .gz files are decompressed into our cache."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    files = [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    if download:
+        path = _resolve_root(root) if root else cache_dir()
+        tv_root = path
+    else:
+        path = _resolve_root(root)
+        raw = next(
+            (d for d in (path / cls_name / "raw", path / "raw", path) if any((d / f).exists() or (d / f"{f}.gz").exists() for f in files)),
+            None,
+        )
+        if raw is None:
+            raise ConfigError(
+                f"`dataset.root` has no {cls_name} files ({files[0]}[.gz]) under {path} or {path / cls_name / 'raw'}: "
+                "fix the path or set dataset.download: true"
+            )
+        if all((raw / f).exists() for f in files) and raw.name == "raw" and raw.parent.name == cls_name:
+            tv_root = raw.parent.parent
+        else:
+            tv_root = cache_dir()
+            dest = tv_root / cls_name / "raw"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                if (dest / f).exists():
+                    continue
+                src = raw / f if (raw / f).exists() else raw / f"{f}.gz"
+                if not src.exists():
+                    raise ConfigError(f"`dataset.root` lacks {src.name} for {cls_name}: fix the path or set dataset.download: true")
+                # Decompress to a temporary name then rename: concurrent trials may race here.
+                with tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
+                    opener = gzip.open if src.suffix == ".gz" else open
+                    with opener(src, "rb") as fin:
+                        shutil.copyfileobj(fin, tmp)
+                os.replace(tmp.name, dest / f)
+    train = cls(str(tv_root), train=True, download=download)
+    test = cls(str(tv_root), train=False, download=download)
+    return train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long(), len(cls.classes)
+
+
+@DATASETS.register
+def mnist(root: str | None = None, download: bool = False):
+    return _mnist_like("MNIST", root, download)
+
+
+@DATASETS.register
+def fashion_mnist(root: str | None = None, download: bool = False):
+    return _mnist_like("FashionMNIST", root, download)
+
+
+def _cifar(cls_name: str, root: str | None, download: bool):
+    import torchvision.datasets as tvd
+
+    path = cache_dir() if (download and not root) else _resolve_root(root)
+    try:
+        train = getattr(tvd, cls_name)(str(path), train=True, download=download)
+        test = getattr(tvd, cls_name)(str(path), train=False, download=download)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"`dataset.root` has no {cls_name} batches under {path} ({e}): fix the path or set dataset.download: true"
+        ) from e
+
+    def to_tensors(ds):
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
+
+    (xtr, ytr), (xte, yte) = to_tensors(train), to_tensors(test)
+    return xtr, ytr, xte, yte, len(train.classes)
+
+
+@DATASETS.register
+def cifar10(root: str | None = None, download: bool = False):
+    return _cifar("CIFAR10", root, download)
+
+
+@DATASETS.register
+def cifar100(root: str | None = None, download: bool = False):
+    return _cifar("CIFAR100", root, download)
+
+
+@DATASETS.register
+def synthetic(
+    root: str | None = None,
+    download: bool = False,
+    n_train: int = 5000,
+    n_test: int = 1000,
+    shape: tuple[int, int, int] | list[int] = (3, 32, 32),
+    num_classes: int = 10,
+    seed: int = 0,
+):
+    """Random uint8 images of any shape: measures speed exactly as real images would, not accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    x = torch.randint(0, 256, (n_train + n_test, *shape), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, num_classes, (n_train + n_test,), generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and augmentation: pure functions of (seed, epoch, batch index)
+
+
+def _mix(seed: int, epoch: int, batch_idx: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + batch_idx) % (2**63 - 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> Tensor:
+    """The order of the train split for one epoch (generated on CPU so every device agrees)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, -1))).to(device)
+
+
+def view_params(seed: int, epoch: int, batch_idx: int, batch_size: int, crop_pad: int, flip: bool) -> Tensor:
+    """Per-image (dy, dx, flip) of one batch, int64 on CPU: the whole randomness of an augmented view."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, batch_idx))
+    shifts = torch.randint(0, 2 * crop_pad + 1, (batch_size, 2), generator=g)
+    flips = torch.randint(0, 2, (batch_size, 1), generator=g) if flip else torch.zeros(batch_size, 1, dtype=torch.long)
+    return torch.cat([shifts, flips], dim=1)
+
+
+def augment(x: Tensor, params: Tensor, crop_pad: int) -> Tensor:
+    """Random crop with zero padding and horizontal flip, batched; x is (B, C, H, W) of any dtype."""
+    if crop_pad == 0 and not bool(params[:, 2].any()):
+        return x
+    b, c, h, w = x.shape
+    params = params.to(x.device)
+    if crop_pad:
+        padded = torch.nn.functional.pad(x, (crop_pad,) * 4)
+        rows = (params[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (params[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[bi, ci, rows, cols]
+    return torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x)
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, crop_pad: int, flip: bool, device: torch.device | str = "cpu",
+    rank: int = 0, world_size: int = 1,
+):
+    """Yield (batch_idx, indices, view params) for one epoch; drops the last partial batch.
+
+    With several DDP workers each rank takes its own slice of every global batch, so the global
+    batch (and hence the math) is the same whatever the world size.
+    """
+    perm = epoch_permutation(n, seed, epoch, device)
+    per_rank = batch_size // world_size
+    for b in range(n // batch_size):
+        idx = perm[b * batch_size + rank * per_rank : b * batch_size + (rank + 1) * per_rank]
+        params = view_params(seed, epoch, b, batch_size, crop_pad, flip)[rank * per_rank : (rank + 1) * per_rank]
+        yield b, idx, params.to(device, non_blocking=True)
+
+
+def normalizer(splits: DataSplits, device: torch.device | str) -> Callable[[Tensor], Tensor]:
+    """uint8 -> float normalized with the train split's channel statistics."""
+    mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(splits.std, device=device).view(1, -1, 1, 1) * 255.0)
+
+    def norm(x: Tensor) -> Tensor:
+        return (x.float() - mean) * inv_std
+
+    return norm

@@ -1,0 +1,295 @@
+"""The trial loop: one plain function that distils one student, standalone or as a Ray Train worker.
+
+    train_student(config)                   # standalone: prints epochs, checkpoints to checkpoint_dir
+    train_loop_per_worker(config)           # inside a Ray Train TorchTrainer (DDP when >1 worker)
+
+Hot loop: data already on the device as uint8, a seeded permutation per epoch, batched crop/flip,
+bf16 autocast + channels_last on CUDA, and one host sync per epoch (the loss sums and the NaN check).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.config import AugmentConfig, OptimizerConfig, ScheduleConfig, TrialConfig, validate
+from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_dataset, normalizer
+from trainables.losses import build_loss
+from trainables.models import create_model
+from trainables.profile import size_metrics
+from trainables.registry import ConfigError
+from trainables.teacher import load_teacher
+
+STATE_FILE = "state.pt"
+
+
+class Reporter(Protocol):
+    """Where epochs go and where a resumed trial finds its last state."""
+
+    def restore(self) -> dict | None: ...
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a checkpoint written by this loop: tensors and plain types only (weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ConfigError(f"`checkpoint` {path} is corrupt or not a kdsweep checkpoint ({type(e).__name__}): delete it to start fresh") from None
+
+
+def save_state(state: dict, directory: str | Path) -> None:
+    """Write atomically, so a kill mid-save never leaves a half-written checkpoint."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, d / STATE_FILE)
+
+
+@dataclass
+class LocalReporter:
+    """Standalone runs: print each epoch, checkpoint into `checkpoint_dir` (resume if one is there)."""
+
+    checkpoint_dir: str | None = None
+    printer: Callable[[str], None] | None = print
+
+    def restore(self) -> dict | None:
+        if self.checkpoint_dir and (Path(self.checkpoint_dir) / STATE_FILE).exists():
+            return load_state(Path(self.checkpoint_dir) / STATE_FILE)
+        return None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is not None and self.checkpoint_dir:
+            save_state(state, self.checkpoint_dir)
+        if self.printer:
+            self.printer(format_epoch(metrics))
+
+
+class RayTrainReporter:
+    """Inside a TorchTrainer: ray.train.report every epoch; rank 0 attaches the checkpoint."""
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_state(Path(d) / STATE_FILE)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(state, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    keys = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_agreement", "images_per_s", "status")
+    return "  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = None
+
+
+def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int):
+    """Per-step LR multiplier: linear warm-up, then cosine to 0, step decay, or constant."""
+    total, warm = epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    milestones = [m * total for m in cfg.milestones]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1.0, total - warm)))
+        if cfg.name == "step":
+            return cfg.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, norm, batch: int, autocast, channels_last: bool) -> Tensor:
+    """Logits (float32) for uint8 images in big batches: no augmentation, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        xb = norm(x[i : i + batch])
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out.append(model(xb).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def _placement(cfg: TrialConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): from Ray Train when inside a worker, else from the config."""
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        world, rank = ctx.get_world_size(), ctx.get_world_rank()
+        import ray.train.torch
+
+        return rank, world, ray.train.torch.get_device()
+    except Exception:
+        pass
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("`device=cuda` but no CUDA GPU is visible: use device=auto or cpu")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+
+
+def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
+    """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics."""
+    cfg = config if isinstance(config, TrialConfig) else validate(TrialConfig, config)
+    rank, world, device = _placement(cfg)
+    reporter = reporter or LocalReporter(cfg.checkpoint_dir)
+    cuda = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.amp) else contextlib.nullcontext
+    channels_last = cuda and cfg.channels_last
+    torch.manual_seed(cfg.seed)
+
+    ds = cfg.dataset
+    splits = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs).to(device)
+    aug = ds.augment or AugmentConfig(**DEFAULT_AUGMENT.get(ds.name, {}))
+    norm = normalizer(splits, device)
+    n_train, shape = len(splits.train_y), splits.input_shape
+    if cfg.batch_size > n_train or cfg.batch_size % world:
+        raise ConfigError(
+            f"`batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got batch_size={cfg.batch_size}"
+        )
+
+    teacher = None
+    if cfg.loss.alpha > 0:
+        if not cfg.teacher_path:
+            raise ConfigError("`teacher_path` is required when loss.alpha > 0: train one with `kdsweep teacher CONFIG`")
+        teacher, _ = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher, shape).to(device)
+    feats = loss_fn.needs_teacher_features and teacher is not None
+    size = size_metrics(student, shape) if (cfg.profile and rank == 0) else {}
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+
+    opt = make_optimizer(cfg.optimizer, [*student.parameters(), *loss_fn.parameters()])
+    steps_per_epoch = n_train // cfg.batch_size
+    sched = make_schedule(opt, cfg.schedule, cfg.epochs, steps_per_epoch)
+    start_epoch, history = 0, []
+    if (state := reporter.restore()) is not None:
+        student.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        start_epoch, history = state["epoch"], list(state["history"])
+
+    model = student
+    if world > 1:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(student, move_to_device=False)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    # Teacher targets: val logits once (agreement metric); train logits once when views never change.
+    t_val = predict(teacher, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last) if teacher is not None else None
+    static_views = aug.crop_pad == 0 and not aug.flip
+    if cfg.teacher_targets == "precomputed" and not static_views:
+        raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
+    precompute = teacher is not None and not feats and static_views and cfg.teacher_targets != "online"
+    t_train = predict(teacher, splits.train_x, norm, cfg.eval_batch_size, autocast, channels_last) if precompute else None
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        student.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, device=device)
+        for b, idx, view in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device, rank, world):
+            x = norm(augment(splits.train_x[idx], view, aug.crop_pad))
+            y = splits.train_y[idx]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                t_logits = t_feats = s_feats = None
+                if t_train is not None:
+                    t_logits = t_train[idx]
+                elif teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x, with_features=feats)
+                    t_logits, t_feats = t_out if feats else (t_out, None)
+                out = step_model(x, with_features=feats)
+                s_logits, s_feats = out if feats else (out, None)
+                loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums += torch.stack([loss.detach(), parts["kd"], parts["ce"]])
+        train_loss, train_kd, train_ce = (sums / steps_per_epoch).tolist()  # the epoch's one host sync
+        seconds = time.perf_counter() - t0
+
+        logits = predict(student, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_kd": train_kd,
+            "train_ce": train_ce,
+            "val_acc": (logits.argmax(1) == splits.val_y).float().mean().item(),
+            "val_loss": F.cross_entropy(logits, splits.val_y).item(),
+            "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
+            "epoch_time_s": seconds,
+            "lr": opt.param_groups[0]["lr"],
+            **{f"size_{k}": v for k, v in size.items()},
+        }
+        if t_val is not None:
+            metrics["val_agreement"] = (logits.argmax(1) == t_val.argmax(1)).float().mean().item()
+            metrics["val_kl_teacher"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t_val, 1), reduction="batchmean", log_target=True).item()
+        diverged = not math.isfinite(train_loss)
+        metrics["status"] = "diverged" if diverged else ("finished" if epoch + 1 == cfg.epochs else "running")
+        history.append({k: v for k, v in metrics.items() if not k.startswith("size_")})
+        state = None
+        if rank == 0 and not diverged:
+            state = {
+                "model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch + 1, "rng_cpu": torch.get_rng_state(), "history": history,
+            }
+        reporter.report(metrics, state)
+        if diverged:
+            break
+    return TrialResult(metrics=metrics, history=history, model=student.float().cpu().eval())
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for ray.train.torch.TorchTrainer(train_loop_per_worker=...)."""
+    train_student(config, RayTrainReporter())
