@@ -105,7 +105,9 @@ def format_errors(e: ValidationError, source: str | None = None, prefix: str = "
     for err in e.errors():
         field = prefix + _loc(err)
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if not _loc(err):
+            parts.append(f"{msg}{where}")
+        elif err["type"] == "extra_forbidden":
             parts.append(f"`{field}` is not a known key: remove it or fix its spelling{where}")
         elif err["type"] == "missing":
             parts.append(f"`{field}` is required{where}")

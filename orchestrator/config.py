@@ -1,0 +1,234 @@
+"""The sweep config (search_spaces/*.yaml): validated once, here, before anything starts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from trainables.config import (
+    DatasetConfig, LossConfig, OptimizerConfig, ScheduleConfig, Strict, TrialConfig, validate,
+)
+from trainables.data import DATASETS
+from trainables.losses import LOSSES
+from trainables.models import MODELS
+from trainables.registry import ConfigError
+
+#: Short names for searched and --set keys: alias -> dotted path in the sweep config.
+ALIASES = {
+    "temperature": "loss.temperature",
+    "alpha": "loss.alpha",
+    "lr": "train.optimizer.lr",
+    "weight_decay": "train.optimizer.weight_decay",
+    "momentum": "train.optimizer.momentum",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+}
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class TeacherSpec(Strict):
+    path: str | None = Field(None, description="a saved teacher folder; null: train one into teachers/ (cached by config hash)")
+    arch: str = "cnn_small"
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    seed: int = 0
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"must be one of {MODELS.names()}, but got teacher.arch={v!r}")
+        return v
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(2048, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    teacher_targets: Literal["auto", "online", "precomputed"] = "auto"
+
+
+class SearchParam(Strict):
+    """One searched key, in the style of Optuna's distributions."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical needs a non-empty `choices` list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type} needs `low` and `high`")
+            if not self.low <= self.high:
+                raise ValueError(f"`low <= high` must hold, but got (low={self.low}, high={self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError(f"`low > 0` must hold for log=true, but got low={self.low}")
+        return self
+
+    def bounds(self) -> list[Any]:
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+class Budget(Strict):
+    num_samples: int = Field(8, ge=1, description="trials in all (joint) or per student (per_student)")
+    max_concurrent: int = Field(2, ge=1)
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1.0)
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial (FailureConfig)")
+
+
+class Resources(Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="per Ray Train worker; fractions pack trials on a GPU")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial (>1: DDP)")
+
+
+class Tracking(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; null: sqlite DB under ./mlruns")
+    experiment: str | None = Field(None, description="null: the sweep name")
+    registered_model: str | None = Field(None, description="null: kdsweep-<name>")
+
+
+class SweepConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    students: list[str] = Field(min_length=1)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    search: dict[str, SearchParam] = Field(default_factory=dict)
+    budget: Budget = Field(default_factory=Budget)
+    mode: Literal["joint", "per_student"] = "joint"
+    resources: Resources = Field(default_factory=Resources)
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: str | None = Field(None, description="Ray storage path for checkpoints; null: ./runs")
+
+    @field_validator("students")
+    @classmethod
+    def _known_students(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in MODELS]
+        if bad:
+            raise ValueError(f"must all be in {MODELS.names()}, but got unknown {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        DATASETS.get(self.dataset.name)
+        LOSSES.get(self.loss.name)
+        for key, p in self.search.items():
+            path = ALIASES.get(key, key)
+            if path == "students":
+                raise ValueError(f"`search.{key}`: students are searched via `students` and `mode`, not in `search`")
+            if path not in ("loss.temperature", "loss.alpha") and not path.startswith(("loss.", "train.")):
+                raise ValueError(f"`search.{key}` must be one of {sorted(ALIASES)} or a dotted loss./train. path, but got {key!r}")
+            lo, hi = (min(p.bounds()), max(p.bounds())) if p.type != "categorical" else (min(p.choices), max(p.choices))
+            if path == "loss.temperature" and not lo > 0:
+                raise ValueError(f"`search.{key}`: `temperature > 0` must hold over the whole range, but got low={lo}")
+            if path == "loss.alpha" and not (0 <= lo and hi <= 1):
+                raise ValueError(f"`search.{key}`: `0 <= alpha <= 1` must hold over the whole range, but got [{lo}, {hi}]")
+        return self
+
+    # --- derived values ---------------------------------------------------------------------
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or f"kdsweep-{self.name}"
+
+    def storage_path(self) -> str:
+        return os.path.abspath(self.storage or "runs")
+
+    def teacher_dir(self) -> Path:
+        """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
+        if self.teacher.path:
+            return Path(self.teacher.path)
+        spec = {"teacher": self.teacher.model_dump(exclude={"path"}), "dataset": self.dataset.model_dump()}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+        return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"
+
+    def teacher_trial(self) -> TrialConfig:
+        """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own."""
+        t = self.teacher
+        return TrialConfig(
+            dataset=self.dataset, student=t.arch, student_kwargs=t.arch_kwargs, loss=LossConfig(name="kd", alpha=0.0),
+            epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, schedule=t.schedule, seed=t.seed,
+            amp=self.train.amp, channels_last=self.train.channels_last, profile=False,
+        )
+
+    def trial(self, student: str, overrides: dict[str, Any] | None = None, teacher_path: str | None = None) -> dict[str, Any]:
+        """The trial config (a plain dict, what a worker receives) with searched values applied."""
+        base = self.model_dump()
+        for key, value in (overrides or {}).items():
+            set_dotted(base, ALIASES.get(key, key), value)
+        tr = base["train"]
+        cfg = {
+            "dataset": base["dataset"], "student": student, "loss": base["loss"],
+            "teacher_path": str(Path(teacher_path or self.teacher_dir()).resolve()), "seed": base["seed"],
+            **{k: tr[k] for k in ("epochs", "batch_size", "eval_batch_size", "optimizer", "schedule", "amp", "channels_last", "compile", "teacher_targets")},
+        }
+        validate(TrialConfig, cfg, prefix="trial.")
+        return cfg
+
+
+def set_dotted(d: dict, path: str, value: Any) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        if not isinstance(d.get(k), dict):
+            d[k] = {}
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs (values parsed as YAML scalars) -> {dotted path: value}."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"`--set` takes key=value, but got {pair!r}: e.g. --set loss.alpha=0.5")
+        out[ALIASES.get(key, key)] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
+    """Read YAML (the embedded default when path is None), apply --set overrides, validate."""
+    source = str(path) if path else "embedded default.yaml"
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file():
+        raise ConfigError(f"`CONFIG` must be a YAML file, but got {source!r}: check the path (see search_spaces/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"`CONFIG` is not valid YAML{where} ({getattr(e, 'problem', e)}) in {source}: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"`CONFIG` must be a YAML mapping of sweep keys, but got {type(data).__name__} in {source}")
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(data, key, value)
+    return validate(SweepConfig, data, source)
