@@ -1,0 +1,71 @@
+"""Every bad input: one line naming the field, exit code 2, nothing written, Ray never started."""
+import os
+import sys
+
+import pytest
+
+from orchestrator.cli import main
+
+DEFAULT = os.path.join(os.path.dirname(__file__), "..", "search_spaces", "default.yaml")
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+BAD = [
+        (["loss.temperature=0"], "`loss.temperature`"),
+        (["temperature=-2"], "`loss.temperature`"),
+        (["alpha=1.5"], "`loss.alpha`"),
+        (["students=[resnet9]"], "`students` must all be in"),
+        (["teacher.arch=vit"], "`teacher.arch`"),
+        (["dataset.name=imagenet"], "`dataset.name` must be one of"),
+        (["loss.name=crd"], "`loss.name` must be one of"),
+        (["search.temperature.low=0"], "`search.temperature`"),
+        (["search.alpha.high=2"], "`search.alpha`"),
+        (["dataset.name=fashion_mnist", "dataset.root=/no/such/dir"], "`dataset.root` must be an existing folder"),
+        (["teacher.path=/no/such/teacher"], "`teacher.path` must be a folder with teacher.safetensors"),
+        (["budgett.num_samples=3"], "`budgett` is not a known key"),
+]
+# `kdsweep teacher` trains into a teacher.path that does not exist yet, so that case is distill-only.
+CASES = [(c, s, n) for c in ("distill", "teacher") for s, n in BAD if not (c == "teacher" and s[0].startswith("teacher.path"))]
+
+
+@pytest.mark.parametrize("command,sets,needle", CASES)
+def test_bad_input_exits_2_with_one_line(command, sets, needle, capsys, in_tmp, monkeypatch):
+    monkeypatch.delenv("KD_DATA_ROOT", raising=False)
+    args = [command, DEFAULT]
+    for s in sets:
+        args += ["--set", s]
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert os.listdir(in_tmp) == []
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_malformed_yaml_and_missing_file(capsys, in_tmp):
+    (in_tmp / "bad.yaml").write_text("name: x\nstudents: [a, b\n")
+    code, err = run_cli(["distill", str(in_tmp / "bad.yaml")], capsys)
+    assert code == 2 and "`CONFIG` is not valid YAML at line" in err and len(err.splitlines()) == 1
+    code, err = run_cli(["distill", str(in_tmp / "missing.yaml")], capsys)
+    assert code == 2 and "`CONFIG` must be a YAML file" in err
+    (in_tmp / "list.yaml").write_text("- a\n- b\n")
+    code, err = run_cli(["distill", str(in_tmp / "list.yaml")], capsys)
+    assert code == 2 and "YAML mapping" in err
+    assert sorted(os.listdir(in_tmp)) == ["bad.yaml", "list.yaml"]
+
+
+def test_teacher_class_mismatch(capsys, in_tmp, digits_teacher):
+    code, err = run_cli(["distill", DEFAULT, "--set", f"teacher.path={digits_teacher}", "--set", "dataset.name=synthetic",
+                         "--set", "dataset.kwargs={n_train: 100, n_test: 10, shape: [1, 8, 8], num_classes: 5}"], capsys)
+    assert code == 2 and "num_classes=10 but the dataset has 5" in err
+    assert os.listdir(in_tmp) == []
+
+
+def test_distill_runs_and_prints_epochs(capsys, in_tmp, digits_teacher):
+    code = main(["distill", DEFAULT, "--set", f"teacher.path={digits_teacher}", "--set", "epochs=2", "--student", "cnn_tiny"])
+    out = capsys.readouterr().out
+    assert code == 0 and "epoch=2" in out and "val_agreement=" in out and "final val_acc=" in out
