@@ -53,6 +53,67 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish(cfg, handles: dict, args: argparse.Namespace) -> None:
+    from orchestrator.selection import select
+
+    select(cfg, handles["tracker"], handles["parent_run_id"], args.max_params, args.max_latency_ms)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.sweep import make_plan, run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        plan, _ = make_plan(cfg, args.tracking_uri)
+        print(plan.describe())
+        return 0
+    handles = run_sweep(cfg, args.address, args.tracking_uri)
+    _finish(cfg, handles, args)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import load_sweep, run_sweep
+
+    cfg, uri = load_sweep(args.name, args.storage)
+    handles = run_sweep(cfg, args.address, args.tracking_uri or uri, restore=True)
+    _finish(cfg, handles, args)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from orchestrator.selection import select
+    from orchestrator.sweep import load_sweep
+    from orchestrator.tracking import PARENT_FILTER, SweepTracker, check_tracking_uri
+
+    cfg, uri = load_sweep(args.name, args.storage)
+    uri = args.tracking_uri or uri
+    check_tracking_uri(uri)
+    tracker = SweepTracker(uri, cfg.experiment)
+    parents = tracker.find_runs(PARENT_FILTER.format(sweep=cfg.name))
+    if not parents:
+        raise ConfigError(f"`NAME` {args.name!r} has no parent run in {uri}: run the sweep first")
+    select(cfg, tracker, parents[0].info.run_id, args.max_params, args.max_latency_ms)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"serving {uri} on http://{args.host}:{args.port}")
+    return subprocess.call(cmd)
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-params", type=float, help="only students with at most this many parameters")
+    p.add_argument("--max-latency-ms", type=float, help="only students at most this slow (CPU, batch 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdsweep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student", help="student architecture (default: the config's first student)")
     d.add_argument("--checkpoint-dir", help="save a checkpoint every epoch here, and resume from it")
     d.set_defaults(func=cmd_distill)
+
+    r = sub.add_parser("run", help="run a sweep (Ray Tune + Optuna over Ray Train trials, tracked in MLflow)")
+    _add_config(r)
+    r.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite DB under ./mlruns)")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    _add_selection(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("resume", help="finish a sweep whose driver died (Tuner.restore)")
+    s.add_argument("name")
+    s.add_argument("--storage", help="the sweep's storage path (default: ./runs)")
+    s.add_argument("--address")
+    s.add_argument("--tracking-uri")
+    _add_selection(s)
+    s.set_defaults(func=cmd_resume)
+
+    b = sub.add_parser("best", help="leaderboard, Pareto front and champion of a finished sweep")
+    b.add_argument("name")
+    b.add_argument("--storage")
+    b.add_argument("--tracking-uri")
+    _add_selection(b)
+    b.set_defaults(func=cmd_best)
+
+    u = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
+    u.add_argument("--tracking-uri")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
     return p
 
 

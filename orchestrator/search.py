@@ -1,0 +1,94 @@
+"""From the YAML search section to Optuna distributions, seeded TPE, ASHA and the control points."""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.config import ALIASES, SearchParam, SweepConfig
+
+METRIC = "val_acc"
+#: The standard KD point evaluated first for every student, beside the alpha=0 control.
+STANDARD_POINT = {"temperature": 4.0, "alpha": 0.9}
+
+
+def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
+    if p.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(p.choices)
+    if p.type == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+
+
+def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
+    out = {k: distribution(p) for k, p in cfg.search.items()}
+    if len(students) > 1:
+        out["student"] = optuna.distributions.CategoricalDistribution(students)
+    return out
+
+
+def _base_value(cfg: SweepConfig, key: str) -> Any:
+    node: Any = cfg.model_dump()
+    for part in ALIASES.get(key, key).split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _fit(p: SearchParam, value: Any) -> Any:
+    """A value moved inside the searched range (controls must be points TPE can learn from)."""
+    if p.type == "categorical":
+        return value if value in p.choices else p.choices[0]
+    v = min(max(value if value is not None else p.low, p.low), p.high)
+    return int(round(v)) if p.type == "int" else float(v)
+
+
+def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]]:
+    """Per student: the no-KD control (alpha=0, base lr) and the standard point (T=4, alpha=0.9).
+
+    Evaluated before TPE proposes anything, so every leaderboard can show each student's KD gain.
+    Keys that are not searched are fixed by the config; a control needs `alpha` in the search space
+    or a base alpha of 0 to exist at all.
+    """
+    points = []
+    for student in students:
+        base = {k: _fit(p, _base_value(cfg, k)) for k, p in cfg.search.items()}
+        for fixed in ({"alpha": 0.0}, STANDARD_POINT):
+            point = dict(base)
+            for k, v in fixed.items():
+                if k in cfg.search:
+                    point[k] = _fit(cfg.search[k], v)
+            if len(students) > 1:
+                point["student"] = student
+            if point not in points:
+                points.append(point)
+    return points
+
+
+def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
+    """Seeded TPE. Trials ASHA stops reach Optuna as COMPLETE with their truncated val_acc: a lower
+    bound from a trial that ranked in the bottom of its rung, which is the signal TPE should learn."""
+    return OptunaSearch(
+        space=space(cfg, students),
+        metric=METRIC, mode="max",
+        points_to_evaluate=control_points(cfg, students) if cfg.search else None,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+    )
+
+
+def scheduler(cfg: SweepConfig) -> ASHAScheduler:
+    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=cfg.train.epochs, grace_period=min(cfg.budget.grace_period, cfg.train.epochs),
+                         reduction_factor=cfg.budget.reduction_factor)
+
+
+def trial_budget(cfg: SweepConfig) -> list[tuple[str, list[str], int]]:
+    """(tuner name, students, num_samples): one study in joint mode, one per student otherwise.
+
+    per_student splits `budget.num_samples` evenly (the first students take any remainder), so
+    every student gets its own search and its own share of the budget.
+    """
+    if cfg.mode == "joint":
+        return [("joint", list(cfg.students), cfg.budget.num_samples)]
+    n, k = cfg.budget.num_samples, len(cfg.students)
+    return [(s, [s], n // k + (1 if i < n % k else 0)) for i, s in enumerate(cfg.students)]

@@ -1,0 +1,172 @@
+"""Run, resume and plan a sweep: Tune (Optuna TPE + ASHA) over Ray Train TorchTrainer trials.
+
+Layout of a sweep's storage (`storage/NAME/`): sweep.json (the resolved config, so `kdsweep resume
+NAME` needs nothing else), one Tune experiment per study (tune-joint or tune-<student>), and one Ray
+Train run per trial (train/trial-<id>) holding its checkpoints. Train V2 restores a run from its
+storage snapshot when the same name and path are used again, so a restored trial resumes from its
+last epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import SweepConfig
+from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
+from orchestrator.search import control_points, scheduler, searcher, trial_budget
+from orchestrator.tracking import MlflowTrialCallback, SweepTracker, check_tracking_uri, default_tracking_uri
+from trainables.registry import ConfigError
+
+
+@dataclass
+class Plan:
+    name: str
+    storage: str
+    tracking_uri: str
+    experiment: str
+    studies: list[tuple[str, list[str], int]]
+    trial_resources: dict[str, float]
+    teacher: str
+    data: DataInfo
+    controls: int
+
+    def describe(self) -> str:
+        total = sum(n for _, _, n in self.studies)
+        lines = [
+            f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}",
+            *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
+            f"  first {self.controls} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
+            f"  data: {self.data.n_train} train / {self.data.n_val} val / {self.data.n_test} test, "
+            f"{self.data.num_classes} classes, input {self.data.input_shape}",
+            f"  teacher: {self.teacher}",
+            f"  resources per trial: {self.trial_resources}",
+            f"  storage: {self.storage}",
+            f"  tracking: {self.tracking_uri} (experiment {self.experiment!r})",
+        ]
+        return "\n".join(lines)
+
+
+def make_plan(cfg: SweepConfig, tracking_uri: str | None) -> tuple[Plan, DataInfo]:
+    """Everything checked that can be checked before Ray starts; writes nothing."""
+    uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
+    check_tracking_uri(uri)
+    info = check_data(cfg)
+    teacher = check_teacher(cfg, info)
+    r = cfg.resources
+    res = {"workers": r.num_workers, "CPU_per_worker": r.cpus_per_trial, "GPU_per_worker": r.gpus_per_trial}
+    plan = Plan(cfg.name, str(Path(cfg.storage_path()) / cfg.name), uri, cfg.experiment, trial_budget(cfg), res,
+                str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
+                len(control_points(cfg, cfg.students)) if cfg.search else 0)
+    return plan, info
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 object_store_memory=int(os.environ.get("KDSWEEP_OBJECT_STORE_BYTES", 512 * 1024**2)))
+
+
+def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str, train_storage: str) -> None:
+    """One Tune trial = one Ray Train TorchTrainer run (DDP when num_workers > 1).
+
+    Runs inside a Tune actor; the worker side gets only the trial config (trainables never import
+    the orchestrator).
+    """
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainables.loop import train_loop_per_worker
+
+    cfg = SweepConfig.model_validate(sweep)
+    student = config.get("student", cfg.students[0])
+    trial_cfg = cfg.trial(student, {k: v for k, v in config.items() if k != "student"}, teacher_path)
+    if trial_cfg["loss"]["alpha"] == 0:
+        trial_cfg["teacher_path"] = None  # the control needs no teacher
+    r = cfg.resources
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=trial_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.gpus_per_trial > 0,
+            resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": r.gpus_per_trial} if r.gpus_per_trial else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{tune.get_context().get_trial_id()}",
+            storage_path=train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # A finite controller limit: an unplaceable worker group fails the trial instead of hanging.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.budget.max_failures, controller_failure_limit=2),
+        ),
+    )
+    trainer.fit()
+
+
+def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: str, sweep_dir: Path, callback, restore: bool):
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, sweep=cfg.model_dump(), teacher_path=teacher, train_storage=str(sweep_dir / "train")),
+        {"memory": 2**20},  # a token request: the TorchTrainer inside reserves the real resources
+    )
+    path = sweep_dir / f"tune-{study}"
+    if restore and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            num_samples=n, search_alg=searcher(cfg, students), scheduler=scheduler(cfg),
+            max_concurrent_trials=cfg.budget.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{study}", storage_path=str(sweep_dir), callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=1,
+        ),
+    )
+
+
+def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | None = None, restore: bool = False,
+              printer=print) -> dict[str, Any]:
+    """Validate, prepare the teacher, run every study, close orphans. Returns the tracking handles."""
+    plan, info = make_plan(cfg, tracking_uri)
+    sweep_dir = Path(plan.storage)
+    teacher = str(ensure_teacher(cfg, info, printer=printer).resolve())
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri}, indent=2))
+    tracker = SweepTracker(plan.tracking_uri, plan.experiment)
+    parent = tracker.parent_run(cfg.name, cfg.model_dump())
+    model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape),
+                  "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
+    callback = MlflowTrialCallback(tracker, parent, cfg.name, cfg.train.epochs, model_info)
+    printer(plan.describe())
+    init_ray(address)
+    try:
+        for study, students, n in plan.studies:
+            _tuner(cfg, study, students, n, teacher, sweep_dir, callback, restore).fit()
+    finally:
+        closed = tracker.close_orphans(parent)
+        if closed:
+            printer(f"closed {closed} orphaned trial run(s)")
+    tracker.client.set_terminated(parent, "FINISHED")
+    return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info)}
+
+
+def load_sweep(name: str, storage: str | None = None) -> tuple[SweepConfig, str]:
+    """The resolved config and tracking URI a sweep was started with (for resume / best)."""
+    path = Path(storage or "runs").resolve() / name / "sweep.json"
+    if not path.is_file():
+        raise ConfigError(f"`NAME` has no sweep at {path}: check the name or pass --storage")
+    saved = json.loads(path.read_text())
+    return SweepConfig.model_validate(saved["config"]), saved["tracking_uri"]

@@ -1,0 +1,224 @@
+"""MLflow tracking owned by the driver: one parent run per sweep, exactly one child run per trial.
+
+Run identity lives in MLflow itself (tags `kdsweep.sweep`, `kdsweep.trial_id`), not in memory, so a
+restored sweep reattaches to its runs instead of duplicating them, and runs of trials that never come
+back are closed. Only the driver writes, so a local SQLite store never sees concurrent writers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from trainables.registry import ConfigError
+
+SWEEP, ROLE, TRIAL, STATUS = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status"
+PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'parent'"
+EPOCH_METRICS = ("train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_agreement", "val_kl_teacher",
+                 "images_per_s", "epoch_time_s", "lr")
+
+
+def default_tracking_uri(workdir: str | Path = ".") -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast (before Ray starts) when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status >= 400:
+                raise OSError(f"HTTP {r.status}")
+    except (OSError, urllib.error.URLError) as e:
+        raise ConfigError(f"`tracking.uri` {uri} is unreachable ({getattr(e, 'reason', e)}): start `mlflow server` or fix --tracking-uri") from None
+
+
+class SweepTracker:
+    """Thin wrapper over MlflowClient for one sweep's experiment."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.experiment_name = uri, experiment
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:///"):  # artifacts beside the DB, fixed at creation
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / experiment).as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def __getstate__(self):  # pickled with Tune's experiment state: keep only what rebuilds us
+        return {"uri": self.uri, "experiment_name": self.experiment_name}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["experiment_name"])
+
+    def find_runs(self, filter_string: str, max_results: int = 10_000):
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results)
+
+    def parent_run(self, sweep: str, config: dict[str, Any]) -> str:
+        """The sweep's parent run: reattached if it exists, else created with config and versions."""
+        runs = self.find_runs(PARENT_FILTER.format(sweep=sweep))
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=sweep, tags={SWEEP: sweep, ROLE: "parent"})
+        run_id = run.info.run_id
+        flat = flatten(config)
+        self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("search.")})
+        self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "sweep_config.json")
+        for k, v in versions().items():
+            self.client.set_tag(run_id, f"kdsweep.version.{k}", v)
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def close_orphans(self, parent_id: str) -> int:
+        """Children still RUNNING when the sweep ends belong to trials that will never report again."""
+        orphans = self.find_runs(f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+        for r in orphans:
+            self.client.set_tag(r.info.run_id, STATUS, "orphaned")
+            self.client.set_terminated(r.info.run_id, "KILLED")
+        return len(orphans)
+
+
+class MlflowTrialCallback(Callback):
+    """Tune callback: child run per trial (found by tag, so restores reattach), epochs with step=epoch."""
+
+    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, max_epochs: int, model_info: dict[str, Any]) -> None:
+        self.tracker, self.parent_id, self.sweep = tracker, parent_id, sweep
+        self.max_epochs, self.model_info = max_epochs, model_info
+        self._runs: dict[str, tuple[str, int]] = {}  # trial_id -> (run_id, last logged epoch); a cache only
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_runs"] = {}
+        return state
+
+    def run_for(self, trial) -> tuple[str, int]:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        t = self.tracker
+        found = t.find_runs(f"tags.`{TRIAL}` = '{trial.trial_id}' and tags.mlflow.parentRunId = '{self.parent_id}'")
+        if found:
+            run_id = found[0].info.run_id
+            t.client.update_run(run_id, status="RUNNING")
+            history = t.client.get_metric_history(run_id, "val_acc")
+            last = max((m.step for m in history), default=0)
+        else:
+            cfg = trial.config
+            run = t.client.create_run(
+                t.experiment_id, run_name=f"{cfg.get('student')}-{trial.trial_id}",
+                tags={"mlflow.parentRunId": self.parent_id, SWEEP: self.sweep, TRIAL: trial.trial_id, ROLE: "trial", STATUS: "running"},
+            )
+            run_id, last = run.info.run_id, 0
+            t.log_params(run_id, {**cfg, "trial_id": trial.trial_id, **self.model_info.get("fixed_params", {})})
+        self._runs[trial.trial_id] = (run_id, last)
+        return run_id, last
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id, last = self.run_for(trial)
+        epoch = int(result.get("epoch", 0))
+        if epoch <= last:  # a resumed trial re-reporting an epoch we already hold
+            return
+        self.tracker.log_metrics(run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
+        if last == 0:
+            self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith("size_")}, step=0)
+        self._runs[trial.trial_id] = (run_id, epoch)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id, _ = self.run_for(trial)
+        last = trial.last_result or {}
+        status = last.get("status", "failed")
+        if status == "running":
+            status = "stopped"  # ASHA ended it before max epochs
+        t = self.tracker
+        t.log_metrics(run_id, {"final_val_acc": last.get("val_acc", 0.0), "epochs_run": last.get("epoch", 0)}, step=int(last.get("epoch", 0)))
+        ckpt = last.get("checkpoint_path")
+        if ckpt and status != "diverged":
+            log_student_weights(t, run_id, ckpt, trial.config.get("student"), self.model_info)
+        t.client.set_tag(run_id, STATUS, status)
+        t.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id, _ = self.run_for(trial)
+        self.tracker.client.set_tag(run_id, STATUS, "failed")
+        self.tracker.client.set_terminated(run_id, "FAILED")
+
+
+def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str, arch: str, model_info: dict) -> None:
+    """The student's weights (safetensors) and card from the trial's last Ray Train checkpoint."""
+    import tempfile
+
+    import ray.train
+    from safetensors.torch import save_file
+
+    from trainables.loop import STATE_FILE, load_state
+
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as d, tempfile.TemporaryDirectory() as out:
+        state = load_state(Path(d) / STATE_FILE)
+        save_file({k: v.contiguous() for k, v in state["model"].items()}, os.path.join(out, "student.safetensors"))
+        card = {"arch": arch, "num_classes": model_info["num_classes"], "input_shape": model_info["input_shape"], "epoch": state["epoch"]}
+        Path(out, "student.json").write_text(json.dumps(card, indent=2))
+        tracker.client.log_artifacts(run_id, out, "student")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def versions() -> dict[str, str]:
+    import mlflow
+    import optuna
+    import ray
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+           "mlflow": mlflow.__version__, "optuna": optuna.__version__, "cuda": str(torch.version.cuda)}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                           cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        out["git_commit"] = "unknown"
+    return out
