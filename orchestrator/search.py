@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config import ALIASES, SearchParam, SweepConfig
@@ -23,10 +23,9 @@ def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
 
 
 def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
-    out = {k: distribution(p) for k, p in cfg.search.items()}
-    if len(students) > 1:
-        out["student"] = optuna.distributions.CategoricalDistribution(students)
-    return out
+    """Searched keys plus `student` (a one-choice categorical in per_student studies, so every trial
+    config and MLflow run names its student the same way)."""
+    return {**{k: distribution(p) for k, p in cfg.search.items()}, "student": optuna.distributions.CategoricalDistribution(students)}
 
 
 def _base_value(cfg: SweepConfig, key: str) -> Any:
@@ -59,8 +58,7 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
             for k, v in fixed.items():
                 if k in cfg.search:
                     point[k] = _fit(cfg.search[k], v)
-            if len(students) > 1:
-                point["student"] = student
+            point["student"] = student
             if point not in points:
                 points.append(point)
     return points
@@ -72,13 +70,24 @@ def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
     return OptunaSearch(
         space=space(cfg, students),
         metric=METRIC, mode="max",
-        points_to_evaluate=control_points(cfg, students) if cfg.search else None,
+        points_to_evaluate=control_points(cfg, students),
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
     )
 
 
+class ControlKeepingASHA(ASHAScheduler):
+    """ASHA that never stops an alpha=0 control: a KD gain is only honest against a control trained
+    for the same number of epochs. Everything else is plain ASHA."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and trial.config.get("alpha", None) == 0.0:
+            return TrialScheduler.CONTINUE
+        return decision
+
+
 def scheduler(cfg: SweepConfig) -> ASHAScheduler:
-    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=cfg.train.epochs, grace_period=min(cfg.budget.grace_period, cfg.train.epochs),
+    return ControlKeepingASHA(time_attr="epoch", metric=METRIC, mode="max", max_t=cfg.train.epochs, grace_period=min(cfg.budget.grace_period, cfg.train.epochs),
                          reduction_factor=cfg.budget.reduction_factor)
 
 

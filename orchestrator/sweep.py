@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from ray.tune import Callback
 
 from orchestrator.config import SweepConfig
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
@@ -59,21 +63,37 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None) -> tuple[Plan, DataInf
     res = {"workers": r.num_workers, "CPU_per_worker": r.cpus_per_trial, "GPU_per_worker": r.gpus_per_trial}
     plan = Plan(cfg.name, str(Path(cfg.storage_path()) / cfg.name), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
-                len(control_points(cfg, cfg.students)) if cfg.search else 0)
+                len(control_points(cfg, cfg.students)))
     return plan, info
 
 
-def init_ray(address: str | None) -> None:
+#: Environment for every process of the job (driver, Tune actors, Train controllers and workers).
+JOB_ENV = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Train V2's controller collects worker reports on this poll; its default (2 s) adds up to
+    # 2 s to every epoch of a small trial.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Save Tune's experiment state at every step, so a killed driver loses no started trial.
+    "TUNE_GLOBAL_CHECKPOINT_S": "0",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def init_ray(address: str | None, **kwargs) -> None:
+    """Join `address`, or start a local Ray (dashboard on 127.0.0.1: the State API that cleans up
+    ASHA-stopped trials' placement groups needs it)."""
     import ray
 
+    for k, v in JOB_ENV.items():
+        os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in JOB_ENV}}
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 object_store_memory=int(os.environ.get("KDSWEEP_OBJECT_STORE_BYTES", 512 * 1024**2)))
+        kwargs.setdefault("object_store_memory", int(os.environ.get("KDSWEEP_OBJECT_STORE_BYTES", 512 * 1024**2)))
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
 
 
 def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str, train_storage: str) -> None:
@@ -90,7 +110,7 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
     from trainables.loop import train_loop_per_worker
 
     cfg = SweepConfig.model_validate(sweep)
-    student = config.get("student", cfg.students[0])
+    student = config["student"]
     trial_cfg = cfg.trial(student, {k: v for k, v in config.items() if k != "student"}, teacher_path)
     if trial_cfg["loss"]["alpha"] == 0:
         trial_cfg["teacher_path"] = None  # the control needs no teacher
@@ -114,7 +134,78 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
     trainer.fit()
 
 
-def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: str, sweep_dir: Path, callback, restore: bool):
+class TuneStateBackup(Callback):
+    """Keeps a last-good copy of Tune's experiment state, swapped in atomically.
+
+    Tune writes its experiment_state JSON in place, so a driver killed mid-write leaves an empty
+    file and Tune would silently restart the whole study. After every step in which a trial
+    changed, the state files are copied aside, validated, and swapped in with one rename; `resume`
+    falls back to this copy when the live state does not parse.
+    """
+
+    def __init__(self) -> None:
+        self.experiment_dir: Path | None = None
+        self._dirty = False
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._dirty = True
+
+    on_trial_result = on_trial_complete = on_trial_error = on_trial_start  # type: ignore[assignment]
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._dirty and self.experiment_dir is not None and _snapshot(self.experiment_dir):
+            self._dirty = False
+
+
+BACKUP = ".kdsweep-state-backup"
+
+
+def _state_is_valid(files: list[Path]) -> bool:
+    states = [f for f in files if f.name.startswith("experiment_state-")]
+    try:
+        for f in states:
+            json.loads(f.read_text())
+        for f in files:
+            if f.suffix == ".pkl":
+                pickle.loads(f.read_bytes())
+    except Exception:  # any unreadable file: not a state to keep
+        return False
+    return bool(states)
+
+
+def _snapshot(experiment_dir: Path) -> bool:
+    tmp = experiment_dir / f"{BACKUP}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in experiment_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    if not _state_is_valid(list(tmp.iterdir())):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    old = experiment_dir / f"{BACKUP}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (experiment_dir / BACKUP).exists():
+        os.replace(experiment_dir / BACKUP, old)
+    os.replace(tmp, experiment_dir / BACKUP)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _repair_state(experiment_dir: Path, printer=print) -> None:
+    """Before a restore: if the live state is unreadable, put the last good copy back."""
+    backup = experiment_dir / BACKUP
+    if not backup.is_dir() or _state_is_valid([f for f in experiment_dir.iterdir() if f.is_file()]):
+        return
+    for f in experiment_dir.iterdir():
+        if f.is_file() and (f.name.startswith("experiment_state-") or (backup / f.name).exists()):
+            f.unlink()
+    for f in backup.iterdir():
+        shutil.copy2(f, experiment_dir / f.name)
+    printer(f"restored Tune state from the last good copy in {backup}")
+
+
+def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: str, sweep_dir: Path, callbacks: list, restore: bool):
     from ray import tune
 
     trainable = tune.with_resources(
@@ -122,6 +213,9 @@ def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: s
         {"memory": 2**20},  # a token request: the TorchTrainer inside reserves the real resources
     )
     path = sweep_dir / f"tune-{study}"
+    callbacks[1].experiment_dir = path
+    if restore and path.is_dir():
+        _repair_state(path)
     if restore and tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -131,8 +225,8 @@ def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: s
             max_concurrent_trials=cfg.budget.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=f"tune-{study}", storage_path=str(sweep_dir), callbacks=[callback],
-            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=1,
+            name=f"tune-{study}", storage_path=str(sweep_dir), callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=int(os.environ.get("KDSWEEP_TUNE_VERBOSE", 1)),
         ),
     )
 
@@ -149,12 +243,12 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     parent = tracker.parent_run(cfg.name, cfg.model_dump())
     model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape),
                   "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
-    callback = MlflowTrialCallback(tracker, parent, cfg.name, cfg.train.epochs, model_info)
+    callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, cfg.train.epochs, model_info), TuneStateBackup()]
     printer(plan.describe())
     init_ray(address)
     try:
         for study, students, n in plan.studies:
-            _tuner(cfg, study, students, n, teacher, sweep_dir, callback, restore).fit()
+            _tuner(cfg, study, students, n, teacher, sweep_dir, callbacks, restore).fit()
     finally:
         closed = tracker.close_orphans(parent)
         if closed:

@@ -105,9 +105,14 @@ class SweepTracker:
             self.client.log_batch(run_id, metrics=batch)
 
     def close_orphans(self, parent_id: str) -> int:
-        """Children still RUNNING when the sweep ends belong to trials that will never report again."""
+        """Children still RUNNING when the sweep ends belong to trials that will never report again
+        (their trial was lost with a killed driver). A stub that never logged an epoch is deleted,
+        so a restored sweep keeps exactly one run per trial; one with epochs is marked KILLED."""
         orphans = self.find_runs(f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
         for r in orphans:
+            if not self.client.get_metric_history(r.info.run_id, "val_acc"):
+                self.client.delete_run(r.info.run_id)
+                continue
             self.client.set_tag(r.info.run_id, STATUS, "orphaned")
             self.client.set_terminated(r.info.run_id, "KILLED")
         return len(orphans)

@@ -36,3 +36,35 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 def shared_fashion_root() -> str | None:
     root = os.environ.get("KD_DATA_ROOT") or (str(SHARED_DATA) if (SHARED_DATA / "FashionMNIST" / "raw").is_dir() else None)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray instance for every integration test; its GCS address lets a subprocess join."""
+    import ray
+
+    from orchestrator.sweep import init_ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    init_ray(None, num_cpus=2, object_store_memory=256 * 1024**2, _temp_dir=str(temp) if len(str(temp)) < 60 else None)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
+    """A tiny digits sweep (a few seconds of training per trial) written to `path`."""
+    import yaml
+
+    from orchestrator.config import set_dotted
+
+    cfg = yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())
+    cfg.update(name=name, storage=str(path / "runs"))
+    cfg["teacher"]["path"] = str(teacher)
+    cfg["train"]["epochs"] = 3
+    cfg["budget"] = {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2}
+    cfg["tracking"] = {"uri": f"sqlite:///{path / 'mlruns' / 'mlflow.db'}"}
+    for k, v in over.items():
+        set_dotted(cfg, k, v)
+    out = path / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out

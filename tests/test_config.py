@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.search import control_points, trial_budget
+
+SPACES = sorted(Path(__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path):
+    cfg = load_config(path)
+    for student in cfg.students:
+        trial = cfg.trial(student)
+        assert trial["student"] == student
+
+
+def test_shipped_sweeps_cover_the_issue():
+    names = {p.name for p in SPACES}
+    assert {"default.yaml", "fashion_mnist.yaml", "cifar100_crd.yaml", "cifar100_ddp.yaml"} <= names
+    assert load_config(Path(SPACES[0]).parent / "cifar100_ddp.yaml").resources.num_workers == 2
+    assert load_config(Path(SPACES[0]).parent / "cifar100_crd.yaml").resources.gpus_per_trial == 0.25
+
+
+def test_embedded_default_is_the_shipped_default():
+    assert load_config(None) == load_config(SPACES[0].parent / "default.yaml")
+
+
+def test_controls_come_first_for_every_student():
+    cfg = load_config(None)
+    points = control_points(cfg, cfg.students)
+    assert [(p["student"], p["alpha"]) for p in points] == [("mlp_32", 0.0), ("mlp_32", 0.9), ("cnn_tiny", 0.0), ("cnn_tiny", 0.9)]
+    assert all(p["temperature"] == 4.0 and p["lr"] == 0.05 for p in points)
+
+
+def test_per_student_budget_split():
+    cfg = load_config(None, ["mode=per_student", "budget.num_samples=5"])
+    assert trial_budget(cfg) == [("mlp_32", ["mlp_32"], 3), ("cnn_tiny", ["cnn_tiny"], 2)]
+    assert trial_budget(load_config(None)) == [("joint", ["mlp_32", "cnn_tiny"], 8)]
+
+
+def test_overrides_and_aliases():
+    cfg = load_config(None, ["lr=0.2", "temperature=3", "loss.dkd_beta=2", "loss.name=dkd"])
+    assert cfg.train.optimizer.lr == 0.2 and cfg.loss.temperature == 3 and cfg.loss.params()["dkd_beta"] == 2
+    trial = cfg.trial("mlp_32", {"alpha": 0.3, "loss.dkd_beta": 5.0})
+    assert trial["loss"]["alpha"] == 0.3 and trial["loss"]["dkd_beta"] == 5.0

@@ -1,0 +1,37 @@
+"""A driver killed while Tune writes its state leaves an unreadable file: resume uses the last good copy."""
+import json
+import pickle
+
+from orchestrator.sweep import BACKUP, _repair_state, _snapshot, _state_is_valid
+
+
+def make_state(d, n_trials):
+    (d / "experiment_state-2026.json").write_text(json.dumps({"trial_data": list(range(n_trials))}))
+    (d / "searcher-state-2026.pkl").write_bytes(pickle.dumps({"trials": n_trials}))
+
+
+def test_snapshot_then_repair_after_truncated_write(tmp_path):
+    make_state(tmp_path, 3)
+    assert _snapshot(tmp_path)
+    make_state(tmp_path, 4)
+    (tmp_path / "experiment_state-2026.json").write_text("")  # the kill landed mid-write
+    assert not _state_is_valid(list(tmp_path.glob("*.*")))
+    _repair_state(tmp_path, printer=lambda s: None)
+    assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2]}
+    assert pickle.loads((tmp_path / "searcher-state-2026.pkl").read_bytes()) == {"trials": 3}
+
+
+def test_invalid_state_never_replaces_the_backup(tmp_path):
+    make_state(tmp_path, 2)
+    assert _snapshot(tmp_path)
+    (tmp_path / "searcher-state-2026.pkl").write_bytes(b"\x80\x04trunc")
+    assert not _snapshot(tmp_path)
+    assert pickle.loads((tmp_path / BACKUP / "searcher-state-2026.pkl").read_bytes()) == {"trials": 2}
+
+
+def test_valid_live_state_is_left_alone(tmp_path):
+    make_state(tmp_path, 2)
+    assert _snapshot(tmp_path)
+    make_state(tmp_path, 5)
+    _repair_state(tmp_path, printer=lambda s: None)
+    assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2, 3, 4]}

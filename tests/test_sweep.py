@@ -1,0 +1,175 @@
+"""End-to-end sweeps on CPU against one shared Ray instance (see conftest.ray_address)."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import mlflow
+import pytest
+import torch
+
+from orchestrator.cli import main
+from tests.conftest import sweep_yaml
+
+pytestmark = pytest.mark.integration
+
+
+def child_runs(uri: str, experiment: str):
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "trial"]
+
+
+def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "e2e")
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    out = capsys.readouterr().out
+    assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    runs = child_runs(uri, "e2e")
+    assert len(runs) == 5
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    client = mlflow.tracking.MlflowClient(uri)
+    statuses = Counter(r.data.tags["kdsweep.status"] for r in runs)
+    assert set(statuses) <= {"finished", "stopped"} and statuses["finished"] >= 2
+    for r in runs:
+        assert {"student", "temperature", "alpha", "lr", "loss", "seed", "trial_id"} <= set(r.data.params)
+        assert r.data.metrics["size_params"] > 0 and r.data.metrics["size_bytes"] > 0
+        assert r.data.metrics["size_latency_cpu_b1_ms"] > 0 and r.data.metrics["size_flops"] > 0
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        assert steps == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
+        if r.data.tags["kdsweep.status"] == "finished":
+            assert [a.path for a in client.list_artifacts(r.info.run_id, "student")] == ["student/student.json", "student/student.safetensors"]
+    # the alpha=0 controls ran every epoch (ASHA never stops them), one per student
+    controls = [r for r in runs if float(r.data.params["alpha"]) == 0.0]
+    assert sorted(r.data.params["student"] for r in controls) == ["cnn_tiny", "mlp_32"]
+    assert all(r.data.tags["kdsweep.status"] == "finished" for r in controls)
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/kdsweep-e2e@champion")
+    pred = model(torch.rand(4, 1, 8, 8) * 255)
+    assert pred.shape == (4, 10)
+    parent = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
+    assert len(parent) == 1 and "champion_test_acc" in parent[0].data.metrics
+    assert "kdsweep.version.git_commit" in parent[0].data.tags
+
+    # `kdsweep best` re-reads MLflow, honours constraints, and does not re-test the same winner
+    assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--max-params", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "champion: cnn_tiny" in out  # mlp_32 has 2,410 parameters, cnn_tiny 1,702
+
+
+def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "per-student", mode="per_student", **{"budget.num_samples": 4, "train.epochs": 2})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    runs = child_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "per-student")
+    assert Counter(r.data.params["student"] for r in runs) == {"mlp_32": 2, "cnn_tiny": 2}
+    assert sorted((tmp_path / "runs" / "per-student").glob("tune-*")) == [
+        tmp_path / "runs" / "per-student" / "tune-cnn_tiny", tmp_path / "runs" / "per-student" / "tune-mlp_32"]
+
+
+def test_ddp_trial_with_two_gloo_workers_reports_once_per_epoch(tmp_path, digits_teacher, ray_address, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "ddp", students=["cnn_tiny"], search={},
+                     **{"budget.num_samples": 1, "budget.max_concurrent": 1, "resources.num_workers": 2, "train.epochs": 2})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (run,) = child_runs(uri, "ddp")
+    history = mlflow.tracking.MlflowClient(uri).get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert run.data.tags["kdsweep.status"] == "finished"
+
+
+def _count(db, sql):
+    with sqlite3.connect(db) as con:
+        return con.execute(sql).fetchone()[0]
+
+
+def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
+    cfg = sweep_yaml(tmp_path, digits_teacher, "killme", **{"budget.num_samples": 5, "train.epochs": 4})
+    db = tmp_path / "mlruns" / "mlflow.db"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", ray_address],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished_sql = "select count(*) from tags where key='kdsweep.status' and value in ('finished','stopped')"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists() and _count(db, finished_sql) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _count(db, finished_sql) < 5
+
+    assert main(["resume", "killme", "--storage", str(tmp_path / "runs"), "--address", ray_address]) == 0
+    runs = child_runs(f"sqlite:///{db}", "killme")
+    assert len(runs) == 5
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["kdsweep.trial_id"] for r in runs}) == 5
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    for r in runs:  # resumed trials continued their own runs: every epoch logged exactly once
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        assert steps == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
+    assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}", "--artifacts-destination", str(store / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_sweep_against_mlflow_server(tmp_path, digits_teacher, ray_address, mlflow_server, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "served", students=["mlp_32"], **{"budget.num_samples": 2, "train.epochs": 2})
+    assert main(["run", str(cfg), "--address", ray_address, "--tracking-uri", mlflow_server]) == 0
+    assert len(child_runs(mlflow_server, "served")) == 2
+    mlflow.set_tracking_uri(mlflow_server)
+    assert mlflow.pytorch.load_model("models:/kdsweep-served@champion")(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "--tracking-uri", "http://127.0.0.1:9", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "`tracking.uri` http://127.0.0.1:9 is unreachable" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep digits-default: 8 trials" in out and "first 4 trials: alpha=0 controls" in out and "tracking: sqlite" in out
+    assert os.listdir(tmp_path) == []
