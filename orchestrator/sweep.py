@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.train.v2.api.callback import UserCallback
 from ray.tune import Callback
 
 from orchestrator.config import SweepConfig
@@ -96,16 +97,41 @@ def init_ray(address: str | None, **kwargs) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
 
 
+class QueueReport(UserCallback):
+    """Ray Train callback (runs in the Train controller): rank 0's metrics of every report, with
+    the persisted checkpoint's path, into a queue that the Tune trial function drains.
+
+    This replaces ray.tune.integration.ray_train.TuneReportCallback, which hands results to Tune's
+    main thread; when a trial ends right after its last report, that path races the function's own
+    final result for a one-slot queue and deadlocks (seen with Ray 2.60 on short trials).
+    """
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item["checkpoint_path"] = checkpoint.path
+        self.queue.put(item)
+
+
+_DONE = "__kdsweep_done__"
+
+
 def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str, train_storage: str) -> None:
     """One Tune trial = one Ray Train TorchTrainer run (DDP when num_workers > 1).
 
     Runs inside a Tune actor; the worker side gets only the trial config (trainables never import
-    the orchestrator).
+    the orchestrator). The trainer runs in a thread; this function's thread forwards its reports
+    to Tune with tune.report, so ASHA sees every epoch.
     """
+    import threading
+
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from trainables.loop import train_loop_per_worker
 
@@ -115,6 +141,7 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
     if trial_cfg["loss"]["alpha"] == 0:
         trial_cfg["teacher_path"] = None  # the control needs no teacher
     r = cfg.resources
+    reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=trial_cfg,
@@ -125,13 +152,29 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
         run_config=ray.train.RunConfig(
             name=f"trial-{tune.get_context().get_trial_id()}",
             storage_path=train_storage,
-            callbacks=[TuneReportCallback()],
+            callbacks=[QueueReport(reports)],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             # A finite controller limit: an unplaceable worker group fails the trial instead of hanging.
             failure_config=ray.train.FailureConfig(max_failures=cfg.budget.max_failures, controller_failure_limit=2),
         ),
     )
-    trainer.fit()
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised below, in the trial's own thread
+            errors.append(e)
+        finally:
+            reports.put(_DONE)
+
+    thread = threading.Thread(target=fit, name="kdsweep-trainer", daemon=True)
+    thread.start()
+    while (item := reports.get()) != _DONE:
+        tune.report(item)
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 class TuneStateBackup(Callback):
@@ -225,7 +268,7 @@ def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: s
             max_concurrent_trials=cfg.budget.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=f"tune-{study}", storage_path=str(sweep_dir), callbacks=callbacks,
+            name=f"tune-{study}", storage_path=str(sweep_dir), callbacks=list(callbacks),  # Tune appends to it
             failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=int(os.environ.get("KDSWEEP_TUNE_VERBOSE", 1)),
         ),
     )
