@@ -53,10 +53,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish(cfg, handles: dict, args: argparse.Namespace) -> None:
-    from orchestrator.selection import select
+def _select(cfg, tracker, parent_id: str, teacher: str, args: argparse.Namespace) -> None:
+    from orchestrator.selection import parse_bounds, select
 
-    select(cfg, handles["tracker"], handles["parent_run_id"], args.max_params, args.max_latency_ms)
+    minimum = parse_bounds(args.min, "--min")
+    maximum = parse_bounds(args.max, "--max")
+    if args.max_params is not None:
+        maximum["size_params"] = args.max_params
+    if args.max_latency_ms is not None:
+        maximum["size_latency_cpu_b1_ms"] = args.max_latency_ms
+    select(cfg, tracker, parent_id, args.objective or None, minimum, maximum, teacher_path=teacher)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -64,38 +70,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.sweep import make_plan, run_sweep
 
     cfg = load_config(args.config, args.overrides)
+    _select_args_ok(args)
     if args.dry_run:
         plan, _ = make_plan(cfg, args.tracking_uri)
         print(plan.describe())
         return 0
-    handles = run_sweep(cfg, args.address, args.tracking_uri)
-    _finish(cfg, handles, args)
+    h = run_sweep(cfg, args.address, args.tracking_uri)
+    _select(cfg, h["tracker"], h["parent_run_id"], h["teacher"], args)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.sweep import load_sweep, run_sweep
 
-    cfg, uri = load_sweep(args.name, args.storage)
-    handles = run_sweep(cfg, args.address, args.tracking_uri or uri, restore=True)
-    _finish(cfg, handles, args)
+    saved = load_sweep(args.name, args.storage)
+    _select_args_ok(args)
+    h = run_sweep(saved.config, args.address, args.tracking_uri or saved.tracking_uri, restore=True)
+    _select(saved.config, h["tracker"], h["parent_run_id"], h["teacher"], args)
     return 0
 
 
-def cmd_best(args: argparse.Namespace) -> int:
-    from orchestrator.selection import select
+def _parent(name: str, storage: str | None, tracking_uri: str | None):
     from orchestrator.sweep import load_sweep
     from orchestrator.tracking import PARENT_FILTER, SweepTracker, check_tracking_uri
 
-    cfg, uri = load_sweep(args.name, args.storage)
-    uri = args.tracking_uri or uri
+    saved = load_sweep(name, storage)
+    uri = tracking_uri or saved.tracking_uri
     check_tracking_uri(uri)
-    tracker = SweepTracker(uri, cfg.experiment)
-    parents = tracker.find_runs(PARENT_FILTER.format(sweep=cfg.name))
+    tracker = SweepTracker(uri, saved.config.experiment)
+    parents = tracker.find_runs(PARENT_FILTER.format(sweep=saved.config.name))
     if not parents:
-        raise ConfigError(f"`NAME` {args.name!r} has no parent run in {uri}: run the sweep first")
-    select(cfg, tracker, parents[0].info.run_id, args.max_params, args.max_latency_ms)
+        raise ConfigError(f"`NAME` {name!r} has no parent run in {uri}: run the sweep first")
+    return saved, tracker, parents[0].info.run_id
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    _select_args_ok(args)
+    saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
+    _select(saved.config, tracker, parent, saved.teacher, args)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report
+
+    saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
+    out = write_report(saved, tracker, parent, args.out)
+    print(f"report written to {out}/report.md and {out}/report.html (also logged to the sweep's parent run)")
+    return 0
+
+
+def _select_args_ok(args: argparse.Namespace) -> None:
+    """Parse selection flags before anything runs, so a typo fails in the first second."""
+    from orchestrator.selection import Objective, parse_bounds
+
+    for o in args.objective or []:
+        Objective.parse(o)
+    parse_bounds(args.min, "--min")
+    parse_bounds(args.max, "--max")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -110,8 +142,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-params", type=float, help="only students with at most this many parameters")
-    p.add_argument("--max-latency-ms", type=float, help="only students at most this slow (CPU, batch 1)")
+    p.add_argument("--objective", action="append", metavar="METRIC[:max|min]",
+                   help="Pareto objectives; the first picks the winner (default: val_acc, params:min, latency_ms:min)")
+    p.add_argument("--min", action="append", default=[], metavar="METRIC=X", help="constraint on any logged metric, e.g. robust_acc=0.8")
+    p.add_argument("--max", action="append", default=[], metavar="METRIC=X", help="constraint on any logged metric, e.g. params=1e6")
+    p.add_argument("--max-params", type=float, help="shortcut for --max params=N")
+    p.add_argument("--max-latency-ms", type=float, help="shortcut for --max latency_ms=X (CPU, batch 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tracking-uri")
     _add_selection(b)
     b.set_defaults(func=cmd_best)
+
+    rp = sub.add_parser("report", help="Markdown/HTML summary of a finished sweep with plots, logged to MLflow")
+    rp.add_argument("name")
+    rp.add_argument("--storage")
+    rp.add_argument("--tracking-uri")
+    rp.add_argument("--out", help="output folder (default: STORAGE/NAME/report)")
+    rp.set_defaults(func=cmd_report)
 
     u = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
     u.add_argument("--tracking-uri")

@@ -60,6 +60,7 @@ class TrainSpec(Strict):
     channels_last: bool = True
     compile: bool = False
     teacher_targets: Literal["auto", "online", "precomputed"] = "auto"
+    robust_samples: int = Field(1000, ge=0, description="val images in each trial's final corruption suite (0: off)")
 
 
 class SearchParam(Strict):
@@ -189,7 +190,8 @@ class SweepConfig(Strict):
         cfg = {
             "dataset": base["dataset"], "student": student, "loss": base["loss"],
             "teacher_path": str(Path(teacher_path or self.teacher_dir()).resolve()), "seed": base["seed"],
-            **{k: tr[k] for k in ("epochs", "batch_size", "eval_batch_size", "optimizer", "schedule", "amp", "channels_last", "compile", "teacher_targets")},
+            **{k: tr[k] for k in ("epochs", "batch_size", "eval_batch_size", "optimizer", "schedule", "amp", "channels_last", "compile", "teacher_targets",
+                                 "robust_samples")},
         }
         validate(TrialConfig, cfg, prefix="trial.")
         return cfg

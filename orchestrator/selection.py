@@ -1,9 +1,11 @@
-"""Choose the best student: leaderboard, KD gain over each student's alpha=0 control, Pareto front,
-a constrained winner tested once on the test split and registered as `champion`."""
+"""Choose the best student: leaderboard, KD gain over each student's alpha=0 control, Pareto front
+over any logged metrics, a constrained winner tested once on the test split (beside the teacher's
+own numbers) and registered as `champion`."""
 from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,56 +16,92 @@ from orchestrator.tracking import STATUS, TRIAL, SweepTracker
 from trainables.registry import ConfigError
 
 USABLE = ("finished", "stopped")
+#: Friendly names for logged metrics (used in tables, objectives and constraints).
+ALIASES = {"params": "size_params", "bytes": "size_bytes", "latency_ms": "size_latency_cpu_b1_ms", "flops": "size_flops",
+           "macro_f1": "val_macro_f1", "ece": "val_ece", "agreement": "val_agreement", "nll": "val_nll"}
+#: Metrics where smaller is better; everything else is maximized.
+MINIMIZE = ("size_", "val_ece", "val_nll", "val_loss", "val_kl_teacher", "epoch_time_s")
+DEFAULT_OBJECTIVES = ("val_acc", "params", "latency_ms")
+
+
+@dataclass(frozen=True)
+class Objective:
+    key: str
+    maximize: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Objective":
+        name, _, sense = text.partition(":")
+        key = ALIASES.get(name, name)
+        if sense not in ("", "max", "min"):
+            raise ConfigError(f"`--objective` takes NAME or NAME:max / NAME:min, but got {text!r}")
+        return cls(key, sense == "max" if sense else not key.startswith(MINIMIZE))
+
+
+def parse_bounds(pairs: list[str], flag: str) -> dict[str, float]:
+    out = {}
+    for p in pairs:
+        name, sep, value = p.partition("=")
+        try:
+            out[ALIASES.get(name, name)] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"`{flag}` takes METRIC=NUMBER (e.g. {flag} robust_acc=0.8), but got {p!r}")
+    return out
 
 
 def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
+    """One row per trial: its params, every logged metric, and its KD gain over its student's control."""
     rows = []
     for r in tracker.find_runs(f"tags.mlflow.parentRunId = '{parent_id}'"):
-        p, m, tags = r.data.params, r.data.metrics, r.data.tags
-        rows.append({
-            "run_id": r.info.run_id, "trial_id": tags.get(TRIAL), "status": tags.get(STATUS, "?"),
-            "student": p.get("student", "?"),
+        p, tags = r.data.params, r.data.tags
+        row = dict(r.data.metrics)
+        row.update({
+            "run_id": r.info.run_id, "trial_id": tags.get(TRIAL), "status": tags.get(STATUS, "?"), "student": p.get("student", "?"),
             "temperature": float(p["temperature"]) if "temperature" in p else None,
-            "alpha": float(p["alpha"]) if "alpha" in p else None,
-            "lr": float(p["lr"]) if "lr" in p else None,
-            "val_acc": m.get("final_val_acc", m.get("val_acc", 0.0)),
-            "epochs": int(m.get("epochs_run", 0)),
-            "params": m.get("size_params"), "bytes": m.get("size_bytes"),
-            "latency_ms": m.get("size_latency_cpu_b1_ms"), "test_acc": m.get("test_acc"),
+            "alpha": float(p["alpha"]) if "alpha" in p else None, "lr": float(p["lr"]) if "lr" in p else None,
+            "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
         })
-    controls: dict[str, float] = {}
+        for alias, key in ALIASES.items():
+            row.setdefault(alias, row.get(key))
+        rows.append(row)
+    # KD gain compares like with like: against the control's val_acc at the trial's own last epoch,
+    # so a trial ASHA stopped early is not charged for the epochs it never ran.
+    controls: dict[str, dict[int, float]] = {}
     for row in rows:
-        if row["alpha"] == 0.0 and row["status"] in USABLE:
-            controls[row["student"]] = max(controls.get(row["student"], 0.0), row["val_acc"])
+        if row["alpha"] == 0.0 and row["status"] in USABLE and row["student"] not in controls:
+            history = tracker.client.get_metric_history(row["run_id"], "val_acc")
+            controls[row["student"]] = {m.step: m.value for m in history}
     for row in rows:
-        c = controls.get(row["student"])
-        row["kd_gain"] = None if c is None else row["val_acc"] - c
+        c = controls.get(row["student"], {})
+        at = c.get(row["epochs"]) if row["epochs"] else None
+        row["kd_gain"] = None if at is None else row["val_acc"] - at
     return sorted(rows, key=lambda r: (r["status"] in USABLE, r["val_acc"]), reverse=True)
 
 
-def pareto_front(rows: list[dict[str, Any]], keys=(("val_acc", "max"), ("params", "min"), ("latency_ms", "min"))) -> list[dict]:
-    """Rows no other row beats on every objective (and strictly on one)."""
-    def better_or_equal(a, b, key, sense):
-        return a[key] >= b[key] if sense == "max" else a[key] <= b[key]
+def pareto_front(rows: list[dict[str, Any]], objectives: list[Objective]) -> list[dict[str, Any]]:
+    """Usable rows that no other row beats on every objective (and strictly on one)."""
+    def score(r, o):
+        return r[o.key] if o.maximize else -r[o.key]
 
-    cands = [r for r in rows if r["status"] in USABLE and all(r.get(k) is not None for k, _ in keys)]
-    front = []
-    for r in cands:
-        dominated = any(
-            all(better_or_equal(o, r, k, s) for k, s in keys) and any(o[k] != r[k] for k, _ in keys) for o in cands if o is not r
-        )
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: -r["val_acc"])
+    cands = [r for r in rows if r["status"] in USABLE and all(r.get(o.key) is not None for o in objectives)]
+    front = [r for r in cands if not any(
+        all(score(o_, ob) >= score(r, ob) for ob in objectives) and any(score(o_, ob) > score(r, ob) for ob in objectives)
+        for o_ in cands if o_ is not r)]
+    return sorted(front, key=lambda r: -score(r, objectives[0]))
 
 
-def choose(rows: list[dict[str, Any]], max_params: float | None = None, max_latency_ms: float | None = None) -> dict[str, Any]:
-    ok = [r for r in rows if r["status"] in USABLE
-          and (max_params is None or (r["params"] or 0) <= max_params)
-          and (max_latency_ms is None or (r["latency_ms"] or 0) <= max_latency_ms)]
+def choose(rows: list[dict[str, Any]], objective: Objective, minimum: dict[str, float] | None = None,
+           maximum: dict[str, float] | None = None) -> dict[str, Any]:
+    """The best row on `objective` among usable rows meeting every bound (a missing metric fails)."""
+    minimum, maximum = minimum or {}, maximum or {}
+    ok = [r for r in rows if r["status"] in USABLE and r.get(objective.key) is not None
+          and all(r.get(k) is not None and r[k] >= v for k, v in minimum.items())
+          and all(r.get(k) is not None and r[k] <= v for k, v in maximum.items())]
     if not ok:
-        raise ConfigError(f"no finished trial meets --max-params={max_params} --max-latency-ms={max_latency_ms}: relax the constraints")
-    return max(ok, key=lambda r: (r["val_acc"], -(r["params"] or 0)))
+        raise ConfigError(f"no finished trial meets --min {minimum} --max {maximum}: relax the constraints")
+    return max(ok, key=lambda r: (r[objective.key] if objective.maximize else -r[objective.key], -(r.get("size_params") or 0)))
 
 
 def load_student(tracker: SweepTracker, run_id: str) -> torch.nn.Module:
@@ -79,19 +117,38 @@ def load_student(tracker: SweepTracker, run_id: str) -> torch.nn.Module:
     return model.eval()
 
 
-def test_accuracy(cfg: SweepConfig, model: torch.nn.Module) -> float:
-    """The once-only look at the test split, for the chosen winner."""
-    from trainables.data import load_dataset, normalizer
-    from trainables.loop import predict
+def _splits(cfg: SweepConfig):
+    from trainables.data import load_dataset
 
     ds = cfg.dataset
-    s = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
-    logits = predict(model, s.test_x, normalizer(s, "cpu"), 2048, torch.no_grad, False)
-    return (logits.argmax(1) == s.test_y).float().mean().item()
+    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
+
+
+def evaluate_on_test(cfg: SweepConfig, student: torch.nn.Module, teacher: torch.nn.Module | None) -> dict[str, dict[str, float]]:
+    """The once-only look at the test split: clean metrics and the corruption suite, for the winner
+    and for its teacher, so "student vs teacher" is one table."""
+    from trainables.corruptions import robustness
+    from trainables.data import normalizer
+    from trainables.loop import predict
+    from trainables.metrics import classification_metrics
+
+    s = _splits(cfg)
+    norm = normalizer(s, "cpu")
+    out = {}
+    t_logits = predict(teacher, s.test_x, norm, 2048, torch.no_grad, False) if teacher is not None else None
+    for who, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        logits = t_logits if who == "teacher" else predict(model, s.test_x, norm, 2048, torch.no_grad, False)
+        m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
+        fn = lambda x, model=model: predict(model, x, norm, 2048, torch.no_grad, False)
+        m.update({f"test_{k}": v for k, v in robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"]).items()})
+        out[who] = m
+    return out
 
 
 class Normalized(torch.nn.Module):
-    """The registered artifact: raw uint8-range images in, logits out (normalization baked in)."""
+    """The registered artifact: raw 0..255 images in, logits out (normalization baked in)."""
 
     def __init__(self, model: torch.nn.Module, mean, std) -> None:
         super().__init__()
@@ -108,10 +165,7 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: torch.
     import mlflow.pytorch
     import numpy as np
 
-    from trainables.data import load_dataset
-
-    ds = cfg.dataset
-    s = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
+    s = _splits(cfg)
     wrapped = Normalized(model, s.mean, s.std).eval()
     example = s.val_x[:2].float().numpy().astype(np.float32)
     with mlflow.start_run(run_id=run_id):
@@ -121,34 +175,70 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: torch.
     return version
 
 
-def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, max_params: float | None = None,
-           max_latency_ms: float | None = None, printer=print) -> dict[str, Any]:
+VS_KEYS = (("test_acc", "clean acc"), ("test_macro_f1", "macro F1"), ("test_robust_acc", "mean corruption acc"),
+           ("test_relative_robustness", "relative robustness"), ("test_ece", "ECE"), ("test_nll", "NLL"))
+
+
+def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any]) -> str:
+    """Markdown table: the winner beside its teacher on the test split, with compression ratios."""
+    lines = ["| | " + " | ".join(label for _, label in VS_KEYS) + " | params | compression (params) | speedup (CPU, batch 1) |",
+             "|---" * (len(VS_KEYS) + 4) + "|"]
+    for who in ("teacher", "student"):
+        if who not in test:
+            continue
+        m = test[who]
+        params = winner.get("teacher_params") if who == "teacher" else winner.get("size_params")
+        ratio = "1.00x" if who == "teacher" else f"{winner.get('compression_params', float('nan')):.2f}x"
+        speed = "1.00x" if who == "teacher" else f"{winner.get('speedup_latency_cpu_b1', float('nan')):.2f}x"
+        name = "teacher" if who == "teacher" else f"champion ({winner['student']})"
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k, _ in VS_KEYS)
+                     + f" | {params if params is None else int(params)} | {ratio} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: list[str] | None = None,
+           minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None, printer=print,
+           teacher_path: str | None = None) -> dict[str, Any]:
+    objs = [Objective.parse(o) for o in (objectives or DEFAULT_OBJECTIVES)]
     rows = leaderboard(tracker, parent_id)
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
     printer(format_table(rows, "leaderboard"))
-    printer(format_table(pareto_front(rows), "Pareto front (val_acc up, params down, latency down)"))
-    winner = choose(rows, max_params, max_latency_ms)
-    tags = tracker.client.get_run(winner["run_id"]).data.tags
+    printer(format_table(pareto_front(rows, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
+    winner = choose(rows, objs[0], minimum, maximum)
+    client = tracker.client
     model = load_student(tracker, winner["run_id"])
-    if tags.get("kdsweep.test_evaluated") == "true":
-        test_acc = winner["test_acc"]
+    tags = client.get_run(winner["run_id"]).data.tags
+    if tags.get("kdsweep.test_evaluated") == "true":  # touch the test split once per model
+        with tempfile.TemporaryDirectory() as d:
+            test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
     else:
-        test_acc = test_accuracy(cfg, model)
-        tracker.log_metrics(winner["run_id"], {"test_acc": test_acc}, step=0)
-        tracker.client.set_tag(winner["run_id"], "kdsweep.test_evaluated", "true")
-    tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], "champion_test_acc": test_acc}, step=0)
-    tracker.client.set_tag(parent_id, "kdsweep.champion_run_id", winner["run_id"])
+        from trainables.teacher import load_teacher
+
+        teacher = load_teacher(teacher_path or cfg.teacher_dir())[0] if (teacher_path or cfg.teacher_dir().exists()) else None
+        test = evaluate_on_test(cfg, model, teacher)
+        tracker.log_metrics(winner["run_id"], test["student"], step=0)
+        client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
+        client.set_tag(winner["run_id"], "kdsweep.test_evaluated", "true")
+    table = student_vs_teacher(test, winner)
+    tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], **{f"champion_{k}": v for k, v in test["student"].items()},
+                                    **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}}, step=0)
+    client.set_tag(parent_id, "kdsweep.champion_run_id", winner["run_id"])
+    client.log_text(parent_id, table, "champion_vs_teacher.md")
     version = register(tracker, cfg, winner["run_id"], model)
+    printer("\nchampion vs teacher (test split, once)\n" + table)
     printer(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
-            f"test_acc={test_acc:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
-    return {**winner, "test_acc": test_acc, "version": version}
+            f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
+    return {**winner, "test": test, "version": version, "table": table}
 
 
-def format_table(rows: list[dict[str, Any]], title: str) -> str:
-    cols = [("student", "{}"), ("status", "{}"), ("temperature", "{:.2f}"), ("alpha", "{:.2f}"), ("lr", "{:.4f}"),
-            ("val_acc", "{:.4f}"), ("kd_gain", "{:+.4f}"), ("params", "{:.0f}"), ("bytes", "{:.0f}"), ("latency_ms", "{:.3f}"), ("epochs", "{}")]
-    cells = [[("-" if r.get(c) is None else f.format(r[c])) for c, f in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, (c, _) in enumerate(cols)]
+COLUMNS = [("student", "{}"), ("status", "{}"), ("temperature", "{:.2f}"), ("alpha", "{:.2f}"), ("lr", "{:.4f}"),
+           ("val_acc", "{:.4f}"), ("kd_gain", "{:+.4f}"), ("macro_f1", "{:.4f}"), ("robust_acc", "{:.4f}"), ("ece", "{:.4f}"),
+           ("params", "{:.0f}"), ("bytes", "{:.0f}"), ("latency_ms", "{:.3f}"), ("epochs", "{}")]
+
+
+def format_table(rows: list[dict[str, Any]], title: str, columns=COLUMNS) -> str:
+    cells = [[("-" if r.get(c) is None else f.format(r[c])) for c, f in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, (c, _) in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
-    return "\n".join([f"\n{title}", line([c for c, _ in cols]), *(line(r) for r in cells)])
+    return "\n".join([f"\n{title}", line([c for c, _ in columns]), *(line(r) for r in cells)])

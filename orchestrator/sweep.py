@@ -138,8 +138,6 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
     cfg = SweepConfig.model_validate(sweep)
     student = config["student"]
     trial_cfg = cfg.trial(student, {k: v for k, v in config.items() if k != "student"}, teacher_path)
-    if trial_cfg["loss"]["alpha"] == 0:
-        trial_cfg["teacher_path"] = None  # the control needs no teacher
     r = cfg.resources
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -281,7 +279,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     sweep_dir = Path(plan.storage)
     teacher = str(ensure_teacher(cfg, info, printer=printer).resolve())
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri}, indent=2))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
     tracker = SweepTracker(plan.tracking_uri, plan.experiment)
     parent = tracker.parent_run(cfg.name, cfg.model_dump())
     model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape),
@@ -300,10 +298,18 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info)}
 
 
-def load_sweep(name: str, storage: str | None = None) -> tuple[SweepConfig, str]:
-    """The resolved config and tracking URI a sweep was started with (for resume / best)."""
+@dataclass
+class SavedSweep:
+    config: SweepConfig
+    tracking_uri: str
+    teacher: str
+    directory: Path
+
+
+def load_sweep(name: str, storage: str | None = None) -> SavedSweep:
+    """The resolved config, tracking URI and teacher a sweep was started with (resume, best, report)."""
     path = Path(storage or "runs").resolve() / name / "sweep.json"
     if not path.is_file():
         raise ConfigError(f"`NAME` has no sweep at {path}: check the name or pass --storage")
     saved = json.loads(path.read_text())
-    return SweepConfig.model_validate(saved["config"]), saved["tracking_uri"]
+    return SavedSweep(SweepConfig.model_validate(saved["config"]), saved["tracking_uri"], saved["teacher"], path.parent)

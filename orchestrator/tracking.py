@@ -22,8 +22,15 @@ from trainables.registry import ConfigError
 
 SWEEP, ROLE, TRIAL, STATUS = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status"
 PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'parent'"
-EPOCH_METRICS = ("train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_agreement", "val_kl_teacher",
-                 "images_per_s", "epoch_time_s", "lr")
+EPOCH_METRICS = ("train_loss", "train_kd", "train_ce", "images_per_s", "epoch_time_s", "lr")
+#: Reported once (first epoch): the student's size and its ratios to the teacher.
+ONCE_PREFIXES = ("size_", "compression_", "speedup_", "teacher_")
+#: Reported with the final epoch: the corruption suite's summary.
+FINAL_PREFIXES = ("robust_acc", "relative_robustness", "corr_")
+
+
+def is_epoch_metric(key: str) -> bool:
+    return key in EPOCH_METRICS or key.startswith("val_")
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -160,9 +167,10 @@ class MlflowTrialCallback(Callback):
         epoch = int(result.get("epoch", 0))
         if epoch <= last:  # a resumed trial re-reporting an epoch we already hold
             return
-        self.tracker.log_metrics(run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
+        self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if is_epoch_metric(k)}, step=epoch)
+        self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith(FINAL_PREFIXES)}, step=epoch)
         if last == 0:
-            self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith("size_")}, step=0)
+            self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith(ONCE_PREFIXES)}, step=0)
         self._runs[trial.trial_id] = (run_id, epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -186,7 +194,8 @@ class MlflowTrialCallback(Callback):
 
 
 def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str, arch: str, model_info: dict) -> None:
-    """The student's weights (safetensors) and card from the trial's last Ray Train checkpoint."""
+    """The student's weights (safetensors) and card from the trial's last Ray Train checkpoint, and
+    its evaluation tables (per class, per corruption and severity) as CSV."""
     import tempfile
 
     import ray.train
@@ -200,6 +209,23 @@ def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str
         card = {"arch": arch, "num_classes": model_info["num_classes"], "input_shape": model_info["input_shape"], "epoch": state["epoch"]}
         Path(out, "student.json").write_text(json.dumps(card, indent=2))
         tracker.client.log_artifacts(run_id, out, "student")
+    tables = state.get("eval") or {}
+    if "per_class" in tables:
+        pc = tables["per_class"]
+        rows = ["class,precision,recall,f1,support"] + [
+            f"{c},{pc['precision'][c]:.6f},{pc['recall'][c]:.6f},{pc['f1'][c]:.6f},{int(pc['support'][c])}" for c in range(len(pc["f1"]))]
+        tracker.client.log_text(run_id, "\n".join(rows) + "\n", "eval/per_class.csv")
+    if "corruptions" in tables:
+        tracker.client.log_text(run_id, corruption_csv(tables["corruptions"]), "eval/corruptions.csv")
+
+
+def corruption_csv(robust: dict[str, float]) -> str:
+    """corr_<name>_s<k> entries as a corruption x severity table."""
+    names = sorted({k[5:-3] for k in robust if k.startswith("corr_") and k[-3:-1] == "_s"})
+    rows = ["corruption,s1,s2,s3,s4,s5,mean"]
+    for n in names:
+        rows.append(",".join([n, *(f"{robust[f'corr_{n}_s{s}']:.6f}" for s in range(1, 6)), f"{robust[f'corr_{n}']:.6f}"]))
+    return "\n".join(rows) + "\n"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

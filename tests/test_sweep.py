@@ -51,8 +51,12 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
         assert r.data.metrics["size_latency_cpu_b1_ms"] > 0 and r.data.metrics["size_flops"] > 0
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         assert steps == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
+        assert {"val_macro_f1", "val_macro_recall", "val_ece", "val_nll", "val_agreement", "val_kl_teacher"} <= set(r.data.metrics)
+        assert r.data.metrics["compression_params"] > 1 and r.data.metrics["teacher_params"] > r.data.metrics["size_params"]
         if r.data.tags["kdsweep.status"] == "finished":
             assert [a.path for a in client.list_artifacts(r.info.run_id, "student")] == ["student/student.json", "student/student.safetensors"]
+            assert {a.path for a in client.list_artifacts(r.info.run_id, "eval")} >= {"eval/per_class.csv", "eval/corruptions.csv"}
+            assert 0 < r.data.metrics["robust_acc"] <= 1 and "corr_gaussian_noise" in r.data.metrics
     # the alpha=0 controls ran every epoch (ASHA never stops them), one per student
     controls = [r for r in runs if float(r.data.params["alpha"]) == 0.0]
     assert sorted(r.data.params["student"] for r in controls) == ["cnn_tiny", "mlp_32"]
@@ -64,12 +68,35 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert pred.shape == (4, 10)
     parent = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
     assert len(parent) == 1 and "champion_test_acc" in parent[0].data.metrics
+    assert {"champion_test_robust_acc", "teacher_test_acc", "teacher_test_robust_acc"} <= set(parent[0].data.metrics)
     assert "kdsweep.version.git_commit" in parent[0].data.tags
+    assert "| teacher |" in out and "| champion (" in out
 
     # `kdsweep best` re-reads MLflow, honours constraints, and does not re-test the same winner
     assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--max-params", "2000"]) == 0
     out = capsys.readouterr().out
     assert "champion: cnn_tiny" in out  # mlp_32 has 2,410 parameters, cnn_tiny 1,702
+    assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--objective", "robust_acc", "--objective", "val_acc",
+                 "--min", "val_acc=0.5", "--max", "params=1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front (robust_acc up, val_acc up)" in out
+    finished = [r for r in child_runs(uri, "e2e") if "robust_acc" in r.data.metrics]
+    best_robust = max(finished, key=lambda r: r.data.metrics["robust_acc"])
+    assert f"(trial {best_robust.data.tags['kdsweep.trial_id']})" in out
+
+    # the report: files written, PNGs decode, and its numbers are MLflow's
+    assert main(["report", "e2e", "--storage", str(tmp_path / "runs")]) == 0
+    report = tmp_path / "runs" / "e2e" / "report"
+    from PIL import Image
+
+    for png in ("pareto.png", "robustness.png"):
+        with Image.open(report / png) as im:
+            assert im.size[0] > 400 and im.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+    md = (report / "report.md").read_text()
+    champion = client.get_run(parent[0].info.run_id).data.tags["kdsweep.champion_run_id"]
+    assert f"{client.get_run(champion).data.metrics['test_acc']:.4f}" in md
+    assert "<table>" in (report / "report.html").read_text()
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")} >= {"report/report.md", "report/pareto.png"}
 
 
 def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, monkeypatch):

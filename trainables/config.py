@@ -79,7 +79,8 @@ class TrialConfig(Strict):
         "auto", description="precomputed: teacher logits once per trial when views never change"
     )
     checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
-    profile: bool = Field(True, description="measure params/bytes/latency/FLOPs")
+    profile: bool = Field(True, description="measure params/bytes/latency/FLOPs (and the teacher's, for ratios)")
+    robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
 
     @field_validator("student")
     @classmethod

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from trainables.config import AugmentConfig, OptimizerConfig, ScheduleConfig, TrialConfig, validate
 from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_dataset, normalizer
+from trainables.corruptions import robustness
 from trainables.losses import build_loss
+from trainables.metrics import classification_metrics, per_class
 from trainables.models import create_model
 from trainables.profile import size_metrics
 from trainables.registry import ConfigError
@@ -101,7 +103,8 @@ class RayTrainReporter:
 
 
 def format_epoch(m: dict[str, Any]) -> str:
-    keys = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_agreement", "images_per_s", "status")
+    keys = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_macro_f1", "val_agreement", "robust_acc",
+            "images_per_s", "status")
     return "  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
 
 
@@ -189,17 +192,25 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             f"`batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got batch_size={cfg.batch_size}"
         )
 
+    # The teacher trains the student only when alpha > 0; with alpha=0 (the control) it is still
+    # loaded, when given, so the control reports agreement and compression against it too.
     teacher = None
-    if cfg.loss.alpha > 0:
-        if not cfg.teacher_path:
-            raise ConfigError("`teacher_path` is required when loss.alpha > 0: train one with `kdsweep teacher CONFIG`")
+    if cfg.loss.alpha > 0 and not cfg.teacher_path:
+        raise ConfigError("`teacher_path` is required when loss.alpha > 0: train one with `kdsweep teacher CONFIG`")
+    if cfg.teacher_path:
         teacher, _ = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
+    distill = teacher if cfg.loss.alpha > 0 else None
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher, shape).to(device)
-    feats = loss_fn.needs_teacher_features and teacher is not None
-    size = size_metrics(student, shape) if (cfg.profile and rank == 0) else {}
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, distill, shape).to(device)
+    feats = loss_fn.needs_teacher_features and distill is not None
+    size = {f"size_{k}": v for k, v in size_metrics(student, shape).items()} if (cfg.profile and rank == 0) else {}
+    if size and teacher is not None:  # teacher measured here too: same device, same batch
+        t_size = size_metrics(teacher, shape)
+        size.update({f"compression_{k}": t_size[k] / size[f"size_{k}"] for k in ("params", "bytes", "flops")})
+        size.update({f"speedup_{k.removesuffix('_ms')}": t_size[k] / size[f"size_{k}"] for k in t_size if k.startswith("latency_")})
+        size.update({f"teacher_{k}": v for k, v in t_size.items()})
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
 
@@ -227,7 +238,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     static_views = aug.crop_pad == 0 and not aug.flip
     if cfg.teacher_targets == "precomputed" and not static_views:
         raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
-    precompute = teacher is not None and not feats and static_views and cfg.teacher_targets != "online"
+    precompute = distill is not None and not feats and static_views and cfg.teacher_targets != "online"
     t_train = predict(teacher, splits.train_x, norm, cfg.eval_batch_size, autocast, channels_last) if precompute else None
 
     metrics: dict[str, Any] = {}
@@ -244,9 +255,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
                 t_logits = t_feats = s_feats = None
                 if t_train is not None:
                     t_logits = t_train[idx]
-                elif teacher is not None:
+                elif distill is not None:
                     with torch.no_grad():
-                        t_out = teacher(x, with_features=feats)
+                        t_out = distill(x, with_features=feats)
                     t_logits, t_feats = t_out if feats else (t_out, None)
                 out = step_model(x, with_features=feats)
                 s_logits, s_feats = out if feats else (out, None)
@@ -260,29 +271,38 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         seconds = time.perf_counter() - t0
 
         logits = predict(student, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last)
+        val = classification_metrics(logits, splits.val_y, t_val)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
             "train_kd": train_kd,
             "train_ce": train_ce,
-            "val_acc": (logits.argmax(1) == splits.val_y).float().mean().item(),
-            "val_loss": F.cross_entropy(logits, splits.val_y).item(),
+            **val,
+            "val_loss": val["val_nll"],
             "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
-            **{f"size_{k}": v for k, v in size.items()},
+            **size,
         }
-        if t_val is not None:
-            metrics["val_agreement"] = (logits.argmax(1) == t_val.argmax(1)).float().mean().item()
-            metrics["val_kl_teacher"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t_val, 1), reduction="batchmean", log_target=True).item()
         diverged = not math.isfinite(train_loss)
-        metrics["status"] = "diverged" if diverged else ("finished" if epoch + 1 == cfg.epochs else "running")
-        history.append({k: v for k, v in metrics.items() if not k.startswith("size_")})
+        final = epoch + 1 == cfg.epochs and not diverged
+        metrics["status"] = "diverged" if diverged else ("finished" if final else "running")
+        tables = {}
+        if final and rank == 0:
+            tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
+            if cfg.robust_samples:
+                n = min(cfg.robust_samples, len(splits.val_y))
+                fn = lambda xc: predict(student, xc, norm, cfg.eval_batch_size, autocast, channels_last)
+                robust = robustness(fn, splits.val_x[:n], splits.val_y[:n], cfg.seed, cfg.eval_batch_size)
+                metrics.update({k: v for k, v in robust.items() if not k[-3:-1] == "_s"})
+                tables["corruptions"] = robust
+        history.append({k: v for k, v in metrics.items() if k not in size})
         state = None
         if rank == 0 and not diverged:
             state = {
                 "model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "rng_cpu": torch.get_rng_state(), "history": history,
+                "eval": tables,
             }
         reporter.report(metrics, state)
         if diverged:

@@ -1,0 +1,164 @@
+"""`kdsweep report NAME`: a Markdown + HTML summary of a finished sweep, with two plots, written
+to disk and logged to the sweep's parent run. Every number is read back from MLflow."""
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator.selection import USABLE, Objective, leaderboard, pareto_front
+from orchestrator.tracking import SweepTracker
+
+CORRUPTION_NAMES = ("brightness", "contrast", "gaussian_blur", "gaussian_noise", "occlusion", "pixelate", "shot_noise")
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{int(v)}" if v.is_integer() and abs(v) >= 100 else f"{v:.4f}"
+        return str(v)
+
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(fmt(v) for v in r) + " |" for r in rows)])
+
+
+def kd_gains(rows: list[dict]) -> list[list[Any]]:
+    """Per student: its alpha=0 control, its best KD trial, and the gain."""
+    out = []
+    for student in sorted({r["student"] for r in rows}):
+        mine = [r for r in rows if r["student"] == student and r["status"] in USABLE]
+        control = max((r for r in mine if r["alpha"] == 0.0), key=lambda r: r["val_acc"], default=None)
+        kd = max((r for r in mine if r["alpha"] != 0.0), key=lambda r: r["val_acc"], default=None)
+        gain = kd["val_acc"] - control["val_acc"] if kd and control else None
+        out.append([student, control and control["val_acc"], kd and kd["val_acc"], kd and f"T={kd['temperature']:.2f}, alpha={kd['alpha']:.2f}", gain,
+                    control and control.get("robust_acc"), kd and kd.get("robust_acc")])
+    return out
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objs = [Objective.parse("val_acc"), Objective.parse("params")]
+    front = {id(r) for r in pareto_front(rows, objs)}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    usable = [r for r in rows if r["status"] in USABLE and r.get("size_params")]
+    for student in sorted({r["student"] for r in usable}):
+        pts = [r for r in usable if r["student"] == student]
+        ax.scatter([r["size_params"] for r in pts], [r["val_acc"] for r in pts], label=student, alpha=0.75,
+                   marker="o", edgecolors=["black" if id(r) in front else "none" for r in pts], linewidths=1.5)
+        ctrl = [r for r in pts if r["alpha"] == 0.0]
+        ax.scatter([r["size_params"] for r in ctrl], [r["val_acc"] for r in ctrl], marker="x", color="red", s=60)
+    fr = sorted((r for r in usable if id(r) in front), key=lambda r: r["size_params"])
+    ax.plot([r["size_params"] for r in fr], [r["val_acc"] for r in fr], "k--", lw=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("parameters (log)")
+    ax.set_ylabel("val accuracy")
+    ax.set_title("Students: accuracy vs size (x = alpha=0 control)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def robustness_plot(test: dict | None, champion: dict | None, control: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    x = np.arange(len(CORRUPTION_NAMES))
+    panels = [
+        (axes[0], "test split: champion vs teacher", [("teacher", (test or {}).get("teacher", {}), "test_corr_"), ("champion", (test or {}).get("student", {}), "test_corr_")]),
+        (axes[1], "val split: champion vs its alpha=0 control", [("champion", champion or {}, "corr_"), ("alpha=0 control", control or {}, "corr_")]),
+    ]
+    for ax, title, series in panels:
+        for i, (label, m, prefix) in enumerate(series):
+            ax.bar(x + (i - 0.5) * 0.4, [m.get(prefix + n, 0.0) for n in CORRUPTION_NAMES], 0.4, label=label)
+        ax.set_xticks(x, [n.replace("_", "\n") for n in CORRUPTION_NAMES], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (mean over severities 1-5)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None = None) -> Path:
+    cfg = saved.config
+    out_dir = Path(out) if out else saved.directory / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = leaderboard(tracker, parent_id)
+    client = tracker.client
+    parent = client.get_run(parent_id)
+    champ_id = parent.data.tags.get("kdsweep.champion_run_id")
+    champion = next((r for r in rows if r["run_id"] == champ_id), None)
+    test = vs_table = None
+    if champ_id:
+        with tempfile.TemporaryDirectory() as d:
+            test = json.loads(Path(client.download_artifacts(champ_id, "eval/test.json", d)).read_text())
+            vs_table = Path(client.download_artifacts(parent_id, "champion_vs_teacher.md", d)).read_text()
+    control = None
+    if champion:
+        control = max((r for r in rows if r["student"] == champion["student"] and r["alpha"] == 0.0 and r["status"] in USABLE),
+                      key=lambda r: r["val_acc"], default=None)
+    pareto_plot(rows, out_dir / "pareto.png")
+    robustness_plot(test, champion, control, out_dir / "robustness.png")
+
+    lb_cols = ["student", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "latency_ms", "epochs"]
+    lb = md_table(lb_cols, [[r.get(c) for c in lb_cols] for r in rows])
+    gains = md_table(["student", "alpha=0 val acc", "best KD val acc", "at", "KD gain", "alpha=0 robust acc", "KD robust acc"], kd_gains(rows))
+    md = "\n\n".join([
+        f"# kdsweep report: {cfg.name}",
+        f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher.arch}`, loss `{cfg.loss.name}`, {len(rows)} trials "
+        f"({sum(r['status'] in USABLE for r in rows)} usable), mode `{cfg.mode}`. Tracking: `{saved.tracking_uri}`, parent run `{parent_id}`.",
+        "## KD gain over each student's alpha=0 control (val split)", gains,
+        "## Champion vs teacher (test split, evaluated once)", vs_table or "_No champion selected yet: run `kdsweep best NAME`._",
+        "## Accuracy vs size", "![Pareto front](pareto.png)",
+        "## Robustness per corruption", "![Robustness](robustness.png)",
+        "## Leaderboard (val split)", lb,
+    ]) + "\n"
+    (out_dir / "report.md").write_text(md)
+    (out_dir / "report.html").write_text(markdown_to_html(md, cfg.name))
+    client.log_artifacts(parent_id, str(out_dir), "report")
+    return out_dir
+
+
+def markdown_to_html(md: str, title: str) -> str:
+    """Just enough Markdown (headings, tables, images, paragraphs) for this report."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            head, *rest = [[c.strip() for c in row.strip("|").split("|")] for row in table if not set(row) <= set("|-")]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](")
+            body.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
