@@ -61,6 +61,7 @@ class TrainSpec(Strict):
     compile: bool = False
     teacher_targets: Literal["auto", "online", "precomputed"] = "auto"
     robust_samples: int = Field(1000, ge=0, description="val images in each trial's final corruption suite (0: off)")
+    teacher_cache: bool = Field(True, description="compute teacher logits once per sweep for every view; trials read them")
 
 
 class SearchParam(Strict):

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.selection import USABLE, Objective, leaderboard, pareto_front
+from orchestrator.selection import COMPLETE, USABLE, Objective, leaderboard, pareto_front
 from orchestrator.tracking import SweepTracker
 
 CORRUPTION_NAMES = ("brightness", "contrast", "gaussian_blur", "gaussian_noise", "occlusion", "pixelate", "shot_noise")
@@ -26,14 +26,15 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def kd_gains(rows: list[dict]) -> list[list[Any]]:
-    """Per student: its alpha=0 control, its best KD trial, and the gain."""
+    """Per student: its alpha=0 control, its KD trial with the largest gain over the control at the
+    same epoch (ASHA may have stopped it early), and that gain."""
     out = []
     for student in sorted({r["student"] for r in rows}):
         mine = [r for r in rows if r["student"] == student and r["status"] in USABLE]
         control = max((r for r in mine if r["alpha"] == 0.0), key=lambda r: r["val_acc"], default=None)
-        kd = max((r for r in mine if r["alpha"] != 0.0), key=lambda r: r["val_acc"], default=None)
-        gain = kd["val_acc"] - control["val_acc"] if kd and control else None
-        out.append([student, control and control["val_acc"], kd and kd["val_acc"], kd and f"T={kd['temperature']:.2f}, alpha={kd['alpha']:.2f}", gain,
+        kd = max((r for r in mine if r["alpha"] != 0.0 and r.get("kd_gain") is not None), key=lambda r: r["kd_gain"], default=None)
+        out.append([student, control and control["val_acc"], kd and kd["val_acc"], kd and kd["epochs"],
+                    kd and f"T={kd['temperature']:.2f}, alpha={kd['alpha']:.2f}", kd and kd["kd_gain"],
                     control and control.get("robust_acc"), kd and kd.get("robust_acc")])
     return out
 
@@ -48,7 +49,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     objs = [Objective.parse("val_acc"), Objective.parse("params")]
     front = {id(r) for r in pareto_front(rows, objs)}
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
-    usable = [r for r in rows if r["status"] in USABLE and r.get("size_params")]
+    usable = [r for r in rows if r["status"] in COMPLETE and r.get("size_params")]
     for student in sorted({r["student"] for r in usable}):
         pts = [r for r in usable if r["student"] == student]
         ax.scatter([r["size_params"] for r in pts], [r["val_acc"] for r in pts], label=student, alpha=0.75,
@@ -62,7 +63,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters (log)")
     ax.set_ylabel("val accuracy")
-    ax.set_title("Students: accuracy vs size (x = alpha=0 control)")
+    ax.set_title("Finished trials: accuracy vs size (x = alpha=0 control)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -118,7 +119,8 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
 
     lb_cols = ["student", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "latency_ms", "epochs"]
     lb = md_table(lb_cols, [[r.get(c) for c in lb_cols] for r in rows])
-    gains = md_table(["student", "alpha=0 val acc", "best KD val acc", "at", "KD gain", "alpha=0 robust acc", "KD robust acc"], kd_gains(rows))
+    gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain (same epoch)",
+                      "alpha=0 robust acc", "KD robust acc"], kd_gains(rows))
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",
         f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher.arch}`, loss `{cfg.loss.name}`, {len(rows)} trials "

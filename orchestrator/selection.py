@@ -15,7 +15,9 @@ from orchestrator.config import SweepConfig
 from orchestrator.tracking import STATUS, TRIAL, SweepTracker
 from trainables.registry import ConfigError
 
-USABLE = ("finished", "stopped")
+USABLE = ("finished", "stopped")  # trials with a meaningful val_acc (stopped: truncated by ASHA)
+#: Only trials that ran every epoch compete on the Pareto front and for champion.
+COMPLETE = ("finished",)
 #: Friendly names for logged metrics (used in tables, objectives and constraints).
 ALIASES = {"params": "size_params", "bytes": "size_bytes", "latency_ms": "size_latency_cpu_b1_ms", "flops": "size_flops",
            "macro_f1": "val_macro_f1", "ece": "val_ece", "agreement": "val_agreement", "nll": "val_nll"}
@@ -63,9 +65,18 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
             "alpha": float(p["alpha"]) if "alpha" in p else None, "lr": float(p["lr"]) if "lr" in p else None,
             "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
         })
+        rows.append(row)
+    # Size and latency belong to the architecture: use each student's median over its trials, so
+    # timing noise does not make two copies of one architecture look different.
+    for student in {r["student"] for r in rows}:
+        mine = [r for r in rows if r["student"] == student]
+        for key in {k for r in mine for k in r if k.startswith(("size_", "teacher_", "compression_", "speedup_"))}:
+            values = sorted(r[key] for r in mine if r.get(key) is not None)
+            for r in mine:
+                r[key] = values[len(values) // 2]
+    for row in rows:
         for alias, key in ALIASES.items():
             row.setdefault(alias, row.get(key))
-        rows.append(row)
     # KD gain compares like with like: against the control's val_acc at the trial's own last epoch,
     # so a trial ASHA stopped early is not charged for the epochs it never ran.
     controls: dict[str, dict[int, float]] = {}
@@ -81,11 +92,11 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
 
 
 def pareto_front(rows: list[dict[str, Any]], objectives: list[Objective]) -> list[dict[str, Any]]:
-    """Usable rows that no other row beats on every objective (and strictly on one)."""
+    """Finished rows that no other row beats on every objective (and strictly on one)."""
     def score(r, o):
         return r[o.key] if o.maximize else -r[o.key]
 
-    cands = [r for r in rows if r["status"] in USABLE and all(r.get(o.key) is not None for o in objectives)]
+    cands = [r for r in rows if r["status"] in COMPLETE and all(r.get(o.key) is not None for o in objectives)]
     front = [r for r in cands if not any(
         all(score(o_, ob) >= score(r, ob) for ob in objectives) and any(score(o_, ob) > score(r, ob) for ob in objectives)
         for o_ in cands if o_ is not r)]
@@ -94,9 +105,9 @@ def pareto_front(rows: list[dict[str, Any]], objectives: list[Objective]) -> lis
 
 def choose(rows: list[dict[str, Any]], objective: Objective, minimum: dict[str, float] | None = None,
            maximum: dict[str, float] | None = None) -> dict[str, Any]:
-    """The best row on `objective` among usable rows meeting every bound (a missing metric fails)."""
+    """The best finished row on `objective` meeting every bound (a missing metric fails)."""
     minimum, maximum = minimum or {}, maximum or {}
-    ok = [r for r in rows if r["status"] in USABLE and r.get(objective.key) is not None
+    ok = [r for r in rows if r["status"] in COMPLETE and r.get(objective.key) is not None
           and all(r.get(k) is not None and r[k] >= v for k, v in minimum.items())
           and all(r.get(k) is not None and r[k] <= v for k, v in maximum.items())]
     if not ok:

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,37 @@ class QueueReport(UserCallback):
 _DONE = "__kdsweep_done__"
 
 
-def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str, train_storage: str) -> None:
+def build_cache(trial_cfg: dict[str, Any], teacher_path: str, root: str, epochs: int) -> tuple[str, int]:
+    """Ray task: the sweep's teacher soft-target cache (trainables.teacher_cache), on a GPU if given one."""
+    import torch
+
+    from trainables.config import TrialConfig
+    from trainables.teacher import load_teacher
+    from trainables.teacher_cache import build_teacher_cache
+
+    teacher, card = load_teacher(teacher_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path, forwards = build_teacher_cache(TrialConfig.model_validate(trial_cfg), teacher, card["sha256"], root, epochs, device)
+    return str(path), forwards
+
+
+def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, printer=print) -> tuple[str | None, int]:
+    """Teacher forwards per sweep do not grow with trials: the teacher sees each view once, here."""
+    from trainables.losses import LOSSES
+
+    if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or LOSSES.get(cfg.loss.name).needs_teacher_features:
+        return None, 0
+    import ray
+
+    r = cfg.resources
+    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=1 if r.gpus_per_trial > 0 else 0)(build_cache)
+    path, forwards = ray.get(task.remote(cfg.trial(cfg.students[0], teacher_path=teacher), teacher, str(sweep_dir / "teacher_cache"), cfg.train.epochs))
+    printer(f"teacher cache: {path} ({forwards} teacher image forwards{' now' if forwards else ', already built'})")
+    return path, forwards
+
+
+def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str, train_storage: str,
+               teacher_cache: str | None = None) -> None:
     """One Tune trial = one Ray Train TorchTrainer run (DDP when num_workers > 1).
 
     Runs inside a Tune actor; the worker side gets only the trial config (trainables never import
@@ -138,6 +169,7 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
     cfg = SweepConfig.model_validate(sweep)
     student = config["student"]
     trial_cfg = cfg.trial(student, {k: v for k, v in config.items() if k != "student"}, teacher_path)
+    trial_cfg["teacher_cache"] = teacher_cache  # the trial checks the key and goes online on a mismatch
     r = cfg.resources
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -166,9 +198,14 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
         finally:
             reports.put(_DONE)
 
+    started = time.perf_counter()
     thread = threading.Thread(target=fit, name="kdsweep-trainer", daemon=True)
     thread.start()
+    first = True
     while (item := reports.get()) != _DONE:
+        if first:  # fixed cost before the first epoch: actors, worker group, data, model, teacher
+            item["trial_startup_s"] = time.perf_counter() - started - item.get("epoch_time_s", 0.0)
+            first = False
         tune.report(item)
     thread.join()
     if errors:
@@ -246,11 +283,13 @@ def _repair_state(experiment_dir: Path, printer=print) -> None:
     printer(f"restored Tune state from the last good copy in {backup}")
 
 
-def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: str, sweep_dir: Path, callbacks: list, restore: bool):
+def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, teacher: str, sweep_dir: Path, callbacks: list,
+           restore: bool, cache: str | None):
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, sweep=cfg.model_dump(), teacher_path=teacher, train_storage=str(sweep_dir / "train")),
+        tune.with_parameters(tune_trial, sweep=cfg.model_dump(), teacher_path=teacher, train_storage=str(sweep_dir / "train"),
+                             teacher_cache=cache),
         {"memory": 2**20},  # a token request: the TorchTrainer inside reserves the real resources
     )
     path = sweep_dir / f"tune-{study}"
@@ -287,9 +326,12 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, cfg.train.epochs, model_info), TuneStateBackup()]
     printer(plan.describe())
     init_ray(address)
+    cache, forwards = ensure_cache(cfg, teacher, sweep_dir, printer)
+    if forwards:
+        tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
     try:
         for study, students, n in plan.studies:
-            _tuner(cfg, study, students, n, teacher, sweep_dir, callbacks, restore).fit()
+            _tuner(cfg, study, students, n, teacher, sweep_dir, callbacks, restore, cache).fit()
     finally:
         closed = tracker.close_orphans(parent)
         if closed:

@@ -22,7 +22,7 @@ from trainables.registry import ConfigError
 
 SWEEP, ROLE, TRIAL, STATUS = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status"
 PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'parent'"
-EPOCH_METRICS = ("train_loss", "train_kd", "train_ce", "images_per_s", "epoch_time_s", "lr")
+EPOCH_METRICS = ("train_loss", "train_kd", "train_ce", "images_per_s", "epoch_time_s", "lr", "teacher_forward_images", "trial_startup_s")
 #: Reported once (first epoch): the student's size and its ratios to the teacher.
 ONCE_PREFIXES = ("size_", "compression_", "speedup_", "teacher_")
 #: Reported with the final epoch: the corruption suite's summary.

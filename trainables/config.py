@@ -78,6 +78,7 @@ class TrialConfig(Strict):
     teacher_targets: Literal["auto", "online", "precomputed"] = Field(
         "auto", description="precomputed: teacher logits once per trial when views never change"
     )
+    teacher_cache: str | None = Field(None, description="folder of a sweep's teacher soft-target cache (see teacher_cache.py)")
     checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
     profile: bool = Field(True, description="measure params/bytes/latency/FLOPs (and the teacher's, for ratios)")
     robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.config import AugmentConfig, OptimizerConfig, ScheduleConfig, TrialConfig, validate
-from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_dataset, normalizer
+from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, validate
+from trainables.data import augment, epoch_batches, load_dataset, normalizer
 from trainables.corruptions import robustness
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
@@ -31,6 +31,7 @@ from trainables.models import create_model
 from trainables.profile import size_metrics
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher
+from trainables.teacher_cache import TeacherCache, resolved_augment, views_are_static
 
 STATE_FILE = "state.pt"
 
@@ -184,7 +185,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
 
     ds = cfg.dataset
     splits = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs).to(device)
-    aug = ds.augment or AugmentConfig(**DEFAULT_AUGMENT.get(ds.name, {}))
+    aug = resolved_augment(cfg)
     norm = normalizer(splits, device)
     n_train, shape = len(splits.train_y), splits.input_shape
     if cfg.batch_size > n_train or cfg.batch_size % world:
@@ -194,11 +195,11 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
 
     # The teacher trains the student only when alpha > 0; with alpha=0 (the control) it is still
     # loaded, when given, so the control reports agreement and compression against it too.
-    teacher = None
+    teacher, card = None, {}
     if cfg.loss.alpha > 0 and not cfg.teacher_path:
         raise ConfigError("`teacher_path` is required when loss.alpha > 0: train one with `kdsweep teacher CONFIG`")
     if cfg.teacher_path:
-        teacher, _ = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
+        teacher, card = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
     distill = teacher if cfg.loss.alpha > 0 else None
@@ -233,13 +234,26 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         model = ray.train.torch.prepare_model(student, move_to_device=False)
     step_model = torch.compile(model) if cfg.compile else model
 
-    # Teacher targets: val logits once (agreement metric); train logits once when views never change.
-    t_val = predict(teacher, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last) if teacher is not None else None
-    static_views = aug.crop_pad == 0 and not aug.flip
+    # Teacher targets, cheapest first: the sweep's shared cache (no teacher forwards at all), then
+    # train logits once per trial when views never change, else the teacher online on every batch.
+    # `teacher_forwards` counts the teacher's image forwards in this trial.
+    cache = None
+    if teacher is not None and not feats and cfg.teacher_targets != "online":
+        cache = TeacherCache.open(cfg.teacher_cache, cfg, card["sha256"])
+    teacher_forwards = 0
+    t_val = None
+    if cache is not None:
+        t_val = cache.val(device)
+    elif teacher is not None:
+        t_val = predict(teacher, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last)
+        teacher_forwards += len(splits.val_y)
+    static_views = views_are_static(aug)
     if cfg.teacher_targets == "precomputed" and not static_views:
         raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
-    precompute = distill is not None and not feats and static_views and cfg.teacher_targets != "online"
+    precompute = distill is not None and cache is None and not feats and static_views and cfg.teacher_targets != "online"
     t_train = predict(teacher, splits.train_x, norm, cfg.eval_batch_size, autocast, channels_last) if precompute else None
+    teacher_forwards += n_train if precompute else 0
+    per_rank = cfg.batch_size // world
 
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -252,10 +266,13 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits = t_feats = s_feats = None
-                if t_train is not None:
+                t_logits = t_feats = None
+                if distill is not None and cache is not None:
+                    t_logits = cache.batch(epoch, b, idx, cfg.batch_size, rank, per_rank, device)
+                elif t_train is not None:
                     t_logits = t_train[idx]
                 elif distill is not None:
+                    teacher_forwards += len(idx)
                     with torch.no_grad():
                         t_out = distill(x, with_features=feats)
                     t_logits, t_feats = t_out if feats else (t_out, None)
@@ -282,6 +299,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
+            "teacher_forward_images": teacher_forwards,
+            "teacher_targets": "cache" if cache is not None else ("precomputed" if t_train is not None else ("online" if distill is not None else "none")),
             **size,
         }
         diverged = not math.isfinite(train_loss)

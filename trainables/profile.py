@@ -31,12 +31,13 @@ def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, repeats: int = 10) -> float:
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, repeats: int = 10,
+               warmup: int = 3) -> float:
     """Median wall time of one forward pass in ms (CUDA timed with events after warm-up)."""
     device = torch.device(device)
     x = torch.randn(batch, *input_shape, device=device)
     times = []
-    for i in range(repeats + 3):
+    for i in range(repeats + warmup):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -48,7 +49,7 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, devic
             t0 = time.perf_counter()
             model(x)
             t = (time.perf_counter() - t0) * 1e3
-        if i >= 3:
+        if i >= warmup:
             times.append(t)
     return statistics.median(times)
 
@@ -61,7 +62,8 @@ def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64
         "bytes": float(serialized_bytes(m)),
         "flops": float(flops(m, input_shape)),
         "latency_cpu_b1_ms": latency_ms(m, input_shape, 1, "cpu"),
-        f"latency_cpu_b{batch}_ms": latency_ms(m, input_shape, batch, "cpu", repeats=5),
+        # a big teacher at batch 64 on CPU costs seconds a pass: few repeats keep trial start-up short
+        f"latency_cpu_b{batch}_ms": latency_ms(m, input_shape, batch, "cpu", repeats=3, warmup=1),
     }
     if (torch.cuda.is_available() if gpu is None else gpu):
         g = m.cuda()

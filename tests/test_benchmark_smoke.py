@@ -1,0 +1,29 @@
+"""benchmarks/sweep_throughput.py --smoke: the peer recipe and kdsweep on the same tiny sweep (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PEER = REPO.parent / "shared" / "bench" / "peer_sweep.py"
+
+pytestmark = pytest.mark.integration
+
+
+def test_throughput_smoke(tmp_path):
+    assert PEER.is_file(), f"the peer yardstick is missing at {PEER}"
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_throughput.py"), "--smoke", "--out", str(tmp_path / "b"),
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| trial-epochs per hour |" in proc.stdout and "speed-up" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["peer"]["runs"] == 2 and res["kdsweep"]["runs"] == 2
+    # the teacher sees each view once per sweep: n_train views + the val split, not trials x epochs x n_train
+    assert res["kdsweep"]["teacher_forwards"] < res["peer"]["teacher_forwards"]
+    assert res["kdsweep"]["overhead_s"] > 0 and res["kdsweep"]["trial_epochs_per_hour"] > 0

@@ -1,0 +1,46 @@
+"""The sweep's teacher cache returns the teacher's own logits for the same views, and a trial that
+reads it trains exactly as one that runs the teacher online."""
+import torch
+
+from trainables.config import TrialConfig
+from trainables.data import augment, epoch_batches, load_dataset, normalizer
+from trainables.loop import LocalReporter, train_student
+from trainables.teacher import load_teacher
+from trainables.teacher_cache import TeacherCache, build_teacher_cache
+
+
+def cfg(teacher, **kw):
+    base = {"dataset": {"name": "digits", "val_fraction": 0.2, "augment": {"crop_pad": 1, "flip": True}}, "student": "cnn_tiny",
+            "epochs": 2, "batch_size": 64, "teacher_path": str(teacher), "loss": {"alpha": 0.9}, "profile": False, "robust_samples": 0}
+    base.update(kw)
+    return TrialConfig.model_validate(base)
+
+
+def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher):
+    c = cfg(digits_teacher)
+    teacher, card = load_teacher(digits_teacher)
+    path, forwards = build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2)
+    s = load_dataset("digits", val_fraction=0.2)
+    assert forwards == 2 * (len(s.train_y) // 64) * 64 + len(s.val_y)
+    assert build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2) == (path, 0)  # built once
+    cache = TeacherCache.open(path, c, card["sha256"])
+    norm = normalizer(s, "cpu")
+    for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, 1, True):
+        with torch.no_grad():
+            expected = teacher(norm(augment(s.train_x[idx], view, 1)))
+        got = cache.batch(1, b, idx, 64, 0, 64, "cpu")
+        assert torch.allclose(got, expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
+    assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card["sha256"]) is None  # other views: go online
+    assert TeacherCache.open(path, cfg(digits_teacher, batch_size=32), card["sha256"]) is None
+
+
+def test_cached_trial_matches_online_trial_and_runs_no_teacher(tmp_path, digits_teacher):
+    c = cfg(digits_teacher)
+    teacher, card = load_teacher(digits_teacher)
+    path, _ = build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2)
+    online = train_student(c.model_copy(update={"teacher_targets": "online"}), LocalReporter(None, printer=None))
+    cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, printer=None))
+    assert online.metrics["teacher_targets"] == "online" and cached.metrics["teacher_targets"] == "cache"
+    assert cached.metrics["teacher_forward_images"] == 0 and online.metrics["teacher_forward_images"] > 0
+    assert abs(online.metrics["val_acc"] - cached.metrics["val_acc"]) <= 0.02
+    assert abs(online.metrics["train_kd"] - cached.metrics["train_kd"]) <= 0.01 * online.metrics["train_kd"]

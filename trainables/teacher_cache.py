@@ -1,0 +1,125 @@
+"""Teacher soft targets computed once per view and shared by every trial of a sweep.
+
+Augmentation is a pure function of (seed, epoch, batch index), so the teacher's logits for every
+view a trial will see can be computed before the trials start: once per sweep, however many
+trials read them. Logits are stored as fp16 (what the bf16/fp32 loss would see, to within fp16
+rounding), one file per epoch (or one for all epochs when views never change), plus the val split's
+logits for the agreement metrics. The cache is keyed by the teacher's weights hash, the dataset and
+split, the augmentation, the seed and the batch size; a trial whose key differs (e.g. a searched
+batch size) falls back to running the teacher online.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trainables.config import AugmentConfig, TrialConfig
+from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_dataset, normalizer
+
+META = "meta.json"
+
+
+def views_are_static(aug: AugmentConfig) -> bool:
+    return aug.crop_pad == 0 and not aug.flip
+
+
+def resolved_augment(cfg: TrialConfig) -> AugmentConfig:
+    return cfg.dataset.augment or AugmentConfig(**DEFAULT_AUGMENT.get(cfg.dataset.name, {}))
+
+
+def cache_key(cfg: TrialConfig, teacher_sha: str) -> dict:
+    aug = resolved_augment(cfg)
+    key = {"teacher_sha256": teacher_sha, "dataset": cfg.dataset.model_dump(exclude={"download"}), "augment": aug.model_dump(), "format": 1}
+    if not views_are_static(aug):  # the views, and so the targets, depend on these too
+        key.update(seed=cfg.seed, batch_size=cfg.batch_size)
+    return key
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save(t: Tensor, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(t.contiguous().cpu(), tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, teacher_sha: str, root: str | Path,
+                        epochs: int, device: torch.device | str = "cpu") -> tuple[Path, int]:
+    """Compute (or find) the cache for `cfg`'s views; returns its folder and the teacher image
+    forwards this call ran (0 when the cache was already complete)."""
+    key = cache_key(cfg, teacher_sha)
+    out = Path(root) / key_digest(key)
+    if (out / META).exists():
+        return out, 0
+    out.mkdir(parents=True, exist_ok=True)
+    ds = cfg.dataset
+    s = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs).to(device)
+    norm = normalizer(s, device)
+    teacher = teacher.to(device).eval()
+    cuda = torch.device(device).type == "cuda"
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else torch.no_grad
+
+    def logits(x_u8_or_float: Tensor) -> Tensor:
+        with ctx():
+            return teacher(norm(x_u8_or_float)).half()
+
+    batch = 2048
+    forwards = 0
+    _save(torch.cat([logits(s.val_x[i : i + batch]) for i in range(0, len(s.val_y), batch)]), out / "val.pt")
+    forwards += len(s.val_y)
+    aug = resolved_augment(cfg)
+    if views_are_static(aug):
+        _save(torch.cat([logits(s.train_x[i : i + batch]) for i in range(0, len(s.train_y), batch)]), out / "static.pt")
+        forwards += len(s.train_y)
+    else:
+        for epoch in range(epochs):
+            parts = [logits(augment(s.train_x[idx], view, aug.crop_pad))
+                     for _, idx, view in epoch_batches(len(s.train_y), cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device)]
+            _save(torch.cat(parts), out / f"epoch_{epoch}.pt")
+            forwards += sum(len(p) for p in parts)
+    (out / META).write_text(json.dumps({"key": key, "epochs": epochs, "forward_images": forwards}, indent=2, sort_keys=True))
+    return out, forwards
+
+
+class TeacherCache:
+    """Read side: the logits for one epoch's batches, on the training device."""
+
+    def __init__(self, path: Path, static: bool) -> None:
+        self.path, self.static = path, static
+        self._epoch, self._logits = None, None
+
+    @classmethod
+    def open(cls, path: str | Path | None, cfg: TrialConfig, teacher_sha: str) -> "TeacherCache | None":
+        """The cache at `path` if it holds exactly this trial's views, else None (go online)."""
+        if not path or not (Path(path) / META).exists():
+            return None
+        meta = json.loads((Path(path) / META).read_text())
+        if meta["key"] != cache_key(cfg, teacher_sha) or (not views_are_static(resolved_augment(cfg)) and meta["epochs"] < cfg.epochs):
+            return None
+        return cls(Path(path), views_are_static(resolved_augment(cfg)))
+
+    def val(self, device) -> Tensor:
+        return torch.load(self.path / "val.pt", map_location=device, weights_only=True).float()
+
+    def for_epoch(self, epoch: int, device) -> Tensor:
+        if self._epoch != (None if self.static else epoch) or self._logits is None:
+            name = "static.pt" if self.static else f"epoch_{epoch}.pt"
+            self._logits = torch.load(self.path / name, map_location=device, weights_only=True)
+            self._epoch = None if self.static else epoch
+        return self._logits
+
+    def batch(self, epoch: int, b: int, idx: Tensor, batch_size: int, rank: int, per_rank: int, device) -> Tensor:
+        """Static views are indexed by sample; augmented views by position in the epoch's batches."""
+        logits = self.for_epoch(epoch, device)
+        if self.static:
+            return logits[idx].float()
+        start = b * batch_size + rank * per_rank
+        return logits[start : start + per_rank].float()
