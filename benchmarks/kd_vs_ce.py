@@ -15,7 +15,6 @@ import argparse
 import statistics
 import time
 
-import torch
 
 from orchestrator.config import load_config
 from orchestrator.selection import evaluate_on_test

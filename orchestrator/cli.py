@@ -142,6 +142,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _add_sweep_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the sweep's name (its folder under --storage)")
+    p.add_argument("--storage", help="the sweep's storage path (default: ./runs)")
+    p.add_argument("--tracking-uri", help="override the tracking URI the sweep was run with")
+
+
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", action="append", metavar="METRIC[:max|min]",
                    help="Pareto objectives; the first picks the winner (default: val_acc, params:min, latency_ms:min)")
@@ -174,24 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="finish a sweep whose driver died (Tuner.restore)")
-    s.add_argument("name")
-    s.add_argument("--storage", help="the sweep's storage path (default: ./runs)")
+    _add_sweep_name(s)
     s.add_argument("--address")
-    s.add_argument("--tracking-uri")
     _add_selection(s)
     s.set_defaults(func=cmd_resume)
 
     b = sub.add_parser("best", help="leaderboard, Pareto front and champion of a finished sweep")
-    b.add_argument("name")
-    b.add_argument("--storage")
-    b.add_argument("--tracking-uri")
+    _add_sweep_name(b)
     _add_selection(b)
     b.set_defaults(func=cmd_best)
 
     rp = sub.add_parser("report", help="Markdown/HTML summary of a finished sweep with plots, logged to MLflow")
-    rp.add_argument("name")
-    rp.add_argument("--storage")
-    rp.add_argument("--tracking-uri")
+    _add_sweep_name(rp)
     rp.add_argument("--out", help="output folder (default: STORAGE/NAME/report)")
     rp.set_defaults(func=cmd_report)
 

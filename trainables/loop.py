@@ -19,7 +19,6 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, validate

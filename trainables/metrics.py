@@ -31,7 +31,6 @@ def expected_calibration_error(logits: Tensor, y: Tensor, n_bins: int = 15) -> f
     correct = (pred == y).double()
     bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)  # bin b holds conf in (b/n, (b+1)/n]
     bins = torch.where(conf * n_bins == bins.double(), bins - 1, bins).clamp_min(0)
-    count = torch.bincount(bins, minlength=n_bins).double()
     acc = torch.bincount(bins, weights=correct, minlength=n_bins)
     cnf = torch.bincount(bins, weights=conf.double(), minlength=n_bins)
     return float(((acc - cnf).abs()).sum() / len(y))
