@@ -316,6 +316,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     """Validate, prepare the teacher, run every study, close orphans. Returns the tracking handles."""
     plan, info = make_plan(cfg, tracking_uri)
     sweep_dir = Path(plan.storage)
+    if not restore and (sweep_dir / "sweep.json").exists():
+        raise ConfigError(f"`name` {cfg.name!r} already has a sweep in {sweep_dir}: `kdsweep resume {cfg.name}` finishes it, "
+                          "or start a new one with --set name=NEW")
     teacher = str(ensure_teacher(cfg, info, printer=printer).resolve())
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))

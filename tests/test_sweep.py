@@ -72,6 +72,10 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert "kdsweep.version.git_commit" in parent[0].data.tags
     assert "| teacher |" in out and "| champion (" in out
 
+    # the same name again is a one-line error, not a second sweep mixed into the first
+    assert main(["run", str(cfg), "--address", ray_address]) == 2
+    assert "already has a sweep" in capsys.readouterr().err
+
     # `kdsweep best` re-reads MLflow, honours constraints, and does not re-test the same winner
     assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--max-params", "2000"]) == 0
     out = capsys.readouterr().out
