@@ -20,7 +20,7 @@ from orchestrator.config import load_config
 from orchestrator.selection import evaluate_on_test
 from trainables.profile import size_metrics
 from orchestrator.prepare import check_data, ensure_teacher
-from trainables.data import load_dataset
+from trainables.data import load_splits
 from trainables.loop import LocalReporter, train_student
 from trainables.teacher import load_teacher
 
@@ -40,7 +40,7 @@ def main() -> None:
     teacher_dir = ensure_teacher(cfg, info)
     student = args.student or cfg.students[0]
     ds = cfg.dataset
-    splits = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
+    splits = load_splits(ds)
     teacher, card = load_teacher(teacher_dir)
     t_size = size_metrics(teacher, splits.input_shape, gpu=False)
     t_eval = evaluate_on_test(cfg, teacher, None)["student"]

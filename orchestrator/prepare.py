@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
-from trainables.data import load_dataset
+from trainables.data import load_splits
 from trainables.loop import train_student
 from trainables.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
 
@@ -21,8 +21,7 @@ class DataInfo:
 
 def check_data(cfg: SweepConfig) -> DataInfo:
     """Load the dataset once on the driver: a missing root fails here, not inside a worker."""
-    ds = cfg.dataset
-    s = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
+    s = load_splits(cfg.dataset)
     return DataInfo(s.num_classes, s.input_shape, len(s.train_y), len(s.val_y), len(s.test_y))
 
 

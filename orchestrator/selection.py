@@ -3,6 +3,7 @@ over any logged metrics, a constrained winner tested once on the test split (bes
 own numbers) and registered as `champion`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 
 from orchestrator.config import SweepConfig
 from orchestrator.tracking import STATUS, TRIAL, SweepTracker
+from trainables.data import load_splits
 from trainables.registry import ConfigError
 
 USABLE = ("finished", "stopped")  # trials with a meaningful val_acc (stopped: truncated by ASHA)
@@ -128,13 +130,6 @@ def load_student(tracker: SweepTracker, run_id: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _splits(cfg: SweepConfig):
-    from trainables.data import load_dataset
-
-    ds = cfg.dataset
-    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
-
-
 def evaluate_on_test(cfg: SweepConfig, student: torch.nn.Module, teacher: torch.nn.Module | None) -> dict[str, dict[str, float]]:
     """The once-only look at the test split: clean metrics and the corruption suite, for the winner
     and for its teacher, so "student vs teacher" is one table."""
@@ -143,16 +138,16 @@ def evaluate_on_test(cfg: SweepConfig, student: torch.nn.Module, teacher: torch.
     from trainables.loop import predict
     from trainables.metrics import classification_metrics
 
-    s = _splits(cfg)
+    s = load_splits(cfg.dataset)
     norm = normalizer(s, "cpu")
     out = {}
-    t_logits = predict(teacher, s.test_x, norm, 2048, torch.no_grad, False) if teacher is not None else None
+    t_logits = predict(teacher, s.test_x, norm, 2048, contextlib.nullcontext, False) if teacher is not None else None
     for who, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
-        logits = t_logits if who == "teacher" else predict(model, s.test_x, norm, 2048, torch.no_grad, False)
+        logits = t_logits if who == "teacher" else predict(model, s.test_x, norm, 2048, contextlib.nullcontext, False)
         m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
-        fn = lambda x, model=model: predict(model, x, norm, 2048, torch.no_grad, False)
+        fn = lambda x, model=model: predict(model, x, norm, 2048, contextlib.nullcontext, False)
         m.update({f"test_{k}": v for k, v in robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"]).items()})
         out[who] = m
     return out
@@ -176,7 +171,7 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: torch.
     import mlflow.pytorch
     import numpy as np
 
-    s = _splits(cfg)
+    s = load_splits(cfg.dataset)
     wrapped = Normalized(model, s.mean, s.std).eval()
     example = s.val_x[:2].float().numpy().astype(np.float32)
     with mlflow.start_run(run_id=run_id):

@@ -326,7 +326,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     parent = tracker.parent_run(cfg.name, cfg.model_dump())
     model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape),
                   "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
-    callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, cfg.train.epochs, model_info), TuneStateBackup()]
+    callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
     printer(plan.describe())
     init_ray(address)
     cache, forwards = ensure_cache(cfg, teacher, sweep_dir, printer)

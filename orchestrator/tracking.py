@@ -128,9 +128,9 @@ class SweepTracker:
 class MlflowTrialCallback(Callback):
     """Tune callback: child run per trial (found by tag, so restores reattach), epochs with step=epoch."""
 
-    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, max_epochs: int, model_info: dict[str, Any]) -> None:
+    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any]) -> None:
         self.tracker, self.parent_id, self.sweep = tracker, parent_id, sweep
-        self.max_epochs, self.model_info = max_epochs, model_info
+        self.model_info = model_info
         self._runs: dict[str, tuple[str, int]] = {}  # trial_id -> (run_id, last logged epoch); a cache only
 
     def __getstate__(self):

@@ -13,12 +13,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from trainables.registry import ConfigError, Registry
+
+if TYPE_CHECKING:
+    from trainables.config import DatasetConfig
 
 # name -> loader(root, download, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes)
 Loader = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, int]]
@@ -92,6 +95,11 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+
+
+def load_splits(ds: "DatasetConfig") -> DataSplits:
+    """`load_dataset` for a validated dataset config (the form every caller holds)."""
+    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, validate
-from trainables.data import augment, epoch_batches, load_dataset, normalizer
+from trainables.data import augment, epoch_batches, load_splits, normalizer
 from trainables.corruptions import robustness
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
@@ -183,7 +183,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     torch.manual_seed(cfg.seed)
 
     ds = cfg.dataset
-    splits = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs).to(device)
+    splits = load_splits(ds).to(device)
     aug = resolved_augment(cfg)
     norm = normalizer(splits, device)
     n_train, shape = len(splits.train_y), splits.input_shape

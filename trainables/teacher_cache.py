@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from trainables.config import AugmentConfig, TrialConfig
-from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_dataset, normalizer
+from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_splits, normalizer
 
 META = "meta.json"
 
@@ -60,8 +60,7 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, teacher_sha:
     if (out / META).exists():
         return out, 0
     out.mkdir(parents=True, exist_ok=True)
-    ds = cfg.dataset
-    s = load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs).to(device)
+    s = load_splits(cfg.dataset).to(device)
     norm = normalizer(s, device)
     teacher = teacher.to(device).eval()
     cuda = torch.device(device).type == "cuda"
