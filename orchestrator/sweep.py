@@ -183,7 +183,7 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
             name=f"trial-{tune.get_context().get_trial_id()}",
             storage_path=train_storage,
             callbacks=[QueueReport(reports)],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),  # the previous one survives a kill mid-persist
             # A finite controller limit: an unplaceable worker group fails the trial instead of hanging.
             failure_config=ray.train.FailureConfig(max_failures=cfg.budget.max_failures, controller_failure_limit=2),
         ),

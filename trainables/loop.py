@@ -89,7 +89,12 @@ class RayTrainReporter:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            return load_state(Path(d) / STATE_FILE)
+            if (Path(d) / STATE_FILE).exists():
+                return load_state(Path(d) / STATE_FILE)
+        # A driver killed while Ray persisted the latest checkpoint leaves it without our file:
+        # resume from the newest complete one beside it (the sweep keeps two).
+        siblings = sorted(Path(ckpt.path).parent.glob("checkpoint_*/" + STATE_FILE), reverse=True) if Path(ckpt.path).exists() else []
+        return load_state(siblings[0]) if siblings else None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         import ray.train
