@@ -39,7 +39,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if student not in cfg.students and args.student:
         cfg.students.append(student)
     info = check_data(cfg)
-    needs_teacher = cfg.loss.alpha > 0
+    needs_teacher = cfg.loss.distills
     teacher = None
     if needs_teacher:
         teacher = check_teacher(cfg, info) or ensure_teacher(cfg, info)

@@ -147,6 +147,8 @@ class SweepConfig(Strict):
             lo, hi = (min(p.bounds()), max(p.bounds())) if p.type != "categorical" else (min(p.choices), max(p.choices))
             if path == "loss.temperature" and not lo > 0:
                 raise ValueError(f"`search.{key}`: `temperature > 0` must hold over the whole range, but got low={lo}")
+            if path == "loss.alpha" and self.loss.alpha is None:
+                raise ValueError(f"`search.{key}` searches alpha, but loss.ce_weight/loss.distill_weight fix the weights: drop them or the search key")
             if path == "loss.alpha" and not (0 <= lo and hi <= 1):
                 raise ValueError(f"`search.{key}`: `0 <= alpha <= 1` must hold over the whole range, but got [{lo}, {hi}]")
         return self

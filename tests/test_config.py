@@ -45,3 +45,16 @@ def test_overrides_and_aliases():
     assert cfg.train.optimizer.lr == 0.2 and cfg.loss.temperature == 3 and cfg.loss.params()["dkd_beta"] == 2
     trial = cfg.trial("mlp_32", {"alpha": 0.3, "loss.dkd_beta": 5.0})
     assert trial["loss"]["alpha"] == 0.3 and trial["loss"]["dkd_beta"] == 5.0
+
+
+def test_explicit_loss_weights_reach_the_trial_and_exclude_a_searched_alpha():
+    from trainables.registry import ConfigError
+
+    sets = ["loss.name=dkd", "loss.ce_weight=1.0", "loss.distill_weight=1.0", "loss.alpha=null"]
+    with pytest.raises(ConfigError, match="search.alpha.*searches alpha"):
+        load_config(None, sets)
+    cfg = load_config(None, [*sets, "search={}"])
+    loss = cfg.trial("mlp_32")["loss"]
+    assert (loss["ce_weight"], loss["distill_weight"], loss["alpha"]) == (1.0, 1.0, None)
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(None, ["loss.ce_weight=1.0", "loss.distill_weight=1.0", "search={}"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainables.registry import ConfigError
 
@@ -48,15 +48,39 @@ class ScheduleConfig(Strict):
 
 
 class LossConfig(BaseModel):
-    """name + alpha + temperature; any other key is passed to the loss (e.g. dkd_beta, beta)."""
+    """name + weights + temperature; any other key is passed to the loss (e.g. dkd_beta, beta).
+
+    Weights: `alpha` (mixing, default 0.9) or `ce_weight` + `distill_weight` (a paper's exact loss),
+    never both; see trainables/losses.py.
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str = "kd"
-    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="distill weight; 1 - alpha weights CE (0.9 when no weights are given)")
+    ce_weight: float | None = Field(None, ge=0.0, description="explicit form, with distill_weight (exclusive with alpha)")
+    distill_weight: float | None = Field(None, ge=0.0)
     temperature: float = Field(4.0, gt=0.0)
 
+    @model_validator(mode="after")
+    def _weights(self) -> "LossConfig":
+        from trainables.losses import loss_weights
+
+        try:
+            loss_weights(self.alpha, self.ce_weight, self.distill_weight)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if self.alpha is None and self.ce_weight is None:
+            self.alpha = 0.9
+        return self
+
+    @property
+    def distills(self) -> bool:
+        """Whether the distillation term has any weight (False: a no-KD control, no teacher needed)."""
+        return (self.alpha if self.alpha is not None else self.distill_weight or 0.0) > 0
+
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "temperature": self.temperature, **(self.model_extra or {})}
+        weights = {"alpha": self.alpha} if self.alpha is not None else {"ce_weight": self.ce_weight, "distill_weight": self.distill_weight}
+        return {**weights, "temperature": self.temperature, **(self.model_extra or {})}
 
 
 class TrialConfig(Strict):

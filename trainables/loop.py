@@ -197,16 +197,16 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             f"`batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got batch_size={cfg.batch_size}"
         )
 
-    # The teacher trains the student only when alpha > 0; with alpha=0 (the control) it is still
+    # The teacher trains the student only when the distill term has weight; with alpha=0 (the control) it is still
     # loaded, when given, so the control reports agreement and compression against it too.
     teacher, card = None, {}
-    if cfg.loss.alpha > 0 and not cfg.teacher_path:
-        raise ConfigError("`teacher_path` is required when loss.alpha > 0: train one with `kdsweep teacher CONFIG`")
+    if cfg.loss.distills and not cfg.teacher_path:
+        raise ConfigError("`teacher_path` is required when loss.alpha (or loss.distill_weight) > 0: train one with `kdsweep teacher CONFIG`")
     if cfg.teacher_path:
         teacher, card = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
-    distill = teacher if cfg.loss.alpha > 0 else None
+    distill = teacher if cfg.loss.distills else None
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, distill, shape).to(device)
     feats = loss_fn.needs_teacher_features and distill is not None
@@ -262,6 +262,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         student.train()
+        loss_fn.set_epoch(epoch + 1)
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)
         for b, idx, view in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device, rank, world):

@@ -1,21 +1,26 @@
 """Distillation losses, one registry, one call signature.
 
-Convention (Hinton et al., 2015, and this whole project): **alpha weights the distillation term,
-(1 - alpha) the cross-entropy on labels**:
+Two ways to weight the terms, exclusive in one config:
 
-    loss = alpha * distill(student, teacher) + (1 - alpha) * CE(student, y)
+    alpha mixing (default, the knob the search turns; Hinton et al., 2015):
+        loss = alpha * w(epoch) * distill + (1 - alpha) * CE(student, y)
+    explicit weights (a paper's exact loss, as mdistiller/RepDistiller write it):
+        loss = distill_weight * w(epoch) * distill + ce_weight * CE(student, y)
 
-so alpha=0 is the no-KD control and alpha=1 is pure distillation. torchdistill's KDLoss uses the
-opposite (its alpha weights CE): flip it when porting settings.
+alpha weights the distillation term, so alpha=0 is the no-KD control (exactly CE, no teacher).
+torchdistill's KDLoss uses the opposite (its alpha weights CE): flip it when porting settings.
+w(epoch) = min(epoch / warmup_epochs, 1) is mdistiller's linear warm-up of the distillation term,
+with epochs counted from 1 (the first epoch trains with 1/warmup of it); 1 when warmup_epochs=0.
 
 Every loss is an nn.Module called as `loss(s_logits, t_logits, y, s_feats, t_feats)` and returns
-`(total, parts)` where parts holds the detached "kd" and "ce" terms for logging. Teacher inputs are
-detached inside, so gradients reach only the student (and a loss's own parameters, e.g. hint
-regressors, which the trial loop hands to the optimizer).
+`(total, parts)` where parts holds the detached, unweighted "kd" and "ce" terms for logging. Teacher
+inputs are detached inside, so gradients reach only the student (and a loss's own parameters, e.g.
+hint regressors, which the trial loop hands to the optimizer). The trial loop calls
+`set_epoch(epoch)` before each epoch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -27,11 +32,25 @@ from trainables.registry import ConfigError, Registry
 LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", "loss.name")
 
 
-def _check_alpha_temperature(alpha: float, temperature: float) -> None:
+def loss_weights(alpha: float | None, ce_weight: float | None, distill_weight: float | None) -> tuple[float, float]:
+    """(ce weight, distill weight) from alpha mixing or the explicit form; alpha defaults to 0.9."""
+    explicit = ce_weight is not None or distill_weight is not None
+    if explicit and alpha is not None:
+        raise ConfigError(
+            "`loss.alpha` and `loss.ce_weight`/`loss.distill_weight` are exclusive, but got both: "
+            "keep alpha (mixing) or the two weights (a paper's exact loss)"
+        )
+    if explicit:
+        if ce_weight is None or distill_weight is None:
+            raise ConfigError("`loss.ce_weight` and `loss.distill_weight` go together: give both (e.g. 1.0 and 1.0 for DKD)")
+        for field, w in (("loss.ce_weight", ce_weight), ("loss.distill_weight", distill_weight)):
+            if not w >= 0:
+                raise ConfigError(f"`{field} >= 0` must hold, but got {field}={w}")
+        return float(ce_weight), float(distill_weight)
+    alpha = 0.9 if alpha is None else alpha
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"`0 <= loss.alpha <= 1` must hold, but got loss.alpha={alpha}")
-    if not temperature > 0:
-        raise ConfigError(f"`loss.temperature > 0` must hold, but got loss.temperature={temperature}")
+    return 1.0 - float(alpha), float(alpha)
 
 
 def kd_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
@@ -43,58 +62,88 @@ def kd_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
 
 
 class DistillLoss(nn.Module):
-    """Shared alpha/CE mixing. Subclasses implement `distill` (the term alpha weights)."""
+    """Shared CE/distill weighting and warm-up. Subclasses implement `distill` (the weighted term)."""
 
     needs_teacher_features = False
+    default_warmup_epochs = 0.0
 
-    def __init__(self, alpha: float, temperature: float = 4.0) -> None:
+    def __init__(
+        self, alpha: float | None = None, temperature: float = 4.0, *, ce_weight: float | None = None,
+        distill_weight: float | None = None, warmup_epochs: float | None = None,
+    ) -> None:
         super().__init__()
-        _check_alpha_temperature(alpha, temperature)
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        if not temperature > 0:
+            raise ConfigError(f"`loss.temperature > 0` must hold, but got loss.temperature={temperature}")
+        self.ce_weight, self.distill_weight = loss_weights(alpha, ce_weight, distill_weight)
+        self.temperature = float(temperature)
+        self.warmup_epochs = float(self.default_warmup_epochs if warmup_epochs is None else warmup_epochs)
+        if not self.warmup_epochs >= 0:
+            raise ConfigError(f"`loss.warmup_epochs >= 0` must hold, but got loss.warmup_epochs={warmup_epochs}")
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch about to train, counted from 1 (as mdistiller's trainer counts)."""
+        self.epoch = epoch
+
+    def warmup_factor(self) -> float:
+        return min(self.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
 
     def distill(self, s_logits: Tensor, t_logits: Tensor, y: Tensor, s_feats, t_feats) -> Tensor:
         raise NotImplementedError
 
     def forward(self, s_logits: Tensor, t_logits: Tensor | None, y: Tensor, s_feats=None, t_feats=None):
         ce = F.cross_entropy(s_logits.float(), y)
-        if self.alpha == 0.0:  # the no-KD control: exactly CE, no teacher needed
-            return ce, {"ce": ce.detach(), "kd": torch.zeros_like(ce)}
+        weighted_ce = ce if self.ce_weight == 1.0 else self.ce_weight * ce
+        if self.distill_weight == 0.0:  # the no-KD control: exactly CE, no teacher needed
+            return weighted_ce, {"ce": ce.detach(), "kd": torch.zeros_like(ce)}
         kd = self.distill(s_logits, t_logits, y, s_feats, t_feats)
-        return self.alpha * kd + (1.0 - self.alpha) * ce, {"ce": ce.detach(), "kd": kd.detach()}
+        return self.distill_weight * self.warmup_factor() * kd + weighted_ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 @LOSSES.register
 class kd(DistillLoss):
-    """Hinton KD: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE (Hinton et al., 2015)."""
+    """Hinton KD: distill = T^2 * KL(p_t^T || p_s^T) (Hinton et al., 2015; mdistiller KD.kd_loss)."""
 
     def distill(self, s_logits, t_logits, y, s_feats, t_feats):
         return kd_kl(s_logits, t_logits, self.temperature)
 
 
+def _binary_log_probs(z: Tensor, gt: Tensor) -> Tensor:
+    """log [p(y), 1 - p(y)] of softmax(z), with 1 - p(y) as the sum of the other classes' mass
+    (logsumexp), so a confident distribution (p(y) -> 1) keeps its exact value and gradient."""
+    lse = z.logsumexp(1)
+    log_other = z.masked_fill(gt, float("-inf")).logsumexp(1)
+    return torch.stack([z[gt] - lse, log_other - lse], 1)
+
+
 @LOSSES.register
 class dkd(DistillLoss):
-    """Decoupled KD (Zhao et al., CVPR 2022): KD split into target and non-target parts.
+    """Decoupled KD (Zhao et al., CVPR 2022; mdistiller distillers/DKD.py): KD split into a
+    target-class and a non-target part.
 
     distill = dkd_alpha * TCKD + dkd_beta * NCKD, with
       TCKD = T^2 KL([p_t(y), 1-p_t(y)] || [p_s(y), 1-p_s(y)])      (binary target-class KD)
       NCKD = T^2 KL(p̂_t || p̂_s) over the non-target classes only (renormalized).
-    The paper's alpha/beta are `dkd_alpha`/`dkd_beta` here; our `alpha` still mixes with CE.
+    Warmed up over `warmup_epochs` (default 20, mdistiller's CIFAR-100 setting). The paper's
+    alpha/beta are `dkd_alpha`/`dkd_beta` here; `alpha` (or the explicit weights) mixes with CE.
     """
 
-    def __init__(self, alpha: float, temperature: float = 4.0, dkd_alpha: float = 1.0, dkd_beta: float = 8.0) -> None:
-        super().__init__(alpha, temperature)
+    default_warmup_epochs = 20.0
+
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, dkd_alpha: float = 1.0, dkd_beta: float = 8.0, **weights) -> None:
+        super().__init__(alpha, temperature, **weights)
         self.dkd_alpha, self.dkd_beta = float(dkd_alpha), float(dkd_beta)
 
     def distill(self, s_logits, t_logits, y, s_feats, t_feats):
         t = self.temperature
         s, tt = s_logits.float() / t, t_logits.detach().float() / t
         gt = F.one_hot(y, s.shape[1]).bool()
-        p_s, p_t = F.softmax(s, 1), F.softmax(tt, 1)
-        b_s = torch.stack([p_s[gt], 1 - p_s[gt]], 1).clamp_min(1e-12)
-        b_t = torch.stack([p_t[gt], 1 - p_t[gt]], 1).clamp_min(1e-12)
-        tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * t * t
-        log_q_s = F.log_softmax(s.masked_fill(gt, -1e4), 1)
-        log_q_t = F.log_softmax(tt.masked_fill(gt, -1e4), 1)
+        log_b_s, log_b_t = _binary_log_probs(s, gt), _binary_log_probs(tt, gt)
+        tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * t * t
+        rest = ~gt
+        n, c = s.shape
+        log_q_s = F.log_softmax(s[rest].view(n, c - 1), 1)
+        log_q_t = F.log_softmax(tt[rest].view(n, c - 1), 1)
         nckd = F.kl_div(log_q_s, log_q_t, reduction="batchmean", log_target=True) * t * t
         return self.dkd_alpha * tckd + self.dkd_beta * nckd
 
@@ -105,41 +154,82 @@ def _paired(s_feats: list[Tensor], t_feats: list[Tensor]) -> list[tuple[Tensor, 
     return list(zip(s_feats[-k:], t_feats[-k:]))
 
 
-def _attention(f: Tensor, size: tuple[int, int]) -> Tensor:
-    a = f.float().pow(2).mean(1, keepdim=True)
-    if a.shape[-2:] != size:
-        a = F.adaptive_avg_pool2d(a, size)
-    return F.normalize(a.flatten(1), dim=1)
+def _attention(f: Tensor, p: float) -> Tensor:
+    """Q = l2-normalized channel mean of |f|^p, flattened."""
+    return F.normalize(f.float().pow(p).mean(1).flatten(1), dim=1)
+
+
+def _pool_to(f: Tensor, size: tuple[int, ...]) -> Tensor:
+    return f if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(f, size)
 
 
 @LOSSES.register
 class at(DistillLoss):
-    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on paired stage features.
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017; RepDistiller distiller_zoo/AT.py,
+    mdistiller distillers/AT.py) on paired stage features.
 
-    distill = beta * sum_stages mean((Q_s - Q_t)^2), Q = l2-normalized channel-mean of f^2;
-    maps of different sizes are pooled to the smaller one. Needs conv features (not MLPs).
+    distill = beta * sum_stages mean((Q_s - Q_t)^2), Q = l2-normalized channel mean of f^p.
+    Stages of different spatial sizes: `pool="features"` (default, as the references) average-pools
+    the larger *features* to the smaller size before forming Q; `pool="maps"` forms Q at full size
+    and pools the maps instead. Needs conv features (not MLPs).
     """
 
     needs_teacher_features = True
 
-    def __init__(self, alpha: float, temperature: float = 4.0, beta: float = 1000.0) -> None:
-        super().__init__(alpha, temperature)
-        self.beta = float(beta)
+    def __init__(
+        self, alpha: float | None = None, temperature: float = 4.0, beta: float = 1000.0, p: float = 2.0,
+        pool: Literal["features", "maps"] = "features", **weights,
+    ) -> None:
+        super().__init__(alpha, temperature, **weights)
+        if pool not in ("features", "maps"):
+            raise ConfigError(f"`loss.pool` must be one of ['features', 'maps'], but got loss.pool={pool!r}")
+        self.beta, self.p, self.pool = float(beta), float(p), pool
+
+    def _stage(self, fs: Tensor, ft: Tensor) -> Tensor:
+        size = tuple(min(a, b) for a, b in zip(fs.shape[-2:], ft.shape[-2:]))
+        if self.pool == "features":
+            return (_attention(_pool_to(fs, size), self.p) - _attention(_pool_to(ft, size), self.p)).pow(2).mean()
+        maps = [f.float().pow(self.p).mean(1, keepdim=True) for f in (fs, ft)]
+        qs, qt = (F.normalize(_pool_to(m, size).flatten(1), dim=1) for m in maps)
+        return (qs - qt).pow(2).mean()
 
     def distill(self, s_logits, t_logits, y, s_feats, t_feats):
-        total = s_logits.new_zeros((), dtype=torch.float32)
-        for fs, ft in _paired(s_feats, t_feats):
-            if fs.dim() != 4 or ft.dim() != 4:
-                raise ConfigError("`loss.name=at` needs convolutional stage features: use kd/dkd/hint for MLPs")
-            size = tuple(min(a, b) for a, b in zip(fs.shape[-2:], ft.shape[-2:]))
-            total = total + (_attention(fs, size) - _attention(ft.detach(), size)).pow(2).mean()
-        return self.beta * total
+        pairs = _paired(s_feats, t_feats)
+        if any(fs.dim() != 4 or ft.dim() != 4 for fs, ft in pairs):
+            raise ConfigError("`loss.name=at` needs convolutional stage features: use kd/dkd/hint for MLPs")
+        return self.beta * sum(self._stage(fs, ft.detach()) for fs, ft in pairs)
+
+
+def hint_regressor(s_shape: tuple[int, ...], t_shape: tuple[int, ...], relu: bool = True) -> nn.Module:
+    """FitNets' regressor from a student stage onto a teacher stage: conv -> BN (-> ReLU).
+
+    Conv shapes follow the references' ConvReg (mdistiller distillers/_common.py, RepDistiller
+    models/util.py): 3x3 stride 2 when the student map is twice the teacher's, a 4x4 stride-2
+    transposed conv when half, a (1+dH)x(1+dW) valid conv when larger; any other size pair is pooled
+    to the teacher's size first, then a 1x1 conv. Vector stages (MLPs) get Linear (-> ReLU).
+    `relu=True` (the references' default) matches post-ReLU hint layers; `relu=False` keeps it linear.
+    """
+    act = [nn.ReLU()] if relu else []
+    if len(s_shape) == 3 and len(t_shape) == 3:
+        (sc, sh, sw), (tc, th, tw) = s_shape, t_shape
+        if sh == 2 * th:
+            conv = nn.Conv2d(sc, tc, 3, stride=2, padding=1)
+        elif 2 * sh == th:
+            conv = nn.ConvTranspose2d(sc, tc, 4, stride=2, padding=1)
+        elif sh >= th and sw >= tw:
+            conv = nn.Conv2d(sc, tc, (1 + sh - th, 1 + sw - tw))
+        else:
+            conv = nn.Sequential(nn.AdaptiveAvgPool2d((th, tw)), nn.Conv2d(sc, tc, 1))
+        return nn.Sequential(conv, nn.BatchNorm2d(tc), *act)
+    s_dim = s_shape[0] if len(s_shape) == 1 else s_shape[0] * s_shape[1] * s_shape[2]
+    return nn.Sequential(nn.Flatten(), nn.Linear(s_dim, t_shape[0]), *act)
 
 
 @LOSSES.register
 class hint(DistillLoss):
-    """FitNets hints (Romero et al., ICLR 2015): a learned regressor maps a student stage onto a
-    teacher stage; distill = beta * MSE(regressor(f_s), f_t). The regressor trains with the student.
+    """FitNets hints (Romero et al., ICLR 2015; mdistiller distillers/FitNet.py): a learned regressor
+    maps a student stage onto a teacher stage; distill = beta * MSE(regressor(f_s), f_t). The
+    regressor (see `hint_regressor`, ReLU by default) trains with the student.
 
     `student_stage` / `teacher_stage` index the stage lists (default: the middle student stage and
     the teacher stage of the same relative depth). Shapes come from `build_loss`'s probe.
@@ -148,10 +238,10 @@ class hint(DistillLoss):
     needs_teacher_features = True
 
     def __init__(
-        self, alpha: float, temperature: float = 4.0, beta: float = 100.0, student_stage: int | None = None,
-        teacher_stage: int | None = None, s_shapes=None, t_shapes=None,
+        self, alpha: float | None = None, temperature: float = 4.0, beta: float = 100.0, student_stage: int | None = None,
+        teacher_stage: int | None = None, relu: bool = True, s_shapes=None, t_shapes=None, **weights,
     ) -> None:
-        super().__init__(alpha, temperature)
+        super().__init__(alpha, temperature, **weights)
         if s_shapes is None or t_shapes is None:
             raise ConfigError("`loss.name=hint` must be built with build_loss(), which probes feature shapes")
         self.beta = float(beta)
@@ -160,22 +250,14 @@ class hint(DistillLoss):
         for field, idx, shapes in (("loss.student_stage", self.s_idx, s_shapes), ("loss.teacher_stage", self.t_idx, t_shapes)):
             if not -len(shapes) <= idx < len(shapes):
                 raise ConfigError(f"`{field}` must index one of {len(shapes)} stages, but got {field}={idx}")
-        s_shape, t_shape = s_shapes[self.s_idx], t_shapes[self.t_idx]
-        if len(s_shape) == 3 and len(t_shape) == 3:
-            self.regressor = nn.Sequential(nn.Conv2d(s_shape[0], t_shape[0], 1, bias=False), nn.BatchNorm2d(t_shape[0]))
-            self.t_size = tuple(t_shape[1:])
-        else:
-            self.regressor = nn.Linear(s_shape[0] if len(s_shape) == 1 else s_shape[0] * s_shape[1] * s_shape[2], t_shape[0] if len(t_shape) == 1 else t_shape[0])
-            self.t_size = None
+        self.regressor = hint_regressor(s_shapes[self.s_idx], t_shapes[self.t_idx], relu)
 
     def distill(self, s_logits, t_logits, y, s_feats, t_feats):
-        fs, ft = s_feats[self.s_idx], t_feats[self.t_idx].detach().float()
-        if self.t_size is None:
-            fs = fs.flatten(1)
-            ft = ft.flatten(1) if ft.dim() == 2 else F.adaptive_avg_pool2d(ft, 1).flatten(1)
-        elif tuple(fs.shape[-2:]) != self.t_size:
-            fs = F.adaptive_avg_pool2d(fs, self.t_size)
-        return self.beta * F.mse_loss(self.regressor(fs).float(), ft)
+        ft = t_feats[self.t_idx].detach().float()
+        out = self.regressor(s_feats[self.s_idx]).float()
+        if out.dim() == 2 and ft.dim() == 4:  # a vector regressor onto a conv teacher stage: its pooled channels
+            ft = F.adaptive_avg_pool2d(ft, 1).flatten(1)
+        return self.beta * F.mse_loss(out, ft)
 
 
 @torch.no_grad()
