@@ -12,17 +12,19 @@ up front, not tuned, so reading the test split here is a measurement, not a sear
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
-
 from orchestrator.config import load_config
-from orchestrator.selection import evaluate_on_test
-from trainables.profile import size_metrics
 from orchestrator.prepare import check_data, ensure_teacher
+from orchestrator.selection import evaluate_on_test
 from trainables.data import load_splits
+from trainables.profile import size_metrics
 from trainables.loop import LocalReporter, train_student
 from trainables.teacher import load_teacher
+
+log = logging.getLogger("kdsweep.bench")
 
 
 def main() -> None:
@@ -34,6 +36,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=None, help="KD alpha (default: the config's)")
     p.add_argument("--temperature", type=float, default=None)
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     cfg = load_config(args.config, args.overrides)
     info = check_data(cfg)
@@ -50,32 +53,39 @@ def main() -> None:
     for label, overrides in (("no-KD (alpha=0)", {"alpha": 0.0}), (f"KD (T={kd['temperature']}, alpha={kd['alpha']})", kd)):
         runs = []
         for seed in args.seeds:
-            trial = cfg.trial(student, overrides, teacher_path=str(teacher_dir))
-            trial.update(seed=seed, profile=False, robust_samples=0)
+            trial = cfg.trial(student, {**overrides, "seed": seed, "train.robust_samples": 0}, teacher_path=teacher_dir, profile=False)
             t0 = time.perf_counter()
             r = train_student(trial, LocalReporter(None, printer=None))
+            if r.metrics["status"] == "diverged":  # NaN/inf loss: reported as such, kept out of the means
+                runs.append({"diverged": True, "epoch": r.metrics["epoch"]})
+                log.info("%s seed=%d: diverged at epoch %d", label, seed, r.metrics["epoch"])
+                continue
             test = evaluate_on_test(cfg, r.model, teacher)["student"]
             size = size_metrics(r.model, splits.input_shape, gpu=False)
             runs.append({"val_acc": r.metrics["val_acc"], "test_acc": test["test_acc"], "macro_f1": test["test_macro_f1"],
                          "robust_acc": test["test_robust_acc"], "ece": test["test_ece"], "agreement": test["test_agreement"],
                          "params_ratio": t_size["params"] / size["params"],
                          "latency_ratio": t_size["latency_cpu_b1_ms"] / size["latency_cpu_b1_ms"], "seconds": time.perf_counter() - t0})
-            print(f"{label} seed={seed}: " + " ".join(f"{k}={v:.4f}" for k, v in runs[-1].items()), flush=True)
+            log.info("%s seed=%d: %s", label, seed, " ".join(f"{k}={v:.4f}" for k, v in runs[-1].items()))
         rows[label] = runs
 
     def ms(runs, key, scale=100.0, digits=2):
-        vals = [scale * r[key] for r in runs]
+        vals = [scale * r[key] for r in runs if not r.get("diverged")]
+        if not vals:
+            return "diverged"
         return f"{statistics.mean(vals):.{digits}f} +- {(statistics.stdev(vals) if len(vals) > 1 else 0):.{digits}f}"
 
     print(f"\n{ds.name}: teacher {card['arch']} (val {100 * card['val_acc']:.2f}%), student {student}, "
           f"{cfg.train.epochs} epochs, seeds {args.seeds}; test split, mean +- std over seeds\n")
-    print("| model | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | diverged | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| teacher {card['arch']} | {100 * t_eval['test_acc']:.2f} | {100 * t_eval['test_macro_f1']:.2f} | "
           f"{100 * t_eval['test_robust_acc']:.2f} | {100 * t_eval['test_ece']:.2f} | 100 | 1.0 | 1.0 |")
     for label, runs in rows.items():
-        print(f"| {student} {label} | {ms(runs, 'test_acc')} | {ms(runs, 'macro_f1')} | {ms(runs, 'robust_acc')} | {ms(runs, 'ece')} | "
-              f"{ms(runs, 'agreement')} | {runs[0]['params_ratio']:.1f} | {ms(runs, 'latency_ratio', 1.0, 1)} |")
+        diverged = sum(bool(r.get("diverged")) for r in runs)
+        ratio = next((f"{r['params_ratio']:.1f}" for r in runs if not r.get("diverged")), "-")
+        print(f"| {student} {label} | {diverged}/{len(runs)} | {ms(runs, 'test_acc')} | {ms(runs, 'macro_f1')} | {ms(runs, 'robust_acc')} | "
+              f"{ms(runs, 'ece')} | {ms(runs, 'agreement')} | {ratio} | {ms(runs, 'latency_ratio', 1.0, 1)} |")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher = None
     if needs_teacher:
         teacher = check_teacher(cfg, info) or ensure_teacher(cfg, info)
-    trial = cfg.trial(student, teacher_path=str(teacher) if teacher else None)
-    if not needs_teacher:
-        trial["teacher_path"] = None
-    trial["checkpoint_dir"] = args.checkpoint_dir
+    trial = cfg.trial(student, teacher_path=teacher, distill=needs_teacher, checkpoint_dir=args.checkpoint_dir)
     print(f"distilling {student} (loss={cfg.loss.name}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}, "
           f"lr={cfg.train.optimizer.lr}) on {cfg.dataset.name}")
     result = train_student(trial)

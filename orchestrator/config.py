@@ -7,14 +7,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import optuna
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from trainables.config import (
-    DatasetConfig, LossConfig, OptimizerConfig, ScheduleConfig, Strict, TrialConfig, validate,
-)
+from trainables.config import DatasetConfig, LossConfig, Strict, TrainConfig, TrialConfig, validate
 from trainables.data import DATASETS
-from trainables.losses import LOSSES
+from trainables.losses import LOSSES, check_loss_params
 from trainables.models import MODELS
 from trainables.registry import ConfigError
 
@@ -31,14 +30,12 @@ ALIASES = {
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
-class TeacherSpec(Strict):
+class TeacherSpec(TrainConfig):
+    """The teacher: a saved folder, or an architecture trained (once, cached) with its own TrainConfig."""
+
     path: str | None = Field(None, description="a saved teacher folder; null: train one into teachers/ (cached by config hash)")
     arch: str = "cnn_small"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     seed: int = 0
 
     @field_validator("arch")
@@ -49,22 +46,15 @@ class TeacherSpec(Strict):
         return v
 
 
-class TrainSpec(Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(2048, ge=1)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    teacher_targets: Literal["auto", "online", "precomputed"] = "auto"
-    robust_samples: int = Field(1000, ge=0, description="val images in each trial's final corruption suite (0: off)")
+class SweepTrain(TrainConfig):
+    """The sweep's `train:` section: every trial's TrainConfig plus sweep-wide switches."""
+
     teacher_cache: bool = Field(True, description="compute teacher logits once per sweep for every view; trials read them")
 
 
 class SearchParam(Strict):
-    """One searched key, in the style of Optuna's distributions."""
+    """One searched key, in the style of Optuna's distributions; built with Optuna's own
+    constructors during validation, so every rule of theirs is checked before anything starts."""
 
     type: Literal["float", "int", "categorical"]
     low: float | None = None
@@ -75,17 +65,22 @@ class SearchParam(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SearchParam":
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical needs a non-empty `choices` list")
-        else:
-            if self.low is None or self.high is None:
-                raise ValueError(f"a {self.type} needs `low` and `high`")
-            if not self.low <= self.high:
-                raise ValueError(f"`low <= high` must hold, but got (low={self.low}, high={self.high})")
-            if self.log and self.low <= 0:
-                raise ValueError(f"`low > 0` must hold for log=true, but got low={self.low}")
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("a categorical needs a non-empty `choices` list")
+        if self.type != "categorical" and (self.low is None or self.high is None):
+            raise ValueError(f"a {self.type} needs `low` and `high`")
+        try:
+            self.distribution()
+        except ValueError as e:
+            raise ValueError(f"optuna rejects it: {e}") from None
         return self
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.type == "categorical":
+            return optuna.distributions.CategoricalDistribution(self.choices)
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
     def bounds(self) -> list[Any]:
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
@@ -118,7 +113,7 @@ class SweepConfig(Strict):
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     students: list[str] = Field(min_length=1)
     loss: LossConfig = Field(default_factory=LossConfig)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    train: SweepTrain = Field(default_factory=SweepTrain)
     search: dict[str, SearchParam] = Field(default_factory=dict)
     budget: Budget = Field(default_factory=Budget)
     mode: Literal["joint", "per_student"] = "joint"
@@ -147,6 +142,11 @@ class SweepConfig(Strict):
             lo, hi = (min(p.bounds()), max(p.bounds())) if p.type != "categorical" else (min(p.choices), max(p.choices))
             if path == "loss.temperature" and not lo > 0:
                 raise ValueError(f"`search.{key}`: `temperature > 0` must hold over the whole range, but got low={lo}")
+            if path.startswith("loss.") and path.count(".") == 1 and path not in ("loss.name", "loss.alpha", "loss.ce_weight", "loss.distill_weight"):
+                try:
+                    check_loss_params(self.loss.name, [path.removeprefix("loss.")])
+                except ConfigError as e:
+                    raise ValueError(f"`search.{key}`: {e}") from None
             if path == "loss.alpha" and self.loss.alpha is None:
                 raise ValueError(f"`search.{key}` searches alpha, but loss.ce_weight/loss.distill_weight fix the weights: drop them or the search key")
             if path == "loss.alpha" and not (0 <= lo and hi <= 1):
@@ -164,13 +164,15 @@ class SweepConfig(Strict):
         return self.tracking.registered_model or f"kdsweep-{self.name}"
 
     def storage_path(self) -> str:
-        return os.path.abspath(self.storage or "runs")
+        """Local folders made absolute; URIs (s3://, gs://, ...) passed to Ray as they are."""
+        storage = self.storage or "runs"
+        return storage if "://" in storage else os.path.abspath(storage)
 
     def teacher_dir(self) -> Path:
         """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
         if self.teacher.path:
             return Path(self.teacher.path)
-        spec = {"teacher": self.teacher.model_dump(exclude={"path"}), "dataset": self.dataset.model_dump()}
+        spec = {"teacher": self.teacher.model_dump(exclude={"path"}), "dataset": self.dataset.model_dump(exclude={"root", "cache"})}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"
 
@@ -178,25 +180,33 @@ class SweepConfig(Strict):
         """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own."""
         t = self.teacher
         return TrialConfig(
-            dataset=self.dataset, student=t.arch, student_kwargs=t.arch_kwargs, loss=LossConfig(name="kd", alpha=0.0),
-            epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, schedule=t.schedule, seed=t.seed,
-            amp=self.train.amp, channels_last=self.train.channels_last, profile=False,
+            **_train_fields(t), dataset=self.dataset.resolved(), student=t.arch, student_kwargs=t.arch_kwargs,
+            loss=LossConfig(name="kd", alpha=0.0), seed=t.seed, profile=False,
         )
 
-    def trial(self, student: str, overrides: dict[str, Any] | None = None, teacher_path: str | None = None) -> dict[str, Any]:
-        """The trial config (a plain dict, what a worker receives) with searched values applied."""
-        base = self.model_dump()
-        for key, value in (overrides or {}).items():
-            set_dotted(base, ALIASES.get(key, key), value)
-        tr = base["train"]
-        cfg = {
-            "dataset": base["dataset"], "student": student, "loss": base["loss"],
-            "teacher_path": str(Path(teacher_path or self.teacher_dir()).resolve()), "seed": base["seed"],
-            **{k: tr[k] for k in ("epochs", "batch_size", "eval_batch_size", "optimizer", "schedule", "amp", "channels_last", "compile", "teacher_targets",
-                                 "robust_samples")},
-        }
-        validate(TrialConfig, cfg, prefix="trial.")
-        return cfg
+    def trial(self, student: str, overrides: dict[str, Any] | None = None, teacher_path: str | Path | None = None, *,
+              distill: bool = True, teacher_cache: str | None = None, checkpoint_dir: str | None = None,
+              profile: bool = True) -> TrialConfig:
+        """The trial config with searched values applied, every path resolved on the driver.
+
+        `distill=False` leaves the teacher out (a standalone no-KD run needs none)."""
+        swept = self
+        if overrides:
+            data = self.model_dump()
+            for key, value in overrides.items():
+                set_dotted(data, ALIASES.get(key, key), value)
+            swept = validate(SweepConfig, data, prefix="trial.")
+        teacher = str(Path(teacher_path or self.teacher_dir()).resolve()) if distill else None
+        return validate(TrialConfig, {
+            **_train_fields(swept.train), "dataset": swept.dataset.resolved(), "student": student, "loss": swept.loss,
+            "seed": swept.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
+            "profile": profile,
+        }, prefix="trial.")
+
+
+def _train_fields(section: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig part of a section that extends it (teacher, sweep train)."""
+    return {k: getattr(section, k) for k in TrainConfig.model_fields}
 
 
 def set_dotted(d: dict, path: str, value: Any) -> None:

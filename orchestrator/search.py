@@ -14,18 +14,10 @@ METRIC = "val_acc"
 STANDARD_POINT = {"temperature": 4.0, "alpha": 0.9}
 
 
-def distribution(p: SearchParam) -> optuna.distributions.BaseDistribution:
-    if p.type == "categorical":
-        return optuna.distributions.CategoricalDistribution(p.choices)
-    if p.type == "int":
-        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-    return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-
-
 def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
     """Searched keys plus `student` (a one-choice categorical in per_student studies, so every trial
     config and MLflow run names its student the same way)."""
-    return {**{k: distribution(p) for k, p in cfg.search.items()}, "student": optuna.distributions.CategoricalDistribution(students)}
+    return {**{k: p.distribution() for k, p in cfg.search.items()}, "student": optuna.distributions.CategoricalDistribution(students)}
 
 
 def _base_value(cfg: SweepConfig, key: str) -> Any:

@@ -120,7 +120,7 @@ class QueueReport(UserCallback):
 _DONE = "__kdsweep_done__"
 
 
-def build_cache(trial_cfg: dict[str, Any], teacher_path: str, root: str, epochs: int) -> tuple[str, int]:
+def build_cache(trial_cfg: dict[str, Any], root: str, epochs: int) -> tuple[str, int]:
     """Ray task: the sweep's teacher soft-target cache (trainables.teacher_cache), on a GPU if given one."""
     import torch
 
@@ -128,9 +128,10 @@ def build_cache(trial_cfg: dict[str, Any], teacher_path: str, root: str, epochs:
     from trainables.teacher import load_teacher
     from trainables.teacher_cache import build_teacher_cache
 
-    teacher, card = load_teacher(teacher_path)
+    cfg = TrialConfig.model_validate(trial_cfg)
+    teacher, card = load_teacher(cfg.teacher_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path, forwards = build_teacher_cache(TrialConfig.model_validate(trial_cfg), teacher, card["sha256"], root, epochs, device)
+    path, forwards = build_teacher_cache(cfg, teacher, card["sha256"], root, epochs, device)
     return str(path), forwards
 
 
@@ -144,7 +145,8 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, printer=print)
 
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=1 if r.gpus_per_trial > 0 else 0)(build_cache)
-    path, forwards = ray.get(task.remote(cfg.trial(cfg.students[0], teacher_path=teacher), teacher, str(sweep_dir / "teacher_cache"), cfg.train.epochs))
+    trial = cfg.trial(cfg.students[0], teacher_path=teacher)
+    path, forwards = ray.get(task.remote(trial.model_dump(), str(sweep_dir / "teacher_cache"), cfg.train.epochs))
     printer(f"teacher cache: {path} ({forwards} teacher image forwards{' now' if forwards else ', already built'})")
     return path, forwards
 
@@ -168,13 +170,13 @@ def tune_trial(config: dict[str, Any], sweep: dict[str, Any], teacher_path: str,
 
     cfg = SweepConfig.model_validate(sweep)
     student = config["student"]
-    trial_cfg = cfg.trial(student, {k: v for k, v in config.items() if k != "student"}, teacher_path)
-    trial_cfg["teacher_cache"] = teacher_cache  # the trial checks the key and goes online on a mismatch
+    # The trial checks the cache's key and goes online on a mismatch.
+    trial = cfg.trial(student, {k: v for k, v in config.items() if k != "student"}, teacher_path, teacher_cache=teacher_cache)
     r = cfg.resources
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=trial_cfg,
+        train_loop_config=trial.model_dump(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.gpus_per_trial > 0,
             resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": r.gpus_per_trial} if r.gpus_per_trial else {})},

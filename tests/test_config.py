@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ def test_every_shipped_sweep_validates(path):
     cfg = load_config(path)
     for student in cfg.students:
         trial = cfg.trial(student)
-        assert trial["student"] == student
+        assert trial.student == student
 
 
 def test_shipped_sweeps_cover_the_issue():
@@ -44,7 +45,7 @@ def test_overrides_and_aliases():
     cfg = load_config(None, ["lr=0.2", "temperature=3", "loss.dkd_beta=2", "loss.name=dkd"])
     assert cfg.train.optimizer.lr == 0.2 and cfg.loss.temperature == 3 and cfg.loss.params()["dkd_beta"] == 2
     trial = cfg.trial("mlp_32", {"alpha": 0.3, "loss.dkd_beta": 5.0})
-    assert trial["loss"]["alpha"] == 0.3 and trial["loss"]["dkd_beta"] == 5.0
+    assert trial.loss.alpha == 0.3 and trial.loss.params()["dkd_beta"] == 5.0
 
 
 def test_explicit_loss_weights_reach_the_trial_and_exclude_a_searched_alpha():
@@ -54,7 +55,43 @@ def test_explicit_loss_weights_reach_the_trial_and_exclude_a_searched_alpha():
     with pytest.raises(ConfigError, match="search.alpha.*searches alpha"):
         load_config(None, sets)
     cfg = load_config(None, [*sets, "search={}"])
-    loss = cfg.trial("mlp_32")["loss"]
-    assert (loss["ce_weight"], loss["distill_weight"], loss["alpha"]) == (1.0, 1.0, None)
+    loss = cfg.trial("mlp_32").loss
+    assert (loss.ce_weight, loss.distill_weight, loss.alpha) == (1.0, 1.0, None)
     with pytest.raises(ConfigError, match="exclusive"):
         load_config(None, ["loss.ce_weight=1.0", "loss.distill_weight=1.0", "search={}"])
+
+
+def test_worker_paths_are_resolved_on_the_driver(tmp_path, monkeypatch):
+    """A worker on another node has none of the driver's environment: the trial config carries it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv("KD_DATA_ROOT", str(root))
+    monkeypatch.setenv("KDSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["teacher.path=t"])
+    trial = cfg.trial("mlp_32")
+    assert trial.dataset.root == str(root) and trial.dataset.cache == str(tmp_path / "cache")
+    assert trial.teacher_path == str(tmp_path / "t")
+    monkeypatch.delenv("KD_DATA_ROOT")
+    monkeypatch.delenv("KDSWEEP_CACHE")
+    from trainables.config import TrialConfig
+
+    again = TrialConfig.model_validate(trial.model_dump())  # what the worker does with it
+    assert again.dataset.resolved().root == str(root) and again.dataset.resolved().cache == str(tmp_path / "cache")
+
+
+def test_search_spaces_are_checked_by_optuna_and_loss_keys_by_signature():
+    from trainables.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`search.lr`.*optuna rejects it.*step"):
+        load_config(None, ["search.lr={type: float, low: 0.01, high: 0.2, log: true, step: 0.01}"])
+    with pytest.raises(ConfigError, match=r"`loss.dkd_betta` is not a parameter of loss.name='dkd'.*dkd_beta"):
+        load_config(None, ["loss.name=dkd", "loss.dkd_betta=8"])
+    with pytest.raises(ConfigError, match=r"`search.loss.betaa`.*`loss.betaa` is not a parameter"):
+        load_config(None, ["loss.name=at", "search={loss.betaa: {type: float, low: 1, high: 10}}"])
+    assert load_config(None, ["loss.name=dkd", "loss.dkd_beta=2", "search={loss.dkd_alpha: {type: float, low: 0.5, high: 2}}"])
+
+
+def test_remote_storage_uris_are_not_made_local_paths():
+    assert load_config(None, ["storage=s3://bucket/kd"]).storage_path() == "s3://bucket/kd"
+    assert load_config(None, ["storage=rel"]).storage_path() == os.path.abspath("rel")

@@ -6,7 +6,8 @@ import struct
 import pytest
 import torch
 
-from trainables.data import augment, epoch_batches, load_dataset, view_params
+from trainables.config import DatasetConfig
+from trainables.data import augment, epoch_batches, load_dataset, load_splits, view_params
 from trainables.registry import ConfigError
 
 
@@ -32,7 +33,7 @@ def test_augment_crop_and_flip():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
     # dy=1,dx=1 (no shift with pad 1), no flip / dy=0, dx=2, flip
     params = torch.tensor([[1, 1, 0], [0, 2, 1]])
-    out = augment(x, params, crop_pad=1)
+    out = augment(x, params, crop_pad=1, flip=True)
     assert out.dtype == torch.uint8 and out.shape == x.shape
     assert torch.equal(out[0], x[0])
     shifted = torch.zeros(4, 4, dtype=torch.uint8)
@@ -71,7 +72,7 @@ def test_mnist_gz_in_read_only_root_is_decompressed_into_our_cache(tmp_path, mon
     cache = tmp_path / "cache"
     monkeypatch.setenv("KDSWEEP_CACHE", str(cache))
     try:
-        s = load_dataset("fashion_mnist", root=str(tmp_path / "root"), val_fraction=0.25)
+        s = load_splits(DatasetConfig(name="fashion_mnist", root=str(tmp_path / "root"), val_fraction=0.25))
     finally:
         raw.chmod(stat.S_IRWXU)
     assert s.input_shape == (1, 28, 28) and s.num_classes == 10

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainables.data import load_dataset, normalizer
 from trainables.loop import LocalReporter, load_state, train_student
@@ -84,3 +85,61 @@ def test_feature_losses_train(digits_teacher):
         r = train_student(trial(epochs=1, teacher_path=str(digits_teacher), loss={"name": name, "alpha": 0.5}),
                           LocalReporter(None, printer=None))
         assert r.metrics["status"] == "finished" and 0 <= r.metrics["val_acc"] <= 1
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts tensor -> Python scalar reads (bool(t), t.item()): each is a host sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("augment", [{"crop_pad": 0, "flip": False}, {"crop_pad": 1, "flip": True}])
+def test_host_syncs_do_not_grow_with_the_number_of_batches(augment, digits_teacher):
+    """One sync per epoch, as the loop promises: 4x the batches must not add a single sync."""
+    counts = []
+    for batch_size in (128, 32):
+        cfg = trial(epochs=1, batch_size=batch_size, robust_samples=0, teacher_path=str(digits_teacher), loss={"alpha": 0.5},
+                    dataset={"name": "digits", "val_fraction": 0.2, "augment": augment})
+        with HostSyncs() as syncs:
+            train_student(cfg, LocalReporter(None, printer=None))
+        counts.append(syncs.count)
+    assert counts[0] == counts[1], counts
+
+
+def test_grad_clip_clips_every_step(monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: calls.append(max_norm) or real(params, max_norm, **kw))
+    train_student(trial(epochs=1, grad_clip=0.5), LocalReporter(None, printer=None))
+    assert calls and set(calls) == {0.5} and len(calls) == 1150 // 64  # one per step (1,150 train images after the val split)
+    calls.clear()
+    train_student(trial(epochs=1), LocalReporter(None, printer=None))
+    assert calls == []
+
+
+def _ranks_decide(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainables.loop import epoch_means
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    sums = torch.tensor([float("nan") if rank == 1 else 1.0, 0.5, 0.5])  # only rank 1 blew up
+    torch.save(epoch_means(sums, steps=2, world=2), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_take_the_same_divergence_decision(tmp_path):
+    import math
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ranks_decide, args=(f"file://{tmp_path / 'init'}", str(tmp_path / "means")), nprocs=2)
+    means = [torch.load(tmp_path / f"means.{r}") for r in (0, 1)]
+    assert all(not math.isfinite(m[0]) for m in means)  # rank 0 sees rank 1's NaN: both stop
+    assert means[0][1:] == means[1][1:] == [0.25, 0.25]

@@ -27,7 +27,7 @@ def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher)
     norm = normalizer(s, "cpu")
     for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, 1, True):
         with torch.no_grad():
-            expected = teacher(norm(augment(s.train_x[idx], view, 1)))
+            expected = teacher(norm(augment(s.train_x[idx], view, 1, True)))
         got = cache.batch(1, b, idx, 64, 0, 64, "cpu")
         assert torch.allclose(got, expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
     assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card["sha256"]) is None  # other views: go online

@@ -4,6 +4,8 @@ Errors are reported all at once, one line, in optuna's form: the rule, then the 
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,11 +27,22 @@ class AugmentConfig(Strict):
 class DatasetConfig(Strict):
     name: str = "digits"
     root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
+    cache: str | None = Field(None, description="where decompressed files go; $KDSWEEP_CACHE or ~/.cache/kdsweep when unset")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
     download: bool = False
     augment: AugmentConfig | None = Field(None, description="None: the dataset's default (crop+flip for CIFAR)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def resolved(self) -> "DatasetConfig":
+        """Paths made absolute, environment defaults applied: the one place that reads
+        KD_DATA_ROOT and KDSWEEP_CACHE, on the driver, so workers on any node need neither."""
+        root = self.root or os.environ.get("KD_DATA_ROOT")
+        cache = self.cache or os.environ.get("KDSWEEP_CACHE") or str(Path.home() / ".cache" / "kdsweep")
+        return self.model_copy(update={
+            "root": os.path.abspath(os.path.expanduser(root)) if root else None,
+            "cache": os.path.abspath(os.path.expanduser(cache)),
+        })
 
 
 class OptimizerConfig(Strict):
@@ -62,11 +75,12 @@ class LossConfig(BaseModel):
     temperature: float = Field(4.0, gt=0.0)
 
     @model_validator(mode="after")
-    def _weights(self) -> "LossConfig":
-        from trainables.losses import loss_weights
+    def _check(self) -> "LossConfig":
+        from trainables.losses import check_loss_params, loss_weights
 
         try:
             loss_weights(self.alpha, self.ce_weight, self.distill_weight)
+            check_loss_params(self.name, ["temperature", "warmup_epochs", *(self.model_extra or {})])
         except ConfigError as e:
             raise ValueError(str(e)) from None
         if self.alpha is None and self.ce_weight is None:
@@ -83,29 +97,41 @@ class LossConfig(BaseModel):
         return {**weights, "temperature": self.temperature, **(self.model_extra or {})}
 
 
-class TrialConfig(Strict):
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    student: str = "cnn_tiny"
-    student_kwargs: dict[str, Any] = Field(default_factory=dict)
-    teacher_path: str | None = Field(None, description="folder with teacher.safetensors + teacher.json")
-    loss: LossConfig = Field(default_factory=LossConfig)
+class TrainConfig(Strict):
+    """How a network trains: the sweep's `train:` section, the teacher's, and part of every trial.
+
+    Defined once here; the sweep config and the trial config inherit it, so a new field reaches
+    every trial without a list of keys to keep in step.
+    """
+
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(2048, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the global gradient norm to this (off: null)")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = True
     compile: bool = False
     teacher_targets: Literal["auto", "online", "precomputed"] = Field(
         "auto", description="precomputed: teacher logits once per trial when views never change"
     )
+    robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
+
+
+class TrialConfig(TrainConfig):
+    """Everything one trial needs, with every path resolved on the driver (workers read no environment)."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    student: str = "cnn_tiny"
+    student_kwargs: dict[str, Any] = Field(default_factory=dict)
+    teacher_path: str | None = Field(None, description="folder with teacher.safetensors + teacher.json")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     teacher_cache: str | None = Field(None, description="folder of a sweep's teacher soft-target cache (see teacher_cache.py)")
     checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
     profile: bool = Field(True, description="measure params/bytes/latency/FLOPs (and the teacher's, for ratios)")
-    robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
 
     @field_validator("student")
     @classmethod
@@ -131,7 +157,7 @@ def format_errors(e: ValidationError, source: str | None = None, prefix: str = "
     for err in e.errors():
         field = prefix + _loc(err)
         msg = err["msg"].removeprefix("Value error, ")
-        if not _loc(err):
+        if not _loc(err) or msg.startswith("`"):  # a message that already names its field
             parts.append(f"{msg}{where}")
         elif err["type"] == "extra_forbidden":
             parts.append(f"`{field}` is not a known key: remove it or fix its spelling{where}")

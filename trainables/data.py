@@ -8,6 +8,7 @@ exact resume) without saving RNG state.
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from trainables.registry import ConfigError, Registry
 if TYPE_CHECKING:
     from trainables.config import DatasetConfig
 
-# name -> loader(root, download, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes)
+# name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes)
 Loader = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, int]]
 DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
 
@@ -31,9 +32,10 @@ DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
 DEFAULT_AUGMENT = {"cifar10": {"crop_pad": 4, "flip": True}, "cifar100": {"crop_pad": 4, "flip": True}}
 
 
-def cache_dir() -> Path:
-    """Where decompressed files go: never inside a user's (possibly read-only) data root."""
-    return Path(os.environ.get("KDSWEEP_CACHE", Path.home() / ".cache" / "kdsweep")) / "data"
+def cache_dir(cache: str | None) -> Path:
+    """Where decompressed files go: never inside a user's (possibly read-only) data root.
+    `cache` is dataset.cache, resolved on the driver (DatasetConfig.resolved)."""
+    return Path(cache or Path.home() / ".cache" / "kdsweep") / "data"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def load_dataset(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     download: bool = False,
+    cache: str | None = None,
     **kwargs,
 ) -> DataSplits:
     """Load a registered dataset and carve a deterministic validation split from its train split.
@@ -75,7 +78,12 @@ def load_dataset(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
-    train_x, train_y, test_x, test_y, num_classes = DATASETS.get(name)(root=root, download=download, **kwargs)
+    loader = DATASETS.get(name)
+    try:
+        inspect.signature(loader).bind(root=root, download=download, cache=cache, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"`dataset.kwargs` do not fit dataset.name={name!r} ({e}): fix or remove them") from None
+    train_x, train_y, test_x, test_y, num_classes = loader(root=root, download=download, cache=cache, **kwargs)
     n = len(train_y)
     n_val = max(1, round(n * val_fraction))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
@@ -99,7 +107,8 @@ def load_dataset(
 
 def load_splits(ds: "DatasetConfig") -> DataSplits:
     """`load_dataset` for a validated dataset config (the form every caller holds)."""
-    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, **ds.kwargs)
+    ds = ds.resolved()
+    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, ds.cache, **ds.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +116,7 @@ def load_splits(ds: "DatasetConfig") -> DataSplits:
 
 
 @DATASETS.register
-def digits(root: str | None = None, download: bool = False, test_fraction: float = 0.2):
+def digits(root: str | None = None, download: bool = False, cache: str | None = None, test_fraction: float = 0.2):
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): offline, the embedded default.
 
     It has no official test split; a fixed 20% (seed 0) is held out as test.
@@ -124,7 +133,6 @@ def digits(root: str | None = None, download: bool = False, test_fraction: float
 
 
 def _resolve_root(root: str | None, field: str = "dataset.root") -> Path:
-    root = root or os.environ.get("KD_DATA_ROOT")
     if not root:
         raise ConfigError(
             f"`{field}` is required for this dataset: set it to the folder that holds the data "
@@ -136,14 +144,14 @@ def _resolve_root(root: str | None, field: str = "dataset.root") -> Path:
     return path
 
 
-def _mnist_like(cls_name: str, root: str | None, download: bool):
+def _mnist_like(cls_name: str, root: str | None, download: bool, cache: str | None):
     """torchvision's MNIST-family class over a local root; .gz files are decompressed into our cache."""
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, cls_name)
     files = [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
     if download:
-        path = _resolve_root(root) if root else cache_dir()
+        path = _resolve_root(root) if root else cache_dir(cache)
         tv_root = path
     else:
         path = _resolve_root(root)
@@ -159,7 +167,7 @@ def _mnist_like(cls_name: str, root: str | None, download: bool):
         if all((raw / f).exists() for f in files) and raw.name == "raw" and raw.parent.name == cls_name:
             tv_root = raw.parent.parent
         else:
-            tv_root = cache_dir()
+            tv_root = cache_dir(cache)
             dest = tv_root / cls_name / "raw"
             dest.mkdir(parents=True, exist_ok=True)
             for f in files:
@@ -180,19 +188,19 @@ def _mnist_like(cls_name: str, root: str | None, download: bool):
 
 
 @DATASETS.register
-def mnist(root: str | None = None, download: bool = False):
-    return _mnist_like("MNIST", root, download)
+def mnist(root: str | None = None, download: bool = False, cache: str | None = None):
+    return _mnist_like("MNIST", root, download, cache)
 
 
 @DATASETS.register
-def fashion_mnist(root: str | None = None, download: bool = False):
-    return _mnist_like("FashionMNIST", root, download)
+def fashion_mnist(root: str | None = None, download: bool = False, cache: str | None = None):
+    return _mnist_like("FashionMNIST", root, download, cache)
 
 
-def _cifar(cls_name: str, root: str | None, download: bool):
+def _cifar(cls_name: str, root: str | None, download: bool, cache: str | None):
     import torchvision.datasets as tvd
 
-    path = cache_dir() if (download and not root) else _resolve_root(root)
+    path = cache_dir(cache) if (download and not root) else _resolve_root(root)
     try:
         train = getattr(tvd, cls_name)(str(path), train=True, download=download)
         test = getattr(tvd, cls_name)(str(path), train=False, download=download)
@@ -209,19 +217,20 @@ def _cifar(cls_name: str, root: str | None, download: bool):
 
 
 @DATASETS.register
-def cifar10(root: str | None = None, download: bool = False):
-    return _cifar("CIFAR10", root, download)
+def cifar10(root: str | None = None, download: bool = False, cache: str | None = None):
+    return _cifar("CIFAR10", root, download, cache)
 
 
 @DATASETS.register
-def cifar100(root: str | None = None, download: bool = False):
-    return _cifar("CIFAR100", root, download)
+def cifar100(root: str | None = None, download: bool = False, cache: str | None = None):
+    return _cifar("CIFAR100", root, download, cache)
 
 
 @DATASETS.register
 def synthetic(
     root: str | None = None,
     download: bool = False,
+    cache: str | None = None,
     n_train: int = 5000,
     n_test: int = 1000,
     shape: tuple[int, int, int] | list[int] = (3, 32, 32),
@@ -257,9 +266,10 @@ def view_params(seed: int, epoch: int, batch_idx: int, batch_size: int, crop_pad
     return torch.cat([shifts, flips], dim=1)
 
 
-def augment(x: Tensor, params: Tensor, crop_pad: int) -> Tensor:
-    """Random crop with zero padding and horizontal flip, batched; x is (B, C, H, W) of any dtype."""
-    if crop_pad == 0 and not bool(params[:, 2].any()):
+def augment(x: Tensor, params: Tensor, crop_pad: int, flip: bool) -> Tensor:
+    """Random crop with zero padding and horizontal flip, batched; x is (B, C, H, W) of any dtype.
+    Decided from the config, never from the params' values: no host sync in the hot loop."""
+    if crop_pad == 0 and not flip:
         return x
     b, c, h, w = x.shape
     params = params.to(x.device)
@@ -270,7 +280,7 @@ def augment(x: Tensor, params: Tensor, crop_pad: int) -> Tensor:
         bi = torch.arange(b, device=x.device)[:, None, None, None]
         ci = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[bi, ci, rows, cols]
-    return torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x)
+    return torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x) if flip else x
 
 
 def epoch_batches(

@@ -30,7 +30,8 @@ from trainables.models import create_model
 from trainables.profile import size_metrics
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher
-from trainables.teacher_cache import TeacherCache, resolved_augment, views_are_static
+from trainables.targets import teacher_targets
+from trainables.teacher_cache import resolved_augment
 
 STATE_FILE = "state.pt"
 
@@ -159,6 +160,14 @@ def predict(model: nn.Module, x: Tensor, norm, batch: int, autocast, channels_la
     return torch.cat(out)
 
 
+def epoch_means(sums: Tensor, steps: int, world: int) -> list[float]:
+    """The epoch's mean loss terms over every rank, in one host sync: all ranks see the same
+    numbers, so they take the same divergence decision and none waits alone in a collective."""
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return (sums / (steps * world)).tolist()
+
+
 def _placement(cfg: TrialConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device): from Ray Train when inside a worker, else from the config."""
     try:
@@ -206,10 +215,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         teacher, card = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
-    distill = teacher if cfg.loss.distills else None
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, distill, shape).to(device)
-    feats = loss_fn.needs_teacher_features and distill is not None
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {f"size_{k}": v for k, v in size_metrics(student, shape).items()} if (cfg.profile and rank == 0) else {}
     if size and teacher is not None:  # teacher measured here too: same device, same batch
         t_size = size_metrics(teacher, shape)
@@ -219,7 +226,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
 
-    opt = make_optimizer(cfg.optimizer, [*student.parameters(), *loss_fn.parameters()])
+    params = [*student.parameters(), *loss_fn.parameters()]  # hint regressors train with the student
+    opt = make_optimizer(cfg.optimizer, params)
     steps_per_epoch = n_train // cfg.batch_size
     sched = make_schedule(opt, cfg.schedule, cfg.epochs, steps_per_epoch)
     start_epoch, history = 0, []
@@ -238,25 +246,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         model = ray.train.torch.prepare_model(student, move_to_device=False)
     step_model = torch.compile(model) if cfg.compile else model
 
-    # Teacher targets, cheapest first: the sweep's shared cache (no teacher forwards at all), then
-    # train logits once per trial when views never change, else the teacher online on every batch.
-    # `teacher_forwards` counts the teacher's image forwards in this trial.
-    cache = None
-    if teacher is not None and not feats and cfg.teacher_targets != "online":
-        cache = TeacherCache.open(cfg.teacher_cache, cfg, card["sha256"])
-    teacher_forwards = 0
-    t_val = None
-    if cache is not None:
-        t_val = cache.val(device)
-    elif teacher is not None:
-        t_val = predict(teacher, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last)
-        teacher_forwards += len(splits.val_y)
-    static_views = views_are_static(aug)
-    if cfg.teacher_targets == "precomputed" and not static_views:
-        raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
-    precompute = distill is not None and cache is None and not feats and static_views and cfg.teacher_targets != "online"
-    t_train = predict(teacher, splits.train_x, norm, cfg.eval_batch_size, autocast, channels_last) if precompute else None
-    teacher_forwards += n_train if precompute else 0
+    eval_fn = lambda m, x: predict(m, x, norm, cfg.eval_batch_size, autocast, channels_last)  # noqa: E731
+    targets = teacher_targets(cfg, teacher, card.get("sha256"), loss_fn.needs_teacher_features, splits.train_x, splits.val_x, eval_fn)
     per_rank = cfg.batch_size // world
 
     metrics: dict[str, Any] = {}
@@ -266,34 +257,27 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)
         for b, idx, view in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device, rank, world):
-            x = norm(augment(splits.train_x[idx], view, aug.crop_pad))
+            x = norm(augment(splits.train_x[idx], view, aug.crop_pad, aug.flip))
             y = splits.train_y[idx]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits = t_feats = None
-                if distill is not None and cache is not None:
-                    t_logits = cache.batch(epoch, b, idx, cfg.batch_size, rank, per_rank, device)
-                elif t_train is not None:
-                    t_logits = t_train[idx]
-                elif distill is not None:
-                    teacher_forwards += len(idx)
-                    with torch.no_grad():
-                        t_out = distill(x, with_features=feats)
-                    t_logits, t_feats = t_out if feats else (t_out, None)
-                out = step_model(x, with_features=feats)
-                s_logits, s_feats = out if feats else (out, None)
+                t_logits, t_feats = targets.batch(x, epoch, b, idx, cfg.batch_size, rank, per_rank)
+                out = step_model(x, with_features=targets.features)
+                s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             sums += torch.stack([loss.detach(), parts["kd"], parts["ce"]])
-        train_loss, train_kd, train_ce = (sums / steps_per_epoch).tolist()  # the epoch's one host sync
+        train_loss, train_kd, train_ce = epoch_means(sums, steps_per_epoch, world)  # the epoch's one host sync
         seconds = time.perf_counter() - t0
 
-        logits = predict(student, splits.val_x, norm, cfg.eval_batch_size, autocast, channels_last)
-        val = classification_metrics(logits, splits.val_y, t_val)
+        logits = eval_fn(student, splits.val_x)
+        val = classification_metrics(logits, splits.val_y, targets.val_logits)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -304,8 +288,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
-            "teacher_forward_images": teacher_forwards,
-            "teacher_targets": "cache" if cache is not None else ("precomputed" if t_train is not None else ("online" if distill is not None else "none")),
+            "teacher_forward_images": targets.forwards,
+            "teacher_targets": targets.source,
             **size,
         }
         diverged = not math.isfinite(train_loss)
@@ -316,8 +300,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
             if cfg.robust_samples:
                 n = min(cfg.robust_samples, len(splits.val_y))
-                fn = lambda xc: predict(student, xc, norm, cfg.eval_batch_size, autocast, channels_last)
-                robust = robustness(fn, splits.val_x[:n], splits.val_y[:n], cfg.seed, cfg.eval_batch_size)
+                robust = robustness(lambda xc: eval_fn(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed, cfg.eval_batch_size)
                 metrics.update({k: v for k, v in robust.items() if not k[-3:-1] == "_s"})
                 tables["corruptions"] = robust
         history.append({k: v for k, v in metrics.items() if k not in size})

@@ -20,6 +20,7 @@ hint regressors, which the trial loop hands to the optimizer). The trial loop ca
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Literal
 
 import torch
@@ -51,6 +52,31 @@ def loss_weights(alpha: float | None, ce_weight: float | None, distill_weight: f
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"`0 <= loss.alpha <= 1` must hold, but got loss.alpha={alpha}")
     return 1.0 - float(alpha), float(alpha)
+
+
+#: Filled by build_loss from the models, never by a config.
+_PROBED = ("s_shapes", "t_shapes")
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The keyword arguments a registered loss takes, from its signature (and its bases' when it
+    passes **kwargs on), so a misspelt key fails on the driver rather than inside every trial."""
+    names: list[str] = []
+    for klass in inspect.getmro(LOSSES.get(name)):
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self" and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return [n for n in names if n not in _PROBED]
+
+
+def check_loss_params(name: str, keys) -> None:
+    known = loss_parameters(name)
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise ConfigError(f"`loss.{bad[0]}` is not a parameter of loss.name={name!r}, which takes {known}: fix its spelling or remove it")
 
 
 def kd_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:

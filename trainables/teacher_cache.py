@@ -80,7 +80,7 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, teacher_sha:
         forwards += len(s.train_y)
     else:
         for epoch in range(epochs):
-            parts = [logits(augment(s.train_x[idx], view, aug.crop_pad))
+            parts = [logits(augment(s.train_x[idx], view, aug.crop_pad, aug.flip))
                      for _, idx, view in epoch_batches(len(s.train_y), cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device)]
             _save(torch.cat(parts), out / f"epoch_{epoch}.pt")
             forwards += sum(len(p) for p in parts)

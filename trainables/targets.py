@@ -1,0 +1,71 @@
+"""Where a trial's teacher outputs come from, decided once per trial, in one place.
+
+Cheapest first: the sweep's soft-target cache (no teacher forwards at all), the train split's
+logits once per trial when views never change ("precomputed"), the teacher on every batch
+("online", also whenever a feature loss needs the teacher's stages), or no teacher ("none": the
+no-KD control, or a run without one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from trainables.config import TrialConfig
+from trainables.registry import ConfigError
+from trainables.teacher_cache import TeacherCache, resolved_augment, views_are_static
+
+Source = Literal["cache", "precomputed", "online", "none"]
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher logits (and features, for feature losses) for each training batch, and for val."""
+
+    source: Source
+    teacher: nn.Module | None
+    features: bool
+    val_logits: Tensor | None
+    cache: TeacherCache | None = None
+    train_logits: Tensor | None = None
+    forwards: int = 0  # teacher image forwards run by this trial
+
+    def batch(self, x: Tensor, epoch: int, b: int, idx: Tensor, batch_size: int, rank: int, per_rank: int) -> tuple[Tensor | None, list | None]:
+        if self.source == "cache":
+            return self.cache.batch(epoch, b, idx, batch_size, rank, per_rank, x.device), None
+        if self.source == "precomputed":
+            return self.train_logits[idx], None
+        if self.source == "online":
+            self.forwards += len(idx)
+            with torch.no_grad():
+                out = self.teacher(x, with_features=self.features)
+            return out if self.features else (out, None)
+        return None, None
+
+
+def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, teacher_sha: str | None, needs_features: bool, train_x: Tensor,
+                    val_x: Tensor, predict: Callable[[nn.Module, Tensor], Tensor]) -> TeacherTargets:
+    """Decide the source for this trial. `teacher` is None when there is none to load; it still
+    gives val logits (agreement, KL) to a no-KD control. `predict(model, x)` runs eval forwards."""
+    static = views_are_static(resolved_augment(cfg))
+    if cfg.teacher_targets == "precomputed" and not static:
+        raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
+    if teacher is None:
+        return TeacherTargets("none", None, False, None)
+    cache = None
+    if not needs_features and cfg.teacher_targets != "online":
+        cache = TeacherCache.open(cfg.teacher_cache, cfg, teacher_sha)
+    if cache is not None:
+        val, forwards = cache.val(val_x.device), 0
+    else:
+        val, forwards = predict(teacher, val_x), len(val_x)
+    if not cfg.loss.distills:
+        return TeacherTargets("none", None, False, val, forwards=forwards)
+    if cache is not None:
+        return TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards)
+    if static and not needs_features and cfg.teacher_targets != "online":
+        return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(teacher, train_x), forwards=forwards + len(train_x))
+    return TeacherTargets("online", teacher, needs_features, val, forwards=forwards)
