@@ -143,3 +143,29 @@ def test_ddp_ranks_take_the_same_divergence_decision(tmp_path):
     means = [torch.load(tmp_path / f"means.{r}") for r in (0, 1)]
     assert all(not math.isfinite(m[0]) for m in means)  # rank 0 sees rank 1's NaN: both stop
     assert means[0][1:] == means[1][1:] == [0.25, 0.25]
+
+
+def test_concurrent_checkpoint_writers_never_collide(tmp_path):
+    """Two writers of one file (a retried trial beside its ghost, two cache builders) each write a
+    private temporary file, so both succeed and a whole file is always in place."""
+    import threading
+
+    from trainables.loop import save_state
+
+    errors = []
+
+    def write(i):
+        try:
+            for j in range(30):
+                save_state({"epoch": i * 100 + j, "blob": torch.zeros(20_000)}, tmp_path)
+        except Exception as e:  # collected: a collision shows as FileNotFoundError from the rename
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert load_state(tmp_path / "state.pt")["blob"].shape == (20_000,)
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]

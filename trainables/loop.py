@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from trainables.atomic import atomic_path
 from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, validate
 from trainables.data import augment, epoch_batches, load_splits, normalizer
 from trainables.corruptions import robustness
@@ -56,9 +56,8 @@ def save_state(state: dict, directory: str | Path) -> None:
     """Write atomically, so a kill mid-save never leaves a half-written checkpoint."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, d / STATE_FILE)
+    with atomic_path(d / STATE_FILE) as tmp:
+        torch.save(state, tmp)
 
 
 @dataclass

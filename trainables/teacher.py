@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainables.atomic import atomic_path
 from trainables.models import MODELS, create_model
 from trainables.registry import ConfigError
 
@@ -31,11 +31,11 @@ def save_teacher(model: nn.Module, out_dir: str | Path, card: dict[str, Any]) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     card = {**card, "sha256": file_sha256(out / WEIGHTS)}
-    tmp = out / (CARD + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=True))
-    os.replace(tmp, out / CARD)
+    with atomic_path(out / CARD) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True))
     return card
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from trainables.atomic import atomic_path
 from trainables.config import AugmentConfig, TrialConfig
 from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_splits, normalizer
 
@@ -45,9 +45,8 @@ def key_digest(key: dict) -> str:
 
 
 def _save(t: Tensor, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(t.contiguous().cpu(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(t.contiguous().cpu(), tmp)
 
 
 @torch.no_grad()
