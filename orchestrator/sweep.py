@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import pickletools
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -240,17 +240,24 @@ class TuneStateBackup(Callback):
 BACKUP = ".kdsweep-state-backup"
 
 
+def _pickle_is_complete(data: bytes) -> bool:
+    """Walk a pickle's opcodes without executing any (no imports, no __setstate__, no network):
+    a write cut short has no final STOP."""
+    try:
+        ops = list(pickletools.genops(data))
+    except Exception:  # genops raises ValueError (and others) on a truncated or foreign stream
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
+
+
 def _state_is_valid(files: list[Path]) -> bool:
     states = [f for f in files if f.name.startswith("experiment_state-")]
     try:
         for f in states:
             json.loads(f.read_text())
-        for f in files:
-            if f.suffix == ".pkl":
-                pickle.loads(f.read_bytes())
-    except Exception:  # any unreadable file: not a state to keep
+    except (OSError, ValueError):
         return False
-    return bool(states)
+    return bool(states) and all(_pickle_is_complete(f.read_bytes()) for f in files if f.suffix == ".pkl")
 
 
 def _snapshot(experiment_dir: Path) -> bool:

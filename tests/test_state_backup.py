@@ -35,3 +35,28 @@ def test_valid_live_state_is_left_alone(tmp_path):
     make_state(tmp_path, 5)
     _repair_state(tmp_path, printer=lambda s: None)
     assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2, 3, 4]}
+
+
+CALLS = []
+
+
+def _record():
+    CALLS.append("unpickled")
+    return {}
+
+
+class SideEffect:
+    def __reduce__(self):
+        return (_record, ())
+
+
+def test_validation_never_executes_a_pickle(tmp_path):
+    """tuner.pkl holds our tracker, whose __setstate__ connects to MLflow: checking the state must
+    not run it (or anything else a pickle can run)."""
+    make_state(tmp_path, 1)
+    (tmp_path / "tuner.pkl").write_bytes(pickle.dumps(SideEffect()))
+    assert _state_is_valid(list(tmp_path.glob("*.*")))
+    assert _snapshot(tmp_path)
+    assert CALLS == []
+    (tmp_path / "tuner.pkl").write_bytes(pickle.dumps(SideEffect())[:-3])
+    assert not _state_is_valid(list(tmp_path.glob("*.*")))
