@@ -55,7 +55,7 @@ def main() -> None:
         for seed in args.seeds:
             trial = cfg.trial(student, {**overrides, "seed": seed, "train.robust_samples": 0}, teacher_path=teacher_dir, profile=False)
             t0 = time.perf_counter()
-            r = train_student(trial, LocalReporter(None, printer=None))
+            r = train_student(trial, LocalReporter(None, log_epochs=False))
             if r.metrics["status"] == "diverged":  # NaN/inf loss: reported as such, kept out of the means
                 runs.append({"diverged": True, "epoch": r.metrics["epoch"]})
                 log.info("%s seed=%d: diverged at epoch %d", label, seed, r.metrics["epoch"])

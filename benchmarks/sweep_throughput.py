@@ -97,15 +97,15 @@ def sweep_config(args, out: Path) -> dict:
 def run_kdsweep(args, out: Path) -> dict:
     import mlflow
 
-    from orchestrator.config import validate, SweepConfig
+    from orchestrator.config import SweepConfig, validate
     from orchestrator.prepare import check_data, ensure_teacher
     from orchestrator.sweep import run_sweep
 
     cfg = validate(SweepConfig, sweep_config(args, out), "benchmark")
-    ensure_teacher(cfg, check_data(cfg), printer=lambda s: None)  # not timed: the peer's teacher is untrained
+    ensure_teacher(cfg, check_data(cfg))  # not timed: the peer's teacher is untrained
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
-        h = run_sweep(cfg, printer=lambda s: None)
+        h = run_sweep(cfg)
         wall = time.perf_counter() - t0
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
     runs = [r for r in h["tracker"].find_runs(f"tags.mlflow.parentRunId = '{h['parent_run_id']}'")]

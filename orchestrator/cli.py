@@ -5,11 +5,16 @@ Every user error is one line on stderr and exit code 2, raised before Ray starts
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from trainables.registry import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -44,10 +49,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if needs_teacher:
         teacher = check_teacher(cfg, info) or ensure_teacher(cfg, info)
     trial = cfg.trial(student, teacher_path=teacher, distill=needs_teacher, checkpoint_dir=args.checkpoint_dir)
-    print(f"distilling {student} (loss={cfg.loss.name}, T={cfg.loss.temperature}, alpha={cfg.loss.alpha}, "
-          f"lr={cfg.train.optimizer.lr}) on {cfg.dataset.name}")
+    log.info("distilling %s (loss=%s, T=%s, alpha=%s, lr=%s) on %s", student, cfg.loss.name, cfg.loss.temperature, cfg.loss.alpha,
+             cfg.train.optimizer.lr, cfg.dataset.name)
     result = train_student(trial)
-    print(f"final val_acc={result.metrics['val_acc']:.4f} params={int(result.metrics.get('size_params', 0))}")
+    log.info("final val_acc=%.4f params=%d", result.metrics["val_acc"], int(result.metrics.get("size_params", 0)))
     return 0
 
 
@@ -70,8 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _select_args_ok(args)
     if args.dry_run:
-        plan, _ = make_plan(cfg, args.tracking_uri)
-        print(plan.describe())
+        plan, _ = make_plan(cfg, args.tracking_uri, args.address)
+        log.info("%s", plan.describe())
         return 0
     h = run_sweep(cfg, args.address, args.tracking_uri)
     _select(cfg, h["tracker"], h["parent_run_id"], h["teacher"], args)
@@ -114,7 +119,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
     out = write_report(saved, tracker, parent, args.out)
-    print(f"report written to {out}/report.md and {out}/report.html (also logged to the sweep's parent run)")
+    log.info("report written to %s/report.md and %s/report.html (also logged to the sweep's parent run)", out, out)
     return 0
 
 
@@ -135,8 +140,31 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     uri = args.tracking_uri or default_tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    print(f"serving {uri} on http://{args.host}:{args.port}")
-    return subprocess.call(cmd)
+    print(f"serving {uri} on http://{args.host}:{args.port}", flush=True)
+    # Its own process group, so the server's workers stop with it whichever way we end.
+    server = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return server.wait()
+    finally:
+        _stop_group(server)
+
+
+def _stop_group(proc, grace_s: float = 10.0) -> None:
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; its group may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
 
 
 def _add_sweep_name(p: argparse.ArgumentParser) -> None:
@@ -200,9 +228,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stdout(logging.StreamHandler):
+    """Progress goes to the current stdout (stderr carries only errors: one line, exit 2)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _setup_logging() -> None:
+    for name in ("orchestrator", "trainables"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _Stdout) for h in logger.handlers):
+            handler = _Stdout()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends a command like Ctrl-C ends it: through every `finally`, so the Ray it started
+    and the servers it runs stop with it."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    _setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -11,7 +11,7 @@ import optuna
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from trainables.config import DatasetConfig, LossConfig, Strict, TrainConfig, TrialConfig, validate
+from trainables.config import DatasetConfig, LossConfig, Strict, TrainConfig, TrialConfig, set_dotted, validate, with_overrides
 from trainables.data import DATASETS
 from trainables.losses import LOSSES, check_loss_params
 from trainables.models import MODELS
@@ -98,6 +98,7 @@ class Resources(Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0, description="per Ray Train worker; fractions pack trials on a GPU")
     num_workers: int = Field(1, ge=1, description="Ray Train workers per trial (>1: DDP)")
+    placement_timeout_s: float = Field(60.0, ge=0, description="--address: how long to wait for nodes that can hold a trial (autoscaling)")
 
 
 class Tracking(Strict):
@@ -168,6 +169,16 @@ class SweepConfig(Strict):
         storage = self.storage or "runs"
         return storage if "://" in storage else os.path.abspath(storage)
 
+    def ray_storage(self) -> str:
+        """Where Ray keeps this sweep's Tune experiments and Train checkpoints (a folder or a URI)."""
+        return f"{self.storage_path()}/{self.name}"
+
+    def sweep_dir(self) -> Path:
+        """This sweep's own files (sweep.json, teacher cache): the storage folder, or ./runs/NAME
+        on the driver when storage is a URI."""
+        storage = self.storage_path()
+        return Path(storage if "://" not in storage else os.path.abspath("runs")) / self.name
+
     def teacher_dir(self) -> Path:
         """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
         if self.teacher.path:
@@ -187,35 +198,29 @@ class SweepConfig(Strict):
     def trial(self, student: str, overrides: dict[str, Any] | None = None, teacher_path: str | Path | None = None, *,
               distill: bool = True, teacher_cache: str | None = None, checkpoint_dir: str | None = None,
               profile: bool = True) -> TrialConfig:
-        """The trial config with searched values applied, every path resolved on the driver.
+        """The trial config with searched (or --set) values applied, every path resolved on the driver.
 
-        `distill=False` leaves the teacher out (a standalone no-KD run needs none)."""
-        swept = self
-        if overrides:
-            data = self.model_dump()
-            for key, value in overrides.items():
-                set_dotted(data, ALIASES.get(key, key), value)
-            swept = validate(SweepConfig, data, prefix="trial.")
+        `overrides` use the sweep's keys (aliases or dotted loss./train. paths); `distill=False`
+        leaves the teacher out (a standalone no-KD run needs none)."""
         teacher = str(Path(teacher_path or self.teacher_dir()).resolve()) if distill else None
-        return validate(TrialConfig, {
-            **_train_fields(swept.train), "dataset": swept.dataset.resolved(), "student": student, "loss": swept.loss,
-            "seed": swept.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
+        base = validate(TrialConfig, {
+            **_train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": self.loss,
+            "seed": self.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
             "profile": profile,
         }, prefix="trial.")
+        return with_overrides(base, {trial_path(k): v for k, v in (overrides or {}).items()})
+
+
+def trial_path(key: str) -> str:
+    """A sweep key (alias or dotted path) as a path into TrialConfig: the `train:` section is the
+    trial config's own top level; loss./dataset. paths and `seed` are the same in both."""
+    path = ALIASES.get(key, key)
+    return path.removeprefix("train.")
 
 
 def _train_fields(section: TrainConfig) -> dict[str, Any]:
     """The TrainConfig part of a section that extends it (teacher, sweep train)."""
     return {k: getattr(section, k) for k in TrainConfig.model_fields}
-
-
-def set_dotted(d: dict, path: str, value: Any) -> None:
-    keys = path.split(".")
-    for k in keys[:-1]:
-        if not isinstance(d.get(k), dict):
-            d[k] = {}
-        d = d[k]
-    d[keys[-1]] = value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Driver-side checks and set-up that must happen before Ray starts: data, teacher."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +9,8 @@ from orchestrator.config import SweepConfig
 from trainables.data import load_splits
 from trainables.loop import train_student
 from trainables.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,13 @@ def check_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = False)
     return path
 
 
-def ensure_teacher(cfg: SweepConfig, info: DataInfo, printer=print, train_missing: bool = True) -> Path:
+def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True) -> Path:
     """Return a verified teacher folder, training (and caching) one when it is missing."""
     path = check_teacher(cfg, info, train_missing)
     if path is not None:
         return path
     path = cfg.teacher_dir()
-    printer(f"training teacher {cfg.teacher.arch} on {cfg.dataset.name} -> {path}")
+    log.info("training teacher %s on %s -> %s", cfg.teacher.arch, cfg.dataset.name, path)
     result = train_student(cfg.teacher_trial())
     card = {
         "arch": cfg.teacher.arch, "arch_kwargs": cfg.teacher.arch_kwargs, "dataset": cfg.dataset.name,
@@ -54,5 +57,5 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, printer=print, train_missin
         "val_acc": result.metrics["val_acc"], "epochs": cfg.teacher.epochs,
     }
     save_teacher(result.model, path, card)
-    printer(f"teacher val_acc={card['val_acc']:.4f} saved to {path}")
+    log.info("teacher val_acc=%.4f saved to %s", card["val_acc"], path)
     return path

@@ -10,8 +10,7 @@ from typing import Any
 
 from orchestrator.selection import COMPLETE, USABLE, Objective, leaderboard, pareto_front
 from orchestrator.tracking import SweepTracker
-
-CORRUPTION_NAMES = ("brightness", "contrast", "gaussian_blur", "gaussian_noise", "occlusion", "pixelate", "shot_noise")
+from trainables.corruptions import CORRUPTIONS
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -78,15 +77,15 @@ def robustness_plot(test: dict | None, champion: dict | None, control: dict | No
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    x = np.arange(len(CORRUPTION_NAMES))
+    x = np.arange(len(CORRUPTIONS.names()))
     panels = [
         (axes[0], "test split: champion vs teacher", [("teacher", (test or {}).get("teacher", {}), "test_corr_"), ("champion", (test or {}).get("student", {}), "test_corr_")]),
         (axes[1], "val split: champion vs its alpha=0 control", [("champion", champion or {}, "corr_"), ("alpha=0 control", control or {}, "corr_")]),
     ]
     for ax, title, series in panels:
         for i, (label, m, prefix) in enumerate(series):
-            ax.bar(x + (i - 0.5) * 0.4, [m.get(prefix + n, 0.0) for n in CORRUPTION_NAMES], 0.4, label=label)
-        ax.set_xticks(x, [n.replace("_", "\n") for n in CORRUPTION_NAMES], fontsize=8)
+            ax.bar(x + (i - 0.5) * 0.4, [m.get(prefix + n, 0.0) for n in CORRUPTIONS.names()], 0.4, label=label)
+        ax.set_xticks(x, [n.replace("_", "\n") for n in CORRUPTIONS.names()], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy (mean over severities 1-5)")
         ax.set_title(title, fontsize=10)

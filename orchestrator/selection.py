@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,11 @@ from typing import Any
 import torch
 
 from orchestrator.config import SweepConfig
-from orchestrator.tracking import STATUS, TRIAL, SweepTracker
+from orchestrator.tracking import ERROR, STATUS, TRIAL, SweepTracker
 from trainables.data import load_splits
 from trainables.registry import ConfigError
+
+log = logging.getLogger(__name__)
 
 USABLE = ("finished", "stopped")  # trials with a meaningful val_acc (stopped: truncated by ASHA)
 #: Only trials that ran every epoch compete on the Pareto front and for champion.
@@ -63,19 +67,12 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         row = dict(r.data.metrics)
         row.update({
             "run_id": r.info.run_id, "trial_id": tags.get(TRIAL), "status": tags.get(STATUS, "?"), "student": p.get("student", "?"),
+            "error": tags.get(ERROR),
             "temperature": float(p["temperature"]) if "temperature" in p else None,
             "alpha": float(p["alpha"]) if "alpha" in p else None, "lr": float(p["lr"]) if "lr" in p else None,
             "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
         })
         rows.append(row)
-    # Size and latency belong to the architecture: use each student's median over its trials, so
-    # timing noise does not make two copies of one architecture look different.
-    for student in {r["student"] for r in rows}:
-        mine = [r for r in rows if r["student"] == student]
-        for key in {k for r in mine for k in r if k.startswith(("size_", "teacher_", "compression_", "speedup_"))}:
-            values = sorted(r[key] for r in mine if r.get(key) is not None)
-            for r in mine:
-                r[key] = values[len(values) // 2]
     for row in rows:
         for alias, key in ALIASES.items():
             row.setdefault(alias, row.get(key))
@@ -148,7 +145,8 @@ def evaluate_on_test(cfg: SweepConfig, student: torch.nn.Module, teacher: torch.
         logits = t_logits if who == "teacher" else predict(model, s.test_x, norm, 2048, contextlib.nullcontext, False)
         m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
         fn = lambda x, model=model: predict(model, x, norm, 2048, contextlib.nullcontext, False)
-        m.update({f"test_{k}": v for k, v in robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"]).items()})
+        summary, _ = robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"])
+        m.update({f"test_{k}": v for k, v in summary.items()})
         out[who] = m
     return out
 
@@ -167,9 +165,18 @@ class Normalized(torch.nn.Module):
 
 
 def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: torch.nn.Module) -> int:
-    """Log the winner as an MLflow PyTorch model, register it, point alias `champion` at it."""
+    """Log the winner as an MLflow PyTorch model, register it, point alias `champion` at it.
+    A champion that is already this run's registered model is kept: no new version."""
     import mlflow.pytorch
     import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = tracker.client.get_model_version_by_alias(cfg.registered_model, "champion")
+    except MlflowException:  # no such model or alias yet
+        current = None
+    if current is not None and current.run_id == run_id:
+        return int(current.version)
 
     s = load_splits(cfg.dataset)
     wrapped = Normalized(model, s.mean, s.std).eval()
@@ -203,14 +210,19 @@ def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any]
 
 
 def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: list[str] | None = None,
-           minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None, printer=print,
+           minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None,
            teacher_path: str | None = None) -> dict[str, Any]:
     objs = [Objective.parse(o) for o in (objectives or DEFAULT_OBJECTIVES)]
     rows = leaderboard(tracker, parent_id)
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
-    printer(format_table(rows, "leaderboard"))
-    printer(format_table(pareto_front(rows, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
+    log.info("%s", format_table(rows, "leaderboard"))
+    log.info("%s", format_table(pareto_front(rows, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
+    if not any(r["status"] in COMPLETE for r in rows):
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r["status"] for r in rows).items()))
+        error = next((r["error"] for r in rows if r.get("error")), None)
+        raise ConfigError(f"sweep {cfg.name!r} has no finished trial ({counts})" + (f"; first error: {error}" if error else "")
+                          + ": fix the cause and start a new sweep (--set name=NEW)")
     winner = choose(rows, objs[0], minimum, maximum)
     client = tracker.client
     model = load_student(tracker, winner["run_id"])
@@ -232,8 +244,8 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     client.set_tag(parent_id, "kdsweep.champion_run_id", winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
     version = register(tracker, cfg, winner["run_id"], model)
-    printer("\nchampion vs teacher (test split, once)\n" + table)
-    printer(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
+    log.info("\nchampion vs teacher (test split, once)\n%s", table)
+    log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
             f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
     return {**winner, "test": test, "version": version, "table": table}
 

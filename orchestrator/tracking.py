@@ -18,19 +18,12 @@ from typing import Any
 
 from ray.tune import Callback
 
+from trainables.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
 from trainables.registry import ConfigError
+from trainables.trial import resolve_trial
 
-SWEEP, ROLE, TRIAL, STATUS = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status"
+SWEEP, ROLE, TRIAL, STATUS, ERROR = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status", "kdsweep.error"
 PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'parent'"
-EPOCH_METRICS = ("train_loss", "train_kd", "train_ce", "images_per_s", "epoch_time_s", "lr", "teacher_forward_images", "trial_startup_s")
-#: Reported once (first epoch): the student's size and its ratios to the teacher.
-ONCE_PREFIXES = ("size_", "compression_", "speedup_", "teacher_")
-#: Reported with the final epoch: the corruption suite's summary.
-FINAL_PREFIXES = ("robust_acc", "relative_robustness", "corr_")
-
-
-def is_epoch_metric(key: str) -> bool:
-    return key in EPOCH_METRICS or key.startswith("val_")
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -69,12 +62,6 @@ class SweepTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
-
-    def __getstate__(self):  # pickled with Tune's experiment state: keep only what rebuilds us
-        return {"uri": self.uri, "experiment_name": self.experiment_name}
-
-    def __setstate__(self, state):
-        self.__init__(state["uri"], state["experiment_name"])
 
     def find_runs(self, filter_string: str, max_results: int = 10_000):
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results)
@@ -126,17 +113,19 @@ class SweepTracker:
 
 
 class MlflowTrialCallback(Callback):
-    """Tune callback: child run per trial (found by tag, so restores reattach), epochs with step=epoch."""
+    """Tune callback: child run per trial (found by tag, so restores reattach), epochs with step=epoch.
+
+    `model_info` carries what the driver resolved once: each student's base trial config and the
+    searched keys' trial paths (so a run records the full config its trial trained with), and each
+    architecture's size metrics (profiled once per sweep)."""
 
     def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any]) -> None:
         self.tracker, self.parent_id, self.sweep = tracker, parent_id, sweep
         self.model_info = model_info
         self._runs: dict[str, tuple[str, int]] = {}  # trial_id -> (run_id, last logged epoch); a cache only
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_runs"] = {}
-        return state
+    def __getstate__(self):  # pickled into Tune's state; `kdsweep resume` hands in a live one
+        return {"sweep": self.sweep}
 
     def run_for(self, trial) -> tuple[str, int]:
         if trial.trial_id in self._runs:
@@ -155,7 +144,10 @@ class MlflowTrialCallback(Callback):
                 tags={"mlflow.parentRunId": self.parent_id, SWEEP: self.sweep, TRIAL: trial.trial_id, ROLE: "trial", STATUS: "running"},
             )
             run_id, last = run.info.run_id, 0
-            t.log_params(run_id, {**cfg, "trial_id": trial.trial_id, **self.model_info.get("fixed_params", {})})
+            resolved = resolve_trial(cfg, self.model_info["trials"], self.model_info["paths"]).model_dump(mode="json")
+            t.log_params(run_id, {**cfg, "trial_id": trial.trial_id, **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
+            t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
+            t.log_metrics(run_id, self.model_info["sizes"].get(cfg.get("student"), {}), step=0)
         self._runs[trial.trial_id] = (run_id, last)
         return run_id, last
 
@@ -167,10 +159,7 @@ class MlflowTrialCallback(Callback):
         epoch = int(result.get("epoch", 0))
         if epoch <= last:  # a resumed trial re-reporting an epoch we already hold
             return
-        self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if is_epoch_metric(k)}, step=epoch)
-        self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith(FINAL_PREFIXES)}, step=epoch)
-        if last == 0:
-            self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k.startswith(ONCE_PREFIXES)}, step=0)
+        self.tracker.log_metrics(run_id, {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS) if k in result}, step=epoch)
         self._runs[trial.trial_id] = (run_id, epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -184,11 +173,22 @@ class MlflowTrialCallback(Callback):
         ckpt = last.get("checkpoint_path")
         if ckpt and status != "diverged":
             log_student_weights(t, run_id, ckpt, trial.config.get("student"), self.model_info)
+        for key in TEXT_METRICS:
+            if key in last:
+                t.client.set_tag(run_id, f"kdsweep.{key}", str(last[key]))
         t.client.set_tag(run_id, STATUS, status)
         t.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        """The trial's error, where a user looks first: its last line as tag kdsweep.error, the
+        whole traceback as error.txt."""
         run_id, _ = self.run_for(trial)
+        path = trial.error_file
+        text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+        if text:
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            self.tracker.client.set_tag(run_id, ERROR, last[:500])
+            self.tracker.client.log_text(run_id, text, "error.txt")
         self.tracker.client.set_tag(run_id, STATUS, "failed")
         self.tracker.client.set_terminated(run_id, "FAILED")
 
@@ -219,12 +219,11 @@ def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str
         tracker.client.log_text(run_id, corruption_csv(tables["corruptions"]), "eval/corruptions.csv")
 
 
-def corruption_csv(robust: dict[str, float]) -> str:
-    """corr_<name>_s<k> entries as a corruption x severity table."""
-    names = sorted({k[5:-3] for k in robust if k.startswith("corr_") and k[-3:-1] == "_s"})
+def corruption_csv(table: dict[str, list[float]]) -> str:
+    """robustness()'s table (corruption -> accuracies at severities 1..5) as CSV with the mean."""
     rows = ["corruption,s1,s2,s3,s4,s5,mean"]
-    for n in names:
-        rows.append(",".join([n, *(f"{robust[f'corr_{n}_s{s}']:.6f}" for s in range(1, 6)), f"{robust[f'corr_{n}']:.6f}"]))
+    for name, accs in sorted(table.items()):
+        rows.append(",".join([name, *(f"{a:.6f}" for a in accs), f"{sum(accs) / len(accs):.6f}"]))
     return "\n".join(rows) + "\n"
 
 

@@ -23,7 +23,7 @@ def digits_teacher(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("teacher") / "digits-cnn_small"
     cfg = load_config(None, [f"teacher.path={out}", "teacher.epochs=10"])
-    ensure_teacher(cfg, check_data(cfg), printer=lambda s: None)
+    ensure_teacher(cfg, check_data(cfg))
     return out
 
 

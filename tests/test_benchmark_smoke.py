@@ -27,3 +27,14 @@ def test_throughput_smoke(tmp_path):
     # the teacher sees each view once per sweep: n_train views + the val split, not trials x epochs x n_train
     assert res["kdsweep"]["teacher_forwards"] < res["peer"]["teacher_forwards"]
     assert res["kdsweep"]["overhead_s"] > 0 and res["kdsweep"]["trial_epochs_per_hour"] > 0
+
+
+def test_kd_vs_ce_reports_diverged_runs_instead_of_crashing(tmp_path, digits_teacher):
+    """A KD recipe that blows up (here lr=1e8) is a row saying so, not a traceback in statistics.stdev."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kd_vs_ce.py"), "--set", f"teacher.path={digits_teacher}",
+                           "--set", "epochs=2", "--set", "lr=1e8", "--seeds", "0", "1", "--student", "mlp_32"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| mlp_32 ")]
+    assert len(rows) == 2 and all("| 2/2 | diverged |" in row for row in rows), proc.stdout

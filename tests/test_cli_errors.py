@@ -69,3 +69,24 @@ def test_distill_runs_and_prints_epochs(capsys, in_tmp, digits_teacher):
     code = main(["distill", DEFAULT, "--set", f"teacher.path={digits_teacher}", "--set", "epochs=2", "--student", "cnn_tiny"])
     out = capsys.readouterr().out
     assert code == 0 and "epoch=2" in out and "val_agreement=" in out and "final val_acc=" in out
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["resources.cpus_per_trial=64"], "`resources.cpus_per_trial` asks for 64 CPUs per worker, but this machine has at most"),
+    (["resources.num_workers=64"], "`resources.num_workers` asks for 64 workers"),
+    (["resources.gpus_per_trial=1"], "`resources.gpus_per_trial` asks for 1 GPU per worker, but this machine has no GPU"),
+    (["train.batch_size=5000"], "`train.batch_size` must be <= the 1150 train images"),
+])
+def test_run_with_resources_this_machine_lacks_exits_2_before_anything(sets, needle, capsys, in_tmp):
+    """On a local Ray, a trial that could never be placed would stay PENDING forever."""
+    import torch
+
+    if "gpus" in sets[0] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["run"]
+    for s in sets:
+        args += ["--set", s]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert os.listdir(in_tmp) == []
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()

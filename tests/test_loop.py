@@ -19,7 +19,7 @@ def trial(**kw):
 
 class StopAfter(LocalReporter):
     def __init__(self, checkpoint_dir, epochs):
-        super().__init__(checkpoint_dir, printer=None)
+        super().__init__(checkpoint_dir, log_epochs=False)
         self.left = epochs
 
     def report(self, metrics, state):
@@ -32,11 +32,11 @@ class StopAfter(LocalReporter):
 def test_resume_from_mid_run_checkpoint_gives_identical_weights(tmp_path, digits_teacher):
     cfg = trial(teacher_path=str(digits_teacher), loss={"alpha": 0.7, "temperature": 3.0},
                 schedule={"name": "cosine", "warmup_epochs": 1})
-    straight = train_student(cfg, LocalReporter(None, printer=None))
+    straight = train_student(cfg, LocalReporter(None, log_epochs=False))
     with pytest.raises(KeyboardInterrupt):
         train_student(cfg, StopAfter(str(tmp_path), 2))
     assert load_state(tmp_path / "state.pt")["epoch"] == 2
-    resumed = train_student(cfg, LocalReporter(str(tmp_path), printer=None))
+    resumed = train_student(cfg, LocalReporter(str(tmp_path), log_epochs=False))
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
@@ -61,7 +61,7 @@ def test_kd_term_pulls_student_towards_teacher(digits_teacher):
         vals = []
         for seed in (0, 1):
             r = train_student(trial(student="mlp_32", epochs=6, seed=seed, teacher_path=str(digits_teacher),
-                                    loss={"alpha": alpha, "temperature": 4.0}), LocalReporter(None, printer=None))
+                                    loss={"alpha": alpha, "temperature": 4.0}), LocalReporter(None, log_epochs=False))
             with torch.no_grad():
                 vals.append(F.kl_div(F.log_softmax(r.model(norm(s.val_x)) / 4, 1), F.log_softmax(t_val / 4, 1),
                                      reduction="batchmean", log_target=True).item())
@@ -77,13 +77,13 @@ def test_kd_without_teacher_is_a_config_error():
 def test_corrupt_checkpoint_is_a_config_error(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="corrupt"):
-        train_student(trial(), LocalReporter(str(tmp_path), printer=None))
+        train_student(trial(), LocalReporter(str(tmp_path), log_epochs=False))
 
 
 def test_feature_losses_train(digits_teacher):
     for name in ("at", "hint", "dkd"):
         r = train_student(trial(epochs=1, teacher_path=str(digits_teacher), loss={"name": name, "alpha": 0.5}),
-                          LocalReporter(None, printer=None))
+                          LocalReporter(None, log_epochs=False))
         assert r.metrics["status"] == "finished" and 0 <= r.metrics["val_acc"] <= 1
 
 
@@ -107,7 +107,7 @@ def test_host_syncs_do_not_grow_with_the_number_of_batches(augment, digits_teach
         cfg = trial(epochs=1, batch_size=batch_size, robust_samples=0, teacher_path=str(digits_teacher), loss={"alpha": 0.5},
                     dataset={"name": "digits", "val_fraction": 0.2, "augment": augment})
         with HostSyncs() as syncs:
-            train_student(cfg, LocalReporter(None, printer=None))
+            train_student(cfg, LocalReporter(None, log_epochs=False))
         counts.append(syncs.count)
     assert counts[0] == counts[1], counts
 
@@ -116,10 +116,10 @@ def test_grad_clip_clips_every_step(monkeypatch):
     calls = []
     real = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: calls.append(max_norm) or real(params, max_norm, **kw))
-    train_student(trial(epochs=1, grad_clip=0.5), LocalReporter(None, printer=None))
+    train_student(trial(epochs=1, grad_clip=0.5), LocalReporter(None, log_epochs=False))
     assert calls and set(calls) == {0.5} and len(calls) == 1150 // 64  # one per step (1,150 train images after the val split)
     calls.clear()
-    train_student(trial(epochs=1), LocalReporter(None, printer=None))
+    train_student(trial(epochs=1), LocalReporter(None, log_epochs=False))
     assert calls == []
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables.corruptions import CORRUPTIONS, SEVERITIES, corrupt, robustness
-from trainables.metrics import classification_metrics, expected_calibration_error, per_class
+from trainables.metrics import EPOCH_METRICS, FINAL_METRICS, classification_metrics, expected_calibration_error, per_class
 
 # 3 classes, 6 samples: predictions 0,0,1,1,2,0 against labels 0,1,1,1,2,2
 LOGITS = torch.log(torch.tensor([
@@ -93,6 +93,27 @@ def test_severity_is_monotonic_in_the_distortion_applied(name):
 def test_robustness_summary():
     x, y = smooth_images(n=8), torch.arange(8) % 2
     oracle = lambda z: F.one_hot(y[: len(z)], 2).float()  # ignores the image: always right
-    r = robustness(oracle, x, y, seed=0, batch=8, clean_acc=1.0)
+    r, table = robustness(oracle, x, y, seed=0, batch=8, clean_acc=1.0)
     assert r["robust_acc"] == 1.0 and r["relative_robustness"] == 1.0
-    assert len([k for k in r if k.startswith("corr_") and k[-3:-1] == "_s"]) == 7 * 5
+    assert sorted(table) == CORRUPTIONS.names() and all(accs == [1.0] * 5 for accs in table.values())
+    assert set(r) == set(FINAL_METRICS)  # the schema names exactly what the suite reports
+
+
+def test_the_loop_reports_exactly_the_declared_schema(digits_teacher):
+    """Every numeric key a trial reports is declared once (epoch, final or size); text keys are declared too."""
+    from trainables.loop import LocalReporter, train_student
+    from trainables.metrics import TEXT_METRICS
+
+    seen = []
+
+    class Keep(LocalReporter):
+        def report(self, metrics, state):
+            seen.append(dict(metrics))
+
+    train_student({"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "cnn_tiny", "epochs": 2, "batch_size": 64,
+                   "teacher_path": str(digits_teacher), "loss": {"alpha": 0.5}, "profile": False, "robust_samples": 50},
+                  Keep(None, log_epochs=False))
+    declared = {"epoch", *EPOCH_METRICS, *TEXT_METRICS}
+    assert set(seen[0]) <= declared, set(seen[0]) - declared
+    assert set(seen[-1]) - set(seen[0]) == set(FINAL_METRICS)
+    assert {"teacher_forward_images", "val_agreement"} <= set(seen[0]) - {k for k in seen[0] if k.startswith("teacher_") and k != "teacher_forward_images"}

@@ -2,7 +2,7 @@
 import json
 import pickle
 
-from orchestrator.sweep import BACKUP, _repair_state, _snapshot, _state_is_valid
+from orchestrator.tune_state import BACKUP, _snapshot, _state_is_valid, repair_state
 
 
 def make_state(d, n_trials):
@@ -16,7 +16,7 @@ def test_snapshot_then_repair_after_truncated_write(tmp_path):
     make_state(tmp_path, 4)
     (tmp_path / "experiment_state-2026.json").write_text("")  # the kill landed mid-write
     assert not _state_is_valid(list(tmp_path.glob("*.*")))
-    _repair_state(tmp_path, printer=lambda s: None)
+    repair_state(tmp_path)
     assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2]}
     assert pickle.loads((tmp_path / "searcher-state-2026.pkl").read_bytes()) == {"trials": 3}
 
@@ -33,7 +33,7 @@ def test_valid_live_state_is_left_alone(tmp_path):
     make_state(tmp_path, 2)
     assert _snapshot(tmp_path)
     make_state(tmp_path, 5)
-    _repair_state(tmp_path, printer=lambda s: None)
+    repair_state(tmp_path)
     assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2, 3, 4]}
 
 

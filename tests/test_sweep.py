@@ -1,11 +1,14 @@
 """End-to-end sweeps on CPU against one shared Ray instance (see conftest.ray_address)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -47,6 +50,18 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert any(r.info.start_time < last_start for r in stopped)
     for r in runs:
         assert {"student", "temperature", "alpha", "lr", "loss", "seed", "trial_id"} <= set(r.data.params)
+        # the fully resolved trial config: flattened params and a JSON artifact, searched values applied
+        p = r.data.params
+        assert float(p["trial.optimizer.lr"]) == float(p["lr"]) and float(p["trial.loss.temperature"]) == float(p["temperature"])
+        assert {"trial.grad_clip", "trial.batch_size", "trial.dataset.cache", "trial.teacher_path"} <= set(p)
+        with tempfile.TemporaryDirectory() as d:
+            resolved = json.loads(open(client.download_artifacts(r.info.run_id, "trial_config.json", d)).read())
+        assert resolved["optimizer"]["lr"] == float(p["lr"]) and resolved["student"] == p["student"]
+        assert r.data.tags["kdsweep.teacher_targets"] in ("cache", "precomputed", "none")
+        # teacher_forward_images is per epoch (one value per epoch), never folded into size metrics
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "teacher_forward_images")] == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
+        # size metrics come from the once-per-architecture profile, identical for one student
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "size_params")] == [0]
         assert r.data.metrics["size_params"] > 0 and r.data.metrics["size_bytes"] > 0
         assert r.data.metrics["size_latency_cpu_b1_ms"] > 0 and r.data.metrics["size_flops"] > 0
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
@@ -80,6 +95,13 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--max-params", "2000"]) == 0
     out = capsys.readouterr().out
     assert "champion: cnn_tiny" in out  # mlp_32 has 2,410 parameters, cnn_tiny 1,702
+    versions = len(client.search_model_versions("name='kdsweep-e2e'"))
+    assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--max-params", "2000"]) == 0  # same champion again
+    assert len(client.search_model_versions("name='kdsweep-e2e'")) == versions
+    sizes = {}
+    for r in runs:  # one profile per architecture: every trial of a student carries the same numbers
+        sizes.setdefault(r.data.params["student"], set()).add(r.data.metrics["size_latency_cpu_b1_ms"])
+    assert all(len(v) == 1 for v in sizes.values()), sizes
     assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--objective", "robust_acc", "--objective", "val_acc",
                  "--min", "val_acc=0.5", "--max", "params=1e6"]) == 0
     out = capsys.readouterr().out
@@ -131,6 +153,8 @@ def _count(db, sql):
 
 
 def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
+    """Resume finishes every trial, each in its one run; --tracking-uri on resume is honoured by the
+    trial runs too (Tune would otherwise use the callbacks pickled with the killed driver)."""
     cfg = sweep_yaml(tmp_path, digits_teacher, "killme", **{"budget.num_samples": 5, "train.epochs": 4})
     db = tmp_path / "mlruns" / "mlflow.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -147,16 +171,41 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     proc.wait()
     assert _count(db, finished_sql) < 5
 
-    assert main(["resume", "killme", "--storage", str(tmp_path / "runs"), "--address", ray_address]) == 0
-    runs = child_runs(f"sqlite:///{db}", "killme")
+    moved = tmp_path / "moved" / "mlflow.db"  # the store moves: resume must follow it
+    moved.parent.mkdir()
+    shutil.copy(db, moved)
+    before = _count(db, "select count(*) from metrics")
+    assert main(["resume", "killme", "--storage", str(tmp_path / "runs"), "--address", ray_address,
+                 "--tracking-uri", f"sqlite:///{moved}"]) == 0
+    assert _count(db, "select count(*) from metrics") == before  # nothing went to the old store
+    runs = child_runs(f"sqlite:///{moved}", "killme")
     assert len(runs) == 5
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["kdsweep.trial_id"] for r in runs}) == 5
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{moved}")
     for r in runs:  # resumed trials continued their own runs: every epoch logged exactly once
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         assert steps == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
-    assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
+    assert _count(moved, "select count(*) from runs where status='RUNNING'") == 0
+
+
+def test_resources_the_cluster_cannot_give_fail_before_anything_is_written(tmp_path, ray_address, capsys, monkeypatch):
+    """The shared Ray has 2 CPUs and no GPU: a trial that can never be placed is an error, not a hang."""
+    monkeypatch.chdir(tmp_path)
+    for sets, needle in ((["resources.cpus_per_trial=64"], "`resources.cpus_per_trial` asks for 64 CPUs per worker"),
+                         (["resources.gpus_per_trial=1"], "`resources.gpus_per_trial` asks for 1 GPU per worker"),
+                         (["resources.num_workers=3"], "`resources.num_workers` asks for 3 workers")):
+        if "gpus" in sets[0] and torch.cuda.is_available():
+            continue
+        args = ["run", "--address", ray_address, "--set", "resources.placement_timeout_s=1"]
+        for s_ in sets:
+            args += ["--set", s_]
+        started = time.time()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "waited 1 s" in err and len(err.splitlines()) == 1, err
+        assert time.time() - started < 30
+        assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture

@@ -38,8 +38,8 @@ def test_cached_trial_matches_online_trial_and_runs_no_teacher(tmp_path, digits_
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
     path, _ = build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2)
-    online = train_student(c.model_copy(update={"teacher_targets": "online"}), LocalReporter(None, printer=None))
-    cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, printer=None))
+    online = train_student(c.model_copy(update={"teacher_targets": "online"}), LocalReporter(None, log_epochs=False))
+    cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
     assert online.metrics["teacher_targets"] == "online" and cached.metrics["teacher_targets"] == "cache"
     assert cached.metrics["teacher_forward_images"] == 0 and online.metrics["teacher_forward_images"] > 0
     assert abs(online.metrics["val_acc"] - cached.metrics["val_acc"]) <= 0.02

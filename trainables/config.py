@@ -142,6 +142,26 @@ class TrialConfig(TrainConfig):
         return v
 
 
+def set_dotted(d: dict, path: str, value: Any) -> None:
+    """d[a][b][c] = value for path "a.b.c", creating the mappings on the way."""
+    keys = path.split(".")
+    for k in keys[:-1]:
+        if not isinstance(d.get(k), dict):
+            d[k] = {}
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
+    """A copy of `cfg` with dotted trial paths set (e.g. "optimizer.lr", "loss.alpha"), validated again."""
+    if not overrides:
+        return cfg
+    data = cfg.model_dump()
+    for path, value in overrides.items():
+        set_dotted(data, path, value)
+    return validate(TrialConfig, data, prefix="trial.")
+
+
 def _raise_unknown(field: str, value: str, choices: list[str]):
     raise ValueError(f"must be one of {choices}, but got {field}={value!r}")
 

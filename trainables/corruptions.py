@@ -94,11 +94,11 @@ def corrupt(x_u8: Tensor, name: str, severity: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def robustness(predict_fn: Callable[[Tensor], Tensor], x_u8: Tensor, y: Tensor, seed: int, batch: int = 1024,
-               clean_acc: float | None = None) -> dict[str, float]:
-    """Accuracy per corruption and severity, mean corruption accuracy, and relative robustness
-    (mean corruption acc / clean acc). `predict_fn` maps 0..255 float images to logits."""
-    out: dict[str, float] = {}
-    accs = []
+               clean_acc: float | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(summary, table): the summary holds `corr_<name>` (mean over severities), `robust_acc` (mean
+    over all) and `relative_robustness` (robust_acc / clean acc); the table maps each corruption to
+    its accuracies at severities 1..5. `predict_fn` maps 0..255 float images to logits."""
+    table: dict[str, list[float]] = {}
     for name in CORRUPTIONS.names():
         per_sev = []
         for s in SEVERITIES:
@@ -106,14 +106,12 @@ def robustness(predict_fn: Callable[[Tensor], Tensor], x_u8: Tensor, y: Tensor, 
             for i in range(0, len(y), batch):
                 xc = corrupt(x_u8[i : i + batch], name, s, seed + i)
                 correct += (predict_fn(xc).argmax(1) == y[i : i + batch]).sum()
-            acc = float(correct) / len(y)
-            out[f"corr_{name}_s{s}"] = acc
-            per_sev.append(acc)
-        out[f"corr_{name}"] = sum(per_sev) / len(per_sev)
-        accs.extend(per_sev)
-    out["robust_acc"] = sum(accs) / len(accs)
+            per_sev.append(float(correct) / len(y))
+        table[name] = per_sev
+    summary = {f"corr_{name}": sum(accs) / len(accs) for name, accs in table.items()}
+    summary["robust_acc"] = sum(sum(a) for a in table.values()) / sum(len(a) for a in table.values())
     if clean_acc is None:
         correct = sum(int((predict_fn(x_u8[i : i + batch].float()).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
         clean_acc = correct / len(y)
-    out["relative_robustness"] = out["robust_acc"] / clean_acc if clean_acc > 0 else 0.0
-    return out
+    summary["relative_robustness"] = summary["robust_acc"] / clean_acc if clean_acc > 0 else 0.0
+    return summary, table

@@ -9,12 +9,13 @@ bf16 autocast + channels_last on CUDA, and one host sync per epoch (the loss sum
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -22,16 +23,18 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, validate
-from trainables.data import augment, epoch_batches, load_splits, normalizer
 from trainables.corruptions import robustness
+from trainables.data import augment, epoch_batches, load_splits, normalizer
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
 from trainables.models import create_model
-from trainables.profile import size_metrics
+from trainables.profile import size_metrics, size_report
 from trainables.registry import ConfigError
-from trainables.teacher import load_teacher
 from trainables.targets import teacher_targets
+from trainables.teacher import load_teacher
 from trainables.teacher_cache import resolved_augment
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 
@@ -62,10 +65,10 @@ def save_state(state: dict, directory: str | Path) -> None:
 
 @dataclass
 class LocalReporter:
-    """Standalone runs: print each epoch, checkpoint into `checkpoint_dir` (resume if one is there)."""
+    """Standalone runs: log each epoch, checkpoint into `checkpoint_dir` (resume if one is there)."""
 
     checkpoint_dir: str | None = None
-    printer: Callable[[str], None] | None = print
+    log_epochs: bool = True
 
     def restore(self) -> dict | None:
         if self.checkpoint_dir and (Path(self.checkpoint_dir) / STATE_FILE).exists():
@@ -75,8 +78,8 @@ class LocalReporter:
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is not None and self.checkpoint_dir:
             save_state(state, self.checkpoint_dir)
-        if self.printer:
-            self.printer(format_epoch(metrics))
+        if self.log_epochs:
+            log.info("%s", format_epoch(metrics))
 
 
 class RayTrainReporter:
@@ -216,12 +219,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             teacher = teacher.to(memory_format=torch.channels_last)
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
-    size = {f"size_{k}": v for k, v in size_metrics(student, shape).items()} if (cfg.profile and rank == 0) else {}
-    if size and teacher is not None:  # teacher measured here too: same device, same batch
-        t_size = size_metrics(teacher, shape)
-        size.update({f"compression_{k}": t_size[k] / size[f"size_{k}"] for k in ("params", "bytes", "flops")})
-        size.update({f"speedup_{k.removesuffix('_ms')}": t_size[k] / size[f"size_{k}"] for k in t_size if k.startswith("latency_")})
-        size.update({f"teacher_{k}": v for k, v in t_size.items()})
+    size = {}
+    if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.sweep)
+        size = size_report(size_metrics(student, shape), size_metrics(teacher, shape) if teacher is not None else None)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
 
@@ -299,9 +299,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
             if cfg.robust_samples:
                 n = min(cfg.robust_samples, len(splits.val_y))
-                robust = robustness(lambda xc: eval_fn(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed, cfg.eval_batch_size)
-                metrics.update({k: v for k, v in robust.items() if not k[-3:-1] == "_s"})
-                tables["corruptions"] = robust
+                summary, tables["corruptions"] = robustness(lambda xc: eval_fn(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
+                                                            cfg.eval_batch_size)
+                metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in size})
         state = None
         if rank == 0 and not diverged:

@@ -6,6 +6,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainables.corruptions import CORRUPTIONS
+
+# --- The metric schema, declared once: the trial loop reports these names, tracking logs them by
+# kind, selection and the report read them. Size metrics (once per architecture) are named by
+# trainables.profile.size_report.
+
+#: classification_metrics' keys, behind a split prefix (val_, test_).
+SPLIT_METRICS = ("acc", "macro_recall", "macro_f1", "nll", "ece", "top5_acc", "agreement", "kl_teacher")
+#: Reported every epoch; MLflow step = the epoch.
+EPOCH_METRICS = (
+    "train_loss", "train_kd", "train_ce", "val_loss", "images_per_s", "epoch_time_s", "lr", "teacher_forward_images",
+    "trial_startup_s", *(f"val_{k}" for k in SPLIT_METRICS),
+)
+#: Reported with the final epoch: the corruption suite's summary (per severity: eval/corruptions.csv).
+FINAL_METRICS = ("robust_acc", "relative_robustness", *(f"corr_{n}" for n in CORRUPTIONS.names()))
+#: Text reported every epoch; the last value becomes the run's tag kdsweep.<name>.
+TEXT_METRICS = ("status", "teacher_targets")
+
 
 def confusion(pred: Tensor, y: Tensor, num_classes: int) -> Tensor:
     """(true, predicted) counts, int64."""

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import logging
 
 import torch
 import torch.nn as nn
@@ -31,27 +30,16 @@ def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, repeats: int = 10,
-               warmup: int = 3) -> float:
-    """Median wall time of one forward pass in ms (CUDA timed with events after warm-up)."""
-    device = torch.device(device)
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, min_run_time: float = 0.2) -> float:
+    """Median time of one forward pass in ms (torch.utils.benchmark: warm-up, CUDA synchronised,
+    enough runs to fill `min_run_time`)."""
+    # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.benchmark as benchmark
+
     x = torch.randn(batch, *input_shape, device=device)
-    times = []
-    for i in range(repeats + warmup):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(x)
-            end.record()
-            torch.cuda.synchronize()
-            t = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            model(x)
-            t = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(t)
-    return statistics.median(times)
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, float]:
@@ -62,11 +50,38 @@ def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64
         "bytes": float(serialized_bytes(m)),
         "flops": float(flops(m, input_shape)),
         "latency_cpu_b1_ms": latency_ms(m, input_shape, 1, "cpu"),
-        # a big teacher at batch 64 on CPU costs seconds a pass: few repeats keep trial start-up short
-        f"latency_cpu_b{batch}_ms": latency_ms(m, input_shape, batch, "cpu", repeats=3, warmup=1),
+        f"latency_cpu_b{batch}_ms": latency_ms(m, input_shape, batch, "cpu"),
     }
     if (torch.cuda.is_available() if gpu is None else gpu):
         g = m.cuda()
         out["latency_gpu_b1_ms"] = latency_ms(g, input_shape, 1, "cuda")
         out[f"latency_gpu_b{batch}_ms"] = latency_ms(g, input_shape, batch, "cuda")
     return out
+
+
+def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> dict[str, float]:
+    """A student's size metrics as logged: size_<k>, and with its teacher's numbers (measured the
+    same way, on the same device) teacher_<k>, compression_<params|bytes|flops> and
+    speedup_<latency key> (teacher / student)."""
+    out = {f"size_{k}": v for k, v in student.items()}
+    if teacher:
+        out.update({f"teacher_{k}": v for k, v in teacher.items()})
+        out.update({f"compression_{k}": teacher[k] / student[k] for k in ("params", "bytes", "flops")})
+        out.update({f"speedup_{k.removesuffix('_ms')}": teacher[k] / student[k] for k in teacher if k.startswith("latency_")})
+    return out
+
+
+def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
+                 teacher_path: str | None = None) -> dict[str, float]:
+    """Ray task body (orchestrator.sweep.profile_architectures): size metrics of one architecture,
+    freshly built, or of the saved teacher."""
+    if teacher_path is not None:
+        from trainables.teacher import load_teacher
+
+        model, card = load_teacher(teacher_path)
+        shape = card["input_shape"]
+    else:
+        from trainables.models import create_model
+
+        model = create_model(arch, num_classes, shape)
+    return size_metrics(model, tuple(shape))

@@ -121,3 +121,14 @@ class TeacherCache:
             return logits[idx].float()
         start = b * batch_size + rank * per_rank
         return logits[start : start + per_rank].float()
+
+
+def cache_task(trial_cfg: dict, root: str, epochs: int) -> tuple[str, int]:
+    """Ray task body (orchestrator.sweep.ensure_cache): build the sweep's cache, on a GPU if given one."""
+    from trainables.teacher import load_teacher
+
+    cfg = TrialConfig.model_validate(trial_cfg)
+    teacher, card = load_teacher(cfg.teacher_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path, forwards = build_teacher_cache(cfg, teacher, card["sha256"], root, epochs, device)
+    return str(path), forwards

@@ -1,0 +1,91 @@
+"""Tune's experiment state, kept restorable: a last-good copy swapped in atomically (driver side)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickletools
+import shutil
+from pathlib import Path
+
+from ray.tune import Callback
+
+log = logging.getLogger(__name__)
+
+
+class TuneStateBackup(Callback):
+    """Keeps a last-good copy of Tune's experiment state, swapped in atomically.
+
+    Tune writes its experiment_state JSON in place, so a driver killed mid-write leaves an empty
+    file and Tune would silently restart the whole study. After every step in which a trial
+    changed, the state files are copied aside, validated, and swapped in with one rename; `resume`
+    falls back to this copy when the live state does not parse.
+    """
+
+    def __init__(self) -> None:
+        self.experiment_dir: Path | None = None
+        self._dirty = False
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._dirty = True
+
+    on_trial_result = on_trial_complete = on_trial_error = on_trial_start  # type: ignore[assignment]
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._dirty and self.experiment_dir is not None and _snapshot(self.experiment_dir):
+            self._dirty = False
+
+
+BACKUP = ".kdsweep-state-backup"
+
+
+def _pickle_is_complete(data: bytes) -> bool:
+    """Walk a pickle's opcodes without executing any (no imports, no __setstate__, no network):
+    a write cut short has no final STOP."""
+    try:
+        ops = list(pickletools.genops(data))
+    except Exception:  # genops raises ValueError (and others) on a truncated or foreign stream
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
+
+
+def _state_is_valid(files: list[Path]) -> bool:
+    states = [f for f in files if f.name.startswith("experiment_state-")]
+    try:
+        for f in states:
+            json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(states) and all(_pickle_is_complete(f.read_bytes()) for f in files if f.suffix == ".pkl")
+
+
+def _snapshot(experiment_dir: Path) -> bool:
+    tmp = experiment_dir / f"{BACKUP}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in experiment_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    if not _state_is_valid(list(tmp.iterdir())):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    old = experiment_dir / f"{BACKUP}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (experiment_dir / BACKUP).exists():
+        os.replace(experiment_dir / BACKUP, old)
+    os.replace(tmp, experiment_dir / BACKUP)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def repair_state(experiment_dir: Path) -> None:
+    """Before a restore: if the live state is unreadable, put the last good copy back."""
+    backup = experiment_dir / BACKUP
+    if not backup.is_dir() or _state_is_valid([f for f in experiment_dir.iterdir() if f.is_file()]):
+        return
+    for f in experiment_dir.iterdir():
+        if f.is_file() and (f.name.startswith("experiment_state-") or (backup / f.name).exists()):
+            f.unlink()
+    for f in backup.iterdir():
+        shutil.copy2(f, experiment_dir / f.name)
+    log.info("restored Tune state from the last good copy in %s", backup)

@@ -1,0 +1,79 @@
+"""No process a command started outlives it: a local Ray after SIGTERM mid-sweep, `kdsweep ui`'s server."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from tests.conftest import sweep_yaml
+
+pytestmark = pytest.mark.integration
+
+
+def _processes_mentioning(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if marker in " ".join(p.cmdline()) or any(marker in v for v in p.environ().values()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
+    ray_tmp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    cfg = sweep_yaml(tmp_path, digits_teacher, "term", **{"budget.num_samples": 3, "budget.max_concurrent": 1, "train.epochs": 30})
+    db = tmp_path / "mlruns" / "mlflow.db"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            with sqlite3.connect(db) as con:
+                if con.execute("select count(*) from metrics where key='val_acc'").fetchone()[0]:
+                    break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be stopped"
+    assert _processes_mentioning(ray_tmp), "the local Ray should be running now"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    time.sleep(1)
+    left = _processes_mentioning(ray_tmp)
+    for p in left:
+        p.kill()
+    assert left == [], [p.name() for p in left]
+
+
+def test_ui_server_stops_with_kdsweep_ui(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri",
+                             f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("the MLflow UI never answered")
+    server = psutil.Process(proc.pid).children(recursive=True)
+    assert server
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(server, timeout=15)
+    for p in alive:
+        p.kill()
+    assert alive == []

@@ -1,0 +1,106 @@
+"""What runs in a Tune trial actor: one trial = one Ray Train TorchTrainer run (DDP when
+num_workers > 1), whose reports reach Tune through a queue the Train controller fills.
+
+The driver hands this module only trial configs (dicts of TrialConfig) and a TrialRun; nothing here
+imports the orchestrator, so a trial on any node needs nothing but this package.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray.train.v2.api.callback import UserCallback
+
+from trainables.config import TrialConfig, with_overrides
+from trainables.loop import train_loop_per_worker
+
+_DONE = "__kdsweep_done__"
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """How every trial of a sweep runs on Ray: workers, their resources, retries, storage."""
+
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+    storage: str
+
+
+class QueueReport(UserCallback):
+    """Ray Train callback (runs in the Train controller): rank 0's metrics of every report, with
+    the persisted checkpoint's path, into a queue that the Tune trial function drains.
+
+    This replaces ray.tune.integration.ray_train.TuneReportCallback, which hands results to Tune's
+    main thread; when a trial ends right after its last report, that path races the function's own
+    final result for a one-slot queue and deadlocks (seen with Ray 2.60 on short trials).
+    """
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item["checkpoint_path"] = checkpoint.path
+        self.queue.put(item)
+
+
+def resolve_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str]) -> TrialConfig:
+    """Tune's sampled point applied to its student's base trial config (searched key -> trial path).
+    The driver's MLflow callback resolves the same way, so a run records exactly what trained."""
+    base = TrialConfig.model_validate(trials[config["student"]])
+    return with_overrides(base, {paths[k]: v for k, v in config.items() if k != "student"})
+
+
+def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str], run: TrialRun) -> None:
+    """Tune function trainable. The trainer runs in a thread; this thread forwards its reports to
+    Tune with tune.report, so ASHA sees every epoch."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    trial = resolve_trial(config, trials, paths)
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=trial.model_dump(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.num_workers, use_gpu=run.gpus_per_worker > 0,
+            resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{tune.get_context().get_trial_id()}",
+            storage_path=run.storage,
+            callbacks=[QueueReport(reports)],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),  # the previous one survives a kill mid-persist
+            # A finite controller limit: an unplaceable worker group fails the trial instead of hanging.
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures, controller_failure_limit=2),
+        ),
+    )
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised below, in the trial's own thread
+            errors.append(e)
+        finally:
+            reports.put(_DONE)
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=fit, name="kdsweep-trainer", daemon=True)
+    thread.start()
+    first = True
+    while (item := reports.get()) != _DONE:
+        if first:  # fixed cost before the first epoch: actors, worker group, data, model, teacher
+            item["trial_startup_s"] = time.perf_counter() - started - item.get("epoch_time_s", 0.0)
+            first = False
+        tune.report(item)
+    thread.join()
+    if errors:
+        raise errors[0]
