@@ -14,7 +14,7 @@ from typing import Sequence
 
 from trainables.registry import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("orchestrator.cli")  # not __name__: `python -m orchestrator.cli` runs this as __main__
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         plan, _ = make_plan(cfg, args.tracking_uri, args.address)
         log.info("%s", plan.describe())
         return 0
-    h = run_sweep(cfg, args.address, args.tracking_uri)
+    h = run_sweep(cfg, args.address, args.tracking_uri, verbose=args.verbose)
     _select(cfg, h["tracker"], h["parent_run_id"], h["teacher"], args)
     return 0
 
@@ -88,7 +88,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     saved = load_sweep(args.name, args.storage)
     _select_args_ok(args)
-    h = run_sweep(saved.config, args.address, args.tracking_uri or saved.tracking_uri, restore=True)
+    h = run_sweep(saved.config, args.address, args.tracking_uri or saved.tracking_uri, restore=True, verbose=args.verbose)
     _select(saved.config, h["tracker"], h["parent_run_id"], h["teacher"], args)
     return 0
 
@@ -136,11 +136,13 @@ def _select_args_ok(args: argparse.Namespace) -> None:
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking import default_tracking_uri, sweep_views
 
     uri = args.tracking_uri or default_tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    print(f"serving {uri} on http://{args.host}:{args.port}", flush=True)
+    log.info("serving %s on http://%s:%d", uri, args.host, args.port)
+    for name, url in sweep_views(uri, f"http://{args.host}:{args.port}"):
+        log.info("  sweep %s: %s", name, url)
     # Its own process group, so the server's workers stop with it whichever way we end.
     server = subprocess.Popen(cmd, start_new_session=True)
     try:
@@ -201,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite DB under ./mlruns)")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    r.add_argument("--verbose", action="store_true", help="Tune's own progress output instead of kdsweep's table")
     _add_selection(r)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="finish a sweep whose driver died (Tuner.restore)")
     _add_sweep_name(s)
     s.add_argument("--address")
+    s.add_argument("--verbose", action="store_true", help="Tune's own progress output instead of kdsweep's table")
     _add_selection(s)
     s.set_defaults(func=cmd_resume)
 

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from trainables.config import DatasetConfig, LossConfig, Strict, TrainConfig, TrialConfig, set_dotted, validate, with_overrides
 from trainables.data import DATASETS
 from trainables.losses import LOSSES, check_loss_params
+from trainables.metrics import SEARCH_OBJECTIVES
 from trainables.models import MODELS
 from trainables.registry import ConfigError
 
@@ -116,11 +117,34 @@ class SweepConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: SweepTrain = Field(default_factory=SweepTrain)
     search: dict[str, SearchParam] = Field(default_factory=dict)
+    objectives: list[str] = Field(default_factory=lambda: ["val_acc:max"],
+                                  description="what Optuna optimizes (YAML: search.objectives), e.g. [val_acc:max, size_params:min]")
     budget: Budget = Field(default_factory=Budget)
     mode: Literal["joint", "per_student"] = "joint"
     resources: Resources = Field(default_factory=Resources)
     tracking: Tracking = Field(default_factory=Tracking)
     storage: str | None = Field(None, description="Ray storage path for checkpoints; null: ./runs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objectives_live_under_search(cls, data: Any) -> Any:
+        """`search.objectives` in the YAML is the searcher's objective list, not a searched key."""
+        if isinstance(data, dict) and isinstance(data.get("search"), dict) and "objectives" in data["search"]:
+            data = {**data, "search": {k: v for k, v in data["search"].items() if k != "objectives"}, "objectives": data["search"]["objectives"]}
+        return data
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one objective, e.g. [val_acc:max]")
+        for text in v:
+            name, _, sense = text.partition(":")
+            if sense not in ("max", "min") or name not in SEARCH_OBJECTIVES:
+                raise ValueError(f"each must be METRIC:max or METRIC:min with METRIC in {list(SEARCH_OBJECTIVES)}, but got {text!r}")
+        if v[0].partition(":")[0] != "val_acc":
+            raise ValueError(f"the first must be val_acc (ASHA stops trials on it), but got {v[0]!r}")
+        return v
 
     @field_validator("students")
     @classmethod

@@ -113,6 +113,10 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     if champion:
         control = max((r for r in rows if r["student"] == champion["student"] and r["alpha"] == 0.0 and r["status"] in USABLE),
                       key=lambda r: r["val_acc"], default=None)
+    optuna_pngs = []
+    (out_dir / "optuna").mkdir(exist_ok=True)
+    for a in client.list_artifacts(parent_id, "optuna"):  # Optuna's plots, logged by the sweep
+        optuna_pngs.append(Path(client.download_artifacts(parent_id, a.path, str(out_dir / "optuna"))).relative_to(out_dir))
     pareto_plot(rows, out_dir / "pareto.png")
     robustness_plot(test, champion, control, out_dir / "robustness.png")
 
@@ -129,6 +133,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
         "## Accuracy vs size", "![Pareto front](pareto.png)",
         "## Robustness per corruption", "![Robustness](robustness.png)",
         "## Leaderboard (val split)", lb,
+        "## Optuna's view of the search", *(f"![{p.stem}]({p.as_posix()})" for p in sorted(optuna_pngs)),
     ]) + "\n"
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(markdown_to_html(md, cfg.name))

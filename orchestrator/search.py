@@ -56,12 +56,20 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
     return points
 
 
+def objectives(cfg: SweepConfig) -> tuple[list[str], list[str]]:
+    """(metrics, modes) Optuna optimizes: val_acc alone by default, or the accuracy/size front."""
+    pairs = [o.partition(":")[::2] for o in cfg.objectives]
+    return [m for m, _ in pairs], [mode for _, mode in pairs]
+
+
 def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
     """Seeded TPE. Trials ASHA stops reach Optuna as COMPLETE with their truncated val_acc: a lower
     bound from a trial that ranked in the bottom of its rung, which is the signal TPE should learn."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's study lives in memory; kdsweep exports it (study.py)
+    metrics, modes = objectives(cfg)
     return OptunaSearch(
         space=space(cfg, students),
-        metric=METRIC, mode="max",
+        metric=metrics if len(metrics) > 1 else METRIC, mode=modes if len(modes) > 1 else "max",
         points_to_evaluate=control_points(cfg, students),
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
     )

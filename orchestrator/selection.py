@@ -217,6 +217,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
     log.info("%s", format_table(rows, "leaderboard"))
+    log_leaderboard(tracker, parent_id, rows)
     log.info("%s", format_table(pareto_front(rows, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
     if not any(r["status"] in COMPLETE for r in rows):
         counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r["status"] for r in rows).items()))
@@ -248,6 +249,16 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
             f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
     return {**winner, "test": test, "version": version, "table": table}
+
+
+def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, Any]]) -> None:
+    """Each trial's KD gain as a metric of its run (a column in the MLflow UI), and the leaderboard
+    as a table artifact of the parent run (MLflow's table view)."""
+    for r in rows:
+        if r["kd_gain"] is not None:
+            tracker.log_metrics(r["run_id"], {"kd_gain": r["kd_gain"]}, step=r["epochs"])
+    columns = [c for c, _ in COLUMNS] + ["trial_id", "run_id"]
+    tracker.client.log_table(parent_id, {c: [r.get(c) for r in rows] for c in columns}, "leaderboard.json")
 
 
 COLUMNS = [("student", "{}"), ("status", "{}"), ("temperature", "{:.2f}"), ("alpha", "{:.2f}"), ("lr", "{:.4f}"),

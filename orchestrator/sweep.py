@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator.config import SweepConfig, trial_path
+from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
 from orchestrator.resources import check_local, wait_for_cluster
-from orchestrator.search import control_points, scheduler, searcher, trial_budget
+from orchestrator.search import control_points, objectives, scheduler, searcher, trial_budget
+from orchestrator.study import export_study, plot_study
 from orchestrator.tracking import MlflowTrialCallback, SweepTracker, check_tracking_uri, default_tracking_uri
 from orchestrator.tune_state import TuneStateBackup, repair_state
 from trainables.registry import ConfigError
@@ -46,7 +48,7 @@ class Plan:
         lines = [
             f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}",
             *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
-            f"  first {self.controls} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
+            f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
             f"  data: {self.data.n_train} train / {self.data.n_val} val / {self.data.n_test} test, "
             f"{self.data.num_classes} classes, input {self.data.input_shape}",
             f"  teacher: {self.teacher}",
@@ -185,9 +187,12 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> dic
     return {name: size_report(ray.get(f), teacher_size) for name, f in futures.items()}
 
 
-def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, trainable, callbacks: list, restore: bool):
+def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, trainable, callbacks: list, restore: bool, verbose: bool):
     from ray import tune
 
+    if not verbose:  # Tune's new output engine prints its headers even when silent; the old one obeys verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     path = f"{cfg.ray_storage()}/tune-{study}"
     local = Path(path) if "://" not in path else None
     callbacks[1].experiment_dir = local
@@ -207,15 +212,17 @@ def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, trainable,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{study}", storage_path=cfg.ray_storage(), callbacks=list(callbacks),  # Tune appends to it
-            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=int(os.environ.get("KDSWEEP_TUNE_VERBOSE", 1)),
+            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=1 if verbose else 0,
         ),
     )
 
 
-def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | None = None, restore: bool = False) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | None = None, restore: bool = False,
+              verbose: bool = False) -> dict[str, Any]:
     """Validate, prepare the teacher, run every study, close orphans. Returns the tracking handles.
 
-    Nothing is written until every check has passed, the cluster's resources included."""
+    Nothing is written until every check has passed, the cluster's resources included. `verbose`
+    shows Tune's own progress output instead of kdsweep's table."""
     plan, info = make_plan(cfg, tracking_uri, address)
     sweep_dir = cfg.sweep_dir()
     if not restore and (sweep_dir / "sweep.json").exists():
@@ -235,21 +242,29 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
         trials = {s: cfg.trial(s, teacher_path=teacher, teacher_cache=cache, profile=False).model_dump() for s in cfg.students}
         paths = {k: trial_path(k) for k in cfg.search}
+        sizes = profile_architectures(cfg, teacher, info)
+        size_objectives = [m for m in objectives(cfg)[0] if m.startswith("size_")]
+        constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
         r = cfg.resources
         run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train")
         from ray import tune
 
         trainable = tune.with_resources(
-            tune.with_parameters(tune_trial, trials=trials, paths=paths, run=run),
+            tune.with_parameters(tune_trial, trials=trials, paths=paths, run=run, constants=constants),
             {"memory": 2**20},  # a token request: the TorchTrainer inside reserves the real resources
         )
         model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "trials": trials, "paths": paths,
-                      "sizes": profile_architectures(cfg, teacher, info),
+                      "sizes": sizes,
                       "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
         callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
+        if not verbose:
+            callbacks.append(ConsoleReporter(cfg, trials, paths, total=sum(n for _, _, n in plan.studies)))
         try:
             for study, students, n in plan.studies:
-                _tuner(cfg, study, students, n, trainable, callbacks, restore).fit()
+                results = _tuner(cfg, study, students, n, trainable, callbacks, restore, verbose).fit()
+                exported = export_study(cfg, study, students, results, sweep_dir)
+                for png in plot_study(exported, sweep_dir / "optuna"):
+                    tracker.client.log_artifact(parent, str(png), "optuna")
         finally:
             closed = tracker.close_orphans(parent)
             if closed:

@@ -24,6 +24,9 @@ from trainables.trial import resolve_trial
 
 SWEEP, ROLE, TRIAL, STATUS, ERROR = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status", "kdsweep.error"
 PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'parent'"
+#: The MLflow UI's shared view of a sweep (`kdsweep ui` prints its address) and its metric columns.
+UI_VIEW = "kdsweep"
+UI_METRICS = ("val_acc", "kd_gain", "size_params", "robust_acc", "size_latency_cpu_b1_ms")
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -63,6 +66,17 @@ class SweepTracker:
         else:
             self.experiment_id = exp.experiment_id
 
+    def set_ui_view(self, searched: list[str]) -> None:
+        """What the MLflow UI opens on (3.x): a model-training experiment, not MLflow's GenAI overview,
+        and a shared view (`?viewStateShareKey=kdsweep`, the address `kdsweep ui` prints) listing the
+        trial runs, best first, with val_acc, kd_gain, size and the searched parameters as columns.
+        (The parent row would hide its children collapsed: the view filters to trial runs.)"""
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        columns = [f"metrics.`{m}`" for m in UI_METRICS] + [f"params.`{p}`" for p in ["student", *searched]]
+        view = {"searchFilter": f"tags.`{ROLE}` = 'trial'", "orderByKey": "metrics.`val_acc`", "orderByAsc": False,
+                "selectedColumns": columns, "columnOrder": columns, "runListHidden": False}
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{UI_VIEW}", json.dumps(view))
+
     def find_runs(self, filter_string: str, max_results: int = 10_000):
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results)
 
@@ -75,6 +89,7 @@ class SweepTracker:
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=sweep, tags={SWEEP: sweep, ROLE: "parent"})
         run_id = run.info.run_id
+        self.set_ui_view(list(config.get("search", {})))
         flat = flatten(config)
         self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("search.")})
         self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "sweep_config.json")
@@ -139,12 +154,13 @@ class MlflowTrialCallback(Callback):
             last = max((m.step for m in history), default=0)
         else:
             cfg = trial.config
+            resolved_cfg = resolve_trial(cfg, self.model_info["trials"], self.model_info["paths"])
             run = t.client.create_run(
-                t.experiment_id, run_name=f"{cfg.get('student')}-{trial.trial_id}",
+                t.experiment_id, run_name=run_name(resolved_cfg.student, resolved_cfg.loss, trial.trial_id),
                 tags={"mlflow.parentRunId": self.parent_id, SWEEP: self.sweep, TRIAL: trial.trial_id, ROLE: "trial", STATUS: "running"},
             )
             run_id, last = run.info.run_id, 0
-            resolved = resolve_trial(cfg, self.model_info["trials"], self.model_info["paths"]).model_dump(mode="json")
+            resolved = resolved_cfg.model_dump(mode="json")
             t.log_params(run_id, {**cfg, "trial_id": trial.trial_id, **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
             t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
             t.log_metrics(run_id, self.model_info["sizes"].get(cfg.get("student"), {}), step=0)
@@ -191,6 +207,23 @@ class MlflowTrialCallback(Callback):
             self.tracker.client.log_text(run_id, text, "error.txt")
         self.tracker.client.set_tag(run_id, STATUS, "failed")
         self.tracker.client.set_terminated(run_id, "FAILED")
+
+
+def sweep_views(uri: str, base_url: str) -> list[tuple[str, str]]:
+    """(experiment, address of its kdsweep view in the MLflow UI) for each sweep in the store."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    client = MlflowClient(uri)
+    return [(e.name, f"{base_url}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}")
+            for e in client.search_experiments() if f"mlflow.sharedViewState.{UI_VIEW}" in e.tags]
+
+
+def run_name(student: str, loss, trial_id: str) -> str:
+    """`<student>-T<temperature>-a<alpha>-<trial>` (w<distill_weight> in the explicit-weights form)."""
+    weight = f"a{loss.alpha:.2f}" if loss.alpha is not None else f"w{loss.distill_weight:g}"
+    return f"{student}-T{loss.temperature:.2f}-{weight}-{trial_id}"
 
 
 def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str, arch: str, model_info: dict) -> None:

@@ -95,3 +95,22 @@ def test_search_spaces_are_checked_by_optuna_and_loss_keys_by_signature():
 def test_remote_storage_uris_are_not_made_local_paths():
     assert load_config(None, ["storage=s3://bucket/kd"]).storage_path() == "s3://bucket/kd"
     assert load_config(None, ["storage=rel"]).storage_path() == os.path.abspath("rel")
+
+
+def test_search_objectives():
+    from trainables.registry import ConfigError
+
+    cfg = load_config(None, ["search.objectives=[val_acc:max, size_params:min]"])
+    assert cfg.objectives == ["val_acc:max", "size_params:min"] and "objectives" not in cfg.search
+    assert load_config(None).objectives == ["val_acc:max"]
+    assert load_config(None, ["search.objectives=[val_acc:max, size_params:min]"]) == validate_again(cfg)
+    with pytest.raises(ConfigError, match="`objectives`.*METRIC:max or METRIC:min"):
+        load_config(None, ["search.objectives=[val_acc:max, params:smallest]"])
+    with pytest.raises(ConfigError, match="`objectives`.*the first must be val_acc"):
+        load_config(None, ["search.objectives=[size_params:min]"])
+
+
+def validate_again(cfg):
+    from orchestrator.config import SweepConfig
+
+    return SweepConfig.model_validate(cfg.model_dump())  # what sweep.json / resume do

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections import Counter
 
 import mlflow
+import optuna
 import pytest
 import torch
 
@@ -35,6 +39,10 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert main(["run", str(cfg), "--address", ray_address]) == 0
     out = capsys.readouterr().out
     assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out
+    # the console: kdsweep's compact lines (not a TTY here), not Tune's per-trial dump or its token resource line
+    assert re.search(r"^done   trial=\w+  student=(mlp_32|cnn_tiny)  T=[\d.]+  alpha=[\d.]+  lr=[\d.]+  epoch=\d/3  val_acc=[\d.]+  status=", out, re.M)
+    assert re.search(r"^  sweep e2e: 5 done, 0 running, 0 left of 5; best val_acc 0\.\d+; trials hold 0 CPU; ETA", out, re.M)
+    assert "Logical resource usage" not in out and "Trial status" not in out and "Configuration for experiment" not in out
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     runs = child_runs(uri, "e2e")
@@ -76,6 +84,18 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     controls = [r for r in runs if float(r.data.params["alpha"]) == 0.0]
     assert sorted(r.data.params["student"] for r in controls) == ["cnn_tiny", "mlp_32"]
     assert all(r.data.tags["kdsweep.status"] == "finished" for r in controls)
+
+    # MLflow UI: a model-training experiment with kdsweep's shared view; readable run names
+    exp = client.get_experiment_by_name("e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.kdsweep"])
+    assert {"metrics.`val_acc`", "metrics.`kd_gain`", "metrics.`size_params`", "params.`temperature`", "params.`alpha`", "params.`lr`"} <= set(view["selectedColumns"])
+    for r in runs:
+        assert re.fullmatch(rf"{r.data.params['student']}-T\d+\.\d\d-a\d\.\d\d-{r.data.tags['kdsweep.trial_id']}", r.info.run_name), r.info.run_name
+        assert "kd_gain" in client.get_run(r.info.run_id).data.metrics or r.data.tags["kdsweep.status"] not in ("finished", "stopped")
+    # Optuna's study, kept and loadable; its plots on the parent run
+    study = optuna.load_study(study_name="e2e-joint", storage=f"sqlite:///{tmp_path / 'runs' / 'e2e' / 'optuna.db'}")
+    assert len(study.trials) == 5 and study.best_value == max(r.data.metrics["val_acc"] for r in runs)
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/kdsweep-e2e@champion")
@@ -123,14 +143,88 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert f"{client.get_run(champion).data.metrics['test_acc']:.4f}" in md
     assert "<table>" in (report / "report.html").read_text()
     assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")} >= {"report/report.md", "report/pareto.png"}
+    parent_files = {a.path for a in client.list_artifacts(parent[0].info.run_id, "optuna")}
+    assert {f"optuna/e2e-joint-{p}.png" for p in ("optimization_history", "param_importances", "parallel_coordinate", "slice")} <= parent_files
+    assert "![e2e-joint-optimization_history](optuna/e2e-joint-optimization_history.png)" in md
+    assert "leaderboard.json" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+
+    # what a user sees, in a real browser: the UI's sweep view and the HTML report
+    browse(tmp_path, uri, report / "report.html", [r.info.run_name for r in runs])
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+def chrome(url: str, *args: str) -> str:
+    """Headless Chromium as the machine allows it (no sandbox as root, no network beyond loopback)."""
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+               "--window-size=1600,1000", "--virtual-time-budget=20000", *args, url]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+
+
+def browse(folder, uri: str, report_html, run_names: list[str]) -> None:
+    """`kdsweep ui` on 127.0.0.1, opened at the address it prints: the sweep's runs with val_acc are
+    on the page; screenshots of it and of the HTML report are written beside the test."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", uri],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(ui.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("sweep e2e: " in line for line in lines):
+            time.sleep(0.2)
+        url = next(line for line in lines if "sweep e2e: " in line).split(": ", 1)[1].strip()
+        assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/") and "viewStateShareKey=kdsweep" in url, lines
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        chrome(url, f"--screenshot={folder / 'mlflow-ui.png'}")
+        dom = chrome(url, "--dump-dom")
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+    assert (folder / "mlflow-ui.png").stat().st_size > 10_000
+    assert all(name in dom for name in run_names), "the sweep's trial runs are not listed"
+    assert "val_acc" in dom and "kd_gain" in dom and "Token Usage" not in dom
+    chrome(report_html.as_uri(), f"--screenshot={folder / 'report.png'}")
+    assert (folder / "report.png").stat().st_size > 10_000
+    report_dom = chrome(report_html.as_uri(), "--dump-dom")
+    assert "KD gain over each student" in report_dom and "optimization_history" in report_dom
 
 
 def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = sweep_yaml(tmp_path, digits_teacher, "per-student", mode="per_student", **{"budget.num_samples": 4, "train.epochs": 2})
+    cfg = sweep_yaml(tmp_path, digits_teacher, "per-student", mode="per_student",
+                     **{"budget.num_samples": 4, "train.epochs": 2, "search.objectives": ["val_acc:max", "size_params:min"]})
     assert main(["run", str(cfg), "--address", ray_address]) == 0
     runs = child_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "per-student")
     assert Counter(r.data.params["student"] for r in runs) == {"mlp_32": 2, "cnn_tiny": 2}
+    # multi-objective: Optuna searched the accuracy/size front itself, and its Pareto plot is logged
+    storage = f"sqlite:///{tmp_path / 'runs' / 'per-student' / 'optuna.db'}"
+    for student in ("mlp_32", "cnn_tiny"):
+        study = optuna.load_study(study_name=f"per-student-{student}", storage=storage)
+        assert len(study.directions) == 2 and len(study.trials) == 2
+        assert all(t.values[1] == runs[0].data.metrics["size_params"] or t.params["student"] != runs[0].data.params["student"] for t in study.trials)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    parent = next(r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent")
+    assert "optuna/per-student-mlp_32-pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert sorted((tmp_path / "runs" / "per-student").glob("tune-*")) == [
         tmp_path / "runs" / "per-student" / "tune-cnn_tiny", tmp_path / "runs" / "per-student" / "tune-mlp_32"]
 

@@ -23,6 +23,10 @@ EPOCH_METRICS = (
 FINAL_METRICS = ("robust_acc", "relative_robustness", *(f"corr_{n}" for n in CORRUPTIONS.names()))
 #: Text reported every epoch; the last value becomes the run's tag kdsweep.<name>.
 TEXT_METRICS = ("status", "teacher_targets")
+#: Per architecture (trainables.profile.size_metrics), logged as size_<name>.
+SIZE_METRICS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_cpu_b64_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms")
+#: What Optuna may optimize (search.objectives): the per-epoch val metrics and the sizes.
+SEARCH_OBJECTIVES = (*(f"val_{k}" for k in SPLIT_METRICS), *(f"size_{k}" for k in SIZE_METRICS))
 
 
 def confusion(pred: Tensor, y: Tensor, num_classes: int) -> Tensor:

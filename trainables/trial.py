@@ -56,9 +56,11 @@ def resolve_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[s
     return with_overrides(base, {paths[k]: v for k, v in config.items() if k != "student"})
 
 
-def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str], run: TrialRun) -> None:
+def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str], run: TrialRun,
+               constants: dict[str, dict[str, float]] | None = None) -> None:
     """Tune function trainable. The trainer runs in a thread; this thread forwards its reports to
-    Tune with tune.report, so ASHA sees every epoch."""
+    Tune with tune.report, so ASHA sees every epoch. `constants[student]` joins every report (the
+    architecture's sizes, when Optuna optimizes them)."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -100,7 +102,7 @@ def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str,
         if first:  # fixed cost before the first epoch: actors, worker group, data, model, teacher
             item["trial_startup_s"] = time.perf_counter() - started - item.get("epoch_time_s", 0.0)
             first = False
-        tune.report(item)
+        tune.report({**item, **(constants or {}).get(trial.student, {})})
     thread.join()
     if errors:
         raise errors[0]

@@ -1,0 +1,126 @@
+"""What `kdsweep run` shows while trials run (driver side): one compact table and a sweep line,
+live in a terminal (rich), one line per event otherwise (CI, files). Tune's own per-trial dump is
+off unless --verbose."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestrator.config import SweepConfig
+from trainables.trial import resolve_trial
+
+COLUMNS = ("trial", "student", "T", "alpha", "lr", "epoch", "val_acc", "status")
+
+
+@dataclass
+class Row:
+    trial: str
+    student: str
+    temperature: float
+    alpha: float | None
+    lr: float
+    epochs: int
+    epoch: int = 0
+    val_acc: float | None = None
+    status: str = "running"
+
+    def cells(self) -> list[str]:
+        return [self.trial, self.student, f"{self.temperature:.2f}", "-" if self.alpha is None else f"{self.alpha:.2f}", f"{self.lr:.4f}",
+                f"{self.epoch}/{self.epochs}", "-" if self.val_acc is None else f"{self.val_acc:.4f}", self.status]
+
+
+@dataclass
+class ConsoleReporter(Callback):
+    """Tune callback. `trials`/`paths` resolve each sampled point to its full trial config, so the
+    table shows the values a trial really trains with (searched or not)."""
+
+    cfg: SweepConfig
+    trials: dict[str, dict]
+    paths: dict[str, str]
+    total: int
+    live: bool = field(default_factory=lambda: sys.stdout.isatty())
+    rows: dict[str, Row] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self._live = None
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's state: resume hands in a live one
+        return {}
+
+    # --- Tune events -----------------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        t = resolve_trial(trial.config, self.trials, self.paths)
+        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.temperature, t.loss.alpha, t.optimizer.lr, t.epochs)
+        self._show(f"start  {self._line(trial.trial_id)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self._row(trial)
+        row.epoch, row.val_acc = int(result.get("epoch", row.epoch)), result.get("val_acc", row.val_acc)
+        self._show(f"epoch  {self._line(trial.trial_id)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self._row(trial)
+        status = (trial.last_result or {}).get("status", "finished")
+        row.status = "stopped" if status == "running" else status  # ASHA ended it early
+        self._show(f"done   {self._line(trial.trial_id)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial).status = "failed"
+        self._show(f"failed {self._line(trial.trial_id)}")
+
+    def on_experiment_end(self, trials, **info):
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    # --- rendering -------------------------------------------------------------------------
+
+    def _row(self, trial) -> Row:
+        if trial.trial_id not in self.rows:
+            self.on_trial_start(0, [], trial)
+        return self.rows[trial.trial_id]
+
+    def _line(self, trial_id: str) -> str:
+        return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, self.rows[trial_id].cells()))
+
+    def sweep_line(self) -> str:
+        """Trials done/running/left, best so far, resources trials hold now, and an ETA from the
+        epochs run so far (an upper bound: ASHA may stop trials early)."""
+        done = sum(r.status != "running" for r in self.rows.values())
+        running = len(self.rows) - done
+        left = max(0, self.total - len(self.rows))
+        best = max((r.val_acc for r in self.rows.values() if r.val_acc is not None), default=None)
+        r = self.cfg.resources
+        held = f"{running * r.num_workers * r.cpus_per_trial:g} CPU" + (f", {running * r.num_workers * r.gpus_per_trial:g} GPU" if r.gpus_per_trial else "")
+        epochs_run = sum(row.epoch for row in self.rows.values())
+        epochs_left = sum(row.epochs - row.epoch for row in self.rows.values() if row.status == "running") + left * self.cfg.train.epochs
+        elapsed = time.monotonic() - self.started
+        eta = f"{elapsed / epochs_run * epochs_left:.0f} s" if epochs_run else "-"
+        return (f"sweep {self.cfg.name}: {done} done, {running} running, {left} left of {self.total}; "
+                f"best val_acc {'-' if best is None else f'{best:.4f}'}; trials hold {held}; ETA <= {eta}")
+
+    def _show(self, event: str) -> None:
+        if not self.live:  # a line per event; the sweep line when a trial starts or ends
+            print(event if event.startswith("epoch") else f"{event}\n  {self.sweep_line()}", flush=True)
+            return
+        from rich.live import Live
+
+        if self._live is None:
+            self._live = Live(self._table(), refresh_per_second=4, transient=False)
+            self._live.start()
+        self._live.update(self._table())
+
+    def _table(self):
+        from rich.console import Group
+        from rich.table import Table
+
+        table = Table(*COLUMNS, box=None, pad_edge=False)
+        for row in self.rows.values():
+            table.add_row(*row.cells())
+        return Group(table, self.sweep_line())
