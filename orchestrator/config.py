@@ -15,6 +15,7 @@ from trainables.config import DatasetConfig, LossConfig, Strict, TrainConfig, Tr
 from trainables.data import DATASETS
 from trainables.losses import LOSSES, check_loss_params
 from trainables.metrics import SEARCH_OBJECTIVES
+from trainables.plugins import load_plugins
 from trainables.models import MODELS
 from trainables.registry import ConfigError
 
@@ -110,6 +111,7 @@ class Tracking(Strict):
 
 class SweepConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    plugins: list[str] = Field(default_factory=list, description="modules registering models/losses/datasets (see trainables/plugins.py)")
     seed: int = 0
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
@@ -230,7 +232,7 @@ class SweepConfig(Strict):
         base = validate(TrialConfig, {
             **_train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": self.loss,
             "seed": self.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
-            "profile": profile,
+            "profile": profile, "plugins": self.plugins,
         }, prefix="trial.")
         return with_overrides(base, {trial_path(k): v for k, v in (overrides or {}).items()})
 
@@ -274,4 +276,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"`CONFIG` must be a YAML mapping of sweep keys, but got {type(data).__name__} in {source}")
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(data, key, value)
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise ConfigError(f"`plugins` must be a list of module names, but got plugins={plugins!r} ({source})")
+    load_plugins(plugins)  # before validation: `students: [my_net]` must find my_net
     return validate(SweepConfig, data, source)

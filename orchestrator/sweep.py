@@ -25,6 +25,7 @@ from orchestrator.search import control_points, objectives, scheduler, searcher,
 from orchestrator.study import export_study, plot_study
 from orchestrator.tracking import MlflowTrialCallback, SweepTracker, check_tracking_uri, default_tracking_uri
 from orchestrator.tune_state import TuneStateBackup, repair_state
+from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
 from trainables.trial import TrialRun, tune_trial
 
@@ -181,9 +182,9 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> dic
 
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
-    archs = {s: {"arch": s, "shape": list(info.input_shape), "num_classes": info.num_classes} for s in cfg.students}
+    archs = {s: {"arch": s, "shape": list(info.input_shape), "num_classes": info.num_classes, "plugins": cfg.plugins} for s in cfg.students}
     futures = {name: task.remote(**spec) for name, spec in archs.items()}
-    teacher_size = ray.get(task.remote(teacher_path=teacher))
+    teacher_size = ray.get(task.remote(teacher_path=teacher, plugins=cfg.plugins))
     return {name: size_report(ray.get(f), teacher_size) for name, f in futures.items()}
 
 
@@ -288,4 +289,5 @@ def load_sweep(name: str, storage: str | None = None) -> SavedSweep:
     if not path.is_file():
         raise ConfigError(f"`NAME` has no sweep at {path}: check the name or pass --storage")
     saved = json.loads(path.read_text())
+    load_plugins(saved["config"].get("plugins", []))
     return SavedSweep(SweepConfig.model_validate(saved["config"]), saved["tracking_uri"], saved["teacher"], path.parent)

@@ -38,8 +38,44 @@ def shared_fashion_root() -> str | None:
     return root
 
 
+PLUGIN = """
+import torch.nn as nn
+
+from trainables.models import MODELS, StagedNet
+
+
+class Wide(StagedNet):
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        self.stem = nn.Flatten()
+        size = 1
+        for d in input_shape:
+            size *= d
+        self.stages = nn.ModuleList([nn.Sequential(nn.Linear(size, 48), nn.ReLU())])
+        self.head = nn.Linear(48, num_classes)
+
+
+@MODELS.register
+def plugin_mlp(num_classes, input_shape):
+    return Wide(num_classes, input_shape)
+"""
+
+
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
+def plugin_dir(tmp_path_factory) -> Path:
+    """A folder with a plugin module (`kd_test_plugin`: model `plugin_mlp`) on PYTHONPATH before Ray
+    starts, as an installed package is on every node; nothing imports it but kdsweep's plugin loading."""
+    d = tmp_path_factory.mktemp("plugins")
+    (d / "kd_test_plugin.py").write_text(PLUGIN)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(d), os.environ.get("PYTHONPATH")]))
+    import sys
+
+    sys.path.insert(0, str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory, plugin_dir):
     """One local Ray instance for every integration test; its GCS address lets a subprocess join."""
     import ray
 

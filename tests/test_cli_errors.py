@@ -90,3 +90,40 @@ def test_run_with_resources_this_machine_lacks_exits_2_before_anything(sets, nee
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert os.listdir(in_tmp) == []
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+@pytest.mark.parametrize("source,needle", [
+    (None, "`plugins` entry 'no_such_kd_plugin' is not importable (ModuleNotFoundError"),
+    ("raise RuntimeError('broken on purpose')", "`plugins` entry 'no_such_kd_plugin' raised on import (RuntimeError: broken on purpose)"),
+    ("import no_such_dependency_xyz", "`plugins` entry 'no_such_kd_plugin' raised on import (ModuleNotFoundError: No module named 'no_such_dependency_xyz')"),
+])
+@pytest.mark.parametrize("command", ["run", "distill"])
+def test_bad_plugin_exits_2_with_one_line(source, needle, command, capsys, in_tmp, monkeypatch, tmp_path_factory):
+    import sys as _sys
+
+    if source is not None:
+        d = tmp_path_factory.mktemp("badplugin")
+        (d / "no_such_kd_plugin.py").write_text(source)
+        monkeypatch.syspath_prepend(str(d))
+    monkeypatch.delitem(_sys.modules, "no_such_kd_plugin", raising=False)
+    code, err = run_cli([command, DEFAULT, "--set", "plugins=[no_such_kd_plugin]"], capsys)
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert os.listdir(in_tmp) == []
+
+
+def test_entry_point_plugins_register_on_load(tmp_path, monkeypatch):
+    """An installed package's `kdsweep.plugins` entry point is imported without being named."""
+    from trainables.models import MODELS
+    from trainables.plugins import load_plugins
+
+    (tmp_path / "kd_ep_plugin.py").write_text(
+        "import torch.nn as nn\nfrom trainables.models import MODELS\n\n@MODELS.register\ndef ep_net(num_classes, input_shape):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n")
+    dist = tmp_path / "kd_ep_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kd-ep-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kdsweep.plugins]\nmodels = kd_ep_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "ep_net" not in MODELS
+    assert "kd_ep_plugin" in load_plugins()
+    assert "ep_net" in MODELS

@@ -241,6 +241,19 @@ def test_ddp_trial_with_two_gloo_workers_reports_once_per_epoch(tmp_path, digits
     assert run.data.tags["kdsweep.status"] == "finished"
 
 
+def test_plugin_student_trains_inside_the_ray_workers(tmp_path, digits_teacher, ray_address, monkeypatch):
+    """The student exists only in a plugin module: every Ray process that reads a trial config
+    (trial actor, Train workers, profiling and cache tasks) must import the plugin itself."""
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "plugged", students=["plugin_mlp"], plugins=["kd_test_plugin"],
+                     **{"budget.num_samples": 2, "budget.max_concurrent": 1, "train.epochs": 2})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    runs = child_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "plugged")
+    assert [r.data.params["student"] for r in runs] == ["plugin_mlp", "plugin_mlp"]
+    assert {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
+    assert all(r.data.metrics["size_params"] == 64 * 48 + 48 + 48 * 10 + 10 for r in runs)
+
+
 def _count(db, sql):
     with sqlite3.connect(db) as con:
         return con.execute(sql).fetchone()[0]

@@ -132,6 +132,7 @@ class TrialConfig(TrainConfig):
     teacher_cache: str | None = Field(None, description="folder of a sweep's teacher soft-target cache (see teacher_cache.py)")
     checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
     profile: bool = Field(True, description="measure params/bytes/latency/FLOPs (and the teacher's, for ratios)")
+    plugins: list[str] = Field(default_factory=list, description="modules a worker imports before reading this config")
 
     @field_validator("student")
     @classmethod
@@ -188,6 +189,15 @@ def format_errors(e: ValidationError, source: str | None = None, prefix: str = "
         else:
             parts.append(f"`{field}`: {msg[0].lower() + msg[1:]}, but got {field}={err.get('input')!r}{where}")
     return "; ".join(parts)
+
+
+def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
+    """A trial config as a Ray worker receives it: its plugins imported first, so their models,
+    losses and datasets are known to this process's registries when it is validated."""
+    from trainables.plugins import load_plugins
+
+    load_plugins(data.get("plugins", []))
+    return validate(TrialConfig, data)
 
 
 def validate(model: type[M], data: Any, source: str | None = None, prefix: str = "") -> M:

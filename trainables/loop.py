@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from trainables.atomic import atomic_path
-from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, validate
+from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
 from trainables.data import augment, epoch_batches, load_splits, normalizer
 from trainables.losses import build_loss
@@ -190,7 +190,7 @@ def _placement(cfg: TrialConfig) -> tuple[int, int, torch.device]:
 
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics."""
-    cfg = config if isinstance(config, TrialConfig) else validate(TrialConfig, config)
+    cfg = config if isinstance(config, TrialConfig) else trial_from_dict(config)
     rank, world, device = _placement(cfg)
     reporter = reporter or LocalReporter(cfg.checkpoint_dir)
     cuda = device.type == "cuda"

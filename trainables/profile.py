@@ -72,9 +72,12 @@ def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> 
 
 
 def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
-                 teacher_path: str | None = None) -> dict[str, float]:
+                 teacher_path: str | None = None, plugins: list[str] = ()) -> dict[str, float]:
     """Ray task body (orchestrator.sweep.profile_architectures): size metrics of one architecture,
     freshly built, or of the saved teacher."""
+    from trainables.plugins import load_plugins
+
+    load_plugins(plugins)
     if teacher_path is not None:
         from trainables.teacher import load_teacher
 

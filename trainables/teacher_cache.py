@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from trainables.atomic import atomic_path
-from trainables.config import AugmentConfig, TrialConfig
+from trainables.config import AugmentConfig, TrialConfig, trial_from_dict
 from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_splits, normalizer
 
 META = "meta.json"
@@ -127,7 +127,7 @@ def cache_task(trial_cfg: dict, root: str, epochs: int) -> tuple[str, int]:
     """Ray task body (orchestrator.sweep.ensure_cache): build the sweep's cache, on a GPU if given one."""
     from trainables.teacher import load_teacher
 
-    cfg = TrialConfig.model_validate(trial_cfg)
+    cfg = trial_from_dict(trial_cfg)
     teacher, card = load_teacher(cfg.teacher_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path, forwards = build_teacher_cache(cfg, teacher, card["sha256"], root, epochs, device)

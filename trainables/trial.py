@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from trainables.config import TrialConfig, with_overrides
+from trainables.config import TrialConfig, trial_from_dict, with_overrides
 from trainables.loop import train_loop_per_worker
 
 _DONE = "__kdsweep_done__"
@@ -52,7 +52,7 @@ class QueueReport(UserCallback):
 def resolve_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str]) -> TrialConfig:
     """Tune's sampled point applied to its student's base trial config (searched key -> trial path).
     The driver's MLflow callback resolves the same way, so a run records exactly what trained."""
-    base = TrialConfig.model_validate(trials[config["student"]])
+    base = trial_from_dict(trials[config["student"]])
     return with_overrides(base, {paths[k]: v for k, v in config.items() if k != "student"})
 
 
