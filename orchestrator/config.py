@@ -16,7 +16,7 @@ from trainables.data import DATASETS
 from trainables.losses import LOSSES, check_loss_params
 from trainables.metrics import SEARCH_OBJECTIVES
 from trainables.plugins import load_plugins
-from trainables.models import MODELS
+from trainables.models import check_model
 from trainables.registry import ConfigError
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config.
@@ -43,8 +43,7 @@ class TeacherSpec(TrainConfig):
     @field_validator("arch")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"must be one of {MODELS.names()}, but got teacher.arch={v!r}")
+        check_model(v, "teacher.arch")
         return v
 
 
@@ -151,9 +150,8 @@ class SweepConfig(Strict):
     @field_validator("students")
     @classmethod
     def _known_students(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in MODELS]
-        if bad:
-            raise ValueError(f"must all be in {MODELS.names()}, but got unknown {bad}")
+        for name in v:
+            check_model(name, "students")
         return v
 
     @model_validator(mode="after")

@@ -59,6 +59,10 @@ def parse_bounds(pairs: list[str], flag: str) -> dict[str, float]:
     return out
 
 
+def _float(v: str | None) -> float | None:
+    return None if v in (None, "None") else float(v)
+
+
 def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
     """One row per trial: its params, every logged metric, and its KD gain over its student's control."""
     rows = []
@@ -68,8 +72,9 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         row.update({
             "run_id": r.info.run_id, "trial_id": tags.get(TRIAL), "status": tags.get(STATUS, "?"), "student": p.get("student", "?"),
             "error": tags.get(ERROR),
-            "temperature": float(p["temperature"]) if "temperature" in p else None,
-            "alpha": float(p["alpha"]) if "alpha" in p else None, "lr": float(p["lr"]) if "lr" in p else None,
+            # searched values under their short names; otherwise the resolved trial config's
+            "temperature": _float(p.get("temperature", p.get("trial.loss.temperature"))),
+            "alpha": _float(p.get("alpha", p.get("trial.loss.alpha"))), "lr": _float(p.get("lr", p.get("trial.optimizer.lr"))),
             "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
         })
         rows.append(row)

@@ -73,6 +73,8 @@ class LossConfig(BaseModel):
     ce_weight: float | None = Field(None, ge=0.0, description="explicit form, with distill_weight (exclusive with alpha)")
     distill_weight: float | None = Field(None, ge=0.0)
     temperature: float = Field(4.0, gt=0.0)
+    student_layers: list[str] | None = Field(None, description="feature losses: the student's layers by name (default: its stages)")
+    teacher_layers: list[str] | None = Field(None, description="feature losses: the teacher's layers, paired in order with student_layers")
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
@@ -94,7 +96,7 @@ class LossConfig(BaseModel):
 
     def params(self) -> dict[str, Any]:
         weights = {"alpha": self.alpha} if self.alpha is not None else {"ce_weight": self.ce_weight, "distill_weight": self.distill_weight}
-        return {**weights, "temperature": self.temperature, **(self.model_extra or {})}
+        return {**weights, "temperature": self.temperature, **(self.model_extra or {})}  # layers go to the models, not the loss
 
 
 class TrainConfig(Strict):
@@ -137,9 +139,9 @@ class TrialConfig(TrainConfig):
     @field_validator("student")
     @classmethod
     def _known_student(cls, v: str) -> str:
-        from trainables.models import MODELS
+        from trainables.models import check_model
 
-        MODELS.get(v) if v in MODELS else _raise_unknown("student", v, MODELS.names())
+        check_model(v, "student")
         return v
 
 
@@ -161,10 +163,6 @@ def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
     for path, value in overrides.items():
         set_dotted(data, path, value)
     return validate(TrialConfig, data, prefix="trial.")
-
-
-def _raise_unknown(field: str, value: str, choices: list[str]):
-    raise ValueError(f"must be one of {choices}, but got {field}={value!r}")
 
 
 def _loc(err: dict) -> str:

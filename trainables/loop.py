@@ -27,7 +27,7 @@ from trainables.corruptions import robustness
 from trainables.data import augment, epoch_batches, load_splits, normalizer
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
-from trainables.models import create_model
+from trainables.models import create_model, tap_layers
 from trainables.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.targets import teacher_targets
@@ -218,6 +218,10 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
+    if cfg.loss.student_layers:
+        tap_layers(student, cfg.loss.student_layers, "loss.student_layers")
+    if cfg.loss.teacher_layers and teacher is not None:
+        tap_layers(teacher, cfg.loss.teacher_layers, "loss.teacher_layers")
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {}
     if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.sweep)

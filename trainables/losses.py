@@ -291,7 +291,7 @@ def _feature_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tupl
     was_training = model.training
     model.eval()
     p = next(model.parameters())
-    feats = model.forward_features(torch.zeros(2, *input_shape, device=p.device))
+    _, feats = model(torch.zeros(2, *input_shape, device=p.device), with_features=True)
     model.train(was_training)
     return [tuple(f.shape[1:]) for f in feats]
 

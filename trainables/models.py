@@ -15,19 +15,84 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.registry import Registry
+from trainables.registry import ConfigError, Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model")
 
 
+#: Any torchvision classification model is a model here as `torchvision.<name>`.
+ZOO = "torchvision."
+
+
+def zoo_names() -> list[str]:
+    import torchvision
+
+    return [ZOO + n for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def check_model(name: str, field: str) -> None:
+    """ValueError (for pydantic) unless `name` is a registered model or a torchvision classifier."""
+    if name in MODELS or (name.startswith(ZOO) and name in zoo_names()):
+        return
+    hint = " or torchvision.<name> for one of torchvision's classification models" if not name.startswith(ZOO) else \
+        f" ({len(zoo_names())} torchvision classifiers, e.g. torchvision.resnet18, torchvision.mobilenet_v3_small)"
+    raise ValueError(f"must be one of {MODELS.names()}{hint}, but got {field}={name!r}")
+
+
 def create_model(name: str, num_classes: int, input_shape: tuple[int, ...] | list[int], **kwargs) -> nn.Module:
-    """Build a registered model; `None` kwargs are dropped so configs can leave them unset."""
+    """Build a registered model or a torchvision classifier; `None` kwargs are dropped so configs
+    can leave them unset."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name.startswith(ZOO) and name not in MODELS:
+        return ZooModel(name.removeprefix(ZOO), num_classes, tuple(input_shape), **kwargs)
     return MODELS.get(name)(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
 
 
-class StagedNet(nn.Module):
-    """stem -> stages -> pooled head. Subclasses fill `stem`, `stages` (ModuleList) and `head`."""
+class FeatureTaps:
+    """Features of any model by layer name (its `named_modules()`, which for torchvision models are
+    the module nodes `torchvision.models.feature_extraction.get_graph_node_names` lists): forward
+    hooks record those layers' outputs during the normal forward; nothing is copied or traced."""
+
+    feature_layers: tuple[str, ...] = ()
+
+    def tap_root(self) -> nn.Module:
+        """The module whose layer names users write (a torchvision model's own names)."""
+        return self
+
+    def set_feature_layers(self, layers: list[str], field: str) -> None:
+        names = dict(self.tap_root().named_modules())
+        bad = [layer for layer in layers if layer not in names or not layer]
+        if bad:
+            some = [n for n in names if n and n.count(".") <= 1][:12]
+            raise ConfigError(f"`{field}` names no layer {bad[0]!r} of this model: use module names such as {some}")
+        for handle in getattr(self, "_tap_handles", []):
+            handle.remove()
+        self.feature_layers = tuple(layers)
+        self._taps: list[Tensor] = []
+        self._tapping = False
+        self._tap_handles = [names[layer].register_forward_hook(lambda m, i, out: self._taps.append(out) if self._tapping else None)
+                             for layer in layers]
+
+    def tapped(self, x: Tensor, forward) -> tuple[Tensor, list[Tensor]]:
+        self._taps, self._tapping = [], True
+        try:
+            logits = forward(x)
+        finally:
+            self._tapping = False
+        return logits, self._taps
+
+
+def tap_layers(model: nn.Module, layers: list[str], field: str) -> None:
+    """Have `model(x, with_features=True)` return these layers' outputs (feature losses)."""
+    if not isinstance(model, FeatureTaps):
+        raise ConfigError(f"`{field}` needs a model that takes layer names: {type(model).__name__} does not "
+                          "(build it on trainables.models.StagedNet, or use a torchvision.<name> model)")
+    model.set_feature_layers(layers, field)
+
+
+class StagedNet(FeatureTaps, nn.Module):
+    """stem -> stages -> pooled head. Subclasses fill `stem`, `stages` (ModuleList) and `head`.
+    Its features are its stage outputs, or the layers named with set_feature_layers."""
 
     stem: nn.Module
     stages: nn.ModuleList
@@ -46,11 +111,48 @@ class StagedNet(nn.Module):
             x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.head(x)
 
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x)[-1])
+
     def forward(self, x: Tensor, with_features: bool = False):
-        """Logits, or (logits, stage features) so DDP-wrapped models can serve feature losses."""
+        """Logits, or (logits, features) so DDP-wrapped models can serve feature losses."""
+        if with_features and self.feature_layers:
+            return self.tapped(x, self._logits)
         feats = self.forward_features(x)
         logits = self.forward_head(feats[-1])
         return (logits, feats) if with_features else logits
+
+
+class ZooModel(FeatureTaps, nn.Module):
+    """A torchvision classifier built for the dataset: `num_classes` outputs, and grey images fed to
+    a 3-channel first layer as three equal channels. Features: the layers named with
+    set_feature_layers (`loss.student_layers` / `loss.teacher_layers`)."""
+
+    def __init__(self, arch: str, num_classes: int, input_shape: tuple[int, ...], **kwargs) -> None:
+        import torchvision
+
+        super().__init__()
+        self.arch = arch
+        self.net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        first = next(m for m in self.net.modules() if isinstance(m, nn.Conv2d))
+        if input_shape[0] not in (first.in_channels, 1):
+            raise ConfigError(f"`dataset` has {input_shape[0]}-channel images, but torchvision.{arch} takes {first.in_channels}: "
+                              "use a 1- or 3-channel dataset")
+        self.expand = first.in_channels if input_shape[0] == 1 and first.in_channels != 1 else 0
+
+    def tap_root(self) -> nn.Module:
+        return self.net
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.net(x.expand(-1, self.expand, -1, -1) if self.expand else x)
+
+    def forward(self, x: Tensor, with_features: bool = False):
+        if not with_features:
+            return self._logits(x)
+        if not self.feature_layers:
+            raise ConfigError(f"feature losses on torchvision.{self.arch} need layer names: set loss.student_layers / "
+                              "loss.teacher_layers (e.g. [layer2, layer3] for ResNets)")
+        return self.tapped(x, self._logits)
 
 
 # --- CRD CIFAR ResNets -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainables.atomic import atomic_path
-from trainables.models import MODELS, create_model
+from trainables.models import check_model, create_model
 from trainables.registry import ConfigError
 
 WEIGHTS, CARD = "teacher.safetensors", "teacher.json"
@@ -62,8 +62,10 @@ def load_teacher(
     """Load a teacher in eval mode, checking hash, architecture, class count and input shape."""
     card = read_card(path)
     p = Path(path)
-    if card["arch"] not in MODELS:
-        raise ConfigError(f"`teacher.path` card names arch={card['arch']!r}, not one of {MODELS.names()}")
+    try:
+        check_model(card["arch"], "arch")
+    except ValueError as e:
+        raise ConfigError(f"`teacher.path` card names an unknown model: {e}") from None
     if num_classes is not None and card["num_classes"] != num_classes:
         raise ConfigError(
             f"`teacher.path` teacher has num_classes={card['num_classes']} but the dataset has {num_classes}: "
