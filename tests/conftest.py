@@ -104,3 +104,26 @@ def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
     out = path / f"{name}.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, seconds: float = 120.0) -> None:
+    """Until `url` answers (an MLflow server's /health), or fail the test."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} never answered")

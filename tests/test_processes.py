@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import psutil
 import pytest
 
-from tests.conftest import sweep_yaml
+from tests.conftest import free_port, sweep_yaml, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -56,19 +54,10 @@ def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
 
 
 def test_ui_server_stops_with_kdsweep_ui(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri",
                              f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        pytest.fail("the MLflow UI never answered")
+    wait_for_http(f"http://127.0.0.1:{port}/health")
     server = psutil.Process(proc.pid).children(recursive=True)
     assert server
     proc.send_signal(signal.SIGTERM)

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 
 import mlflow
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from tests.conftest import sweep_yaml
+from tests.conftest import free_port, sweep_yaml, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -173,11 +172,7 @@ def chrome(url: str, *args: str) -> str:
 def browse(folder, uri: str, report_html, run_names: list[str]) -> None:
     """`kdsweep ui` on 127.0.0.1, opened at the address it prints: the sweep's runs with val_acc are
     on the page; screenshots of it and of the HTML report are written beside the test."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri", uri],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines: list[str] = []
@@ -189,12 +184,7 @@ def browse(folder, uri: str, report_html, run_names: list[str]) -> None:
             time.sleep(0.2)
         url = next(line for line in lines if "sweep e2e: " in line).split(": ", 1)[1].strip()
         assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/") and "viewStateShareKey=kdsweep" in url, lines
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/health")
         chrome(url, f"--screenshot={folder / 'mlflow-ui.png'}")
         dom = chrome(url, "--dump-dom")
     finally:
@@ -317,11 +307,7 @@ def test_resources_the_cluster_cannot_give_fail_before_anything_is_written(tmp_p
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
     proc = subprocess.Popen(
@@ -329,14 +315,7 @@ def mlflow_server(tmp_path):
          "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}", "--artifacts-destination", str(store / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
+    wait_for_http(uri + "/health", 60)
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
