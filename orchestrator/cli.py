@@ -123,6 +123,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export import export
+
+    saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
+    export(saved, tracker, parent, args.format, args.out, args.trial)
+    return 0
+
+
 def _select_args_ok(args: argparse.Namespace) -> None:
     """Parse selection flags before anything runs, so a typo fails in the first second."""
     from orchestrator.selection import Objective, parse_bounds
@@ -223,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_name(rp)
     rp.add_argument("--out", help="output folder (default: STORAGE/NAME/report)")
     rp.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("export", help="the champion (or --trial) alone: ONNX, TorchScript or safetensors, preprocessing built in")
+    _add_sweep_name(e)
+    e.add_argument("--format", default="onnx", help="onnx (default), torchscript or safetensors")
+    e.add_argument("--out", help="output folder (default: STORAGE/NAME/export)")
+    e.add_argument("--trial", help="a trial id instead of the champion")
+    e.set_defaults(func=cmd_export)
 
     u = sub.add_parser("ui", help="serve the MLflow UI for the local store on 127.0.0.1")
     u.add_argument("--tracking-uri")

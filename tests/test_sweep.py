@@ -147,6 +147,25 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert "![e2e-joint-optimization_history](optuna/e2e-joint-optimization_history.png)" in md
     assert "leaderboard.json" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
 
+    # the champion taken out alone: ONNX checked by onnxruntime against PyTorch, preprocessing inside
+    import onnxruntime
+
+    for fmt in ("onnx", "torchscript", "safetensors"):
+        assert main(["export", "e2e", "--storage", str(tmp_path / "runs"), "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    assert "student.onnx: max abs logit difference vs PyTorch on" in out
+    exported = tmp_path / "runs" / "e2e" / "export"
+    assert sorted(f.name for f in exported.iterdir()) == ["student.json", "student.onnx", "student.safetensors", "student.torchscript.pt"]
+    raw = torch.rand(3, 1, 8, 8) * 255  # any batch size: the batch dimension is dynamic
+    ort = onnxruntime.InferenceSession(str(exported / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert torch.allclose(torch.from_numpy(ort.run(None, {"images": raw.numpy()})[0]), model(raw).detach(), atol=1e-4)
+    assert torch.allclose(torch.jit.load(str(exported / "student.torchscript.pt"))(raw), model(raw), atol=1e-4)
+    champion_metrics = client.get_run(champion).data.metrics
+    assert champion_metrics["export_onnx_max_abs_diff"] <= 1e-4 and champion_metrics["export_torchscript_max_abs_diff"] <= 1e-4
+    assert {"export/student.onnx", "export/student.safetensors"} <= {a.path for a in client.list_artifacts(champion, "export")}
+    assert main(["export", "e2e", "--storage", str(tmp_path / "runs"), "--format", "tflite"]) == 2
+    assert "`--format` must be one of" in capsys.readouterr().err
+
     # what a user sees, in a real browser: the UI's sweep view and the HTML report
     browse(tmp_path, uri, report / "report.html", [r.info.run_name for r in runs])
 

@@ -1,0 +1,79 @@
+"""`kdsweep export NAME`: the champion (or one trial's student) taken out alone, with its
+preprocessing built in (raw 0..255 images in, logits out) and a dynamic batch dimension (driver
+side). ONNX and TorchScript files are checked against PyTorch on test images before they are
+kept; the file and the check's max abs logit difference are logged to the student's MLflow run."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from orchestrator.selection import Normalized, load_student
+from orchestrator.tracking import TRIAL, SweepTracker
+from trainables.data import load_splits
+from trainables.registry import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+#: What the exported file must agree with PyTorch to, in logits.
+TOLERANCE = 1e-4
+
+
+def student_run(tracker: SweepTracker, parent_id: str, trial: str | None) -> str:
+    if trial is not None:
+        runs = tracker.find_runs(f"tags.`{TRIAL}` = '{trial}' and tags.mlflow.parentRunId = '{parent_id}'")
+        if not runs:
+            raise ConfigError(f"`--trial` {trial!r} is not a trial of this sweep: see `kdsweep best NAME` for trial ids")
+        return runs[0].info.run_id
+    champion = tracker.client.get_run(parent_id).data.tags.get("kdsweep.champion_run_id")
+    if champion is None:
+        raise ConfigError("`NAME` has no champion yet: run `kdsweep best NAME` first, or pass --trial ID")
+    return champion
+
+
+def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | None, trial: str | None) -> Path:
+    if fmt not in FORMATS:
+        raise ConfigError(f"`--format` must be one of {list(FORMATS)}, but got {fmt!r}")
+    run_id = student_run(tracker, parent_id, trial)
+    splits = load_splits(saved.config.dataset)
+    model = Normalized(load_student(tracker, run_id), splits.mean, splits.std).eval()
+    out_dir = Path(out) if out else saved.directory / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    example = splits.test_x[:256].float()
+    with torch.no_grad():
+        expected = model(example)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = out_dir / "student.safetensors"
+        save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
+        card = json.loads(Path(tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir))).read_text())
+        card.update({"mean": list(splits.mean), "std": list(splits.std), "input": "raw 0..255 pixels, (N, C, H, W); normalize with mean/std x 255"})
+        (out_dir / "student.json").write_text(json.dumps(card, indent=2))
+        for f in (path, out_dir / "student.json"):
+            tracker.client.log_artifact(run_id, str(f), "export")
+        log.info("exported %s (weights and card; preprocessing in the card) to %s", run_id, path)
+        return path
+    if fmt == "onnx":
+        path = out_dir / "student.onnx"
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(model, (example[:2],), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False, verbose=False)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
+    else:
+        path = out_dir / "student.torchscript.pt"
+        torch.jit.save(torch.jit.trace(model, example[:2]), str(path))
+        got = torch.jit.load(str(path))(example).detach()
+    diff = (got - expected).abs().max().item()
+    log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test images = %.3g", run_id, path, len(example), diff)
+    if not diff <= TOLERANCE:
+        raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {TOLERANCE}) on test images: try --format torchscript")
+    tracker.log_metrics(run_id, {f"export_{fmt}_max_abs_diff": diff}, step=0)
+    tracker.client.log_artifact(run_id, str(path), "export")
+    return path
