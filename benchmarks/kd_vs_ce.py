@@ -79,7 +79,7 @@ def main() -> None:
           f"{cfg.train.epochs} epochs, seeds {args.seeds}; test split, mean +- std over seeds\n")
     print("| model | diverged | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| teacher {card['arch']} | {100 * t_eval['test_acc']:.2f} | {100 * t_eval['test_macro_f1']:.2f} | "
+    print(f"| teacher {card['arch']} | - | {100 * t_eval['test_acc']:.2f} | {100 * t_eval['test_macro_f1']:.2f} | "
           f"{100 * t_eval['test_robust_acc']:.2f} | {100 * t_eval['test_ece']:.2f} | 100 | 1.0 | 1.0 |")
     for label, runs in rows.items():
         diverged = sum(bool(r.get("diverged")) for r in runs)
