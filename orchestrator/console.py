@@ -11,6 +11,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.config import SweepConfig
+from orchestrator.tracking import completed_status
 from trainables.trial import resolve_trial
 
 COLUMNS = ("trial", "student", "T", "alpha", "lr", "epoch", "val_acc", "status")
@@ -66,8 +67,7 @@ class ConsoleReporter(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        status = (trial.last_result or {}).get("status", "finished")
-        row.status = "stopped" if status == "running" else status  # ASHA ended it early
+        row.status = completed_status(trial)
         self._show(f"done   {self._line(trial.trial_id)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -69,7 +69,7 @@ def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
     metrics, modes = objectives(cfg)
     return OptunaSearch(
         space=space(cfg, students),
-        metric=metrics if len(metrics) > 1 else METRIC, mode=modes if len(modes) > 1 else "max",
+        metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
         points_to_evaluate=control_points(cfg, students),
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
     )

@@ -191,9 +191,9 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> dic
 def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, trainable, callbacks: list, restore: bool, verbose: bool):
     from ray import tune
 
-    if not verbose:  # Tune's new output engine prints its headers even when silent; the old one obeys verbose=0
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    # Tune's new output engine prints its headers even when silent; the old one obeys verbose=0
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    logging.getLogger("ray.tune").setLevel(logging.NOTSET if verbose else logging.WARNING)
     path = f"{cfg.ray_storage()}/tune-{study}"
     local = Path(path) if "://" not in path else None
     callbacks[1].experiment_dir = local

@@ -181,9 +181,7 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id, _ = self.run_for(trial)
         last = trial.last_result or {}
-        status = last.get("status", "failed")
-        if status == "running":
-            status = "stopped"  # ASHA ended it before max epochs
+        status = completed_status(trial)
         t = self.tracker
         t.log_metrics(run_id, {"final_val_acc": last.get("val_acc", 0.0), "epochs_run": last.get("epoch", 0)}, step=int(last.get("epoch", 0)))
         ckpt = last.get("checkpoint_path")
@@ -207,6 +205,13 @@ class MlflowTrialCallback(Callback):
             self.tracker.client.log_text(run_id, text, "error.txt")
         self.tracker.client.set_tag(run_id, STATUS, "failed")
         self.tracker.client.set_terminated(run_id, "FAILED")
+
+
+def completed_status(trial) -> str:
+    """How a trial Tune calls complete ended: its last reported status, `stopped` when ASHA ended
+    it while still running, `failed` when it never reported."""
+    status = (trial.last_result or {}).get("status", "failed")
+    return "stopped" if status == "running" else status
 
 
 def sweep_views(uri: str, base_url: str) -> list[tuple[str, str]]:

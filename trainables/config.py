@@ -24,6 +24,10 @@ class AugmentConfig(Strict):
     flip: bool = Field(False, description="random horizontal flip")
 
 
+#: Where decompressed data go when neither dataset.cache nor $KDSWEEP_CACHE says.
+DEFAULT_CACHE = Path.home() / ".cache" / "kdsweep"
+
+
 class DatasetConfig(Strict):
     name: str = "digits"
     root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
@@ -38,7 +42,7 @@ class DatasetConfig(Strict):
         """Paths made absolute, environment defaults applied: the one place that reads
         KD_DATA_ROOT and KDSWEEP_CACHE, on the driver, so workers on any node need neither."""
         root = self.root or os.environ.get("KD_DATA_ROOT")
-        cache = self.cache or os.environ.get("KDSWEEP_CACHE") or str(Path.home() / ".cache" / "kdsweep")
+        cache = self.cache or os.environ.get("KDSWEEP_CACHE") or str(DEFAULT_CACHE)
         return self.model_copy(update={
             "root": os.path.abspath(os.path.expanduser(root)) if root else None,
             "cache": os.path.abspath(os.path.expanduser(cache)),
@@ -82,7 +86,7 @@ class LossConfig(BaseModel):
 
         try:
             loss_weights(self.alpha, self.ce_weight, self.distill_weight)
-            check_loss_params(self.name, ["temperature", "warmup_epochs", *(self.model_extra or {})])
+            check_loss_params(self.name, list(self.model_extra or {}))
         except ConfigError as e:
             raise ValueError(str(e)) from None
         if self.alpha is None and self.ce_weight is None:

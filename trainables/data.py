@@ -35,7 +35,9 @@ DEFAULT_AUGMENT = {"cifar10": {"crop_pad": 4, "flip": True}, "cifar100": {"crop_
 def cache_dir(cache: str | None) -> Path:
     """Where decompressed files go: never inside a user's (possibly read-only) data root.
     `cache` is dataset.cache, resolved on the driver (DatasetConfig.resolved)."""
-    return Path(cache or Path.home() / ".cache" / "kdsweep") / "data"
+    from trainables.config import DEFAULT_CACHE
+
+    return Path(cache or DEFAULT_CACHE) / "data"
 
 
 @dataclass(frozen=True)

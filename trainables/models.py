@@ -7,6 +7,7 @@ The CIFAR ResNets, WRNs, MobileNetV2 and ShuffleNetV2 follow the CRD benchmark's
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -24,10 +25,11 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model")
 ZOO = "torchvision."
 
 
-def zoo_names() -> list[str]:
+@functools.cache
+def zoo_names() -> tuple[str, ...]:
     import torchvision
 
-    return [ZOO + n for n in torchvision.models.list_models(module=torchvision.models)]
+    return tuple(ZOO + n for n in torchvision.models.list_models(module=torchvision.models))
 
 
 def check_model(name: str, field: str) -> None:
