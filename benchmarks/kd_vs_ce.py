@@ -18,11 +18,11 @@ import time
 
 from orchestrator.config import load_config
 from orchestrator.prepare import check_data, ensure_teacher
-from orchestrator.selection import evaluate_on_test
+from orchestrator.selection import Normalized, evaluate_on_test
 from trainables.data import load_splits
 from trainables.profile import size_metrics
 from trainables.loop import LocalReporter, train_student
-from trainables.teacher import load_teacher
+from trainables.teacher import load_teacher, teacher_stats
 
 log = logging.getLogger("kdsweep.bench")
 
@@ -46,7 +46,8 @@ def main() -> None:
     splits = load_splits(ds)
     teacher, card = load_teacher(teacher_dir)
     t_size = size_metrics(teacher, splits.input_shape, gpu=False)
-    t_eval = evaluate_on_test(cfg, teacher, None)["student"]
+    teacher = Normalized(teacher, *teacher_stats(card, splits)).eval()
+    t_eval = evaluate_on_test(cfg, teacher, None, splits)["student"]
     kd = {"alpha": args.alpha if args.alpha is not None else cfg.loss.alpha,
           "temperature": args.temperature if args.temperature is not None else cfg.loss.temperature}
     rows = {}
@@ -60,7 +61,7 @@ def main() -> None:
                 runs.append({"diverged": True, "epoch": r.metrics["epoch"]})
                 log.info("%s seed=%d: diverged at epoch %d", label, seed, r.metrics["epoch"])
                 continue
-            test = evaluate_on_test(cfg, r.model, teacher)["student"]
+            test = evaluate_on_test(cfg, Normalized(r.model, r.preprocess["mean"], r.preprocess["std"]).eval(), teacher, splits)["student"]
             size = size_metrics(r.model, splits.input_shape, gpu=False)
             runs.append({"val_acc": r.metrics["val_acc"], "test_acc": test["test_acc"], "macro_f1": test["test_macro_f1"],
                          "robust_acc": test["test_robust_acc"], "ece": test["test_ece"], "agreement": test["test_agreement"],

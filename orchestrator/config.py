@@ -11,13 +11,14 @@ import optuna
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from trainables.config import DatasetConfig, LossConfig, Strict, TrainConfig, TrialConfig, set_dotted, validate, with_overrides
+from trainables.config import AugmentConfig, DatasetConfig, LossConfig, Normalize, Strict, TrainConfig, TrialConfig, set_dotted, validate, with_overrides
 from trainables.data import DATASETS
 from trainables.losses import LOSSES, check_loss_params
 from trainables.metrics import SEARCH_OBJECTIVES
 from trainables.plugins import load_plugins
 from trainables.models import check_model
 from trainables.registry import ConfigError
+from trainables.weights import check_weights_path, weights_sha256
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config.
 ALIASES = {
@@ -32,12 +33,26 @@ ALIASES = {
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
-class TeacherSpec(TrainConfig):
-    """The teacher: a saved folder, or an architecture trained (once, cached) with its own TrainConfig."""
+class Finetune(Strict):
+    """How a teacher starts from `teacher.weights`: epochs on the user's data (0: use the file as is,
+    possible only when its head already has the dataset's class count)."""
 
-    path: str | None = Field(None, description="a saved teacher folder; null: train one into teachers/ (cached by config hash)")
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(0.01, gt=0.0, description="replaces teacher.optimizer.lr while fine-tuning")
+    freeze_backbone: bool = Field(False, description="train only the new head")
+
+
+class TeacherSpec(TrainConfig):
+    """The teacher: a saved folder, or an architecture trained (once, cached) with its own TrainConfig,
+    from scratch or from a weights file (head replaced and fine-tuned when its class count differs)."""
+
+    path: str | None = Field(None, description="a saved teacher folder; null: train one into teachers/ (cached by config and weights hash)")
     arch: str = "cnn_small"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="a state_dict file (.pth read weights_only, or .safetensors) to start from")
+    finetune: Finetune = Field(default_factory=Finetune)
+    augment: AugmentConfig | None = Field(None, description="the teacher's own training augmentation; null: the dataset's")
+    normalize: Normalize = Field("auto", description="auto: ImageNet statistics for torchvision weights, else the data's")
     seed: int = 0
 
     @field_validator("arch")
@@ -45,6 +60,17 @@ class TeacherSpec(TrainConfig):
     def _known(cls, v: str) -> str:
         check_model(v, "teacher.arch")
         return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, v: str | None) -> str | None:
+        return check_weights_path(v, "teacher.weights") if v else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if self.path and self.weights:
+            raise ValueError("`teacher.path` (a saved kdsweep teacher) and `teacher.weights` (a file to start from) exclude each other: keep one")
+        return self
 
 
 class SweepTrain(TrainConfig):
@@ -115,6 +141,8 @@ class SweepConfig(Strict):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     students: list[str] = Field(min_length=1)
+    student_weights: dict[str, str] = Field(default_factory=dict, description="student -> state_dict file to start from (head replaced when needed)")
+    normalize: Normalize = Field("auto", description="the students' input statistics: auto (ImageNet for torchvision weights, else the data's)")
     loss: LossConfig = Field(default_factory=LossConfig)
     train: SweepTrain = Field(default_factory=SweepTrain)
     search: dict[str, SearchParam] = Field(default_factory=dict)
@@ -158,6 +186,11 @@ class SweepConfig(Strict):
     def _check(self) -> "SweepConfig":
         DATASETS.get(self.dataset.name)
         LOSSES.get(self.loss.name)
+        for field, keys in (("student_weights", self.student_weights), ("loss.student_layers", self.loss.student_layers)):
+            extra = [k for k in (keys if isinstance(keys, dict) else {}) if k not in self.students]
+            if extra:
+                raise ValueError(f"`{field}` names {extra[0]!r}, which is not in students {self.students}: fix the key")
+        self.student_weights = {k: check_weights_path(v, f"student_weights.{k}") for k, v in self.student_weights.items()}
         for key, p in self.search.items():
             path = ALIASES.get(key, key)
             if path == "students":
@@ -207,17 +240,26 @@ class SweepConfig(Strict):
         """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
         if self.teacher.path:
             return Path(self.teacher.path)
-        spec = {"teacher": self.teacher.model_dump(exclude={"path"}), "dataset": self.dataset.model_dump(exclude={"root", "cache"})}
+        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights"}), "dataset": self.dataset.model_dump(exclude={"root", "cache"}),
+                "weights_sha256": weights_sha256(self.teacher.weights) if self.teacher.weights else None}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"
 
     def teacher_trial(self) -> TrialConfig:
-        """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own."""
+        """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own, with its
+        own augmentation; from a weights file it is fine-tuned (finetune's epochs and lr)."""
         t = self.teacher
-        return TrialConfig(
-            **_train_fields(t), dataset=self.dataset.resolved(), student=t.arch, student_kwargs=t.arch_kwargs,
-            loss=LossConfig(name="kd", alpha=0.0), seed=t.seed, profile=False,
-        )
+        train = _train_fields(t)
+        if t.weights:
+            train.update(epochs=t.finetune.epochs, optimizer=t.optimizer.model_copy(update={"lr": t.finetune.lr}))
+        dataset = self.dataset.resolved()
+        if t.augment is not None:
+            dataset = dataset.model_copy(update={"augment": t.augment})
+        return validate(TrialConfig, {
+            **train, "dataset": dataset, "student": t.arch, "student_kwargs": t.arch_kwargs, "student_weights": t.weights,
+            "freeze_backbone": t.finetune.freeze_backbone, "normalize": t.normalize,
+            "loss": LossConfig(name="kd", alpha=0.0), "seed": t.seed, "profile": False, "plugins": self.plugins,
+        }, prefix="teacher.")
 
     def trial(self, student: str, overrides: dict[str, Any] | None = None, teacher_path: str | Path | None = None, *,
               distill: bool = True, teacher_cache: str | None = None, checkpoint_dir: str | None = None,
@@ -230,7 +272,7 @@ class SweepConfig(Strict):
         base = validate(TrialConfig, {
             **_train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": self.loss,
             "seed": self.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
-            "profile": profile, "plugins": self.plugins,
+            "profile": profile, "plugins": self.plugins, "student_weights": self.student_weights.get(student), "normalize": self.normalize,
         }, prefix="trial.")
         return with_overrides(base, {trial_path(k): v for k, v in (overrides or {}).items()})
 

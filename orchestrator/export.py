@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.selection import Normalized, load_student
+from orchestrator.selection import load_student
 from orchestrator.tracking import TRIAL, SweepTracker
 from trainables.data import load_splits
 from trainables.registry import ConfigError
@@ -18,7 +18,8 @@ from trainables.registry import ConfigError
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript", "safetensors")
-#: What the exported file must agree with PyTorch to, in logits.
+#: What the exported file must agree with PyTorch to: max abs logit difference, relative to the
+#: largest |logit| when that exceeds 1 (float32 keeps ~7 digits, whatever the logits' scale).
 TOLERANCE = 1e-4
 
 
@@ -39,7 +40,7 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         raise ConfigError(f"`--format` must be one of {list(FORMATS)}, but got {fmt!r}")
     run_id = student_run(tracker, parent_id, trial)
     splits = load_splits(saved.config.dataset)
-    model = Normalized(load_student(tracker, run_id), splits.mean, splits.std).eval()
+    model = load_student(tracker, run_id, splits)
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     example = splits.test_x[:256].float()
@@ -51,7 +52,8 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         path = out_dir / "student.safetensors"
         save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
         card = json.loads(Path(tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir))).read_text())
-        card.update({"mean": list(splits.mean), "std": list(splits.std), "input": "raw 0..255 pixels, (N, C, H, W); normalize with mean/std x 255"})
+        card.update({"mean": model.mean.flatten().div(255).tolist(), "std": model.std.flatten().div(255).tolist(),
+                     "input": "raw 0..255 pixels, (N, C, H, W); normalize with mean/std x 255"})
         (out_dir / "student.json").write_text(json.dumps(card, indent=2))
         for f in (path, out_dir / "student.json"):
             tracker.client.log_artifact(run_id, str(f), "export")
@@ -71,9 +73,10 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         torch.jit.save(torch.jit.trace(model, example[:2]), str(path))
         got = torch.jit.load(str(path))(example).detach()
     diff = (got - expected).abs().max().item()
-    log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test images = %.3g", run_id, path, len(example), diff)
-    if not diff <= TOLERANCE:
-        raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {TOLERANCE}) on test images: try --format torchscript")
+    bound = TOLERANCE * max(1.0, expected.abs().max().item())
+    log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test images = %.3g (bound %.3g)", run_id, path, len(example), diff, bound)
+    if not diff <= bound:
+        raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test images: try --format torchscript")
     tracker.log_metrics(run_id, {f"export_{fmt}_max_abs_diff": diff}, step=0)
     tracker.client.log_artifact(run_id, str(path), "export")
     return path

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
-from trainables.data import load_splits
+from trainables.data import DataSplits, load_splits, model_stats
 from trainables.loop import train_student
+from trainables.models import create_model
+from trainables.registry import ConfigError
 from trainables.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
+from trainables.weights import load_weights, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +31,32 @@ def check_data(cfg: SweepConfig) -> DataInfo:
     return DataInfo(s.num_classes, s.input_shape, len(s.train_y), len(s.val_y), len(s.test_y))
 
 
+def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> None:
+    """Every weights file against its architecture, on the driver, before Ray starts: wrong keys,
+    shapes or a file that holds no tensors fail here with the keys named, never in a worker."""
+    if teacher and cfg.teacher.weights:
+        t = cfg.teacher
+        model = create_model(t.arch, info.num_classes, info.input_shape, **t.arch_kwargs)
+        new_head = load_weights(model, t.weights, "teacher.weights", new_head_ok=True)
+        if new_head and t.finetune.epochs == 0:
+            raise ConfigError(f"`teacher.finetune.epochs` must be >= 1: teacher.weights has a head of another class count than the "
+                              f"dataset's {info.num_classes}, and the new head must be trained")
+    for student, path in cfg.student_weights.items():
+        model = create_model(student, info.num_classes, info.input_shape)
+        load_weights(model, path, f"student_weights.{student}", new_head_ok=True)
+
+
 def check_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = False) -> Path | None:
-    """Verify an existing teacher against the data; None when one is still to be trained.
+    """Verify an existing teacher against the data, and every weights file; None when the teacher
+    is still to be trained (or fine-tuned).
 
     A teacher.path the user named must exist unless we are asked to train into it
     (`kdsweep teacher`); the automatic teachers/ cache is filled on demand.
     """
     path = cfg.teacher_dir()
-    if not (path / CARD).exists() and not (path / WEIGHTS).exists():
+    missing = not (path / CARD).exists() and not (path / WEIGHTS).exists()
+    check_weights(cfg, info, teacher=missing)
+    if missing:
         if cfg.teacher.path is not None and not train_missing:
             read_card(path)  # raises the one-line "train one with `kdsweep teacher CONFIG`"
         return None
@@ -48,14 +69,38 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True)
     path = check_teacher(cfg, info, train_missing)
     if path is not None:
         return path
-    path = cfg.teacher_dir()
-    log.info("training teacher %s on %s -> %s", cfg.teacher.arch, cfg.dataset.name, path)
-    result = train_student(cfg.teacher_trial())
-    card = {
-        "arch": cfg.teacher.arch, "arch_kwargs": cfg.teacher.arch_kwargs, "dataset": cfg.dataset.name,
-        "num_classes": info.num_classes, "input_shape": list(info.input_shape),
-        "val_acc": result.metrics["val_acc"], "epochs": cfg.teacher.epochs,
-    }
-    save_teacher(result.model, path, card)
+    path, t = cfg.teacher_dir(), cfg.teacher
+    card = {"arch": t.arch, "arch_kwargs": t.arch_kwargs, "dataset": cfg.dataset.name,
+            "num_classes": info.num_classes, "input_shape": list(info.input_shape)}
+    if t.weights:
+        card.update(weights=t.weights, weights_sha256=weights_sha256(t.weights), finetune=t.finetune.model_dump())
+    if t.weights and t.finetune.epochs == 0:
+        log.info("teacher %s from %s as is (finetune.epochs=0) -> %s", t.arch, t.weights, path)
+        model, preprocess, val_acc = pretrained_as_is(cfg, load_splits(cfg.dataset))
+        card.update(val_acc=val_acc, epochs=0)
+    else:
+        how = f"fine-tuning {t.weights} for {t.finetune.epochs} epochs" if t.weights else f"{t.epochs} epochs"
+        log.info("training teacher %s on %s (%s) -> %s", t.arch, cfg.dataset.name, how, path)
+        result = train_student(cfg.teacher_trial())
+        model, preprocess = result.model, result.preprocess
+        card.update(val_acc=result.metrics["val_acc"], epochs=result.metrics["epoch"])
+    card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
+    save_teacher(model, path, card)
     log.info("teacher val_acc=%.4f saved to %s", card["val_acc"], path)
     return path
+
+
+def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):
+    """A teacher whose weights file already fits the dataset: loaded and scored on val, not trained."""
+    import contextlib
+
+    from trainables.data import normalizer
+    from trainables.loop import predict
+    from trainables.metrics import classification_metrics
+
+    t = cfg.teacher
+    model = create_model(t.arch, splits.num_classes, splits.input_shape, **t.arch_kwargs)
+    load_weights(model, t.weights, "teacher.weights", new_head_ok=False)
+    mean, std = model_stats(t.normalize, True, t.arch, splits)
+    logits = predict(model, splits.val_x, normalizer(mean, std, "cpu"), t.eval_batch_size, contextlib.nullcontext, False)
+    return model.eval(), {"mean": list(mean), "std": list(std)}, classification_metrics(logits, splits.val_y)["val_acc"]

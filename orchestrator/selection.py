@@ -119,7 +119,9 @@ def choose(rows: list[dict[str, Any]], objective: Objective, minimum: dict[str, 
     return max(ok, key=lambda r: (r[objective.key] if objective.maximize else -r[objective.key], -(r.get("size_params") or 0)))
 
 
-def load_student(tracker: SweepTracker, run_id: str) -> torch.nn.Module:
+def load_student(tracker: SweepTracker, run_id: str, splits) -> "Normalized":
+    """A trial's student as logged (weights + card), with its own input statistics built in:
+    raw 0..255 images in, logits out. Cards from before statistics were recorded: the data's."""
     from safetensors.torch import load_file
 
     from trainables.models import create_model
@@ -127,29 +129,28 @@ def load_student(tracker: SweepTracker, run_id: str) -> torch.nn.Module:
     with tempfile.TemporaryDirectory() as d:
         local = Path(tracker.client.download_artifacts(run_id, "student", d))
         card = json.loads((local / "student.json").read_text())
-        model = create_model(card["arch"], card["num_classes"], card["input_shape"])
+        model = create_model(card["arch"], card["num_classes"], card["input_shape"], **card.get("arch_kwargs", {}))
         model.load_state_dict(load_file(str(local / "student.safetensors")))
-    return model.eval()
+    return Normalized(model, card.get("mean", splits.mean), card.get("std", splits.std)).eval()
 
 
-def evaluate_on_test(cfg: SweepConfig, student: torch.nn.Module, teacher: torch.nn.Module | None) -> dict[str, dict[str, float]]:
+def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normalized | None", s) -> dict[str, dict[str, float]]:
     """The once-only look at the test split: clean metrics and the corruption suite, for the winner
-    and for its teacher, so "student vs teacher" is one table."""
+    and for its teacher, so "student vs teacher" is one table. Both take raw pixels (their own
+    normalization inside)."""
     from trainables.corruptions import robustness
-    from trainables.data import normalizer
     from trainables.loop import predict
     from trainables.metrics import classification_metrics
 
-    s = load_splits(cfg.dataset)
-    norm = normalizer(s, "cpu")
+    raw = lambda x: x.float()  # noqa: E731
     out = {}
-    t_logits = predict(teacher, s.test_x, norm, 2048, contextlib.nullcontext, False) if teacher is not None else None
+    t_logits = predict(teacher, s.test_x, raw, 2048, contextlib.nullcontext, False) if teacher is not None else None
     for who, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
-        logits = t_logits if who == "teacher" else predict(model, s.test_x, norm, 2048, contextlib.nullcontext, False)
+        logits = t_logits if who == "teacher" else predict(model, s.test_x, raw, 2048, contextlib.nullcontext, False)
         m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
-        fn = lambda x, model=model: predict(model, x, norm, 2048, contextlib.nullcontext, False)
+        fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
         summary, _ = robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"])
         m.update({f"test_{k}": v for k, v in summary.items()})
         out[who] = m
@@ -169,7 +170,7 @@ class Normalized(torch.nn.Module):
         return self.model((x.float() - self.mean) / self.std)
 
 
-def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: torch.nn.Module) -> int:
+def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits) -> int:
     """Log the winner as an MLflow PyTorch model, register it, point alias `champion` at it.
     A champion that is already this run's registered model is kept: no new version."""
     import mlflow.pytorch
@@ -183,11 +184,9 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: torch.
     if current is not None and current.run_id == run_id:
         return int(current.version)
 
-    s = load_splits(cfg.dataset)
-    wrapped = Normalized(model, s.mean, s.std).eval()
-    example = s.val_x[:2].float().numpy().astype(np.float32)
+    example = splits.val_x[:2].float().numpy().astype(np.float32)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(wrapped, name="model", input_example=example, registered_model_name=cfg.registered_model)
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=cfg.registered_model)
     version = int(info.registered_model_version)
     tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
     return version
@@ -231,16 +230,20 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
                           + ": fix the cause and start a new sweep (--set name=NEW)")
     winner = choose(rows, objs[0], minimum, maximum)
     client = tracker.client
-    model = load_student(tracker, winner["run_id"])
+    splits = load_splits(cfg.dataset)
+    model = load_student(tracker, winner["run_id"], splits)
     tags = client.get_run(winner["run_id"]).data.tags
     if tags.get("kdsweep.test_evaluated") == "true":  # touch the test split once per model
         with tempfile.TemporaryDirectory() as d:
             test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
     else:
-        from trainables.teacher import load_teacher
+        from trainables.teacher import load_teacher, teacher_stats
 
-        teacher = load_teacher(teacher_path or cfg.teacher_dir())[0] if (teacher_path or cfg.teacher_dir().exists()) else None
-        test = evaluate_on_test(cfg, model, teacher)
+        teacher = None
+        if teacher_path or cfg.teacher_dir().exists():
+            net, card = load_teacher(teacher_path or cfg.teacher_dir())
+            teacher = Normalized(net, *teacher_stats(card, splits)).eval()
+        test = evaluate_on_test(cfg, model, teacher, splits)
         tracker.log_metrics(winner["run_id"], test["student"], step=0)
         client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
         client.set_tag(winner["run_id"], "kdsweep.test_evaluated", "true")
@@ -249,7 +252,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
                                     **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}}, step=0)
     client.set_tag(parent_id, "kdsweep.champion_run_id", winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
-    version = register(tracker, cfg, winner["run_id"], model)
+    version = register(tracker, cfg, winner["run_id"], model, splits)
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
     log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
             f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")

@@ -58,6 +58,22 @@ class Wide(StagedNet):
 @MODELS.register
 def plugin_mlp(num_classes, input_shape):
     return Wide(num_classes, input_shape)
+
+
+class TwoConv(StagedNet):
+    def __init__(self, num_classes, input_shape, width=8):
+        super().__init__()
+        self.stem = nn.Identity()
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(input_shape[0], width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU()),
+        ])
+        self.head = nn.Linear(2 * width, num_classes)
+
+
+@MODELS.register
+def plugin_cnn(num_classes, input_shape, width=8):
+    return TwoConv(num_classes, input_shape, width)
 """
 
 
@@ -82,6 +98,9 @@ def ray_address(tmp_path_factory, plugin_dir):
     from orchestrator.sweep import init_ray
 
     temp = tmp_path_factory.mktemp("ray")
+    # A 2-CPU instance shared by every test: a DDP trial's two workers wait for the previous test's
+    # placement groups to be reclaimed, which under load can take longer than Train's 60 s default.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     init_ray(None, num_cpus=2, object_store_memory=256 * 1024**2, _temp_dir=str(temp) if len(str(temp)) < 60 else None)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

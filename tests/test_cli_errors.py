@@ -129,3 +129,39 @@ def test_entry_point_plugins_register_on_load(tmp_path, monkeypatch):
     assert "ep_net" not in MODELS
     assert "kd_ep_plugin" in load_plugins()
     assert "ep_net" in MODELS
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """Weights files outside the working folder: a text file, another architecture's, a 5-class one."""
+    import torch
+
+    from trainables.models import create_model
+
+    d = tmp_path_factory.mktemp("weights")
+    (d / "notes.pth").write_text("not tensors\n")
+    torch.save(create_model("mlp_32", 10, (1, 8, 8)).state_dict(), d / "mlp.pth")
+    torch.save(create_model("cnn_small", 5, (1, 8, 8)).state_dict(), d / "five.pth")
+    return d
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["teacher.weights={d}/notes.pth"], "`teacher.weights` '{d}/notes.pth' is not a tensor file (UnpicklingError)"),
+    (["teacher.weights={d}/mlp.pth"], "`teacher.weights` '{d}/mlp.pth' does not fit this architecture (missing stages.0.1.bias"),
+    (["teacher.weights={d}/nothing.pth"], "`teacher.weights` must be an existing file"),
+    (["teacher.weights={d}/five.pth", "teacher.finetune.epochs=0"], "`teacher.finetune.epochs` must be >= 1"),
+    (["teacher.weights={d}/five.pth", "teacher.path={d}"], "`teacher.path` (a saved kdsweep teacher) and `teacher.weights`"),
+    (["student_weights={{cnn_tiny: {d}/mlp.pth}}"], "`student_weights.cnn_tiny` '{d}/mlp.pth' does not fit this architecture"),
+    (["student_weights={{resnet8: {d}/mlp.pth}}"], "`student_weights` names 'resnet8', which is not in students"),
+    (["loss.student_layers={{cnn: [stages.0]}}"], "`loss.student_layers` names 'cnn', which is not in students"),
+], ids=["not-tensors", "wrong-keys", "missing", "new-head-no-finetune", "path-and-weights", "student-wrong-keys", "student-unknown",
+        "layers-unknown-student"])
+@pytest.mark.parametrize("command", ["run", "distill"])
+def test_bad_weights_exit_2_with_one_line_before_anything(sets, needle, command, weight_files, capsys, in_tmp):
+    args = [command, DEFAULT]
+    for s in sets:
+        args += ["--set", s.format(d=weight_files)]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and needle.format(d=weight_files) in err and len(err.splitlines()) == 1, err
+    assert os.listdir(in_tmp) == []
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()

@@ -53,7 +53,7 @@ def test_kd_term_pulls_student_towards_teacher(digits_teacher):
     """Same student, same seeds: only the KD term can pull the softened outputs (T=4) to the teacher's."""
     s = load_dataset("digits", val_fraction=0.2)
     teacher, _ = load_teacher(digits_teacher)
-    norm = normalizer(s, "cpu")
+    norm = normalizer(s.mean, s.std, "cpu")
     with torch.no_grad():
         t_val = teacher(norm(s.val_x))
     kl = {}

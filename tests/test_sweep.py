@@ -263,6 +263,74 @@ def test_plugin_student_trains_inside_the_ray_workers(tmp_path, digits_teacher, 
     assert all(r.data.metrics["size_params"] == 64 * 48 + 48 + 48 * 10 + 10 for r in runs)
 
 
+def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_onnx(tmp_path, ray_address, capsys, monkeypatch):
+    """The issue's whole path: a torchvision.resnet18 teacher from a 1000-class weights file (head
+    replaced, fine-tuned, ImageNet statistics), students torchvision.mobilenet_v3_small (from its
+    own 1000-class file) and a plugin model, `at` on layers named per student, ONNX export."""
+    import onnxruntime
+    import torchvision
+    import yaml
+
+    from trainables.data import IMAGENET_MEAN, load_splits
+    from trainables.config import DatasetConfig
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "resnet18-imagenet.pth")
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=1000).state_dict(), tmp_path / "mnv3-imagenet.pth")
+    data = {"name": "synthetic", "val_fraction": 0.2, "kwargs": {"n_train": 320, "n_test": 64, "shape": [3, 32, 32], "num_classes": 4},
+            "augment": {"crop_pad": 2, "flip": True}}
+    cfg = {
+        "name": "own", "storage": str(tmp_path / "runs"), "plugins": ["kd_test_plugin"], "dataset": data,
+        "teacher": {"arch": "torchvision.resnet18", "weights": str(tmp_path / "resnet18-imagenet.pth"), "batch_size": 32,
+                    "finetune": {"epochs": 2, "lr": 0.01}, "augment": {"crop_pad": 4, "flip": True}},
+        "students": ["torchvision.mobilenet_v3_small", "plugin_cnn"],
+        "student_weights": {"torchvision.mobilenet_v3_small": str(tmp_path / "mnv3-imagenet.pth")},
+        "loss": {"name": "at", "ce_weight": 1.0, "distill_weight": 1.0, "teacher_layers": ["layer2", "layer3"],
+                 "student_layers": {"torchvision.mobilenet_v3_small": ["features.3", "features.8"], "plugin_cnn": ["stages.0", "stages.1"]}},
+        "train": {"epochs": 2, "batch_size": 32, "robust_samples": 64},
+        "search": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+        "budget": {"num_samples": 2, "max_concurrent": 1, "grace_period": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"},
+    }
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "own.yaml"), "--address", ray_address]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning" in out and "champion:" in out
+
+    (teacher_dir,) = (tmp_path / "teachers").iterdir()
+    card = json.loads((teacher_dir / "teacher.json").read_text())
+    assert card["arch"] == "torchvision.resnet18" and card["num_classes"] == 4 and card["epochs"] == 2
+    assert card["mean"] == list(IMAGENET_MEAN) and card["weights_sha256"] and card["finetune"]["epochs"] == 2
+    uri = cfg["tracking"]["uri"]
+    runs = child_runs(uri, "own")
+    assert sorted(r.data.params["student"] for r in runs) == ["plugin_cnn", "torchvision.mobilenet_v3_small"]
+    assert {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
+    assert all(r.data.metrics["train_kd"] > 0 and r.data.params["trial.teacher_targets"] == "auto" for r in runs)
+    client = mlflow.tracking.MlflowClient(uri)
+    s = load_splits(DatasetConfig(**data))
+    for r in runs:  # each student's own statistics in its card: ImageNet's for the pretrained one
+        local = client.download_artifacts(r.info.run_id, "student/student.json", str(tmp_path / r.info.run_id))
+        mean = json.loads(open(local).read())["mean"]
+        assert mean == (list(IMAGENET_MEAN) if r.data.params["student"].startswith("torchvision.") else list(s.mean))
+
+    assert main(["export", "own", "--storage", str(tmp_path / "runs"), "--format", "onnx"]) == 0
+    diff, bound = map(float, re.search(r"max abs logit difference vs PyTorch on \d+ test images = (\S+) \(bound (\S+)\)",
+                                       capsys.readouterr().out).groups())
+    assert diff <= bound
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("own").experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
+    champion = client.get_run(parent[0].info.run_id).data.tags["kdsweep.champion_run_id"]
+    assert client.get_run(champion).data.metrics["export_onnx_max_abs_diff"] == pytest.approx(diff, rel=1e-3)
+    assert "export/student.onnx" in {a.path for a in client.list_artifacts(champion, "export")}
+    model = mlflow.pytorch.load_model("models:/kdsweep-own@champion")  # the registered model: preprocessing inside
+    ort = onnxruntime.InferenceSession(str(tmp_path / "runs" / "own" / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
+    raw = s.test_x.float()
+    with torch.no_grad():
+        want = model(raw)
+    got = torch.from_numpy(ort.run(None, {"images": raw.numpy()})[0])
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())  # float32: relative to the logits' scale
+
+
 def _count(db, sql):
     with sqlite3.connect(db) as con:
         return con.execute(sql).fetchone()[0]

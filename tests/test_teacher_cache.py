@@ -19,25 +19,25 @@ def cfg(teacher, **kw):
 def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher):
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
-    path, forwards = build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2)
+    path, forwards = build_teacher_cache(c, teacher, card, tmp_path, epochs=2)
     s = load_dataset("digits", val_fraction=0.2)
     assert forwards == 2 * (len(s.train_y) // 64) * 64 + len(s.val_y)
-    assert build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2) == (path, 0)  # built once
-    cache = TeacherCache.open(path, c, card["sha256"])
-    norm = normalizer(s, "cpu")
+    assert build_teacher_cache(c, teacher, card, tmp_path, epochs=2) == (path, 0)  # built once
+    cache = TeacherCache.open(path, c, card)
+    norm = normalizer(s.mean, s.std, "cpu")
     for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, 1, True):
         with torch.no_grad():
             expected = teacher(norm(augment(s.train_x[idx], view, 1, True)))
         got = cache.batch(1, b, idx, 64, 0, 64, "cpu")
         assert torch.allclose(got, expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
-    assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card["sha256"]) is None  # other views: go online
-    assert TeacherCache.open(path, cfg(digits_teacher, batch_size=32), card["sha256"]) is None
+    assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card) is None  # other views: go online
+    assert TeacherCache.open(path, cfg(digits_teacher, batch_size=32), card) is None
 
 
 def test_cached_trial_matches_online_trial_and_runs_no_teacher(tmp_path, digits_teacher):
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
-    path, _ = build_teacher_cache(c, teacher, card["sha256"], tmp_path, epochs=2)
+    path, _ = build_teacher_cache(c, teacher, card, tmp_path, epochs=2)
     online = train_student(c.model_copy(update={"teacher_targets": "online"}), LocalReporter(None, log_epochs=False))
     cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
     assert online.metrics["teacher_targets"] == "online" and cached.metrics["teacher_targets"] == "cache"

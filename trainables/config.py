@@ -24,6 +24,9 @@ class AugmentConfig(Strict):
     flip: bool = Field(False, description="random horizontal flip")
 
 
+#: How a model's inputs are normalized (trainables.data.model_stats).
+Normalize = Literal["auto", "dataset", "imagenet"]
+
 #: Where decompressed data go when neither dataset.cache nor $KDSWEEP_CACHE says.
 DEFAULT_CACHE = Path.home() / ".cache" / "kdsweep"
 
@@ -77,7 +80,8 @@ class LossConfig(BaseModel):
     ce_weight: float | None = Field(None, ge=0.0, description="explicit form, with distill_weight (exclusive with alpha)")
     distill_weight: float | None = Field(None, ge=0.0)
     temperature: float = Field(4.0, gt=0.0)
-    student_layers: list[str] | None = Field(None, description="feature losses: the student's layers by name (default: its stages)")
+    student_layers: list[str] | dict[str, list[str]] | None = Field(
+        None, description="feature losses: the student's layers by name (default: its stages); a mapping gives each student its own")
     teacher_layers: list[str] | None = Field(None, description="feature losses: the teacher's layers, paired in order with student_layers")
 
     @model_validator(mode="after")
@@ -92,6 +96,10 @@ class LossConfig(BaseModel):
         if self.alpha is None and self.ce_weight is None:
             self.alpha = 0.9
         return self
+
+    def layers_for(self, student: str) -> list[str] | None:
+        """The student's layer names (a mapping keyed by student name gives each its own)."""
+        return self.student_layers.get(student) if isinstance(self.student_layers, dict) else self.student_layers
 
     @property
     def distills(self) -> bool:
@@ -131,6 +139,9 @@ class TrialConfig(TrainConfig):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     student: str = "cnn_tiny"
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
+    student_weights: str | None = Field(None, description="initial weights (.pth state_dict or .safetensors); a head of another class count is replaced")
+    freeze_backbone: bool = Field(False, description="train only the classifier head (fine-tuning pretrained weights)")
+    normalize: Normalize = Field("auto", description="input statistics: auto (ImageNet for torchvision weights, else the data's), dataset, imagenet")
     teacher_path: str | None = Field(None, description="folder with teacher.safetensors + teacher.json")
     loss: LossConfig = Field(default_factory=LossConfig)
     seed: int = 0
@@ -147,6 +158,13 @@ class TrialConfig(TrainConfig):
 
         check_model(v, "student")
         return v
+
+    @field_validator("student_weights")
+    @classmethod
+    def _weights_file(cls, v: str | None) -> str | None:
+        from trainables.weights import check_weights_path
+
+        return check_weights_path(v, "student_weights") if v else v
 
 
 def set_dotted(d: dict, path: str, value: Any) -> None:

@@ -24,15 +24,16 @@ from torch import Tensor
 from trainables.atomic import atomic_path
 from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
-from trainables.data import augment, epoch_batches, load_splits, normalizer
+from trainables.data import augment, epoch_batches, load_splits, model_stats, normalizer
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
 from trainables.models import create_model, tap_layers
 from trainables.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.targets import teacher_targets
-from trainables.teacher import load_teacher
+from trainables.teacher import load_teacher, teacher_stats
 from trainables.teacher_cache import resolved_augment
+from trainables.weights import freeze_backbone, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class TrialResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None
+    preprocess: dict[str, list[float]] = field(default_factory=dict)  # the mean/std the model's inputs were normalized with
 
 
 def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
@@ -201,7 +203,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     ds = cfg.dataset
     splits = load_splits(ds).to(device)
     aug = resolved_augment(cfg)
-    norm = normalizer(splits, device)
+    mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
+    norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
     if cfg.batch_size > n_train or cfg.batch_size % world:
         raise ConfigError(
@@ -217,9 +220,14 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         teacher, card = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
-    student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs).to(device)
-    if cfg.loss.student_layers:
-        tap_layers(student, cfg.loss.student_layers, "loss.student_layers")
+    student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs)
+    if cfg.student_weights:
+        load_weights(student, cfg.student_weights, "student_weights", new_head_ok=True)
+    if cfg.freeze_backbone:
+        freeze_backbone(student)
+    student = student.to(device)
+    if cfg.loss.layers_for(cfg.student):
+        tap_layers(student, cfg.loss.layers_for(cfg.student), "loss.student_layers")
     if cfg.loss.teacher_layers and teacher is not None:
         tap_layers(teacher, cfg.loss.teacher_layers, "loss.teacher_layers")
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
@@ -229,7 +237,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
 
-    params = [*student.parameters(), *loss_fn.parameters()]  # hint regressors train with the student
+    params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]  # hint regressors train with the student
     opt = make_optimizer(cfg.optimizer, params)
     steps_per_epoch = n_train // cfg.batch_size
     sched = make_schedule(opt, cfg.schedule, cfg.epochs, steps_per_epoch)
@@ -250,7 +258,11 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     step_model = torch.compile(model) if cfg.compile else model
 
     eval_fn = lambda m, x: predict(m, x, norm, cfg.eval_batch_size, autocast, channels_last)  # noqa: E731
-    targets = teacher_targets(cfg, teacher, card.get("sha256"), loss_fn.needs_teacher_features, splits.train_x, splits.val_x, eval_fn)
+    t_stats = teacher_stats(card, splits) if teacher is not None else (mean, std)  # each model its own statistics
+    t_norm = normalizer(*t_stats, device)
+    targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, splits.train_x, splits.val_x,
+                              lambda x: predict(teacher, x, t_norm, cfg.eval_batch_size, autocast, channels_last),
+                              None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     per_rank = cfg.batch_size // world
 
     metrics: dict[str, Any] = {}
@@ -260,12 +272,13 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)
         for b, idx, view in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device, rank, world):
-            x = norm(augment(splits.train_x[idx], view, aug.crop_pad, aug.flip))
+            raw = augment(splits.train_x[idx], view, aug.crop_pad, aug.flip)
+            x = norm(raw)
             y = splits.train_y[idx]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits, t_feats = targets.batch(x, epoch, b, idx, cfg.batch_size, rank, per_rank)
+                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, cfg.batch_size, rank, per_rank)
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
@@ -312,12 +325,13 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             state = {
                 "model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "rng_cpu": torch.get_rng_state(), "history": history,
-                "eval": tables,
+                "eval": tables, "preprocess": {"mean": list(mean), "std": list(std)},
             }
         reporter.report(metrics, state)
         if diverged:
             break
-    return TrialResult(metrics=metrics, history=history, model=student.float().cpu().eval())
+    return TrialResult(metrics=metrics, history=history, model=student.float().cpu().eval(),
+                       preprocess={"mean": list(mean), "std": list(std)})
 
 
 def train_loop_per_worker(config: dict) -> None:

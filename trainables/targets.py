@@ -29,27 +29,37 @@ class TeacherTargets:
     teacher: nn.Module | None
     features: bool
     val_logits: Tensor | None
+    norm: Callable[[Tensor], Tensor] | None = None  # the teacher's own input statistics (None: the student's)
+    channels_last: bool = False
     cache: TeacherCache | None = None
     train_logits: Tensor | None = None
     forwards: int = 0  # teacher image forwards run by this trial
 
-    def batch(self, x: Tensor, epoch: int, b: int, idx: Tensor, batch_size: int, rank: int, per_rank: int) -> tuple[Tensor | None, list | None]:
+    def batch(self, raw: Tensor, x: Tensor, epoch: int, b: int, idx: Tensor, batch_size: int, rank: int,
+              per_rank: int) -> tuple[Tensor | None, list | None]:
+        """Targets for one batch: `raw` is the augmented batch (0..255), `x` the student's input."""
         if self.source == "cache":
             return self.cache.batch(epoch, b, idx, batch_size, rank, per_rank, x.device), None
         if self.source == "precomputed":
             return self.train_logits[idx], None
         if self.source == "online":
             self.forwards += len(idx)
+            if self.norm is not None:
+                x = self.norm(raw)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 out = self.teacher(x, with_features=self.features)
             return out if self.features else (out, None)
         return None, None
 
 
-def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, teacher_sha: str | None, needs_features: bool, train_x: Tensor,
-                    val_x: Tensor, predict: Callable[[nn.Module, Tensor], Tensor]) -> TeacherTargets:
+def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: dict, needs_features: bool, train_x: Tensor,
+                    val_x: Tensor, predict: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor] | None,
+                    channels_last: bool) -> TeacherTargets:
     """Decide the source for this trial. `teacher` is None when there is none to load; it still
-    gives val logits (agreement, KL) to a no-KD control. `predict(model, x)` runs eval forwards."""
+    gives val logits (agreement, KL) to a no-KD control. `predict(x)` runs the teacher's eval
+    forwards; `norm` is its input normalization (from its card), None when it equals the student's."""
     static = views_are_static(resolved_augment(cfg))
     if cfg.teacher_targets == "precomputed" and not static:
         raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
@@ -57,15 +67,15 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, teacher_sha: st
         return TeacherTargets("none", None, False, None)
     cache = None
     if not needs_features and cfg.teacher_targets != "online":
-        cache = TeacherCache.open(cfg.teacher_cache, cfg, teacher_sha)
+        cache = TeacherCache.open(cfg.teacher_cache, cfg, card)
     if cache is not None:
         val, forwards = cache.val(val_x.device), 0
     else:
-        val, forwards = predict(teacher, val_x), len(val_x)
+        val, forwards = predict(val_x), len(val_x)
     if not cfg.loss.distills:
         return TeacherTargets("none", None, False, val, forwards=forwards)
     if cache is not None:
         return TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards)
     if static and not needs_features and cfg.teacher_targets != "online":
-        return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(teacher, train_x), forwards=forwards + len(train_x))
-    return TeacherTargets("online", teacher, needs_features, val, forwards=forwards)
+        return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(train_x), forwards=forwards + len(train_x))
+    return TeacherTargets("online", teacher, needs_features, val, norm=norm, channels_last=channels_last, forwards=forwards)

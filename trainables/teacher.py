@@ -1,7 +1,6 @@
 """Teachers on disk: safetensors weights + a JSON card; loaded with checks, never unpickled."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,16 +13,9 @@ from safetensors.torch import load_file, save_file
 from trainables.atomic import atomic_path
 from trainables.models import check_model, create_model
 from trainables.registry import ConfigError
+from trainables.weights import file_sha256
 
 WEIGHTS, CARD = "teacher.safetensors", "teacher.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_teacher(model: nn.Module, out_dir: str | Path, card: dict[str, Any]) -> dict[str, Any]:
@@ -37,6 +29,14 @@ def save_teacher(model: nn.Module, out_dir: str | Path, card: dict[str, Any]) ->
     with atomic_path(out / CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2, sort_keys=True))
     return card
+
+
+def teacher_stats(card: dict[str, Any], splits) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the teacher's inputs are normalized with: its card's (cards before these
+    were recorded: the data's train statistics, what such teachers were trained with)."""
+    if "mean" in card and "std" in card:
+        return tuple(card["mean"]), tuple(card["std"])
+    return splits.mean, splits.std
 
 
 def read_card(path: str | Path) -> dict[str, Any]:

@@ -4,8 +4,8 @@ Augmentation is a pure function of (seed, epoch, batch index), so the teacher's 
 view a trial will see can be computed before the trials start: once per sweep, however many
 trials read them. Logits are stored as fp16 (what the bf16/fp32 loss would see, to within fp16
 rounding), one file per epoch (or one for all epochs when views never change), plus the val split's
-logits for the agreement metrics. The cache is keyed by the teacher's weights hash, the dataset and
-split, the augmentation, the seed and the batch size; a trial whose key differs (e.g. a searched
+logits for the agreement metrics. The cache is keyed by the teacher's weights hash and input
+statistics, the dataset and split, the augmentation, the seed and the batch size; a trial whose key differs (e.g. a searched
 batch size) falls back to running the teacher online.
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ def resolved_augment(cfg: TrialConfig) -> AugmentConfig:
     return cfg.dataset.augment or AugmentConfig(**DEFAULT_AUGMENT.get(cfg.dataset.name, {}))
 
 
-def cache_key(cfg: TrialConfig, teacher_sha: str) -> dict:
+def cache_key(cfg: TrialConfig, card: dict) -> dict:
+    """What the cached logits depend on; `card` is the teacher's (weights hash, input statistics)."""
     aug = resolved_augment(cfg)
-    key = {"teacher_sha256": teacher_sha, "dataset": cfg.dataset.model_dump(exclude={"download"}), "augment": aug.model_dump(), "format": 1}
+    key = {"teacher_sha256": card["sha256"], "teacher_norm": [card.get("mean"), card.get("std")], "dataset": cfg.dataset.model_dump(exclude={"download"}), "augment": aug.model_dump(), "format": 1}
     if not views_are_static(aug):  # the views, and so the targets, depend on these too
         key.update(seed=cfg.seed, batch_size=cfg.batch_size)
     return key
@@ -50,17 +51,19 @@ def _save(t: Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, teacher_sha: str, root: str | Path,
+def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, root: str | Path,
                         epochs: int, device: torch.device | str = "cpu") -> tuple[Path, int]:
     """Compute (or find) the cache for `cfg`'s views; returns its folder and the teacher image
     forwards this call ran (0 when the cache was already complete)."""
-    key = cache_key(cfg, teacher_sha)
+    from trainables.teacher import teacher_stats
+
+    key = cache_key(cfg, card)
     out = Path(root) / key_digest(key)
     if (out / META).exists():
         return out, 0
     out.mkdir(parents=True, exist_ok=True)
     s = load_splits(cfg.dataset).to(device)
-    norm = normalizer(s, device)
+    norm = normalizer(*teacher_stats(card, s), device)
     teacher = teacher.to(device).eval()
     cuda = torch.device(device).type == "cuda"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else torch.no_grad
@@ -95,12 +98,12 @@ class TeacherCache:
         self._epoch, self._logits = None, None
 
     @classmethod
-    def open(cls, path: str | Path | None, cfg: TrialConfig, teacher_sha: str) -> "TeacherCache | None":
+    def open(cls, path: str | Path | None, cfg: TrialConfig, card: dict) -> "TeacherCache | None":
         """The cache at `path` if it holds exactly this trial's views, else None (go online)."""
         if not path or not (Path(path) / META).exists():
             return None
         meta = json.loads((Path(path) / META).read_text())
-        if meta["key"] != cache_key(cfg, teacher_sha) or (not views_are_static(resolved_augment(cfg)) and meta["epochs"] < cfg.epochs):
+        if meta["key"] != cache_key(cfg, card) or (not views_are_static(resolved_augment(cfg)) and meta["epochs"] < cfg.epochs):
             return None
         return cls(Path(path), views_are_static(resolved_augment(cfg)))
 
@@ -130,5 +133,5 @@ def cache_task(trial_cfg: dict, root: str, epochs: int) -> tuple[str, int]:
     cfg = trial_from_dict(trial_cfg)
     teacher, card = load_teacher(cfg.teacher_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path, forwards = build_teacher_cache(cfg, teacher, card["sha256"], root, epochs, device)
+    path, forwards = build_teacher_cache(cfg, teacher, card, root, epochs, device)
     return str(path), forwards
