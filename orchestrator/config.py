@@ -240,7 +240,7 @@ class SweepConfig(Strict):
         """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
         if self.teacher.path:
             return Path(self.teacher.path)
-        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights"}), "dataset": self.dataset.model_dump(exclude={"root", "cache"}),
+        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights"}), "dataset": self.dataset.model_dump(exclude={"root", "cache", "placement", "device_share"}),
                 "weights_sha256": weights_sha256(self.teacher.weights) if self.teacher.weights else None}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"

@@ -51,7 +51,8 @@ class Plan:
             *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
             f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
             f"  data: {self.data.n_train} train / {self.data.n_val} val / {self.data.n_test} test, "
-            f"{self.data.num_classes} classes, input {self.data.input_shape}",
+            f"{self.data.num_classes} classes, input {self.data.input_shape}"
+            + (f", {len(self.data.skipped)} undecodable file(s) skipped" if self.data.skipped else ""),
             f"  teacher: {self.teacher}",
             f"  resources per trial: {self.trial_resources}",
             f"  storage: {self.storage}",
@@ -241,6 +242,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         cache, forwards = ensure_cache(cfg, teacher, sweep_dir)
         if forwards:
             tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
+        tracker.log_metrics(parent, {"data_skipped_files": len(info.skipped), "data_decode_s": info.decode_s}, step=0)
+        if info.skipped:
+            tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         trials = {s: cfg.trial(s, teacher_path=teacher, teacher_cache=cache, profile=False).model_dump() for s in cfg.students}
         paths = {k: trial_path(k) for k in cfg.search}
         sizes = profile_architectures(cfg, teacher, info)
@@ -254,7 +258,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             tune.with_parameters(tune_trial, trials=trials, paths=paths, run=run, constants=constants),
             {"memory": 2**20},  # a token request: the TorchTrainer inside reserves the real resources
         )
-        model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "trials": trials, "paths": paths,
+        model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
+                      "trials": trials, "paths": paths,
                       "sizes": sizes,
                       "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
         callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]

@@ -245,7 +245,8 @@ def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str
         state = load_state(Path(d) / STATE_FILE)
         save_file({k: v.contiguous() for k, v in state["model"].items()}, os.path.join(out, "student.safetensors"))
         card = {"arch": arch, "arch_kwargs": model_info["trials"].get(arch, {}).get("student_kwargs", {}),
-                "num_classes": model_info["num_classes"], "input_shape": model_info["input_shape"], "epoch": state["epoch"],
+                "num_classes": model_info["num_classes"], "input_shape": model_info["input_shape"], "classes": model_info.get("classes", []),
+                "epoch": state["epoch"],
                 **state.get("preprocess", {})}  # mean/std: what export and the registered model normalize with
         Path(out, "student.json").write_text(json.dumps(card, indent=2))
         tracker.client.log_artifacts(run_id, out, "student")

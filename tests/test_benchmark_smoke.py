@@ -38,3 +38,16 @@ def test_kd_vs_ce_reports_diverged_runs_instead_of_crashing(tmp_path, digits_tea
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| mlp_32 ")]
     assert len(rows) == 2 and all("| 2/2 | diverged |" in row for row in rows), proc.stdout
+
+
+def test_folder_throughput_smoke(tmp_path):
+    """benchmarks/folder_throughput.py, tiny: both pipelines run on the same folder, one table."""
+    out = tmp_path / "folder.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KDSWEEP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "folder_throughput.py"), "--images", "300", "--trials", "2", "--epochs", "1",
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| trial-epochs per hour |" in proc.stdout and "| speed-up |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["kdsweep"]["decode_s"] > 0 and res["kdsweep"]["second_decode_s"] == 0
+    assert res["peer"]["trial_epochs_per_hour"] > 0 and res["kdsweep"]["trial_epochs_per_hour"] > 0

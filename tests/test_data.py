@@ -6,14 +6,17 @@ import struct
 import pytest
 import torch
 
-from trainables.config import DatasetConfig
+from trainables.config import AugmentConfig, DatasetConfig
 from trainables.data import augment, epoch_batches, load_dataset, load_splits, view_params
 from trainables.registry import ConfigError
 
 
+NONE = AugmentConfig()
+
+
 def test_same_seed_same_batches_and_views_other_epoch_differs():
     def batches(epoch):
-        return [(idx.clone(), p.clone()) for _, idx, p in epoch_batches(100, 16, seed=3, epoch=epoch, crop_pad=4, flip=True)]
+        return [(idx.clone(), p.clone()) for _, idx, p in epoch_batches(100, 16, seed=3, epoch=epoch, aug=AugmentConfig(crop_pad=4, flip=True), hw=(8, 8))]
 
     a, b, c = batches(0), batches(0), batches(1)
     assert all(torch.equal(i, j) and torch.equal(p, q) for (i, p), (j, q) in zip(a, b))
@@ -23,9 +26,9 @@ def test_same_seed_same_batches_and_views_other_epoch_differs():
 
 
 def test_ranks_split_each_global_batch():
-    full = [idx for _, idx, _ in epoch_batches(64, 16, 0, 0, 0, False)]
-    r0 = [idx for _, idx, _ in epoch_batches(64, 16, 0, 0, 0, False, rank=0, world_size=2)]
-    r1 = [idx for _, idx, _ in epoch_batches(64, 16, 0, 0, 0, False, rank=1, world_size=2)]
+    full = [idx for _, idx, _ in epoch_batches(64, 16, 0, 0, NONE, (8, 8))]
+    r0 = [idx for _, idx, _ in epoch_batches(64, 16, 0, 0, NONE, (8, 8), rank=0, world_size=2)]
+    r1 = [idx for _, idx, _ in epoch_batches(64, 16, 0, 0, NONE, (8, 8), rank=1, world_size=2)]
     assert all(torch.equal(f, torch.cat([a, b])) for f, a, b in zip(full, r0, r1))
 
 
@@ -33,13 +36,13 @@ def test_augment_crop_and_flip():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
     # dy=1,dx=1 (no shift with pad 1), no flip / dy=0, dx=2, flip
     params = torch.tensor([[1, 1, 0], [0, 2, 1]])
-    out = augment(x, params, crop_pad=1, flip=True)
+    out = augment(x, params, AugmentConfig(crop_pad=1, flip=True))
     assert out.dtype == torch.uint8 and out.shape == x.shape
     assert torch.equal(out[0], x[0])
     shifted = torch.zeros(4, 4, dtype=torch.uint8)
     shifted[1:, :3] = x[1, 0, :3, 1:]  # moved up-left by (dy-1, dx-1) = (-1, +1)
     assert torch.equal(out[1, 0], shifted.flip(1))
-    p = view_params(0, 0, 0, 8, 4, True)
+    p = view_params(0, 0, 0, 8, AugmentConfig(crop_pad=4, flip=True), (8, 8))
     assert p.shape == (8, 3) and p[:, :2].max() <= 8 and set(p[:, 2].tolist()) <= {0, 1}
 
 

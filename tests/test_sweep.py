@@ -331,6 +331,44 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
     assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())  # float32: relative to the logits' scale
 
 
+def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, ray_address, capsys, monkeypatch):
+    """A folder of mixed photos (two bad files among them, no val split): the sweep runs, the
+    warning names the bad files, the count and decode time reach MLflow, and a second sweep over
+    the same folder reuses the decoded cache."""
+    import yaml
+
+    from tests.test_images import CLASSES, write_folder
+
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "photos")
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    for name in ("photos-a", "photos-b"):
+        cfg = {"name": name, "storage": str(tmp_path / "runs"),
+               "dataset": {"name": "image_folder", "root": str(tmp_path / "photos"), "image_size": 16, "val_fraction": 0.2,
+                           "augment": {"resized_crop": {"scale": [0.5, 1.0]}, "flip": True}},
+               "teacher": {"arch": "cnn_tiny", "epochs": 2, "batch_size": 8}, "students": ["mlp_32"],
+               "train": {"epochs": 1, "batch_size": 8, "robust_samples": 0}, "search": {},
+               "budget": {"num_samples": 1, "max_concurrent": 1}, "tracking": {"uri": uri}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--address", ray_address]) == 0
+        out = capsys.readouterr()
+        if name == "photos-a":
+            assert "skipped 2 file(s)" in out.out + out.err and "train/cat/broken.jpg" in out.out + out.err
+    client = mlflow.tracking.MlflowClient(uri)
+    parents = {}
+    for name in ("photos-a", "photos-b"):
+        exp = client.get_experiment_by_name(name)
+        (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
+        parents[name] = parent.data.metrics
+        assert parent.data.metrics["data_skipped_files"] == 2
+        (child,) = child_runs(uri, name)
+        assert child.data.tags["kdsweep.status"] == "finished"
+    assert parents["photos-a"]["data_decode_s"] > 0 and parents["photos-b"]["data_decode_s"] == 0
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    assert json.loads((teacher / "teacher.json").read_text())["classes"] == list(CLASSES)
+    assert mlflow.pyfunc.load_model("models:/kdsweep-photos-a@champion").metadata.metadata["classes"] == list(CLASSES)
+
+
 def _count(db, sql):
     with sqlite3.connect(db) as con:
         return con.execute(sql).fetchone()[0]

@@ -2,7 +2,7 @@
 reads it trains exactly as one that runs the teacher online."""
 import torch
 
-from trainables.config import TrialConfig
+from trainables.config import AugmentConfig, TrialConfig
 from trainables.data import augment, epoch_batches, load_dataset, normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.teacher import load_teacher
@@ -25,9 +25,10 @@ def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher)
     assert build_teacher_cache(c, teacher, card, tmp_path, epochs=2) == (path, 0)  # built once
     cache = TeacherCache.open(path, c, card)
     norm = normalizer(s.mean, s.std, "cpu")
-    for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, 1, True):
+    aug = AugmentConfig(crop_pad=1, flip=True)
+    for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, aug, (8, 8)):
         with torch.no_grad():
-            expected = teacher(norm(augment(s.train_x[idx], view, 1, True)))
+            expected = teacher(norm(augment(s.train_x[idx], view, aug)))
         got = cache.batch(1, b, idx, 64, 0, 64, "cpu")
         assert torch.allclose(got, expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
     assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card) is None  # other views: go online

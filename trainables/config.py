@@ -19,9 +19,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ResizedCrop(Strict):
+    """torchvision's RandomResizedCrop, batched on the device: a box of `scale` of the area and
+    aspect `ratio`, resized back to the image size."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ResizedCrop":
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"`resized_crop.scale` must satisfy 0 < low <= high <= 1, but got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"`resized_crop.ratio` must satisfy 0 < low <= high, but got {list(self.ratio)}")
+        return self
+
+
 class AugmentConfig(Strict):
     crop_pad: int = Field(0, ge=0, description="random-crop padding in pixels (0: no crop)")
     flip: bool = Field(False, description="random horizontal flip")
+    resized_crop: ResizedCrop | None = Field(None, description="random-resized-crop for photos (exclusive with crop_pad)")
+
+    @model_validator(mode="after")
+    def _one_crop(self) -> "AugmentConfig":
+        if self.crop_pad and self.resized_crop is not None:
+            raise ValueError("`augment.crop_pad` and `augment.resized_crop` exclude each other: keep one")
+        return self
+
+    @property
+    def static(self) -> bool:
+        """Views never change (no randomness): teacher logits once per image suffice."""
+        return self.crop_pad == 0 and not self.flip and self.resized_crop is None
 
 
 #: How a model's inputs are normalized (trainables.data.model_stats).
@@ -36,7 +64,13 @@ class DatasetConfig(Strict):
     root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
     cache: str | None = Field(None, description="where decompressed files go; $KDSWEEP_CACHE or ~/.cache/kdsweep when unset")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share carved as test when the data have no test split")
     split_seed: int = 0
+    image_size: int = Field(32, ge=1, description="image_folder: shorter side resized to this, centre-cropped square")
+    channels: Literal[1, 3] = Field(3, description="image_folder: 1 (greyscale) or 3 (RGB)")
+    placement: Literal["auto", "device", "host"] = Field(
+        "auto", description="device: splits on the training device; host: in host memory, batches copied ahead; auto: device when they fit")
+    device_share: float = Field(0.5, gt=0.0, le=1.0, description="auto: the share of free device memory the splits may take")
     download: bool = False
     augment: AugmentConfig | None = Field(None, description="None: the dataset's default (crop+flip for CIFAR)")
     kwargs: dict[str, Any] = Field(default_factory=dict)

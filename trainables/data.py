@@ -7,8 +7,10 @@ exact resume) without saving RNG state.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import inspect
+import math
 import os
 import shutil
 import tempfile
@@ -19,13 +21,16 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
+from trainables.images import RawData, decode_folder, read_arrays
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
     from trainables.config import DatasetConfig
 
-# name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes)
-Loader = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, int]]
+# name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes) or RawData
+# (RawData: own val split, class names, skipped files). A loader that takes `image_size` / `channels`
+# parameters gets dataset.image_size / dataset.channels.
+Loader = Callable[..., "tuple[Tensor, Tensor, Tensor, Tensor, int] | RawData"]
 DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
 
 #: Augmentation each dataset gets unless the config says otherwise.
@@ -54,14 +59,37 @@ class DataSplits:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # files the loader could not decode (image folders)
+    decode_s: float = 0.0  # seconds this load spent decoding (0: read from the decode-once cache)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
-    def to(self, device: torch.device | str) -> "DataSplits":
-        move = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
-        return replace(self, **move)
+    def to(self, device: torch.device | str, images: bool = True) -> "DataSplits":
+        """Labels (and, unless images=False, the images) on `device`."""
+        keys = ("train_y", "val_y", "test_y") + (("train_x", "val_x", "test_x") if images else ())
+        return replace(self, **{k: getattr(self, k).to(device) for k in keys})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.train_x, self.val_x, self.test_x))
+
+
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(kept, held-out) indices, sorted: `fraction` of every class held out (seeded), at least one
+    image of a class that has two or more."""
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        n = round(len(idx) * fraction) if fraction > 0 else 0
+        n = max(n, 1 if fraction > 0 and len(idx) > 1 else 0)
+        held.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    held_idx = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[held_idx] = False
+    return mask.nonzero().flatten(), held_idx
 
 
 def load_dataset(
@@ -71,46 +99,87 @@ def load_dataset(
     split_seed: int = 0,
     download: bool = False,
     cache: str | None = None,
+    test_fraction: float = 0.1,
+    image_size: int = 32,
+    channels: int = 3,
     **kwargs,
 ) -> DataSplits:
-    """Load a registered dataset and carve a deterministic validation split from its train split.
+    """Load a registered dataset; carve what it lacks from its train split: the test split
+    (`test_fraction`, stratified) and the validation split (`val_fraction`).
 
-    The split depends on `split_seed` only (not the trial seed), so every trial of a sweep, and the
+    The splits depend on `split_seed` only (not the trial seed), so every trial of a sweep, and the
     teacher, see the same train/val partition and the test split is never touched by the search.
+    Built-in datasets keep their original (unstratified) val carve, so their numbers do not move.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
     loader = DATASETS.get(name)
+    params = inspect.signature(loader).parameters
+    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if k in params}
     try:
-        inspect.signature(loader).bind(root=root, download=download, cache=cache, **kwargs)
+        inspect.signature(loader).bind(root=root, download=download, cache=cache, **extra, **kwargs)
     except TypeError as e:
         raise ConfigError(f"`dataset.kwargs` do not fit dataset.name={name!r} ({e}): fix or remove them") from None
-    train_x, train_y, test_x, test_y, num_classes = loader(root=root, download=download, cache=cache, **kwargs)
-    n = len(train_y)
-    n_val = max(1, round(n * val_fraction))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    val_idx, tr_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-    tr = train_x[tr_idx].float() / 255.0
-    mean = tuple(tr.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(tr.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    out = loader(root=root, download=download, cache=cache, **extra, **kwargs)
+    if isinstance(out, RawData):
+        raw = out
+        train_x, train_y = raw.train_x, raw.train_y
+        if raw.test_x is None:
+            keep, test_idx = stratified_split(train_y, test_fraction, split_seed)
+            raw.test_x, raw.test_y = train_x[test_idx], train_y[test_idx]
+            train_x, train_y = train_x[keep], train_y[keep]
+        if raw.val_x is None:
+            tr_idx, val_idx = stratified_split(train_y, val_fraction, split_seed + 1)
+            val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[tr_idx], train_y[tr_idx]
+        else:
+            val_x, val_y = raw.val_x, raw.val_y
+        test_x, test_y, num_classes, classes = raw.test_x, raw.test_y, raw.num_classes, raw.classes
+    else:
+        full_x, full_y, test_x, test_y, num_classes = out
+        n = len(full_y)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+        n_val = max(1, round(n * val_fraction))
+        val_idx, tr_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        train_x, train_y, val_x, val_y = full_x[tr_idx], full_y[tr_idx], full_x[val_idx], full_y[val_idx]
+        raw, classes = None, tuple(str(i) for i in range(num_classes))
+    mean, std = channel_stats(train_x)
     return DataSplits(
         name=name,
-        train_x=train_x[tr_idx].contiguous(),
-        train_y=train_y[tr_idx].contiguous(),
-        val_x=train_x[val_idx].contiguous(),
-        val_y=train_y[val_idx].contiguous(),
+        train_x=train_x.contiguous(),
+        train_y=train_y.contiguous(),
+        val_x=val_x.contiguous(),
+        val_y=val_y.contiguous(),
         test_x=test_x.contiguous(),
         test_y=test_y.contiguous(),
         num_classes=num_classes,
         mean=mean,
         std=std,
+        classes=tuple(classes),
+        skipped=tuple(raw.skipped) if raw else (),
+        decode_s=raw.decode_s if raw else 0.0,
     )
+
+
+def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on the 0..1 scale, in chunks (a memory-mapped split is never
+    copied whole into float)."""
+    c = x.shape[1]
+    total, sq, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for i in range(0, len(x), chunk):
+        xb = x[i : i + chunk].to(torch.float64).div_(255.0)
+        total += xb.sum(dim=(0, 2, 3))
+        sq += xb.pow(2).sum(dim=(0, 2, 3))
+        n += xb.numel() // c
+    mean = total / n
+    std = ((sq / n - mean.pow(2)) * n / max(1, n - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.float().tolist()), tuple(std.float().tolist())
 
 
 def load_splits(ds: "DatasetConfig") -> DataSplits:
     """`load_dataset` for a validated dataset config (the form every caller holds)."""
     ds = ds.resolved()
-    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, ds.cache, **ds.kwargs)
+    return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, ds.cache, ds.test_fraction, ds.image_size,
+                        ds.channels, **ds.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +298,22 @@ def cifar100(root: str | None = None, download: bool = False, cache: str | None 
 
 
 @DATASETS.register
+def image_folder(root: str | None = None, download: bool = False, cache: str | None = None, image_size: int = 32, channels: int = 3):
+    """Your photos in torchvision's ImageFolder layout (root/train/<class>/*, optional val/, test/),
+    decoded once into the cache (trainables/images.py)."""
+    return decode_folder(_resolve_root(root), cache_dir(cache), image_size, channels)
+
+
+@DATASETS.register
+def arrays(root: str | None = None, download: bool = False, cache: str | None = None):
+    """Your arrays: `dataset.root` is a .npz / .pt / .safetensors file with train_x, train_y
+    (optional val_*, test_*); see trainables/images.py."""
+    if not root:
+        raise ConfigError("`dataset.root` is required for arrays: set it to the .npz, .pt or .safetensors file")
+    return read_arrays(Path(root).expanduser())
+
+
+@DATASETS.register
 def synthetic(
     root: str | None = None,
     download: bool = False,
@@ -260,36 +345,66 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str 
     return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, -1))).to(device)
 
 
-def view_params(seed: int, epoch: int, batch_idx: int, batch_size: int, crop_pad: int, flip: bool) -> Tensor:
-    """Per-image (dy, dx, flip) of one batch, int64 on CPU: the whole randomness of an augmented view."""
+def view_params(seed: int, epoch: int, batch_idx: int, batch_size: int, aug, hw: tuple[int, int]) -> Tensor:
+    """Per-image (dy, dx, flip[, y0, x0, h, w]) of one batch, int64 on CPU: the whole randomness of
+    an augmented view. `aug` is an AugmentConfig; the crop box columns exist with `resized_crop`,
+    sampled as torchvision's RandomResizedCrop does (10 tries at a scale and log-ratio, else the
+    whole image), from the same generator after the shifts and flips."""
     g = torch.Generator().manual_seed(_mix(seed, epoch, batch_idx))
-    shifts = torch.randint(0, 2 * crop_pad + 1, (batch_size, 2), generator=g)
-    flips = torch.randint(0, 2, (batch_size, 1), generator=g) if flip else torch.zeros(batch_size, 1, dtype=torch.long)
-    return torch.cat([shifts, flips], dim=1)
+    shifts = torch.randint(0, 2 * aug.crop_pad + 1, (batch_size, 2), generator=g)
+    flips = torch.randint(0, 2, (batch_size, 1), generator=g) if aug.flip else torch.zeros(batch_size, 1, dtype=torch.long)
+    cols = [shifts, flips]
+    if aug.resized_crop is not None:
+        cols.append(_crop_boxes(g, batch_size, hw, aug.resized_crop.scale, aug.resized_crop.ratio))
+    return torch.cat(cols, dim=1)
 
 
-def augment(x: Tensor, params: Tensor, crop_pad: int, flip: bool) -> Tensor:
-    """Random crop with zero padding and horizontal flip, batched; x is (B, C, H, W) of any dtype.
+def _crop_boxes(g: torch.Generator, n: int, hw: tuple[int, int], scale, ratio, tries: int = 10) -> Tensor:
+    h, w = hw
+    area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=g) * (h * w)
+    r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
+    cw, ch = (area * r).sqrt().round().long(), (area / r).sqrt().round().long()
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    first = ok.long().argmax(1, keepdim=True)
+    found = ok.any(1)
+    cw = torch.where(found, cw.gather(1, first).squeeze(1), torch.full((n,), w))
+    ch = torch.where(found, ch.gather(1, first).squeeze(1), torch.full((n,), h))
+    u = torch.rand(n, 2, generator=g)
+    y0, x0 = (u[:, 0] * (h - ch + 1)).long(), (u[:, 1] * (w - cw + 1)).long()
+    return torch.stack([y0, x0, ch, cw], dim=1)
+
+
+def augment(x: Tensor, params: Tensor, aug) -> Tensor:
+    """Random crop with zero padding, random-resized-crop (bilinear, back to the input size) and
+    horizontal flip, batched on x's device; x is (B, C, H, W) uint8 (float after a resized crop).
     Decided from the config, never from the params' values: no host sync in the hot loop."""
-    if crop_pad == 0 and not flip:
+    if aug.crop_pad == 0 and not aug.flip and aug.resized_crop is None:
         return x
     b, c, h, w = x.shape
-    params = params.to(x.device)
-    if crop_pad:
-        padded = torch.nn.functional.pad(x, (crop_pad,) * 4)
+    params = params.to(x.device, non_blocking=True)
+    if aug.crop_pad:
+        p = aug.crop_pad
+        padded = torch.nn.functional.pad(x, (p,) * 4)
         rows = (params[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (params[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
         bi = torch.arange(b, device=x.device)[:, None, None, None]
         ci = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[bi, ci, rows, cols]
-    return torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x) if flip else x
+    if aug.resized_crop is not None:
+        from torchvision.ops import roi_align
+
+        y0, x0, ch, cw = params[:, 3:7].float().unbind(1)
+        boxes = torch.stack([torch.arange(b, device=x.device, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1)
+        x = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    return torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x) if aug.flip else x
 
 
 def epoch_batches(
-    n: int, batch_size: int, seed: int, epoch: int, crop_pad: int, flip: bool, device: torch.device | str = "cpu",
+    n: int, batch_size: int, seed: int, epoch: int, aug, hw: tuple[int, int], device: torch.device | str = "cpu",
     rank: int = 0, world_size: int = 1,
 ):
-    """Yield (batch_idx, indices, view params) for one epoch; drops the last partial batch.
+    """Yield (batch_idx, indices, view params) for one epoch, both on `device`; drops the last
+    partial batch.
 
     With several DDP workers each rank takes its own slice of every global batch, so the global
     batch (and hence the math) is the same whatever the world size.
@@ -298,8 +413,58 @@ def epoch_batches(
     per_rank = batch_size // world_size
     for b in range(n // batch_size):
         idx = perm[b * batch_size + rank * per_rank : b * batch_size + (rank + 1) * per_rank]
-        params = view_params(seed, epoch, b, batch_size, crop_pad, flip)[rank * per_rank : (rank + 1) * per_rank]
+        params = view_params(seed, epoch, b, batch_size, aug, hw)[rank * per_rank : (rank + 1) * per_rank]
         yield b, idx, params.to(device, non_blocking=True)
+
+
+def place(splits: DataSplits, ds: "DatasetConfig", device: torch.device | str) -> tuple[DataSplits, bool]:
+    """Labels on the device, and the images too under `device` placement (`auto`: when all splits
+    take at most `dataset.device_share` of the device's free memory; always on a CPU). Returns the
+    placed splits and whether the images are on the device."""
+    dev = torch.device(device)
+    if ds.placement == "auto":
+        on_device = dev.type != "cuda" or splits.nbytes() <= ds.device_share * torch.cuda.mem_get_info(dev)[0]
+    else:
+        on_device = ds.placement == "device"
+    return splits.to(dev, images=on_device), on_device
+
+
+def device_batches(x_all: Tensor, y_all: Tensor, batches, device: torch.device | str, on_device: bool):
+    """(batch_idx, indices, images, labels, view params) on the device for each of `batches`
+    (epoch_batches, on the device when the images are there, else on the host).
+
+    Device placement: slices of the resident split. Host placement: gathered on the host (from
+    memory or a memory-mapped cache), pinned, and copied on a side CUDA stream one batch ahead, so
+    the copy of batch b+1 overlaps the compute of batch b. The same indices either way: the same
+    batches."""
+    if on_device:
+        for b, idx, view in batches:
+            yield b, idx, x_all[idx], y_all[idx], view
+        return
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    stream = torch.cuda.Stream(dev) if cuda else None
+
+    def copy(item):
+        b, idx, view = item
+        x = x_all[idx]
+        if cuda:
+            x = x.pin_memory()
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            return b, idx.to(dev, non_blocking=True), x.to(dev, non_blocking=True), view.to(dev, non_blocking=True)
+
+    it = iter(batches)
+    first = next(it, None)
+    pending = copy(first) if first is not None else None
+    while pending is not None:
+        if cuda:
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            for t in pending[1:]:
+                t.record_stream(torch.cuda.current_stream(dev))
+        b, idx, x, view = pending
+        following = next(it, None)
+        pending = copy(following) if following is not None else None  # in flight while batch b computes
+        yield b, idx, x, y_all[idx], view
 
 
 #: torchvision's ImageNet statistics: what its pretrained weights expect.

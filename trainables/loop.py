@@ -24,7 +24,7 @@ from torch import Tensor
 from trainables.atomic import atomic_path
 from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
-from trainables.data import augment, epoch_batches, load_splits, model_stats, normalizer
+from trainables.data import augment, device_batches, epoch_batches, load_splits, model_stats, normalizer, place
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
 from trainables.models import create_model, tap_layers
@@ -149,13 +149,15 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, norm, batch: int, autocast, channels_last: bool) -> Tensor:
-    """Logits (float32) for uint8 images in big batches: no augmentation, model in eval mode."""
+def predict(model: nn.Module, x: Tensor, norm, batch: int, autocast, channels_last: bool, device: torch.device | None = None) -> Tensor:
+    """Logits (float32) for uint8 images in big batches: no augmentation, model in eval mode.
+    `device`: where the model is, when x may be in host memory (host placement)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        xb = norm(x[i : i + batch])
+        xb = x[i : i + batch]
+        xb = norm(xb.to(device, non_blocking=True) if device is not None else xb)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -201,7 +203,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     torch.manual_seed(cfg.seed)
 
     ds = cfg.dataset
-    splits = load_splits(ds).to(device)
+    splits, on_device = place(load_splits(ds), ds, device)  # images on the device, or batches copied from the host
     aug = resolved_augment(cfg)
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
@@ -257,11 +259,11 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         model = ray.train.torch.prepare_model(student, move_to_device=False)
     step_model = torch.compile(model) if cfg.compile else model
 
-    eval_fn = lambda m, x: predict(m, x, norm, cfg.eval_batch_size, autocast, channels_last)  # noqa: E731
+    eval_fn = lambda m, x: predict(m, x, norm, cfg.eval_batch_size, autocast, channels_last, device)  # noqa: E731
     t_stats = teacher_stats(card, splits) if teacher is not None else (mean, std)  # each model its own statistics
     t_norm = normalizer(*t_stats, device)
     targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, splits.train_x, splits.val_x,
-                              lambda x: predict(teacher, x, t_norm, cfg.eval_batch_size, autocast, channels_last),
+                              lambda x: predict(teacher, x, t_norm, cfg.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     per_rank = cfg.batch_size // world
 
@@ -271,10 +273,10 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         loss_fn.set_epoch(epoch + 1)
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)
-        for b, idx, view in epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device, rank, world):
-            raw = augment(splits.train_x[idx], view, aug.crop_pad, aug.flip)
+        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug, shape[1:], device if on_device else "cpu", rank, world)
+        for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, device, on_device):
+            raw = augment(images, view, aug)
             x = norm(raw)
-            y = splits.train_y[idx]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():

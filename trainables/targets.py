@@ -16,7 +16,7 @@ from torch import Tensor
 
 from trainables.config import TrialConfig
 from trainables.registry import ConfigError
-from trainables.teacher_cache import TeacherCache, resolved_augment, views_are_static
+from trainables.teacher_cache import TeacherCache, resolved_augment
 
 Source = Literal["cache", "precomputed", "online", "none"]
 
@@ -60,7 +60,7 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: dict, nee
     """Decide the source for this trial. `teacher` is None when there is none to load; it still
     gives val logits (agreement, KL) to a no-KD control. `predict(x)` runs the teacher's eval
     forwards; `norm` is its input normalization (from its card), None when it equals the student's."""
-    static = views_are_static(resolved_augment(cfg))
+    static = resolved_augment(cfg).static
     if cfg.teacher_targets == "precomputed" and not static:
         raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
     if teacher is None:

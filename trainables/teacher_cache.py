@@ -19,13 +19,9 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.config import AugmentConfig, TrialConfig, trial_from_dict
-from trainables.data import DEFAULT_AUGMENT, augment, epoch_batches, load_splits, normalizer
+from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, normalizer, place
 
 META = "meta.json"
-
-
-def views_are_static(aug: AugmentConfig) -> bool:
-    return aug.crop_pad == 0 and not aug.flip
 
 
 def resolved_augment(cfg: TrialConfig) -> AugmentConfig:
@@ -35,8 +31,8 @@ def resolved_augment(cfg: TrialConfig) -> AugmentConfig:
 def cache_key(cfg: TrialConfig, card: dict) -> dict:
     """What the cached logits depend on; `card` is the teacher's (weights hash, input statistics)."""
     aug = resolved_augment(cfg)
-    key = {"teacher_sha256": card["sha256"], "teacher_norm": [card.get("mean"), card.get("std")], "dataset": cfg.dataset.model_dump(exclude={"download"}), "augment": aug.model_dump(), "format": 1}
-    if not views_are_static(aug):  # the views, and so the targets, depend on these too
+    key = {"teacher_sha256": card["sha256"], "teacher_norm": [card.get("mean"), card.get("std")], "dataset": cfg.dataset.model_dump(exclude={"download", "placement", "device_share"}), "augment": aug.model_dump(), "format": 1}
+    if not aug.static:  # the views, and so the targets, depend on these too
         key.update(seed=cfg.seed, batch_size=cfg.batch_size)
     return key
 
@@ -62,7 +58,7 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, 
     if (out / META).exists():
         return out, 0
     out.mkdir(parents=True, exist_ok=True)
-    s = load_splits(cfg.dataset).to(device)
+    s, on_device = place(load_splits(cfg.dataset), cfg.dataset, device)
     norm = normalizer(*teacher_stats(card, s), device)
     teacher = teacher.to(device).eval()
     cuda = torch.device(device).type == "cuda"
@@ -70,20 +66,20 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, 
 
     def logits(x_u8_or_float: Tensor) -> Tensor:
         with ctx():
-            return teacher(norm(x_u8_or_float)).half()
+            return teacher(norm(x_u8_or_float.to(device, non_blocking=True))).half()
 
     batch = 2048
     forwards = 0
     _save(torch.cat([logits(s.val_x[i : i + batch]) for i in range(0, len(s.val_y), batch)]), out / "val.pt")
     forwards += len(s.val_y)
     aug = resolved_augment(cfg)
-    if views_are_static(aug):
+    if aug.static:
         _save(torch.cat([logits(s.train_x[i : i + batch]) for i in range(0, len(s.train_y), batch)]), out / "static.pt")
         forwards += len(s.train_y)
     else:
         for epoch in range(epochs):
-            parts = [logits(augment(s.train_x[idx], view, aug.crop_pad, aug.flip))
-                     for _, idx, view in epoch_batches(len(s.train_y), cfg.batch_size, cfg.seed, epoch, aug.crop_pad, aug.flip, device)]
+            batches = epoch_batches(len(s.train_y), cfg.batch_size, cfg.seed, epoch, aug, s.input_shape[1:], device if on_device else "cpu")
+            parts = [logits(augment(x, view, aug)) for _, _, x, _, view in device_batches(s.train_x, s.train_y, batches, device, on_device)]
             _save(torch.cat(parts), out / f"epoch_{epoch}.pt")
             forwards += sum(len(p) for p in parts)
     (out / META).write_text(json.dumps({"key": key, "epochs": epochs, "forward_images": forwards}, indent=2, sort_keys=True))
@@ -103,9 +99,9 @@ class TeacherCache:
         if not path or not (Path(path) / META).exists():
             return None
         meta = json.loads((Path(path) / META).read_text())
-        if meta["key"] != cache_key(cfg, card) or (not views_are_static(resolved_augment(cfg)) and meta["epochs"] < cfg.epochs):
+        if meta["key"] != cache_key(cfg, card) or (not resolved_augment(cfg).static and meta["epochs"] < cfg.epochs):
             return None
-        return cls(Path(path), views_are_static(resolved_augment(cfg)))
+        return cls(Path(path), resolved_augment(cfg).static)
 
     def val(self, device) -> Tensor:
         return torch.load(self.path / "val.pt", map_location=device, weights_only=True).float()

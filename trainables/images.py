@@ -1,0 +1,214 @@
+"""Your own data: an image folder (torchvision's ImageFolder layout) or arrays, decoded once.
+
+A folder is decoded in parallel (a process pool) into uint8 NCHW arrays, written to the cache
+(`dataset.cache`, i.e. $KDSWEEP_CACHE or ~/.cache/kdsweep, resolved on the driver) under a key of
+the file list, sizes, mtimes and the preprocessing; every later load (the teacher, the teacher
+cache, every trial, the next sweep over the same folder) memory-maps those arrays instead of
+decoding again. Preprocessing: EXIF orientation applied, converted to `channels` (1: greyscale, 3:
+RGB; palette and alpha images are converted, alpha dropped), the shorter side resized to
+`image_size` (bilinear, antialiased) and the centre `image_size` x `image_size` cropped.
+Files that are not images or cannot be decoded are skipped, counted and named in one warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainables.atomic import atomic_path
+from trainables.registry import ConfigError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+#: Files shown by name in the skipped-files warning.
+SHOW = 5
+FORMAT = 1  # bump when the decoding changes: old caches are then ignored
+_warned: set[str] = set()  # decoded folders whose skipped files this process has named already
+
+
+@dataclass
+class RawData:
+    """What a dataset loader returns when it has more to say than (train, test, num_classes):
+    its own val split, class names, files it skipped. Absent val/test splits are carved from train
+    (seeded, stratified) by trainables.data.load_dataset."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor | None = None
+    test_y: Tensor | None = None
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
+    classes: tuple[str, ...] = ()
+    skipped: list[str] = field(default_factory=list)
+    decode_s: float = 0.0  # seconds spent decoding in this call (0: read from the cache)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.train_y.max()) + 1
+
+
+def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
+    """One file -> uint8 (C, S, S), or the reason it was skipped (a worker process)."""
+    path, size, channels = args
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = im.convert("RGBA" if im.mode in ("P", "PA", "LA") else im.mode).convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            a = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for truncated or foreign files
+        return f"{type(e).__name__}: {e}"
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy()
+
+
+def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
+    """split -> [(relative file, class index)], classes from train's sub-folders; val/test must match."""
+    train = root / "train"
+    if not train.is_dir():
+        raise ConfigError(f"`dataset.root` must hold train/<class>/<images> (torchvision's ImageFolder layout), but {train} is missing")
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"`dataset.root` {train} has no class sub-folders: put each class's images in train/<class>/")
+    out = {}
+    for split in SPLITS:
+        d = root / split
+        if not d.is_dir():
+            continue
+        have = sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+        missing, extra = sorted(set(classes) - set(have)), sorted(set(have) - set(classes))
+        if missing or extra:
+            what = f"lacks class {missing[0]!r}" if missing else f"has class {extra[0]!r} that train/ lacks"
+            raise ConfigError(f"`dataset.root` {split}/ {what}: val/ and test/ must have exactly train/'s classes")
+        out[split] = [(str(f.relative_to(root)), i) for i, c in enumerate(classes)
+                      for f in sorted((d / c).rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    out["classes"] = classes  # type: ignore[assignment]
+    return out
+
+
+def _key(root: Path, listing: dict, image_size: int, channels: int) -> str:
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "channels": channels}).encode())
+    for split in SPLITS:
+        for rel, label in listing.get(split, []):
+            st = os.stat(root / rel)
+            h.update(f"{split}\0{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels: int = 3, workers: int | None = None) -> RawData:
+    """The folder's splits as uint8 tensors, decoded at most once per (files, preprocessing)."""
+    import time
+
+    root = Path(root)
+    listing = _listing(root)
+    classes = tuple(listing.pop("classes"))
+    out_dir = Path(cache) / "folders" / f"{root.name}-{_key(root, listing, image_size, channels)}"
+    t0 = time.perf_counter()
+    if not (out_dir / "meta.json").exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = [(split, rel, label) for split in listing for rel, label in listing[split]]
+        jobs = [(str(root / rel), image_size, channels) for _, rel, _ in files]
+        workers = workers or min(8, os.cpu_count() or 1)
+        with ProcessPoolExecutor(workers) as pool:
+            decoded = list(pool.map(_decode, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+        skipped = [f"{rel} ({r})" for (_, rel, _), r in zip(files, decoded) if isinstance(r, str)]
+        for split in listing:
+            keep = [(r, label) for (s, _, label), r in zip(files, decoded) if s == split and not isinstance(r, str)]
+            x = np.stack([r for r, _ in keep]) if keep else np.zeros((0, channels, image_size, image_size), np.uint8)
+            for name, arr in (("x", x), ("y", np.array([label for _, label in keep], dtype=np.int64))):
+                with atomic_path(out_dir / f"{split}_{name}.npy") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, arr)
+        with atomic_path(out_dir / "meta.json") as tmp:  # written last: its presence means complete
+            tmp.write_text(json.dumps({"classes": classes, "skipped": skipped, "splits": list(listing), "root": str(root)}, indent=2))
+        decode_s = time.perf_counter() - t0
+        log.info("decoded %s: %d images in %.1f s -> %s", root, len(files) - len(skipped), decode_s, out_dir)
+    else:
+        decode_s = 0.0
+    meta = json.loads((out_dir / "meta.json").read_text())
+    if meta["skipped"] and str(out_dir) not in _warned:
+        _warned.add(str(out_dir))
+        shown = ", ".join(meta["skipped"][:SHOW]) + (f", ... ({len(meta['skipped'])} in all)" if len(meta["skipped"]) > SHOW else "")
+        log.warning("dataset.root %s: skipped %d file(s) that are not decodable images: %s", root, len(meta["skipped"]), shown)
+
+    def load(split: str) -> tuple[Tensor | None, Tensor | None]:
+        if split not in meta["splits"]:
+            return None, None
+        x = np.load(out_dir / f"{split}_x.npy", mmap_mode="c")  # pages shared by every process that reads it (copy-on-write)
+        return torch.from_numpy(x), torch.from_numpy(np.load(out_dir / f"{split}_y.npy"))
+
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (load(s) for s in SPLITS)
+    if len(train_y) == 0:
+        raise ConfigError(f"`dataset.root` {root}/train has no decodable images: see the warning above")
+    return RawData(train_x, train_y, test_x, test_y, val_x, val_y, classes, meta["skipped"], decode_s)
+
+
+def read_arrays(path: str | Path) -> RawData:
+    """A .npz, .pt (weights_only) or .safetensors file: `train_x` (uint8, NCHW or NHWC), `train_y`
+    (integer labels), optional `val_x`/`val_y` and `test_x`/`test_y`; checked with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"`dataset.root` must be an arrays file (.npz, .pt, .safetensors), but got dataset.root={str(path)!r}: fix the path")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: torch.from_numpy(z[k]) for k in z.files}
+        elif p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(p))
+        elif p.suffix in (".pt", ".pth"):
+            data = torch.load(p, map_location="cpu", weights_only=True)
+        else:
+            raise ConfigError(f"`dataset.root` must end in .npz, .pt or .safetensors, but got {p.name!r}")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"`dataset.root` {str(path)!r} cannot be read as arrays ({type(e).__name__}): save train_x/train_y with "
+                          "numpy.savez, torch.save or safetensors") from None
+    if not isinstance(data, dict) or "train_x" not in data or "train_y" not in data:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"`dataset.root` arrays file needs train_x and train_y, but holds {keys}")
+    out = {}
+    for split in SPLITS:
+        x, y = data.get(f"{split}_x"), data.get(f"{split}_y")
+        if (x is None) != (y is None):
+            raise ConfigError(f"`dataset.root` arrays file has {split}_{'x' if y is None else 'y'} without {split}_{'y' if y is None else 'x'}")
+        if x is None:
+            continue
+        if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+            got = f"{x.dtype}, {x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
+            raise ConfigError(f"`dataset.root` {split}_x must be uint8 images (N, C, H, W) or (N, H, W, C), but got {got}")
+        if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        if x.shape[1] not in (1, 3):
+            raise ConfigError(f"`dataset.root` {split}_x must have 1 or 3 channels, but got shape {tuple(x.shape)}")
+        if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dim() != 1 or len(y) != len(x):
+            got = f"{y.dtype}, shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+            raise ConfigError(f"`dataset.root` {split}_y must be {len(x)} integer labels, one per image, but got {got}")
+        if len(y) and y.min() < 0:
+            raise ConfigError(f"`dataset.root` {split}_y has negative labels: labels are class indices 0..K-1")
+        out[split] = (x.contiguous(), y.long())
+    shapes = {tuple(x.shape[1:]) for x, _ in out.values()}
+    if len(shapes) > 1:
+        raise ConfigError(f"`dataset.root` splits have different image shapes {sorted(shapes)}: make them equal")
+    (tx, ty) = out["train"]
+    vx, vy = out.get("val", (None, None))
+    sx, sy = out.get("test", (None, None))
+    k = int(max(int(y.max()) for _, y in out.values() if len(y))) + 1
+    return RawData(tx, ty, sx, sy, vx, vy, tuple(str(i) for i in range(k)))
