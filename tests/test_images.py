@@ -187,3 +187,21 @@ def test_resized_crop_views_are_torchvision_like_and_repeatable():
     assert torch.allclose(augment(x[:4], view_params(0, 0, 0, 4, whole, (32, 48)), whole), x[:4].float(), atol=1e-3)
     with pytest.raises(ValueError, match="exclude each other"):
         AugmentConfig(crop_pad=2, resized_crop={})
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)."""
+    d = tmp_path / "cam" / "train" / "a"
+    d.mkdir(parents=True)
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, :10] = 250  # stored: left half bright; as viewed (rotated clockwise): top half bright
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(d / "0.jpg", exif=exif, quality=95)
+    im.save(d / "1.jpg", exif=exif, quality=95)
+    s = load_splits(DatasetConfig(name="image_folder", root=str(tmp_path / "cam"), cache=str(tmp_path / "c"), image_size=10,
+                                  val_fraction=0.5, test_fraction=0.0))
+    x = s.train_x[0].float().mean(0)
+    assert x[:4].mean() > 200 and x[6:].mean() < 50  # top bright, bottom dark
+    assert abs(x[:, :4].mean() - x[:, 6:].mean()) < 20  # not left/right
