@@ -169,3 +169,33 @@ def test_concurrent_checkpoint_writers_never_collide(tmp_path):
     assert errors == []
     assert load_state(tmp_path / "state.pt")["blob"].shape == (20_000,)
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+class CountingReporter:
+    """Records which epochs carried a checkpoint."""
+
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+
+    def restore(self):
+        return None
+
+    def report(self, metrics, state) -> None:
+        if state is not None:
+            self.saved.append(metrics["epoch"])
+
+
+@pytest.mark.parametrize("every,saved", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), ("3600s", [5]), ("0s", [1, 2, 3, 4, 5])])
+def test_checkpoint_every_epochs_or_seconds_and_always_the_last(every, saved):
+    rep = CountingReporter()
+    r = train_student({"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "mlp_32", "loss": {"alpha": 0.0}, "epochs": 5,
+                       "batch_size": 256, "profile": False, "robust_samples": 0, "checkpoint_every": every}, rep)
+    assert r.metrics["epoch"] == 5 and rep.saved == saved
+
+
+@pytest.mark.parametrize("bad", [0, "soon", "-5s", 2.5])
+def test_bad_checkpoint_period_is_a_config_error(bad):
+    from trainables.config import TrialConfig, validate
+
+    with pytest.raises(ConfigError, match="`checkpoint_every`"):
+        validate(TrialConfig, {"checkpoint_every": bad})

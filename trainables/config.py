@@ -165,6 +165,28 @@ class TrainConfig(Strict):
         "auto", description="precomputed: teacher logits once per trial when views never change"
     )
     robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
+    checkpoint_every: int | str = Field(1, description="checkpoint every N epochs, or every '<seconds>s' (e.g. '120s'); the last epoch always")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _period(cls, v: Any) -> int | str:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            return v
+        if isinstance(v, str) and v.endswith("s"):
+            try:
+                if float(v[:-1]) >= 0:
+                    return v
+            except ValueError:
+                pass
+        raise ValueError(f"must be a number of epochs >= 1 or seconds such as '120s', but got checkpoint_every={v!r}")
+
+    def checkpoint_due(self, epoch: int, seconds_since: float) -> bool:
+        """Whether epoch `epoch` (from 1) checkpoints: on the period, and always the last one."""
+        if epoch >= self.epochs:
+            return True
+        if isinstance(self.checkpoint_every, int):
+            return epoch % self.checkpoint_every == 0
+        return seconds_since >= float(self.checkpoint_every[:-1])
 
 
 class TrialConfig(TrainConfig):

@@ -268,6 +268,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     per_rank = cfg.batch_size // world
 
     metrics: dict[str, Any] = {}
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         student.train()
         loss_fn.set_epoch(epoch + 1)
@@ -323,7 +324,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
                 metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in size})
         state = None
-        if rank == 0 and not diverged:
+        if rank == 0 and not diverged and cfg.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):
+            last_checkpoint = time.monotonic()
             state = {
                 "model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "rng_cpu": torch.get_rng_state(), "history": history,

@@ -97,11 +97,17 @@ def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str,
     started = time.perf_counter()
     thread = threading.Thread(target=fit, name="kdsweep-trainer", daemon=True)
     thread.start()
-    first = True
+    first, checkpoint = True, None
     while (item := reports.get()) != _DONE:
         if first:  # fixed cost before the first epoch: actors, worker group, data, model, teacher
             item["trial_startup_s"] = time.perf_counter() - started - item.get("epoch_time_s", 0.0)
             first = False
+        # Epochs between checkpoints (train.checkpoint_every) carry the latest one, so a trial ASHA
+        # stops still has weights to log.
+        if item.get("checkpoint_path"):
+            checkpoint = item["checkpoint_path"]
+        elif checkpoint:
+            item["checkpoint_path"] = checkpoint
         tune.report({**item, **(constants or {}).get(trial.student, {})})
     thread.join()
     if errors:
