@@ -369,6 +369,22 @@ def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, r
     assert mlflow.pyfunc.load_model("models:/kdsweep-photos-a@champion").metadata.metadata["classes"] == list(CLASSES)
 
 
+def test_a_diverging_trial_is_marked_never_selected_and_the_sweep_goes_on(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "blowup", students=["mlp_32"], search={"lr": {"type": "categorical", "choices": [0.05, 10000.0]}},
+                     **{"budget.num_samples": 4, "budget.max_concurrent": 1, "train.epochs": 2, "train.robust_samples": 0})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    runs = child_runs(uri, "blowup")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    status = {r.info.run_id: (float(r.data.params["lr"]), r.data.tags["kdsweep.status"]) for r in runs}
+    assert {s for lr, s in status.values() if lr == 10000.0} == {"diverged"}, status  # seed 0 samples both values
+    assert {s for lr, s in status.values() if lr == 0.05} == {"finished"}, status
+    client = mlflow.tracking.MlflowClient(uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("blowup").experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
+    assert status[parent.data.tags["kdsweep.champion_run_id"]] == (0.05, "finished")
+
+
 def _count(db, sql):
     with sqlite3.connect(db) as con:
         return con.execute(sql).fetchone()[0]
@@ -409,6 +425,50 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         assert steps == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
     assert _count(moved, "select count(*) from runs where status='RUNNING'") == 0
+
+
+def _train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_killed_train_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, digits_teacher, ray_address):
+    """SIGKILL the process running a trial mid-run: Ray Train restarts the worker group from the
+    last checkpoint (every 2 epochs here), the trial keeps its one MLflow run, every epoch logged once."""
+    cfg = sweep_yaml(tmp_path, digits_teacher, "lostworker", students=["cnn_tiny"], search={},
+                     **{"budget.num_samples": 1, "budget.max_concurrent": 1, "budget.max_failures": 2, "train.epochs": 12,
+                        "train.batch_size": 16, "train.checkpoint_every": 2, "train.robust_samples": 0})
+    db = tmp_path / "mlruns" / "mlflow.db"
+    console = open(tmp_path / "console.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", ray_address],
+                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=console,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    epochs_sql = "select count(*) from metrics where key='val_acc'"
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists() and _count(db, epochs_sql) >= 3 and (workers := _train_workers()):
+            killed = workers[0].pid
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert killed is not None, "the trial ended before its worker could be killed"
+    at = _count(db, epochs_sql)
+    assert at < 12
+    assert proc.wait(timeout=300) == 0
+    uri = f"sqlite:///{db}"
+    (run,) = child_runs(uri, "lostworker")
+    assert run.info.status == "FINISHED" and run.data.tags["kdsweep.status"] == "finished"
+    steps = [m.step for m in mlflow.tracking.MlflowClient(uri).get_metric_history(run.info.run_id, "val_acc")]
+    assert steps == list(range(1, 13)), steps  # the epochs re-run after the restore are not logged twice
+    assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
+    assert all(w.pid != killed for w in _train_workers())
+    console.close()
+    reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/12", (tmp_path / "console.txt").read_text(), re.M)]
+    restart = next(i for i in range(1, len(reported)) if reported[i] <= reported[i - 1])
+    # the restored worker group started after its last checkpoint (an even epoch), not from epoch 1
+    assert reported[restart] > 1 and (reported[restart] - 1) % 2 == 0 and reported[restart] <= at + 1, reported
+    assert reported[-1] == 12
 
 
 def test_resources_the_cluster_cannot_give_fail_before_anything_is_written(tmp_path, ray_address, capsys, monkeypatch):
