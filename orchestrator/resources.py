@@ -11,6 +11,8 @@ import math
 import os
 import time
 
+from ray.tune import Callback
+
 from orchestrator.config import Resources
 from trainables.registry import ConfigError
 
@@ -79,3 +81,55 @@ def wait_for_cluster(r: Resources, address: str) -> None:
             time.sleep(1.0)
     finally:
         request_resources(bundles=[])
+
+
+class PlacementGroupReaper(Callback):
+    """Tune callback: removes Ray Train worker-group placement groups that outlived their trial.
+
+    When ASHA stops a trial, Tune kills its actor and with it the Train controller; the worker
+    group's placement group is meant to go with them, but it sometimes stays CREATED with no actor
+    in it (seen with Ray 2.60: a leaked 1-CPU group starved the next 2-worker trial until its
+    worker-group start timed out). Every `every_s` seconds, and when a trial ends, a placement group
+    of this job that holds CPU or GPU bundles, is older than `grace_s` and has no live or pending
+    actor in it is removed. Tune's own per-trial groups (the trial actor's token bundle) are left alone."""
+
+    def __init__(self, every_s: float = 10.0, grace_s: float = 30.0) -> None:
+        self.every_s, self.grace_s = every_s, grace_s
+        self._last = 0.0
+
+    def __getstate__(self):  # pickled into Tune's state; nothing worth keeping
+        return {"every_s": self.every_s, "grace_s": self.grace_s, "_last": 0.0}
+
+    def on_step_begin(self, iteration, trials, **info):
+        if time.monotonic() - self._last >= self.every_s:
+            self.reap()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.reap()
+
+    def reap(self) -> list[str]:
+        import ray
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+        from ray.util.state import list_actors, list_placement_groups
+
+        self._last = time.monotonic()
+        try:
+            job = ray.get_runtime_context().get_job_id()
+            groups = list_placement_groups(detail=True, filters=[("state", "=", "CREATED")], raise_on_missing_output=False)
+            used = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True, limit=10_000,
+                                                                raise_on_missing_output=False)}
+        except Exception as e:  # the state API is best effort (dashboard restarting, old cluster)
+            log.debug("placement-group check skipped: %s", e)
+            return []
+        now_ns = time.time_ns()
+        removed = []
+        for pg in groups:
+            compute = any(k in ("CPU", "GPU") for b in pg.bundles for k in b.get("unit_resources", {}))
+            age_s = (now_ns - int((pg.stats or {}).get("creation_request_received_ns", now_ns))) / 1e9
+            if pg.creator_job_id != job or pg.is_detached or not compute or pg.placement_group_id in used or age_s < self.grace_s:
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
+            removed.append(pg.placement_group_id)
+        if removed:
+            log.info("removed %d placement group(s) left behind by ended trials: %s", len(removed), ", ".join(p[:8] for p in removed))
+        return removed

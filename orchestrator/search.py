@@ -1,10 +1,12 @@
 """From the YAML search section to Optuna distributions, seeded TPE, ASHA and the control points."""
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import optuna
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config import ALIASES, SearchParam, SweepConfig
@@ -92,12 +94,99 @@ def scheduler(cfg: SweepConfig) -> ASHAScheduler:
 
 
 def trial_budget(cfg: SweepConfig) -> list[tuple[str, list[str], int]]:
-    """(tuner name, students, num_samples): one study in joint mode, one per student otherwise.
+    """(study name, students, num_samples): one study in joint mode, one per student otherwise.
 
     per_student splits `budget.num_samples` evenly (the first students take any remainder), so
-    every student gets its own search and its own share of the budget.
+    every student gets its own search and its own share of the budget. All studies run in one Tune
+    run either way (PerStudentSearch), so no student's trials wait for another's to finish.
     """
     if cfg.mode == "joint":
         return [("joint", list(cfg.students), cfg.budget.num_samples)]
     n, k = cfg.budget.num_samples, len(cfg.students)
     return [(s, [s], n // k + (1 if i < n % k else 0)) for i, s in enumerate(cfg.students)]
+
+
+class PerStudentSearch(Searcher):
+    """per_student mode in one Tune run: one seeded Optuna study per student, each with its own
+    control points and its share of the budget, handing out trials round robin among the students
+    with budget left. While one student's last trials finish, the others' keep the cluster busy
+    (a loop of Tuner.fit() per student would leave it idle). Saved and restored whole by Tune."""
+
+    def __init__(self, cfg: SweepConfig) -> None:
+        metrics, modes = objectives(cfg)
+        super().__init__(metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0])
+        self.quota = {study: n for study, _, n in trial_budget(cfg)}
+        self.studies = {study: searcher(cfg, students) for study, students, _ in trial_budget(cfg)}
+        self.issued = {study: 0 for study in self.studies}
+        self.owner: dict[str, str] = {}
+        self.turn = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return all(s.set_search_properties(metric, mode, config, **spec) for s in self.studies.values())
+
+    def suggest(self, trial_id: str):
+        order = list(self.studies)
+        for i in range(len(order)):
+            study = order[(self.turn + i) % len(order)]
+            if self.issued[study] >= self.quota[study]:
+                continue
+            config = self.studies[study].suggest(trial_id)
+            if config is None or config == Searcher.FINISHED:
+                continue
+            self.turn = (self.turn + i + 1) % len(order)
+            self.issued[study] += 1
+            self.owner[trial_id] = study
+            return config
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.owner:
+            self.studies[self.owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.owner:
+            self.studies[self.owner[trial_id]].on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's searcher checkpoint (a file in its experiment folder, read back only by Tune's
+        restore in this driver): the shares, the owners and every study, as OptunaSearch saves its own."""
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PerStudentScheduler(FIFOScheduler):
+    """One ASHA (ControlKeepingASHA) per student: a trial is stopped only against its own
+    student's trials at the same rung, never because another architecture learns faster."""
+
+    def __init__(self, cfg: SweepConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.by_student: dict[str, ASHAScheduler] = {}
+
+    def _asha(self, trial) -> ASHAScheduler:
+        student = trial.config.get("student")
+        if student not in self.by_student:
+            self.by_student[student] = scheduler(self.cfg)
+        return self.by_student[student]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._asha(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result) -> str:
+        return self._asha(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self._asha(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._asha(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._asha(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "; ".join(f"{s}: {a.debug_string()}" for s, a in self.by_student.items())

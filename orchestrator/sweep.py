@@ -2,9 +2,9 @@
 
 A sweep's files: the local sweep folder (`storage/NAME/`, or `./runs/NAME/` when storage is a URI)
 holds sweep.json (the resolved config, so `kdsweep resume NAME` needs nothing else) and the teacher
-cache; Ray's storage (`storage/NAME/`, local or s3://...) holds one Tune experiment per study
-(tune-joint or tune-<student>) and one Ray Train run per trial (train/trial-<id>) with its
-checkpoints. Train V2 restores a run from its storage snapshot when the same name and path are
+cache; Ray's storage (`storage/NAME/`, local or s3://...) holds the sweep's one Tune experiment
+(tune-joint, or tune-per_student with one Optuna study per student) and one Ray Train run per
+trial (train/trial-<id>) with its checkpoints. Train V2 restores a run from its storage snapshot when the same name and path are
 used again, so a restored trial resumes from its last epoch.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Iterator
 from orchestrator.config import SweepConfig, trial_path
 from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
-from orchestrator.resources import check_local, wait_for_cluster
-from orchestrator.search import control_points, objectives, scheduler, searcher, trial_budget
+from orchestrator.resources import PlacementGroupReaper, check_local, wait_for_cluster
+from orchestrator.search import PerStudentScheduler, PerStudentSearch, control_points, objectives, scheduler, searcher, trial_budget
 from orchestrator.study import export_study, plot_study
 from orchestrator.tracking import MlflowTrialCallback, SweepTracker, check_tracking_uri, default_tracking_uri
 from orchestrator.tune_state import TuneStateBackup, repair_state
@@ -47,7 +47,7 @@ class Plan:
     def describe(self) -> str:
         total = sum(n for _, _, n in self.studies)
         lines = [
-            f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}",
+            f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}, one Tune run",
             *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
             f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
             f"  data: {self.data.n_train} train / {self.data.n_val} val / {self.data.n_test} test, "
@@ -189,12 +189,15 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> dic
     return {name: size_report(ray.get(f), teacher_size) for name, f in futures.items()}
 
 
-def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, trainable, callbacks: list, restore: bool, verbose: bool):
+def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose: bool):
+    """The sweep's one Tune run: every study's trials (joint: one Optuna study over all students;
+    per_student: one per student, PerStudentSearch handing out trials round robin)."""
     from ray import tune
 
     # Tune's new output engine prints its headers even when silent; the old one obeys verbose=0
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
     logging.getLogger("ray.tune").setLevel(logging.NOTSET if verbose else logging.WARNING)
+    study = "joint" if cfg.mode == "joint" else "per_student"
     path = f"{cfg.ray_storage()}/tune-{study}"
     local = Path(path) if "://" not in path else None
     callbacks[1].experiment_dir = local
@@ -209,7 +212,9 @@ def _tuner(cfg: SweepConfig, study: str, students: list[str], n: int, trainable,
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            num_samples=n, search_alg=searcher(cfg, students), scheduler=scheduler(cfg),
+            num_samples=cfg.budget.num_samples,
+            search_alg=searcher(cfg, cfg.students) if cfg.mode == "joint" else PerStudentSearch(cfg),
+            scheduler=scheduler(cfg) if cfg.mode == "joint" else PerStudentScheduler(cfg),
             max_concurrent_trials=cfg.budget.max_concurrent,
         ),
         run_config=tune.RunConfig(
@@ -262,13 +267,14 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                       "trials": trials, "paths": paths,
                       "sizes": sizes,
                       "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
-        callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
+        callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup(), PlacementGroupReaper()]
         if not verbose:
             callbacks.append(ConsoleReporter(cfg, trials, paths, total=sum(n for _, _, n in plan.studies)))
         try:
-            for study, students, n in plan.studies:
-                results = _tuner(cfg, study, students, n, trainable, callbacks, restore, verbose).fit()
-                exported = export_study(cfg, study, students, results, sweep_dir)
+            results = list(_tuner(cfg, trainable, callbacks, restore, verbose).fit())
+            for study, students, _ in plan.studies:
+                mine = [r for r in results if (r.config or {}).get("student") in students]
+                exported = export_study(cfg, study, students, mine, sweep_dir)
                 for png in plot_study(exported, sweep_dir / "optuna"):
                     tracker.client.log_artifact(parent, str(png), "optuna")
         finally:

@@ -41,6 +41,28 @@ def test_per_student_budget_split():
     assert trial_budget(load_config(None)) == [("joint", ["mlp_32", "cnn_tiny"], 8)]
 
 
+def test_per_student_search_hands_out_each_students_share_round_robin_controls_first(tmp_path):
+    import pickle
+
+    from orchestrator.search import PerStudentSearch
+    from ray.tune.search import Searcher
+
+    cfg = load_config(None, ["mode=per_student", "budget.num_samples=5"])
+    search = PerStudentSearch(cfg)
+    got = [search.suggest(f"t{i}") for i in range(5)]
+    assert [c["student"] for c in got] == ["mlp_32", "cnn_tiny", "mlp_32", "cnn_tiny", "mlp_32"]
+    assert [c["alpha"] for c in got[:4]] == [0.0, 0.0, 0.9, 0.9]  # each study's controls first, its own
+    assert search.suggest("t5") == Searcher.FINISHED  # 3 + 2: every share used
+    for i, c in enumerate(got):
+        search.on_trial_complete(f"t{i}", {"val_acc": 0.5 + 0.01 * i, **c})
+    assert [len(s._ot_study.trials) for s in search.studies.values()] == [3, 2]  # each result went to its own study
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune checkpoints it whole; a restored one continues
+    again = PerStudentSearch(cfg)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert again.issued == {"mlp_32": 3, "cnn_tiny": 2} and again.suggest("t6") == Searcher.FINISHED
+    pickle.dumps(search)
+
+
 def test_overrides_and_aliases():
     cfg = load_config(None, ["lr=0.2", "temperature=3", "loss.dkd_beta=2", "loss.name=dkd"])
     assert cfg.train.optimizer.lr == 0.2 and cfg.loss.temperature == 3 and cfg.loss.params()["dkd_beta"] == 2

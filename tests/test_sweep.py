@@ -234,8 +234,10 @@ def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher,
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     parent = next(r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent")
     assert "optuna/per-student-mlp_32-pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
-    assert sorted((tmp_path / "runs" / "per-student").glob("tune-*")) == [
-        tmp_path / "runs" / "per-student" / "tune-cnn_tiny", tmp_path / "runs" / "per-student" / "tune-mlp_32"]
+    # one Tune run for both studies: the students' trials ran side by side, handed out round robin
+    assert sorted((tmp_path / "runs" / "per-student").glob("tune-*")) == [tmp_path / "runs" / "per-student" / "tune-per_student"]
+    first_two = sorted(runs, key=lambda r: r.info.start_time)[:2]
+    assert {r.data.params["student"] for r in first_two} == {"mlp_32", "cnn_tiny"}
 
 
 def test_ddp_trial_with_two_gloo_workers_reports_once_per_epoch(tmp_path, digits_teacher, ray_address, monkeypatch):
@@ -469,6 +471,35 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_p
     # the restored worker group started after its last checkpoint (an even epoch), not from epoch 1
     assert reported[restart] > 1 and (reported[restart] - 1) % 2 == 0 and reported[restart] <= at + 1, reported
     assert reported[-1] == 12
+
+
+def test_placement_groups_left_by_ended_trials_are_removed(ray_address):
+    """A CPU placement group with no actor in it past the grace period goes (what a stopped trial's
+    worker group sometimes leaves); one with a live actor, and Tune's token groups, stay."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from orchestrator.resources import PlacementGroupReaper
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def ping(self):
+            return 1
+
+    orphan, busy, token = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}]), placement_group([{"memory": 2**20}])
+    ray.get([orphan.ready(), busy.ready(), token.ready()])
+    worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(busy)).remote()
+    assert ray.get(worker.ping.remote()) == 1
+    try:
+        assert PlacementGroupReaper(grace_s=3600).reap() == []  # too young: perhaps about to be used
+        assert PlacementGroupReaper(grace_s=0).reap() == [orphan.id.hex()]
+        assert ray.util.placement_group_table(orphan)["state"] == "REMOVED"
+        assert ray.util.placement_group_table(busy)["state"] == "CREATED" and ray.util.placement_group_table(token)["state"] == "CREATED"
+    finally:
+        ray.kill(worker)
+        for pg in (busy, token):
+            remove_placement_group(pg)
 
 
 def test_resources_the_cluster_cannot_give_fail_before_anything_is_written(tmp_path, ray_address, capsys, monkeypatch):
