@@ -89,9 +89,10 @@ class PlacementGroupReaper(Callback):
     When ASHA stops a trial, Tune kills its actor and with it the Train controller; the worker
     group's placement group is meant to go with them, but it sometimes stays CREATED with no actor
     in it (seen with Ray 2.60: a leaked 1-CPU group starved the next 2-worker trial until its
-    worker-group start timed out). Every `every_s` seconds, and when a trial ends, a placement group
-    of this job that holds CPU or GPU bundles, is older than `grace_s` and has no live or pending
-    actor in it is removed. Tune's own per-trial groups (the trial actor's token bundle) are left alone."""
+    worker-group start timed out; a killed driver's groups outlived its job too). Every `every_s`
+    seconds, and when a trial ends, a placement group of this job or of an ended job that holds CPU
+    or GPU bundles, is older than `grace_s` and has no live or pending actor in it is removed.
+    Other live jobs' groups and Tune's per-trial groups (the trial actor's token bundle) are left alone."""
 
     def __init__(self, every_s: float = 10.0, grace_s: float = 30.0) -> None:
         self.every_s, self.grace_s = every_s, grace_s
@@ -114,7 +115,10 @@ class PlacementGroupReaper(Callback):
 
         self._last = time.monotonic()
         try:
+            import ray._private.state
+
             job = ray.get_runtime_context().get_job_id()
+            live_jobs = {j["JobID"] for j in ray._private.state.jobs() if not j["IsDead"]} - {job}
             groups = list_placement_groups(detail=True, filters=[("state", "=", "CREATED")], raise_on_missing_output=False)
             used = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True, limit=10_000,
                                                                 raise_on_missing_output=False)}
@@ -126,7 +130,7 @@ class PlacementGroupReaper(Callback):
         for pg in groups:
             compute = any(k in ("CPU", "GPU") for b in pg.bundles for k in b.get("unit_resources", {}))
             age_s = (now_ns - int((pg.stats or {}).get("creation_request_received_ns", now_ns))) / 1e9
-            if pg.creator_job_id != job or pg.is_detached or not compute or pg.placement_group_id in used or age_s < self.grace_s:
+            if pg.creator_job_id in live_jobs or pg.is_detached or not compute or pg.placement_group_id in used or age_s < self.grace_s:
                 continue
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg.placement_group_id))))
             removed.append(pg.placement_group_id)

@@ -482,15 +482,16 @@ def test_placement_groups_left_by_ended_trials_are_removed(ray_address):
 
     from orchestrator.resources import PlacementGroupReaper
 
-    @ray.remote(num_cpus=1)
+    @ray.remote(num_cpus=0.25)
     class Worker:
         def ping(self):
             return 1
 
-    orphan, busy, token = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}]), placement_group([{"memory": 2**20}])
-    ray.get([orphan.ready(), busy.ready(), token.ready()])
+    PlacementGroupReaper(grace_s=0).reap()  # whatever earlier tests' trials left (the shared instance)
+    orphan, busy, token = placement_group([{"CPU": 0.25}]), placement_group([{"CPU": 0.25}]), placement_group([{"memory": 2**20}])
+    ray.get([orphan.ready(), busy.ready(), token.ready()], timeout=60)
     worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(busy)).remote()
-    assert ray.get(worker.ping.remote()) == 1
+    assert ray.get(worker.ping.remote(), timeout=60) == 1
     try:
         assert PlacementGroupReaper(grace_s=3600).reap() == []  # too young: perhaps about to be used
         assert PlacementGroupReaper(grace_s=0).reap() == [orphan.id.hex()]
