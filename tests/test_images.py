@@ -45,6 +45,17 @@ def write_folder(root, per_class: int = 12, val: bool = False, bad: bool = True)
         (root / "train" / "dog" / "notes.txt").write_text("not an image\n")
 
 
+def memory_mapped(t: torch.Tensor) -> bool:
+    """Whether the tensor's memory is a mapping of a decoded-cache file (Linux: /proc/self/maps)."""
+    ptr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(v, 16) for v in parts[0].split("-"))
+        if lo <= ptr < hi and len(parts) > 5 and parts[5].endswith("_x.npy"):
+            return True
+    return False
+
+
 def folder_config(root, cache, **kw) -> DatasetConfig:
     return DatasetConfig(name="image_folder", root=str(root), cache=str(cache), image_size=16, **kw)
 
@@ -64,6 +75,7 @@ def test_folder_decoded_once_bad_files_named_classes_kept(tmp_path, caplog, monk
     assert s.decode_s > 0
     again = load_splits(folder_config(tmp_path / "photos", tmp_path / "cache"))
     assert again.decode_s == 0 and torch.equal(again.train_x, s.train_x) and torch.equal(again.val_y, s.val_y)
+    assert all(memory_mapped(t) for t in (again.train_x, again.val_x, again.test_x))  # carved splits too: no process copies one
     (tmp_path / "photos" / "train" / "emu" / "0.jpg").unlink()  # the file list changed: decoded anew
     assert load_splits(folder_config(tmp_path / "photos", tmp_path / "cache")).decode_s > 0
 

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from trainables.images import RawData, decode_folder, read_arrays
+from trainables.images import RawData, decode_folder, read_arrays, stratified_split
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
     from trainables.config import DatasetConfig
 
 # name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes) or RawData
-# (RawData: own val split, class names, skipped files). A loader that takes `image_size` / `channels`
-# parameters gets dataset.image_size / dataset.channels.
+# (RawData: own val split, class names, skipped files). A loader that takes `image_size`, `channels`,
+# `val_fraction`, `test_fraction` or `split_seed` parameters gets the dataset config's values.
 Loader = Callable[..., "tuple[Tensor, Tensor, Tensor, Tensor, int] | RawData"]
 DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
 
@@ -76,22 +76,6 @@ class DataSplits:
         return sum(t.numel() * t.element_size() for t in (self.train_x, self.val_x, self.test_x))
 
 
-def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(kept, held-out) indices, sorted: `fraction` of every class held out (seeded), at least one
-    image of a class that has two or more."""
-    g = torch.Generator().manual_seed(seed)
-    held = []
-    for c in torch.unique(y).tolist():
-        idx = (y == c).nonzero().flatten()
-        n = round(len(idx) * fraction) if fraction > 0 else 0
-        n = max(n, 1 if fraction > 0 and len(idx) > 1 else 0)
-        held.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    held_idx = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
-    mask = torch.ones(len(y), dtype=torch.bool)
-    mask[held_idx] = False
-    return mask.nonzero().flatten(), held_idx
-
-
 def load_dataset(
     name: str,
     root: str | None = None,
@@ -115,7 +99,8 @@ def load_dataset(
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
     loader = DATASETS.get(name)
     params = inspect.signature(loader).parameters
-    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if k in params}
+    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels), ("val_fraction", val_fraction),
+                                ("test_fraction", test_fraction), ("split_seed", split_seed)) if k in params}
     try:
         inspect.signature(loader).bind(root=root, download=download, cache=cache, **extra, **kwargs)
     except TypeError as e:
@@ -298,10 +283,13 @@ def cifar100(root: str | None = None, download: bool = False, cache: str | None 
 
 
 @DATASETS.register
-def image_folder(root: str | None = None, download: bool = False, cache: str | None = None, image_size: int = 32, channels: int = 3):
+def image_folder(root: str | None = None, download: bool = False, cache: str | None = None, image_size: int = 32, channels: int = 3,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0):
     """Your photos in torchvision's ImageFolder layout (root/train/<class>/*, optional val/, test/),
-    decoded once into the cache (trainables/images.py)."""
-    return decode_folder(_resolve_root(root), cache_dir(cache), image_size, channels)
+    decoded once into the cache with absent splits carved there, so every split is memory-mapped
+    (trainables/images.py)."""
+    return decode_folder(_resolve_root(root), cache_dir(cache), image_size, channels, val_fraction=val_fraction,
+                         test_fraction=test_fraction, split_seed=split_seed)
 
 
 @DATASETS.register

@@ -56,6 +56,23 @@ class RawData:
         return len(self.classes) if self.classes else int(self.train_y.max()) + 1
 
 
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(kept, held-out) indices, sorted: `fraction` of every class held out (seeded), at least one
+    image of a class that has two or more."""
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        n = round(len(idx) * fraction) if fraction > 0 else 0
+        n = max(n, 1 if fraction > 0 and len(idx) > 1 else 0)
+        held.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    held_idx = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[held_idx] = False
+    return mask.nonzero().flatten(), held_idx
+
+
+
 def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
     """One file -> uint8 (C, S, S), or the reason it was skipped (a worker process)."""
     path, size, channels = args
@@ -101,8 +118,8 @@ def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-def _key(root: Path, listing: dict, image_size: int, channels: int) -> str:
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "channels": channels}).encode())
+def _key(root: Path, listing: dict, image_size: int, channels: int, carve: dict) -> str:
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "channels": channels, "carve": carve}, sort_keys=True).encode())
     for split in SPLITS:
         for rel, label in listing.get(split, []):
             st = os.stat(root / rel)
@@ -110,14 +127,21 @@ def _key(root: Path, listing: dict, image_size: int, channels: int) -> str:
     return h.hexdigest()[:20]
 
 
-def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels: int = 3, workers: int | None = None) -> RawData:
-    """The folder's splits as uint8 tensors, decoded at most once per (files, preprocessing)."""
+def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels: int = 3, workers: int | None = None,
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0) -> RawData:
+    """The folder's splits as uint8 tensors, decoded at most once per (files, preprocessing, carve).
+    Absent val/test splits are carved here from the decoded train images (seeded, stratified: test
+    with split_seed, then val with split_seed + 1, as trainables.data.load_dataset carves arrays) and
+    stored as their own arrays, so every split is memory-mapped and no process copies one."""
     import time
 
     root = Path(root)
     listing = _listing(root)
     classes = tuple(listing.pop("classes"))
-    out_dir = Path(cache) / "folders" / f"{root.name}-{_key(root, listing, image_size, channels)}"
+    carve = {"val_fraction": val_fraction if "val" not in listing else None,
+             "test_fraction": test_fraction if "test" not in listing else None, "split_seed": split_seed}
+    key = _key(root, listing, image_size, channels, carve)
+    out_dir = Path(cache) / "folders" / f"{root.name}-{key}"
     t0 = time.perf_counter()
     if not (out_dir / "meta.json").exists():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,15 +151,22 @@ def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels
         with ProcessPoolExecutor(workers) as pool:
             decoded = list(pool.map(_decode, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
         skipped = [f"{rel} ({r})" for (_, rel, _), r in zip(files, decoded) if isinstance(r, str)]
-        for split in listing:
-            keep = [(r, label) for (s, _, label), r in zip(files, decoded) if s == split and not isinstance(r, str)]
+        splits = {split: [(r, label) for (s, _, label), r in zip(files, decoded) if s == split and not isinstance(r, str)]
+                  for split in listing}
+        for split, fraction, seed in (("test", carve["test_fraction"], split_seed), ("val", carve["val_fraction"], split_seed + 1)):
+            if fraction is not None:
+                kept, held = stratified_split(torch.tensor([label for _, label in splits["train"]], dtype=torch.long), fraction, seed)
+                splits[split] = [splits["train"][i] for i in held.tolist()]
+                splits["train"] = [splits["train"][i] for i in kept.tolist()]
+        for split, keep in splits.items():
             x = np.stack([r for r, _ in keep]) if keep else np.zeros((0, channels, image_size, image_size), np.uint8)
             for name, arr in (("x", x), ("y", np.array([label for _, label in keep], dtype=np.int64))):
                 with atomic_path(out_dir / f"{split}_{name}.npy") as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, arr)
         with atomic_path(out_dir / "meta.json") as tmp:  # written last: its presence means complete
-            tmp.write_text(json.dumps({"classes": classes, "skipped": skipped, "splits": list(listing), "root": str(root)}, indent=2))
+            tmp.write_text(json.dumps({"classes": classes, "skipped": skipped, "splits": list(splits), "root": str(root), "carve": carve},
+                                      indent=2))
         decode_s = time.perf_counter() - t0
         log.info("decoded %s: %d images in %.1f s -> %s", root, len(files) - len(skipped), decode_s, out_dir)
     else:
@@ -150,6 +181,8 @@ def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels
         if split not in meta["splits"]:
             return None, None
         x = np.load(out_dir / f"{split}_x.npy", mmap_mode="c")  # pages shared by every process that reads it (copy-on-write)
+        if x.size == 0:
+            x = np.array(x)
         return torch.from_numpy(x), torch.from_numpy(np.load(out_dir / f"{split}_y.npy"))
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (load(s) for s in SPLITS)
