@@ -28,10 +28,12 @@ if TYPE_CHECKING:
     from trainables.config import DatasetConfig
 
 # name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes) or RawData
-# (RawData: own val split, class names, skipped files). A loader that takes `image_size`, `channels`,
-# `val_fraction`, `test_fraction` or `split_seed` parameters gets the dataset config's values.
+# (RawData: own val split, class names, skipped files). A loader that takes `image_size` / `channels`
+# gets the dataset config's; one that takes all of CARVES carves its own absent splits with the
+# config's values (digits' own `test_fraction` keeps its meaning: it takes only that one).
 Loader = Callable[..., "tuple[Tensor, Tensor, Tensor, Tensor, int] | RawData"]
 DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
+CARVES = {"val_fraction", "test_fraction", "split_seed"}
 
 #: Augmentation each dataset gets unless the config says otherwise.
 DEFAULT_AUGMENT = {"cifar10": {"crop_pad": 4, "flip": True}, "cifar100": {"crop_pad": 4, "flip": True}}
@@ -99,8 +101,9 @@ def load_dataset(
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
     loader = DATASETS.get(name)
     params = inspect.signature(loader).parameters
-    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels), ("val_fraction", val_fraction),
-                                ("test_fraction", test_fraction), ("split_seed", split_seed)) if k in params}
+    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if k in params}
+    if CARVES.issubset(params):  # a loader that carves its own splits (image_folder: into its decode cache)
+        extra.update(val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
     try:
         inspect.signature(loader).bind(root=root, download=download, cache=cache, **extra, **kwargs)
     except TypeError as e:
