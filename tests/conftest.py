@@ -98,8 +98,9 @@ def ray_address(tmp_path_factory, plugin_dir):
     from orchestrator.sweep import init_ray
 
     temp = tmp_path_factory.mktemp("ray")
-    # A 2-CPU instance shared by every test: a DDP trial's two workers wait for the previous test's
-    # placement groups to be reclaimed, which under load can take longer than Train's 60 s default.
+    # A 2-CPU instance shared by every test: a DDP trial's two workers may wait for the previous
+    # test's placement groups to be released (the sweep's PlacementGroupReaper removes leaked ones
+    # after 30 s), which under load can outlast Train's 60 s default.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     init_ray(None, num_cpus=2, object_store_memory=256 * 1024**2, _temp_dir=str(temp) if len(str(temp)) < 60 else None)
     yield ray.get_runtime_context().gcs_address

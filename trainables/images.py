@@ -25,6 +25,7 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.registry import ConfigError
+from trainables.weights import load_tensor_file
 
 log = logging.getLogger(__name__)
 
@@ -197,20 +198,10 @@ def read_arrays(path: str | Path) -> RawData:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"`dataset.root` must be an arrays file (.npz, .pt, .safetensors), but got dataset.root={str(path)!r}: fix the path")
+    if p.suffix not in (".npz", ".safetensors", ".pt", ".pth"):
+        raise ConfigError(f"`dataset.root` must end in .npz, .pt or .safetensors, but got {p.name!r}")
     try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                data = {k: torch.from_numpy(z[k]) for k in z.files}
-        elif p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(p))
-        elif p.suffix in (".pt", ".pth"):
-            data = torch.load(p, map_location="cpu", weights_only=True)
-        else:
-            raise ConfigError(f"`dataset.root` must end in .npz, .pt or .safetensors, but got {p.name!r}")
-    except ConfigError:
-        raise
+        data = load_tensor_file(p)
     except Exception as e:
         raise ConfigError(f"`dataset.root` {str(path)!r} cannot be read as arrays ({type(e).__name__}): save train_x/train_y with "
                           "numpy.savez, torch.save or safetensors") from None

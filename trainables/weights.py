@@ -53,16 +53,27 @@ def check_weights_path(path: str, field: str) -> str:
     return str(p.resolve())
 
 
+def load_tensor_file(path: str | Path):
+    """What a tensor file holds, never unpickling anything but tensors and plain containers:
+    `.safetensors` via safetensors, `.npz` via numpy (allow_pickle=False), else torch.load(weights_only=True).
+    Raises whatever the reader raises on a foreign or truncated file."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    if p.suffix == ".npz":
+        import numpy as np
+
+        with np.load(p, allow_pickle=False) as z:
+            return {k: torch.from_numpy(z[k]) for k in z.files}
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
 def read_weights(path: str | Path, field: str) -> dict[str, Tensor]:
     """The file's tensors by name; anything that is not a tensor file is a one-line ConfigError."""
-    p = Path(path)
     try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path)
     except Exception as e:  # torch and safetensors raise many types for foreign or truncated files
         raise ConfigError(f"`{field}` {str(path)!r} is not a tensor file ({type(e).__name__}): save it with "
                           "torch.save(model.state_dict(), path) or safetensors") from None
