@@ -1,11 +1,12 @@
-"""Run, resume and plan a sweep (driver side): Tune (Optuna TPE + ASHA) over Ray Train trials.
+"""Run, resume and plan a sweep (driver side): Tune (Optuna TPE + ASHA) over distillation trials.
 
 A sweep's files: the local sweep folder (`storage/NAME/`, or `./runs/NAME/` when storage is a URI)
 holds sweep.json (the resolved config, so `kdsweep resume NAME` needs nothing else) and the teacher
 cache; Ray's storage (`storage/NAME/`, local or s3://...) holds the sweep's one Tune experiment
-(tune-joint, or tune-per_student with one Optuna study per student) and one Ray Train run per
-trial (train/trial-<id>) with its checkpoints. Train V2 restores a run from its storage snapshot when the same name and path are
-used again, so a restored trial resumes from its last epoch.
+(tune-joint, or tune-per_student with one Optuna study per student) and each trial's
+checkpoints: a one-worker (warm) trial's in its Tune trial folder, a DDP trial's in its Ray Train
+run (train/trial-<id>; Train V2 restores a run from its storage snapshot when the same name and path
+are used again). Either way a restored trial resumes from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -91,12 +92,15 @@ JOB_ENV = {
     # Save Tune's experiment state at every step, so a killed driver loses no started trial.
     "TUNE_GLOBAL_CHECKPOINT_S": "0",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # A reused Tune actor waits this long for a stopped trial's loop to finish its batch (or its
+    # val pass) before it is replaced by a fresh one; Tune's default is 2 s.
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
 }
 
 
 def init_ray(address: str | None, **kwargs) -> None:
-    """Join `address`, or start a local Ray (dashboard on 127.0.0.1: the State API that cleans up
-    ASHA-stopped trials' placement groups needs it)."""
+    """Join `address`, or start a local Ray (its dashboard, when ray[default] is installed, on
+    127.0.0.1: the State API that cleans up stopped DDP trials' placement groups needs it)."""
     import ray
 
     for k, v in JOB_ENV.items():
@@ -108,7 +112,7 @@ def init_ray(address: str | None, **kwargs) -> None:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         kwargs.setdefault("object_store_memory", int(os.environ.get("KDSWEEP_OBJECT_STORE_BYTES", 512 * 1024**2)))
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
+        ray.init(include_dashboard=None, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
 
 
 @contextlib.contextmanager
@@ -216,10 +220,12 @@ def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose:
             search_alg=searcher(cfg, cfg.students) if cfg.mode == "joint" else PerStudentSearch(cfg),
             scheduler=scheduler(cfg) if cfg.mode == "joint" else PerStudentScheduler(cfg),
             max_concurrent_trials=cfg.budget.max_concurrent,
+            reuse_actors=True,  # one-worker trials: the next trial finds torch, data and teacher loaded
         ),
         run_config=tune.RunConfig(
             name=f"tune-{study}", storage_path=cfg.ray_storage(), callbacks=list(callbacks),  # Tune appends to it
             failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=1 if verbose else 0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # the previous one survives a kill mid-persist
         ),
     )
 
@@ -256,18 +262,21 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         size_objectives = [m for m in objectives(cfg)[0] if m.startswith("size_")]
         constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
         r = cfg.resources
-        run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train")
+        run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train", r.warm)
         from ray import tune
 
+        # A one-worker trial trains in its Tune actor, which holds the trial's resources; a DDP
+        # trial's actor only waits for its TorchTrainer, which reserves them (a token request here).
+        resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
         trainable = tune.with_resources(
-            tune.with_parameters(tune_trial, trials=trials, paths=paths, run=run, constants=constants),
-            {"memory": 2**20},  # a token request: the TorchTrainer inside reserves the real resources
-        )
+            tune.with_parameters(tune_trial, trials=trials, paths=paths, run=run, constants=constants), resources)
         model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
                       "trials": trials, "paths": paths,
                       "sizes": sizes,
                       "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
-        callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup(), PlacementGroupReaper()]
+        callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
+        if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
+            callbacks.append(PlacementGroupReaper())
         if not verbose:
             callbacks.append(ConsoleReporter(cfg, trials, paths, total=sum(n for _, _, n in plan.studies)))
         try:

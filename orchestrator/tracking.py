@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import ray.train
 from ray.tune import Callback
 
 from trainables.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
@@ -184,8 +185,11 @@ class MlflowTrialCallback(Callback):
         status = completed_status(trial)
         t = self.tracker
         t.log_metrics(run_id, {"final_val_acc": last.get("val_acc", 0.0), "epochs_run": last.get("epoch", 0)}, step=int(last.get("epoch", 0)))
-        ckpt = last.get("checkpoint_path")
-        if ckpt and status != "diverged":
+        # One-worker trials checkpoint through Tune (trial.checkpoint); DDP trials through Ray Train,
+        # whose persisted path their reports carry.
+        path = last.get("checkpoint_path")
+        ckpt = trial.checkpoint or (ray.train.Checkpoint(path) if path else None)
+        if ckpt is not None and status != "diverged":
             log_student_weights(t, run_id, ckpt, trial.config.get("student"), self.model_info)
         for key in TEXT_METRICS:
             if key in last:
@@ -231,17 +235,16 @@ def run_name(student: str, loss, trial_id: str) -> str:
     return f"{student}-T{loss.temperature:.2f}-{weight}-{trial_id}"
 
 
-def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint_path: str, arch: str, model_info: dict) -> None:
-    """The student's weights (safetensors) and card from the trial's last Ray Train checkpoint, and
-    its evaluation tables (per class, per corruption and severity) as CSV."""
+def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, arch: str, model_info: dict) -> None:
+    """The student's weights (safetensors) and card from the trial's last checkpoint (a
+    ray.train.Checkpoint), and its evaluation tables (per class, per corruption and severity) as CSV."""
     import tempfile
 
-    import ray.train
     from safetensors.torch import save_file
 
     from trainables.loop import STATE_FILE, load_state
 
-    with ray.train.Checkpoint(checkpoint_path).as_directory() as d, tempfile.TemporaryDirectory() as out:
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
         state = load_state(Path(d) / STATE_FILE)
         save_file({k: v.contiguous() for k, v in state["model"].items()}, os.path.join(out, "student.safetensors"))
         card = {"arch": arch, "arch_kwargs": model_info["trials"].get(arch, {}).get("student_kwargs", {}),

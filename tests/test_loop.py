@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainables.data import load_dataset, normalizer
-from trainables.loop import LocalReporter, load_state, train_student
+from trainables.loop import LocalReporter, Reporter, load_state, train_student
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher
 
@@ -171,7 +171,7 @@ def test_concurrent_checkpoint_writers_never_collide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
-class CountingReporter:
+class CountingReporter(Reporter):
     """Records which epochs carried a checkpoint."""
 
     def __init__(self) -> None:

@@ -322,7 +322,7 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
     assert diff <= bound
     parent = [r for r in client.search_runs([client.get_experiment_by_name("own").experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
     champion = client.get_run(parent[0].info.run_id).data.tags["kdsweep.champion_run_id"]
-    assert client.get_run(champion).data.metrics["export_onnx_max_abs_diff"] == pytest.approx(diff, rel=1e-3)
+    assert client.get_run(champion).data.metrics["export_onnx_max_abs_diff"] == pytest.approx(diff, rel=1e-2)  # printed to 3 digits
     assert "export/student.onnx" in {a.path for a in client.list_artifacts(champion, "export")}
     model = mlflow.pytorch.load_model("models:/kdsweep-own@champion")  # the registered model: preprocessing inside
     ort = onnxruntime.InferenceSession(str(tmp_path / "runs" / "own" / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
@@ -429,18 +429,24 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     assert _count(moved, "select count(*) from runs where status='RUNNING'") == 0
 
 
-def _train_workers() -> list:
+def _trial_processes(title: str) -> list:
+    """Processes whose title names `title`, newest first (an earlier test's actor may still be
+    on its way out of the shared Ray)."""
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    found = [p for p in psutil.process_iter(["cmdline", "create_time"]) if title in " ".join(p.info["cmdline"] or [])]
+    return sorted(found, key=lambda p: p.info["create_time"], reverse=True)
 
 
-def test_a_killed_train_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, digits_teacher, ray_address):
-    """SIGKILL the process running a trial mid-run: Ray Train restarts the worker group from the
-    last checkpoint (every 2 epochs here), the trial keeps its one MLflow run, every epoch logged once."""
+@pytest.mark.parametrize("warm,title", [(True, "ImplicitFunc"), (False, "RayTrainWorker")], ids=["tune-actor", "train-worker"])
+def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_path, digits_teacher, ray_address, warm, title):
+    """SIGKILL the process running a trial mid-run (the warm Tune actor, or the Ray Train worker
+    with warm_trials off): Tune (Train) restarts it from the last checkpoint (every 2 epochs here),
+    the trial keeps its one MLflow run, every epoch logged once."""
     cfg = sweep_yaml(tmp_path, digits_teacher, "lostworker", students=["cnn_tiny"], search={},
                      **{"budget.num_samples": 1, "budget.max_concurrent": 1, "budget.max_failures": 2, "train.epochs": 12,
-                        "train.batch_size": 16, "train.checkpoint_every": 2, "train.robust_samples": 0})
+                        "train.batch_size": 16, "train.checkpoint_every": 2, "train.robust_samples": 0,
+                        "resources.warm_trials": warm})
     db = tmp_path / "mlruns" / "mlflow.db"
     console = open(tmp_path / "console.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", ray_address],
@@ -449,7 +455,7 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_p
     epochs_sql = "select count(*) from metrics where key='val_acc'"
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _count(db, epochs_sql) >= 3 and (workers := _train_workers()):
+        if db.exists() and _count(db, epochs_sql) >= 3 and (workers := _trial_processes(title)):
             killed = workers[0].pid
             os.kill(killed, signal.SIGKILL)
             break
@@ -464,7 +470,7 @@ def test_a_killed_train_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_p
     steps = [m.step for m in mlflow.tracking.MlflowClient(uri).get_metric_history(run.info.run_id, "val_acc")]
     assert steps == list(range(1, 13)), steps  # the epochs re-run after the restore are not logged twice
     assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
-    assert all(w.pid != killed for w in _train_workers())
+    assert all(w.pid != killed for w in _trial_processes(title))
     console.close()
     reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/12", (tmp_path / "console.txt").read_text(), re.M)]
     restart = next(i for i in range(1, len(reported)) if reported[i] <= reported[i - 1])

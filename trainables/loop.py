@@ -1,7 +1,8 @@
 """The trial loop: one plain function that distils one student, standalone or as a Ray Train worker.
 
     train_student(config)                   # standalone: prints epochs, checkpoints to checkpoint_dir
-    train_loop_per_worker(config)           # inside a Ray Train TorchTrainer (DDP when >1 worker)
+    train_student(config, TuneReporter())   # a one-worker trial, in its (reused) Tune actor: trainables.trial
+    train_loop_per_worker(config)           # inside a Ray Train TorchTrainer (DDP trials, >1 worker)
 
 Hot loop: data already on the device as uint8, a seeded permutation per epoch, batched crop/flip,
 bf16 autocast + channels_last on CUDA, and one host sync per epoch (the loss sums and the NaN check).
@@ -9,28 +10,30 @@ bf16 autocast + channels_last on CUDA, and one host sync per epoch (the loss sum
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from trainables.atomic import atomic_path
-from trainables.config import OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
+from trainables.config import DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
-from trainables.data import augment, device_batches, epoch_batches, load_splits, model_stats, normalizer, place
+from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, model_stats, normalizer, place
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
 from trainables.models import create_model, tap_layers
 from trainables.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.targets import teacher_targets
+from trainables.teacher import WEIGHTS as TEACHER_WEIGHTS
 from trainables.teacher import load_teacher, teacher_stats
 from trainables.teacher_cache import resolved_augment
 from trainables.weights import freeze_backbone, load_weights
@@ -40,12 +43,27 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-class Reporter(Protocol):
-    """Where epochs go and where a resumed trial finds its last state."""
+class Reporter:
+    """Where epochs go, where a resumed trial finds its last state, and whether to stop now.
+    The defaults suit a plain process: nothing to restore, never stopped from outside."""
 
-    def restore(self) -> dict | None: ...
+    #: True inside a Ray Train worker group (rank, world size and device come from Ray Train).
+    in_worker_group = False
+    #: True in a process that runs trial after trial (a reused Tune actor): keep data and teacher.
+    warm = False
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
+    def restore(self) -> dict | None:
+        return None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        raise NotImplementedError
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+class TrialStopped(Exception):
+    """Raised inside the loop when its reporter says the trial was stopped (ASHA, the driver)."""
 
 
 def load_state(path: str | Path) -> dict:
@@ -65,7 +83,7 @@ def save_state(state: dict, directory: str | Path) -> None:
 
 
 @dataclass
-class LocalReporter:
+class LocalReporter(Reporter):
     """Standalone runs: log each epoch, checkpoint into `checkpoint_dir` (resume if one is there)."""
 
     checkpoint_dir: str | None = None
@@ -83,8 +101,11 @@ class LocalReporter:
             log.info("%s", format_epoch(metrics))
 
 
-class RayTrainReporter:
-    """Inside a TorchTrainer: ray.train.report every epoch; rank 0 attaches the checkpoint."""
+class RayTrainReporter(Reporter):
+    """Inside a TorchTrainer: ray.train.report every epoch; rank 0 attaches the checkpoint (Ray
+    Train ends its workers itself when a trial is stopped)."""
+
+    in_worker_group = True
 
     def restore(self) -> dict | None:
         import ray.train
@@ -174,36 +195,62 @@ def epoch_means(sums: Tensor, steps: int, world: int) -> list[float]:
     return (sums / (steps * world)).tolist()
 
 
-def _placement(cfg: TrialConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): from Ray Train when inside a worker, else from the config."""
-    try:
+def _placement(cfg: TrialConfig, in_worker_group: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): from Ray Train inside a worker group, else from the config."""
+    if in_worker_group:
         import ray.train
-
-        ctx = ray.train.get_context()
-        world, rank = ctx.get_world_size(), ctx.get_world_rank()
         import ray.train.torch
 
-        return rank, world, ray.train.torch.get_device()
-    except Exception:
-        pass
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`device=cuda` but no CUDA GPU is visible: use device=auto or cpu")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     return 0, 1, torch.device("cuda" if use_cuda else "cpu")
 
 
+@functools.lru_cache(maxsize=2)
+def _warm_splits(ds_json: str, device: str) -> tuple[DataSplits, bool]:
+    ds = DatasetConfig.model_validate_json(ds_json)
+    return place(load_splits(ds), ds, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _warm_teacher(path: str, mtime_ns: int, num_classes: int, shape: tuple[int, ...], dataset: str, device: str, channels_last: bool):
+    teacher, card = load_teacher(path, num_classes, shape, dataset, device)
+    return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher), card
+
+
+def _splits(ds: DatasetConfig, device: torch.device, warm: bool) -> tuple[DataSplits, bool]:
+    """The splits placed for `device`. A warm process (trial after trial) keeps them, on the
+    device when they fit, so only its first trial reads, decodes and copies them."""
+    if warm:
+        return _warm_splits(ds.model_dump_json(), str(device))
+    return place(load_splits(ds), ds, device)
+
+
+def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device: torch.device, channels_last: bool,
+             warm: bool) -> tuple[nn.Module, dict]:
+    """The trial's teacher in eval mode. A warm process keeps it between trials (not when layers
+    are tapped for a feature loss: tapping changes the module)."""
+    if warm and not cfg.loss.teacher_layers:
+        mtime = (Path(cfg.teacher_path) / TEACHER_WEIGHTS).stat().st_mtime_ns
+        return _warm_teacher(cfg.teacher_path, mtime, num_classes, tuple(shape), cfg.dataset.name, str(device), channels_last)
+    teacher, card = load_teacher(cfg.teacher_path, num_classes, shape, cfg.dataset.name, device)
+    return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher), card
+
+
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
     """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics."""
     cfg = config if isinstance(config, TrialConfig) else trial_from_dict(config)
-    rank, world, device = _placement(cfg)
     reporter = reporter or LocalReporter(cfg.checkpoint_dir)
+    rank, world, device = _placement(cfg, reporter.in_worker_group)
     cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.amp) else contextlib.nullcontext
     channels_last = cuda and cfg.channels_last
-    torch.manual_seed(cfg.seed)
 
     ds = cfg.dataset
-    splits, on_device = place(load_splits(ds), ds, device)  # images on the device, or batches copied from the host
+    splits, on_device = _splits(ds, device, reporter.warm)  # images on the device, or batches copied from the host
     aug = resolved_augment(cfg)
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
@@ -219,9 +266,10 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     if cfg.loss.distills and not cfg.teacher_path:
         raise ConfigError("`teacher_path` is required when loss.alpha (or loss.distill_weight) > 0: train one with `kdsweep teacher CONFIG`")
     if cfg.teacher_path:
-        teacher, card = load_teacher(cfg.teacher_path, splits.num_classes, shape, ds.name, device)
-        if channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
+        teacher, card = _teacher(cfg, splits.num_classes, shape, device, channels_last, reporter.warm)
+    # Seeded here, after loading: a warm process skips the teacher's (random) construction, which
+    # must not move the student's initialization.
+    torch.manual_seed(cfg.seed)
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs)
     if cfg.student_weights:
         load_weights(student, cfg.student_weights, "student_weights", new_head_ok=True)
@@ -276,6 +324,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         sums = torch.zeros(3, device=device)
         batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug, shape[1:], device if on_device else "cpu", rank, world)
         for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, device, on_device):
+            if reporter.stop_requested():  # a plain flag read, no device sync
+                raise TrialStopped
             raw = augment(images, view, aug)
             x = norm(raw)
             if channels_last:

@@ -1,20 +1,32 @@
-"""What runs in a Tune trial actor: one trial = one Ray Train TorchTrainer run (DDP when
-num_workers > 1), whose reports reach Tune through a queue the Train controller fills.
+"""What runs in a Tune trial actor.
+
+A one-worker trial trains right in its Tune actor, which Tune reuses for the next trial
+(`reuse_actors`): torch, the data (on the device) and the teacher stay loaded, so a trial after the
+first starts in well under a second. The loop runs in a thread and hands each epoch over without
+waiting; the actor's own thread reports it to Tune (`tune.report`, the checkpoint persisted to the
+trial's storage, where Tune's failure handling restores it from).
+
+A DDP trial (num_workers > 1) is one Ray Train TorchTrainer run, whose reports reach Tune through
+a queue the Train controller fills.
 
 The driver hands this module only trial configs (dicts of TrialConfig) and a TrialRun; nothing here
 imports the orchestrator, so a trial on any node needs nothing but this package.
 """
 from __future__ import annotations
 
+import queue
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
 from trainables.config import TrialConfig, trial_from_dict, with_overrides
-from trainables.loop import train_loop_per_worker
+from trainables.loop import STATE_FILE, Reporter, TrialStopped, load_state, save_state, train_loop_per_worker, train_student
 
 _DONE = "__kdsweep_done__"
 
@@ -28,6 +40,7 @@ class TrialRun:
     gpus_per_worker: float
     max_failures: int
     storage: str
+    warm: bool  # one worker: trials train in the (reused) Tune actor itself
 
 
 class QueueReport(UserCallback):
@@ -56,17 +69,104 @@ def resolve_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[s
     return with_overrides(base, {paths[k]: v for k, v in config.items() if k != "student"})
 
 
+class TuneReporter(Reporter):
+    """The loop's side of a one-worker trial in its Tune actor: epochs (and checkpoint files, saved
+    here because the weights change on) go into a local queue without waiting for the driver."""
+
+    warm = True
+
+    def __init__(self, checkpoint) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.checkpoint = checkpoint  # tune.get_checkpoint() of this (restored) trial
+
+    def restore(self) -> dict | None:
+        if self.checkpoint is None:
+            return None
+        with self.checkpoint.as_directory() as d:
+            return load_state(Path(d) / STATE_FILE) if (Path(d) / STATE_FILE).exists() else None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if self.stop.is_set():
+            raise TrialStopped
+        folder = None
+        if state is not None:
+            folder = tempfile.mkdtemp(prefix="kdsweep-ckpt-")
+            save_state(state, folder)
+        self.queue.put((metrics, folder))
+
+    def stop_requested(self) -> bool:
+        return self.stop.is_set()
+
+
+def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
+    """One-worker trial: the loop in a thread of this (reused) Tune actor; this thread reports.
+
+    tune.report returns once the driver has taken the result, and raises SystemExit when Tune
+    stops the trial (ASHA): the loop is then told to stop at its next batch and joined, so the actor
+    is free for the next trial."""
+    from ray import tune
+
+    reporter = TuneReporter(tune.get_checkpoint())
+    errors: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            train_student(trial, reporter)
+        except TrialStopped:
+            pass
+        except BaseException as e:  # re-raised below, in the trial's own thread
+            errors.append(e)
+        finally:
+            reporter.queue.put(_DONE)
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=fit, name="kdsweep-loop", daemon=True)
+    thread.start()
+    first = True
+    try:
+        while (item := reporter.queue.get()) != _DONE:
+            metrics, folder = item
+            if first:  # fixed cost before the first epoch: data, model, teacher (once per actor when warm)
+                metrics["trial_startup_s"] = time.perf_counter() - started - metrics.get("epoch_time_s", 0.0)
+                first = False
+            try:
+                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+            finally:
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        reporter.stop.set()
+        thread.join()
+        while not reporter.queue.empty():  # epochs reported after the stop: drop their files
+            item = reporter.queue.get()
+            if item != _DONE and item[1]:
+                shutil.rmtree(item[1], ignore_errors=True)
+    if errors:
+        raise errors[0]
+
+
 def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str], run: TrialRun,
                constants: dict[str, dict[str, float]] | None = None) -> None:
-    """Tune function trainable. The trainer runs in a thread; this thread forwards its reports to
-    Tune with tune.report, so ASHA sees every epoch. `constants[student]` joins every report (the
-    architecture's sizes, when Optuna optimizes them)."""
+    """Tune function trainable: one-worker trials train in this actor, DDP trials in a Ray Train
+    worker group. `constants[student]` joins every report (the architecture's sizes, when Optuna
+    optimizes them)."""
+    trial = resolve_trial(config, trials, paths)
+    extra = (constants or {}).get(trial.student, {})
+    if run.warm:
+        _train_in_actor(trial, extra)
+    else:
+        _train_in_worker_group(trial, run, extra)
+
+
+def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, float]) -> None:
+    """DDP trial: a TorchTrainer runs in a thread; this thread forwards its reports to Tune with
+    tune.report, so ASHA sees every epoch."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    trial = resolve_trial(config, trials, paths)
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -108,7 +208,7 @@ def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str,
             checkpoint = item["checkpoint_path"]
         elif checkpoint:
             item["checkpoint_path"] = checkpoint
-        tune.report({**item, **(constants or {}).get(trial.student, {})})
+        tune.report({**item, **extra})
     thread.join()
     if errors:
         raise errors[0]
