@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from orchestrator.config import SweepConfig, trial_path
 from orchestrator.console import ConsoleReporter
@@ -178,9 +179,10 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str |
     return path, forwards
 
 
-def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> dict[str, dict[str, float]]:
+def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> Callable[[], dict[str, dict[str, float]]]:
     """Size and latency, once per architecture per sweep, in Ray tasks holding one trial's
-    resources (the trial's kind of device), not inside every trial while others compete for it."""
+    resources (the trial's kind of device), not inside every trial while others compete for it.
+    Starts the tasks and returns what waits for them, so they run while the teacher cache builds."""
     import ray
 
     from trainables.profile import profile_task, size_report
@@ -189,8 +191,13 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> dic
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
     archs = {s: {"arch": s, "shape": list(info.input_shape), "num_classes": info.num_classes, "plugins": cfg.plugins} for s in cfg.students}
     futures = {name: task.remote(**spec) for name, spec in archs.items()}
-    teacher_size = ray.get(task.remote(teacher_path=teacher, plugins=cfg.plugins))
-    return {name: size_report(ray.get(f), teacher_size) for name, f in futures.items()}
+    teacher_future = task.remote(teacher_path=teacher, plugins=cfg.plugins)
+
+    def reports() -> dict[str, dict[str, float]]:
+        teacher_size = ray.get(teacher_future)
+        return {name: size_report(ray.get(f), teacher_size) for name, f in futures.items()}
+
+    return reports
 
 
 def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose: bool):
@@ -241,15 +248,19 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     if not restore and (sweep_dir / "sweep.json").exists():
         raise ConfigError(f"`name` {cfg.name!r} already has a sweep in {sweep_dir}: `kdsweep resume {cfg.name}` finishes it, "
                           "or start a new one with --set name=NEW")
+    # A local sweep has passed every check: its MLflow store (created in ~2 s the first time) is
+    # opened while Ray starts. With --address the cluster is asked first, before anything is written.
+    opening = _in_background(SweepTracker, plan.tracking_uri, plan.experiment) if address is None else None
     with ray_session(address):
         if address is not None:
             wait_for_cluster(cfg.resources, address)
         teacher = str(ensure_teacher(cfg, info).resolve())
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
-        tracker = SweepTracker(plan.tracking_uri, plan.experiment)
+        tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
+        sizes_of = profile_architectures(cfg, teacher, info)
         cache, forwards = ensure_cache(cfg, teacher, sweep_dir)
         if forwards:
             tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
@@ -258,7 +269,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         trials = {s: cfg.trial(s, teacher_path=teacher, teacher_cache=cache, profile=False).model_dump() for s in cfg.students}
         paths = {k: trial_path(k) for k in cfg.search}
-        sizes = profile_architectures(cfg, teacher, info)
+        sizes = sizes_of()
         size_objectives = [m for m in objectives(cfg)[0] if m.startswith("size_")]
         constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
         r = cfg.resources
@@ -292,6 +303,14 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                 log.info("closed %d orphaned trial run(s)", closed)
         tracker.client.set_terminated(parent, "FINISHED")
     return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info)}
+
+
+def _in_background(fn: Callable, *args) -> Future:
+    """fn(*args) in a thread of its own, which ends with it."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
 
 
 @dataclass

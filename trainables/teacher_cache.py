@@ -10,6 +10,7 @@ batch size) falls back to running the teacher online.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -60,28 +61,40 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, 
     out.mkdir(parents=True, exist_ok=True)
     s, on_device = place(load_splits(cfg.dataset), cfg.dataset, device)
     norm = normalizer(*teacher_stats(card, s), device)
-    teacher = teacher.to(device).eval()
     cuda = torch.device(device).type == "cuda"
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else torch.no_grad
+    teacher = teacher.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    batch = 2048  # images per teacher forward: training batches' views are gathered up to this
 
     def logits(x_u8_or_float: Tensor) -> Tensor:
+        x = norm(x_u8_or_float.to(device, non_blocking=True))
         with ctx():
-            return teacher(norm(x_u8_or_float.to(device, non_blocking=True))).half()
+            return teacher(x.contiguous(memory_format=torch.channels_last) if cuda else x).half()
 
-    batch = 2048
+    def chunked(views) -> Tensor:
+        out, pending = [], []
+        for v in views:
+            pending.append(v)
+            if sum(len(p) for p in pending) >= batch:
+                out.append(logits(torch.cat(pending)))
+                pending = []
+        if pending:
+            out.append(logits(torch.cat(pending)))
+        return torch.cat(out)
+
     forwards = 0
-    _save(torch.cat([logits(s.val_x[i : i + batch]) for i in range(0, len(s.val_y), batch)]), out / "val.pt")
+    _save(chunked(s.val_x[i : i + batch] for i in range(0, len(s.val_y), batch)), out / "val.pt")
     forwards += len(s.val_y)
     aug = resolved_augment(cfg)
     if aug.static:
-        _save(torch.cat([logits(s.train_x[i : i + batch]) for i in range(0, len(s.train_y), batch)]), out / "static.pt")
+        _save(chunked(s.train_x[i : i + batch] for i in range(0, len(s.train_y), batch)), out / "static.pt")
         forwards += len(s.train_y)
     else:
         for epoch in range(epochs):
             batches = epoch_batches(len(s.train_y), cfg.batch_size, cfg.seed, epoch, aug, s.input_shape[1:], device if on_device else "cpu")
-            parts = [logits(augment(x, view, aug)) for _, _, x, _, view in device_batches(s.train_x, s.train_y, batches, device, on_device)]
-            _save(torch.cat(parts), out / f"epoch_{epoch}.pt")
-            forwards += sum(len(p) for p in parts)
+            views = chunked(augment(x, view, aug) for _, _, x, _, view in device_batches(s.train_x, s.train_y, batches, device, on_device))
+            _save(views, out / f"epoch_{epoch}.pt")
+            forwards += len(views)
     (out / META).write_text(json.dumps({"key": key, "epochs": epochs, "forward_images": forwards}, indent=2, sort_keys=True))
     return out, forwards
 
