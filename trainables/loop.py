@@ -244,6 +244,13 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics."""
     cfg = config if isinstance(config, TrialConfig) else trial_from_dict(config)
     reporter = reporter or LocalReporter(cfg.checkpoint_dir)
+    clock = time.perf_counter()
+    setup: dict[str, float] = {}  # seconds per set-up phase, reported with the run's first epoch
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        setup[f"setup_{name}_s"], clock = time.perf_counter() - clock, time.perf_counter()
+
     rank, world, device = _placement(cfg, reporter.in_worker_group)
     cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.amp) else contextlib.nullcontext
@@ -255,6 +262,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
+    phase("data")
     if cfg.batch_size > n_train or cfg.batch_size % world:
         raise ConfigError(
             f"`batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got batch_size={cfg.batch_size}"
@@ -306,6 +314,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
 
         model = ray.train.torch.prepare_model(student, move_to_device=False)
     step_model = torch.compile(model) if cfg.compile else model
+    phase("models")
 
     eval_fn = lambda m, x: predict(m, x, norm, cfg.eval_batch_size, autocast, channels_last, device)  # noqa: E731
     t_stats = teacher_stats(card, splits) if teacher is not None else (mean, std)  # each model its own statistics
@@ -314,6 +323,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
                               lambda x: predict(teacher, x, t_norm, cfg.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     per_rank = cfg.batch_size // world
+    phase("targets")
 
     metrics: dict[str, Any] = {}
     last_checkpoint = time.monotonic()
@@ -360,6 +370,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "teacher_forward_images": targets.forwards,
             "teacher_targets": targets.source,
             **size,
+            **(setup if epoch == start_epoch else {}),
         }
         diverged = not math.isfinite(train_loss)
         final = epoch + 1 == cfg.epochs and not diverged

@@ -18,6 +18,8 @@ SPLIT_METRICS = ("acc", "macro_recall", "macro_f1", "nll", "ece", "top5_acc", "a
 EPOCH_METRICS = (
     "train_loss", "train_kd", "train_ce", "val_loss", "images_per_s", "epoch_time_s", "lr", "teacher_forward_images",
     "trial_startup_s", *(f"val_{k}" for k in SPLIT_METRICS),
+    # the first epoch of a (resumed) run: where its set-up went (train_student's phases, seconds)
+    "setup_data_s", "setup_models_s", "setup_targets_s",
 )
 #: Reported with the final epoch: the corruption suite's summary (per severity: eval/corruptions.csv).
 FINAL_METRICS = ("robust_acc", "relative_robustness", *(f"corr_{n}" for n in CORRUPTIONS.names()))
