@@ -3,8 +3,10 @@ against kdsweep on the same sweep, run one after the other on the same machine, 
 
 Same data shape (random uint8 images of CIFAR shape), teacher (resnet32x4), student (resnet8x4),
 trials, epochs and search space; ASHA is told to stop nothing, so both run the same trial-epochs.
-The kdsweep teacher is trained for one epoch before the timed sweep (the peer's is untrained; neither
-is timed). GPU busy is nvidia-smi's utilization sampled every 250 ms during each sweep.
+Both are timed the same way: as whole processes, from Python's start to its exit (imports,
+ray.init, the sweep, Ray's shutdown). The kdsweep teacher is trained for one epoch in a process of
+its own before (the peer's is untrained; neither is timed). GPU busy is nvidia-smi's utilization
+sampled every 250 ms during each sweep process.
 
   python benchmarks/sweep_throughput.py                      # one GPU: 4 trials x 2 epochs, 50k images
   python benchmarks/sweep_throughput.py --smoke              # CPU, tiny: checks the pipeline (CI)
@@ -59,25 +61,38 @@ class GpuSampler:
         return statistics.mean(self.samples) / 100 if self.samples else None
 
 
-def run_peer(args, out: Path) -> dict:
-    cmd = [sys.executable, str(args.peer), "--trials", str(args.trials), "--epochs", str(args.epochs), "--n-train", str(args.n_train),
-           "--n-test", str(args.n_test), "--classes", str(args.classes), "--batch", str(args.peer_batch),
-           "--workers", str(args.peer_workers), "--out", str(out)]
+def timed(cmd: list[str], log: Path) -> tuple[float, float | None, str]:
+    """(wall s, GPU busy, stdout) of a whole process; its output is kept in `log`."""
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wall = time.perf_counter() - t0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode:
-        raise SystemExit(f"peer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    res = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        raise SystemExit(f"{cmd[1]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, gpu.busy, proc.stdout
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def run_peer(args, out: Path) -> dict:
+    trials, epochs = args.peer_trials or args.trials, args.peer_epochs or args.epochs
+    cmd = [sys.executable, str(args.peer), "--trials", str(trials), "--epochs", str(epochs), "--n-train", str(args.n_train),
+           "--n-test", str(args.n_test), "--classes", str(args.classes), "--batch", str(args.peer_batch),
+           "--workers", str(args.peer_workers), "--out", str(out)]
+    wall, busy, stdout = timed(cmd, out / "process.log")
+    res = last_json(stdout)
     steps = args.n_train // args.peer_batch
-    per_trial_train = args.epochs * steps * args.peer_batch / res["median_train_images_per_s"]
-    return {"wall_s": wall, "trial_epochs_per_hour": args.trials * args.epochs * 3600 / res["wall_s"], "gpu_busy": gpu.busy,
-            "overhead_s": res["wall_s"] / args.trials - per_trial_train, "teacher_forwards": args.trials * args.epochs * steps * args.peer_batch,
+    per_trial_train = epochs * steps * args.peer_batch / res["median_train_images_per_s"]
+    return {"wall_s": wall, "trial_epochs_per_hour": trials * epochs * 3600 / wall, "gpu_busy": busy, "trials_x_epochs": f"{trials} x {epochs}",
+            "overhead_s": res["wall_s"] / trials - per_trial_train, "teacher_forwards": trials * epochs * steps * args.peer_batch,
             "best_val_acc": res["best_val_acc"], "runs": res["mlflow_runs"]}
 
 
-def sweep_config(args, out: Path) -> dict:
+def sweep_config(args, out: Path, warm: bool = True) -> dict:
     cfg = yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())
     vf = args.n_test / (args.n_train + args.n_test)  # the train split keeps n_train images, like the peer's
     cfg.update(name="throughput", storage=str(out / "runs"), students=["resnet8x4"], mode="joint")
@@ -89,32 +104,43 @@ def sweep_config(args, out: Path) -> dict:
     cfg["search"] = {"temperature": {"type": "float", "low": 1.0, "high": 8.0}, "alpha": {"type": "float", "low": 0.1, "high": 0.95},
                      "lr": {"type": "float", "low": 1e-3, "high": 0.2, "log": True}}
     cfg["budget"] = {"num_samples": args.trials, "max_concurrent": args.concurrent, "grace_period": args.epochs, "reduction_factor": 2}
-    cfg["resources"] = {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, "num_workers": 1}
+    cfg["resources"] = {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, "num_workers": 1, "warm_trials": warm}
     cfg["tracking"] = {"uri": f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"}
     return cfg
 
 
-def run_kdsweep(args, out: Path) -> dict:
+def run_kdsweep(args, out: Path, warm: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "sweep.json"
+    config.write_text(json.dumps(sweep_config(args, out, warm)))
+    # the teacher, in a process of its own (not timed: the peer's is untrained)
+    subprocess.run([sys.executable, "-m", "orchestrator.cli", "teacher", str(config)], check=True, cwd=REPO, capture_output=True)
+    wall, busy, stdout = timed([sys.executable, __file__, "--sweep-process", str(config)], out / "process.log")
+    res = last_json(stdout)
+    return {"wall_s": wall, "trial_epochs_per_hour": args.trials * args.epochs * 3600 / wall, "gpu_busy": busy,
+            "trials_x_epochs": f"{args.trials} x {args.epochs}", **res}
+
+
+def sweep_process(config: Path) -> None:
+    """The timed kdsweep process: the sweep of `config`, then one JSON line of what it measured."""
+    import logging
+
     import mlflow
 
     from orchestrator.config import SweepConfig, validate
-    from orchestrator.prepare import check_data, ensure_teacher
     from orchestrator.sweep import run_sweep
 
-    cfg = validate(SweepConfig, sweep_config(args, out), "benchmark")
-    ensure_teacher(cfg, check_data(cfg))  # not timed: the peer's teacher is untrained
-    with GpuSampler() as gpu:
-        t0 = time.perf_counter()
-        h = run_sweep(cfg)
-        wall = time.perf_counter() - t0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the timeline, in process.log
+    cfg = validate(SweepConfig, json.loads(config.read_text()), "benchmark")
+    h = run_sweep(cfg)
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
-    runs = [r for r in h["tracker"].find_runs(f"tags.mlflow.parentRunId = '{h['parent_run_id']}'")]
+    runs = h["tracker"].find_runs(f"tags.mlflow.parentRunId = '{h['parent_run_id']}'")
     startup = [client.get_metric_history(r.info.run_id, "trial_startup_s")[0].value for r in runs]
     trial_forwards = sum(max((m.value for m in client.get_metric_history(r.info.run_id, "teacher_forward_images")), default=0) for r in runs)
     parent = client.get_run(h["parent_run_id"]).data.metrics
-    return {"wall_s": wall, "trial_epochs_per_hour": args.trials * args.epochs * 3600 / wall, "gpu_busy": gpu.busy,
-            "overhead_s": statistics.mean(startup), "teacher_forwards": int(parent.get("teacher_cache_forward_images", 0) + trial_forwards),
-            "best_val_acc": max(r.data.metrics.get("final_val_acc", 0.0) for r in runs), "runs": len(runs)}
+    print(json.dumps({"overhead_s": statistics.median(startup), "startup_s": startup,
+                      "teacher_forwards": int(parent.get("teacher_cache_forward_images", 0) + trial_forwards),
+                      "best_val_acc": max(r.data.metrics.get("final_val_acc", 0.0) for r in runs), "runs": len(runs)}))
 
 
 def main() -> None:
@@ -128,14 +154,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=512, help="kdsweep batch")
     p.add_argument("--peer-batch", type=int, default=64)
     p.add_argument("--peer-workers", type=int, default=4)
+    p.add_argument("--peer-trials", type=int, help="run the peer on fewer trials than kdsweep (its rate per trial-epoch is compared)")
+    p.add_argument("--peer-epochs", type=int, help="run the peer on fewer epochs per trial than kdsweep")
     p.add_argument("--concurrent", type=int, default=4, help="kdsweep trials at once")
     p.add_argument("--gpus-per-trial", type=float, default=0.25)
     p.add_argument("--cpus-per-trial", type=float, default=2.0)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cold", action="store_true", help="also run kdsweep with resources.warm_trials: false (a worker group per trial)")
     p.add_argument("--peer", type=Path, default=REPO.parent / "shared" / "bench" / "peer_sweep.py")
     p.add_argument("--out", type=Path)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--sweep-process", type=Path, help=argparse.SUPPRESS)  # the timed kdsweep child
     args = p.parse_args()
+    if args.sweep_process:
+        return sweep_process(args.sweep_process)
     if args.smoke:
         # the peer's resnet32x4 teacher runs at a few images/s on a 2-core CPU: keep it tiny
         args.trials, args.epochs, args.n_train, args.n_test, args.classes = 2, 1, 64, 32, 10
@@ -146,18 +178,26 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="kdsweep-throughput-"))
     out.mkdir(parents=True, exist_ok=True)
     peer = run_peer(args, out / "peer")
-    ours = run_kdsweep(args, out / "kdsweep")
-    fmt = lambda v, f: "n/a" if v is None else f.format(v)
-    rows = [("trial-epochs per hour", "{:,.1f}", "trial_epochs_per_hour"), ("sweep wall (s)", "{:.1f}", "wall_s"),
-            ("GPU busy", "{:.0%}", "gpu_busy"), ("fixed overhead per trial (s)", "{:.1f}", "overhead_s"),
+    print("peer:", json.dumps(peer), flush=True)
+    columns = {"peer (docs recipe)": peer, "kdsweep": run_kdsweep(args, out / "kdsweep")}
+    if args.cold:
+        columns["kdsweep, warm_trials off"] = run_kdsweep(args, out / "kdsweep-cold", warm=False)
+    print("results:", json.dumps(columns), flush=True)
+    fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
+    rows = [("trials x epochs", "{}", "trials_x_epochs"), ("trial-epochs per hour (whole process)", "{:,.1f}", "trial_epochs_per_hour"),
+            ("process wall (s)", "{:.1f}", "wall_s"), ("GPU busy", "{:.0%}", "gpu_busy"),
+            ("fixed overhead per trial (s; kdsweep: median trial_startup_s)", "{:.2f}", "overhead_s"),
             ("teacher image forwards", "{:,}", "teacher_forwards"), ("best val acc", "{:.4f}", "best_val_acc"), ("MLflow runs", "{}", "runs")]
     print(f"\n{args.trials} trials x {args.epochs} epochs, {args.n_train} train images {'(smoke, CPU)' if args.smoke else ''}\n")
-    print("| | peer (docs recipe) | kdsweep |\n|---|---|---|")
+    print("| | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for label, f, key in rows:
-        print(f"| {label} | {fmt(peer[key], f)} | {fmt(ours[key], f)} |")
-    print(f"| **speed-up (trial-epochs/h)** | 1.0x | **{ours['trial_epochs_per_hour'] / peer['trial_epochs_per_hour']:.1f}x** |")
+        print(f"| {label} | " + " | ".join(fmt(c[key], f) for c in columns.values()) + " |")
+    rate = peer["trial_epochs_per_hour"]
+    print("| **speed-up (trial-epochs/h)** | " + " | ".join(f"**{c['trial_epochs_per_hour'] / rate:.1f}x**" for c in columns.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"peer": peer, "kdsweep": ours, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+        args.json.write_text(json.dumps({**{"peer": peer, "kdsweep": columns["kdsweep"]}, "columns": columns,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 
 
 if __name__ == "__main__":
