@@ -240,6 +240,25 @@ def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher,
     assert {r.data.params["student"] for r in first_two} == {"mlp_32", "cnn_tiny"}
 
 
+def test_warm_trials_share_one_actor_and_a_stopped_trial_frees_it(tmp_path, digits_teacher, ray_address, monkeypatch):
+    """One trial at a time: every trial trains in the same Tune actor process (Tune's `pid` in
+    each trial's results), trials ASHA stopped included, and each still logs its weights."""
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "warm", students=["mlp_32"],
+                     **{"budget.num_samples": 6, "budget.max_concurrent": 1, "budget.grace_period": 1, "budget.reduction_factor": 2,
+                        "train.epochs": 4, "train.robust_samples": 0})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    runs = child_runs(uri, "warm")
+    assert len(runs) == 6
+    statuses = Counter(r.data.tags["kdsweep.status"] for r in runs)
+    assert statuses["stopped"] >= 1 and statuses["finished"] >= 1, statuses
+    pids = {json.loads(f.read_text().splitlines()[0])["pid"] for f in (tmp_path / "runs" / "warm" / "tune-joint").glob("*/result.json")}
+    assert len(pids) == 1, pids
+    client = mlflow.tracking.MlflowClient(uri)
+    assert all("student/student.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id, "student")} for r in runs)
+
+
 def test_ddp_trial_with_two_gloo_workers_reports_once_per_epoch(tmp_path, digits_teacher, ray_address, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = sweep_yaml(tmp_path, digits_teacher, "ddp", students=["cnn_tiny"], search={},
