@@ -122,8 +122,10 @@ class RayTrainReporter(Reporter):
         return load_state(siblings[0]) if siblings else None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray
         import ray.train
 
+        metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
         if state is None:
             ray.train.report(metrics)
             return

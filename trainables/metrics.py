@@ -23,8 +23,9 @@ EPOCH_METRICS = (
 )
 #: Reported with the final epoch: the corruption suite's summary (per severity: eval/corruptions.csv).
 FINAL_METRICS = ("robust_acc", "relative_robustness", *(f"corr_{n}" for n in CORRUPTIONS.names()))
-#: Text reported every epoch; the last value becomes the run's tag kdsweep.<name>.
-TEXT_METRICS = ("status", "teacher_targets")
+#: Text reported every epoch; the last value becomes the run's tag kdsweep.<name> (node_id: the Ray
+#: node that ran the trial's loop, its rank 0 for DDP).
+TEXT_METRICS = ("status", "teacher_targets", "node_id")
 #: Per architecture (trainables.profile.size_metrics), logged as size_<name>.
 SIZE_METRICS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_cpu_b64_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms")
 #: What Optuna may optimize (search.objectives): the per-epoch val metrics and the sizes.

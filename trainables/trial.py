@@ -105,8 +105,10 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
     tune.report returns once the driver has taken the result, and raises SystemExit when Tune
     stops the trial (ASHA): the loop is then told to stop at its next batch and joined, so the actor
     is free for the next trial."""
+    import ray
     from ray import tune
 
+    node = ray.get_runtime_context().get_node_id()
     reporter = TuneReporter(tune.get_checkpoint())
     errors: list[BaseException] = []
 
@@ -131,7 +133,7 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
                 metrics["trial_startup_s"] = time.perf_counter() - started - metrics.get("epoch_time_s", 0.0)
                 first = False
             try:
-                tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+                tune.report({**metrics, **extra, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
             finally:
                 if folder:
                     shutil.rmtree(folder, ignore_errors=True)

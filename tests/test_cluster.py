@@ -1,0 +1,79 @@
+"""Two Ray nodes on this machine (127.0.0.1), a sweep joined with --address: trials land on both
+nodes, and when the second node is removed mid-sweep its trials are retried on the first."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import mlflow
+import psutil
+import pytest
+
+from tests.conftest import sweep_yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _count(db, sql: str) -> int:
+    with sqlite3.connect(db) as c:
+        return c.execute(sql).fetchone()[0]
+
+
+def _trial_actor_on(node) -> bool:
+    """Whether a Tune trial actor runs under `node`'s raylet (workers are the raylet's children)."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return any("ImplicitFunc" in " ".join(c.cmdline()) for c in raylet.children(recursive=True) if c.is_running())
+
+
+def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path, digits_teacher, plugin_dir):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        samples = 4
+        cfg = sweep_yaml(tmp_path, digits_teacher, "twonodes", students=["plugin_cnn"], plugins=["kd_test_plugin"],
+                         **{"budget.num_samples": samples, "budget.max_concurrent": 2, "budget.grace_period": 12, "budget.max_failures": 3,
+                            "train.epochs": 12, "train.batch_size": 8, "train.robust_samples": 0})
+        db = tmp_path / "mlruns" / "mlflow.db"
+        log = open(tmp_path / "console.txt", "w")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", cluster.address],
+                                cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline, removed = time.time() + 300, False
+        while time.time() < deadline and proc.poll() is None:
+            # a trial actor on the second node and epochs being logged: take the second node away
+            if db.exists() and _count(db, "select count(*) from metrics where key='val_acc'") >= 1 and _trial_actor_on(second):
+                cluster.remove_node(second, allow_graceful=False)
+                removed = True
+                break
+            time.sleep(0.3)
+        assert removed, "no trial ran on the second node before the sweep ended"
+        assert proc.wait(timeout=400) == 0, (tmp_path / "console.txt").read_text()[-3000:]
+        log.close()
+
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name("twonodes")
+        runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "trial"]
+        assert len(runs) == samples and len({r.data.tags["kdsweep.trial_id"] for r in runs}) == samples
+        assert {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
+        assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
+        for r in runs:  # each epoch logged once, retried trials included
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+            assert steps == list(range(1, 13)), steps
+        # every report names the node that ran it: both nodes ran trials, and the trial the second
+        # node was running when it went finished on the head
+        per_trial = [{json.loads(line)["node_id"] for line in f.read_text().splitlines() if line.strip()}
+                     for f in (tmp_path / "runs" / "twonodes" / "tune-joint").glob("*/result.json")]
+        head_id, second_id = cluster.head_node.node_id, second.node_id
+        assert set().union(*per_trial) == {head_id, second_id}, per_trial
+        assert {head_id, second_id} in per_trial, per_trial
+        assert {r.data.tags["kdsweep.node_id"] for r in runs} <= {head_id, second_id}
+    finally:
+        cluster.shutdown()
