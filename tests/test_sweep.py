@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -448,13 +449,17 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     assert _count(moved, "select count(*) from runs where status='RUNNING'") == 0
 
 
-def _trial_processes(title: str) -> list:
-    """Processes whose title names `title`, newest first (an earlier test's actor may still be
-    on its way out of the shared Ray)."""
+def _trial_processes(title: str, tune_dir: Path) -> list:
+    """The processes running this sweep's trial: its Tune actor (the pid in the trial's latest
+    result: an earlier test's actor may still be on its way out of the shared Ray, and Ray may have
+    started this one in an older pooled process), or the Ray Train workers."""
     import psutil
 
-    found = [p for p in psutil.process_iter(["cmdline", "create_time"]) if title in " ".join(p.info["cmdline"] or [])]
-    return sorted(found, key=lambda p: p.info["create_time"], reverse=True)
+    if title == "ImplicitFunc":
+        lines = [f.read_text().splitlines() for f in tune_dir.glob("*/result.json")]
+        pids = {json.loads(ls[-1])["pid"] for ls in lines if ls}
+        return [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+    return [p for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.mark.parametrize("warm,title", [(True, "ImplicitFunc"), (False, "RayTrainWorker")], ids=["tune-actor", "train-worker"])
@@ -467,6 +472,7 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
                         "train.batch_size": 16, "train.checkpoint_every": 2, "train.robust_samples": 0,
                         "resources.warm_trials": warm})
     db = tmp_path / "mlruns" / "mlflow.db"
+    tune_dir = tmp_path / "runs" / "lostworker" / "tune-joint"
     console = open(tmp_path / "console.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", ray_address],
                             cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=console,
@@ -474,7 +480,7 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     epochs_sql = "select count(*) from metrics where key='val_acc'"
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _count(db, epochs_sql) >= 3 and (workers := _trial_processes(title)):
+        if db.exists() and _count(db, epochs_sql) >= 3 and (workers := _trial_processes(title, tune_dir)):
             killed = workers[0].pid
             os.kill(killed, signal.SIGKILL)
             break
@@ -489,7 +495,7 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     steps = [m.step for m in mlflow.tracking.MlflowClient(uri).get_metric_history(run.info.run_id, "val_acc")]
     assert steps == list(range(1, 13)), steps  # the epochs re-run after the restore are not logged twice
     assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
-    assert all(w.pid != killed for w in _trial_processes(title))
+    assert all(w.pid != killed for w in _trial_processes(title, tune_dir))
     console.close()
     reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/12", (tmp_path / "console.txt").read_text(), re.M)]
     restart = next(i for i in range(1, len(reported)) if reported[i] <= reported[i - 1])
