@@ -287,6 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kdsweep: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from orchestrator.tracking import TrackingUnavailable
+
+        if not isinstance(e, TrackingUnavailable):
+            raise
+        print(f"kdsweep: error: {e}", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_tea
 from orchestrator.resources import PlacementGroupReaper, check_local, wait_for_cluster
 from orchestrator.search import PerStudentScheduler, PerStudentSearch, control_points, objectives, scheduler, searcher, trial_budget
 from orchestrator.study import export_study, plot_study
-from orchestrator.tracking import MlflowTrialCallback, SweepTracker, check_tracking_uri, default_tracking_uri
+from orchestrator.tracking import (MlflowTrialCallback, SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri,
+                                  outage_message, unreachable)
 from orchestrator.tune_state import TuneStateBackup, repair_state
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
@@ -297,10 +299,15 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                 exported = export_study(cfg, study, students, mine, sweep_dir)
                 for png in plot_study(exported, sweep_dir / "optuna"):
                     tracker.client.log_artifact(parent, str(png), "optuna")
+        except Exception as e:
+            if unreachable(e):  # the server is gone past MLflow's retries: nothing more can be written
+                raise TrackingUnavailable(outage_message(plan.tracking_uri, cfg.name)) from e
+            raise
         finally:
-            closed = tracker.close_orphans(parent)
-            if closed:
-                log.info("closed %d orphaned trial run(s)", closed)
+            if not unreachable(sys.exc_info()[1]):
+                closed = tracker.close_orphans(parent)
+                if closed:
+                    log.info("closed %d orphaned trial run(s)", closed)
         tracker.client.set_terminated(parent, "FINISHED")
     return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info)}
 

@@ -1,0 +1,165 @@
+"""A real tracking server: `mlflow server` on a PostgreSQL backend store (Debian's postgresql,
+initdb in a temp folder, 127.0.0.1 only), stopped mid-sweep and started again."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from orchestrator.cli import main
+from tests.conftest import free_port, sweep_yaml, wait_for_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root (CI), run its commands as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on 127.0.0.1; yields the SQLAlchemy URI of database `mlflow`."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl and _pg_bin("createdb")):
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql (apt-get install postgresql)")
+    data = Path(tempfile.mkdtemp(prefix="kdsweep-pg-", dir="/tmp"))  # short: it holds the server's unix socket
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(_as_postgres([initdb, "-D", str(data / "db"), "-A", "trust", "-U", "kdsweep"]), check=True, capture_output=True)
+    subprocess.run(_as_postgres([pg_ctl, "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
+                                 f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"]), check=True, capture_output=True)
+    try:
+        subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kdsweep", "mlflow"]),
+                       check=True, capture_output=True)
+        yield f"postgresql://kdsweep@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(_as_postgres([pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+class Server:
+    """`mlflow server` over `store`, on a fixed port so it can be stopped and started again."""
+
+    def __init__(self, store: str, artifacts: Path) -> None:
+        self.store, self.artifacts, self.port, self.proc = store, artifacts, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", self.store, "--artifacts-destination", str(self.artifacts)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_http(self.uri + "/health", 90)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def test_sweep_on_a_postgres_backed_server_that_restarts_mid_sweep(tmp_path, digits_teacher, postgres, ray_address, monkeypatch):
+    """2 trials at a time write one child run each; the server is killed after the first epochs
+    and started again 5 s later: the driver's writes wait and go through, no epoch is lost."""
+    import sqlalchemy
+
+    server = Server(postgres, tmp_path / "artifacts")
+    server.start()
+    monkeypatch.chdir(tmp_path)
+    samples, epochs = 4, 6
+    cfg = sweep_yaml(tmp_path, digits_teacher, "pg", students=["cnn_tiny"],
+                     **{"budget.num_samples": samples, "budget.max_concurrent": 2, "budget.grace_period": epochs, "train.epochs": epochs,
+                        "train.batch_size": 16, "train.robust_samples": 0})
+    engine = sqlalchemy.create_engine(postgres)
+
+    def epochs_logged() -> int:
+        with engine.connect() as c:
+            return c.execute(sqlalchemy.text("select count(*) from metrics where key='val_acc'")).scalar()
+
+    restarted = threading.Event()
+
+    def restart_when_epochs_arrive() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if epochs_logged() >= 2:
+                server.stop()
+                time.sleep(5)
+                server.start()
+                restarted.set()
+                return
+            time.sleep(0.2)
+
+    restarter = threading.Thread(target=restart_when_epochs_arrive, daemon=True)
+    restarter.start()
+    try:
+        assert main(["run", str(cfg), "--address", ray_address, "--tracking-uri", server.uri]) == 0
+        restarter.join(timeout=60)
+        assert restarted.is_set(), "the sweep ended before the server could be restarted"
+        client = mlflow.tracking.MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("pg")
+        runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "trial"]
+        assert len(runs) == samples and len({r.data.tags["kdsweep.trial_id"] for r in runs}) == samples
+        assert all(r.info.status == "FINISHED" for r in runs)
+        for r in runs:  # every epoch of every trial logged exactly once, across the outage
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+            assert steps == list(range(1, epochs + 1)), steps
+        with engine.connect() as c:  # and it is PostgreSQL that holds them
+            assert c.execute(sqlalchemy.text("select count(*) from runs where status='RUNNING'")).scalar() == 0
+            assert c.execute(sqlalchemy.text("select count(*) from metrics where key='val_acc'")).scalar() == samples * epochs
+    finally:
+        server.stop()
+        engine.dispose()
+
+
+def test_a_server_down_past_mlflows_retries_stops_the_sweep_with_one_line(tmp_path, digits_teacher, postgres, ray_address, monkeypatch,
+                                                                        capsys):
+    """The server is killed and stays down: once MLflow's retries give up (2 here, instead of 7),
+    the sweep stops with exit 1 and one line naming the server and `kdsweep resume`."""
+    import sqlalchemy
+
+    server = Server(postgres, tmp_path / "artifacts")
+    server.start()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    cfg = sweep_yaml(tmp_path, digits_teacher, "pgdown", students=["cnn_tiny"],
+                     **{"budget.num_samples": 2, "budget.max_concurrent": 2, "budget.grace_period": 8, "train.epochs": 8,
+                        "train.batch_size": 16, "train.robust_samples": 0})
+    engine = sqlalchemy.create_engine(postgres)
+
+    def kill_when_epochs_arrive() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            with engine.connect() as c:
+                if c.execute(sqlalchemy.text("select count(*) from metrics where key='val_acc'")).scalar() >= 1:
+                    server.stop()
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_epochs_arrive, daemon=True)
+    killer.start()
+    started = time.time()
+    try:
+        assert main(["run", str(cfg), "--address", ray_address, "--tracking-uri", server.uri]) == 1
+        assert time.time() - started < 240
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and server.uri in err[0] and "kdsweep resume pgdown" in err[0], err
+    finally:
+        engine.dispose()
+        if server.proc.poll() is None:
+            server.stop()
