@@ -127,12 +127,12 @@ class Resources(Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per trial (>1: DDP)")
     warm_trials: bool = Field(True, description="one-worker trials train in reused Tune actors that keep torch, data and teacher "
                                                 "loaded; false: every trial starts its own Ray Train worker group")
+    placement_timeout_s: float = Field(60.0, ge=0, description="--address: how long to wait for nodes that can hold a trial (autoscaling)")
 
     @property
     def warm(self) -> bool:
         """Trials train in their (reused) Tune actors: one worker each, warm_trials on."""
         return self.num_workers == 1 and self.warm_trials
-    placement_timeout_s: float = Field(60.0, ge=0, description="--address: how long to wait for nodes that can hold a trial (autoscaling)")
 
 
 class Tracking(Strict):

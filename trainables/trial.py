@@ -6,8 +6,8 @@ first starts in well under a second. The loop runs in a thread and hands each ep
 waiting; the actor's own thread reports it to Tune (`tune.report`, the checkpoint persisted to the
 trial's storage, where Tune's failure handling restores it from).
 
-A DDP trial (num_workers > 1) is one Ray Train TorchTrainer run, whose reports reach Tune through
-a queue the Train controller fills.
+A DDP trial (num_workers > 1, or any trial with resources.warm_trials off) is one Ray Train
+TorchTrainer run, whose reports reach Tune through a queue the Train controller fills.
 
 The driver hands this module only trial configs (dicts of TrialConfig) and a TrialRun; nothing here
 imports the orchestrator, so a trial on any node needs nothing but this package.
@@ -162,8 +162,8 @@ def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str,
 
 
 def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, float]) -> None:
-    """DDP trial: a TorchTrainer runs in a thread; this thread forwards its reports to Tune with
-    tune.report, so ASHA sees every epoch."""
+    """A worker-group trial (DDP, or warm_trials off): a TorchTrainer runs in a thread; this
+    thread forwards its reports to Tune with tune.report, so ASHA sees every epoch."""
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
