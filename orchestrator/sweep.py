@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -292,6 +291,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             callbacks.append(PlacementGroupReaper())
         if not verbose:
             callbacks.append(ConsoleReporter(cfg, trials, paths, total=sum(n for _, _, n in plan.studies)))
+        server_down = False
         try:
             results = list(_tuner(cfg, trainable, callbacks, restore, verbose).fit())
             for study, students, _ in plan.studies:
@@ -300,11 +300,13 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                 for png in plot_study(exported, sweep_dir / "optuna"):
                     tracker.client.log_artifact(parent, str(png), "optuna")
         except Exception as e:
-            if unreachable(e):  # the server is gone past MLflow's retries: nothing more can be written
+            # The tracking server gone past MLflow's retries (the callbacks' writes): nothing more can be written.
+            server_down = unreachable(e)
+            if server_down:
                 raise TrackingUnavailable(outage_message(plan.tracking_uri, cfg.name)) from e
             raise
         finally:
-            if not unreachable(sys.exc_info()[1]):
+            if not server_down:
                 closed = tracker.close_orphans(parent)
                 if closed:
                     log.info("closed %d orphaned trial run(s)", closed)

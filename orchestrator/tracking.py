@@ -6,7 +6,6 @@ back are closed. Only the driver writes, so a local SQLite store never sees conc
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -129,7 +128,9 @@ class SweepTracker:
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server stopped answering for longer than MLflow's own retries wait."""
+    """The tracking server stopped answering for longer than MLflow's own retries wait: while it
+    is down, MLflow's HTTP client retries the driver's writes with backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES: 7 by default, about 4 minutes) and nothing is lost."""
 
 
 def unreachable(e: BaseException | None) -> bool:
@@ -137,7 +138,7 @@ def unreachable(e: BaseException | None) -> bool:
     import requests
 
     while e is not None:
-        if isinstance(e, (TrackingUnavailable, requests.exceptions.ConnectionError)) or "Max retries exceeded" in str(e):
+        if isinstance(e, requests.exceptions.ConnectionError) or "Max retries exceeded" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -146,21 +147,6 @@ def unreachable(e: BaseException | None) -> bool:
 def outage_message(uri: str, sweep: str) -> str:
     return (f"`tracking.uri` {uri} stopped answering for longer than MLflow's retries wait (MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
             f"about 4 minutes by default): the sweep stopped; once the server is back, `kdsweep resume {sweep}` continues it")
-
-
-def _waits_for_server(method):
-    """A callback's MLflow writes: while the server is down, MLflow's HTTP client retries them with
-    backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES: 7 by default, about 4 minutes) and nothing is lost;
-    past that the sweep stops with one line that says so."""
-    @functools.wraps(method)
-    def wrapped(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as e:
-            if unreachable(e):
-                raise TrackingUnavailable(outage_message(self.tracker.uri, self.sweep)) from e
-            raise
-    return wrapped
 
 
 class MlflowTrialCallback(Callback):
@@ -203,11 +189,9 @@ class MlflowTrialCallback(Callback):
         self._runs[trial.trial_id] = (run_id, last)
         return run_id, last
 
-    @_waits_for_server
     def on_trial_start(self, iteration, trials, trial, **info):
         self.run_for(trial)
 
-    @_waits_for_server
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id, last = self.run_for(trial)
         epoch = int(result.get("epoch", 0))
@@ -216,7 +200,6 @@ class MlflowTrialCallback(Callback):
         self.tracker.log_metrics(run_id, {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS) if k in result}, step=epoch)
         self._runs[trial.trial_id] = (run_id, epoch)
 
-    @_waits_for_server
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id, _ = self.run_for(trial)
         last = trial.last_result or {}
@@ -237,7 +220,6 @@ class MlflowTrialCallback(Callback):
         t.client.set_tag(run_id, STATUS, status)
         t.client.set_terminated(run_id, "FINISHED")
 
-    @_waits_for_server
     def on_trial_error(self, iteration, trials, trial, **info):
         """The trial's error, where a user looks first: its last line as tag kdsweep.error, the
         whole traceback as error.txt."""

@@ -217,10 +217,14 @@ def _warm_splits(ds_json: str, device: str) -> tuple[DataSplits, bool]:
     return place(load_splits(ds), ds, device)
 
 
-@functools.lru_cache(maxsize=2)
-def _warm_teacher(path: str, mtime_ns: int, num_classes: int, shape: tuple[int, ...], dataset: str, device: str, channels_last: bool):
+def _load_teacher(path: str, num_classes: int, shape: tuple[int, ...], dataset: str, device: str, channels_last: bool):
     teacher, card = load_teacher(path, num_classes, shape, dataset, device)
     return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher), card
+
+
+@functools.lru_cache(maxsize=2)
+def _warm_teacher(mtime_ns: int, *args):  # the weights' mtime: a rewritten teacher folder loads anew
+    return _load_teacher(*args)
 
 
 def _splits(ds: DatasetConfig, device: torch.device, warm: bool) -> tuple[DataSplits, bool]:
@@ -235,11 +239,10 @@ def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device:
              warm: bool) -> tuple[nn.Module, dict]:
     """The trial's teacher in eval mode. A warm process keeps it between trials (not when layers
     are tapped for a feature loss: tapping changes the module)."""
+    args = (cfg.teacher_path, num_classes, tuple(shape), cfg.dataset.name, str(device), channels_last)
     if warm and not cfg.loss.teacher_layers:
-        mtime = (Path(cfg.teacher_path) / TEACHER_WEIGHTS).stat().st_mtime_ns
-        return _warm_teacher(cfg.teacher_path, mtime, num_classes, tuple(shape), cfg.dataset.name, str(device), channels_last)
-    teacher, card = load_teacher(cfg.teacher_path, num_classes, shape, cfg.dataset.name, device)
-    return (teacher.to(memory_format=torch.channels_last) if channels_last else teacher), card
+        return _warm_teacher((Path(cfg.teacher_path) / TEACHER_WEIGHTS).stat().st_mtime_ns, *args)
+    return _load_teacher(*args)
 
 
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:

@@ -72,22 +72,24 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, 
             return teacher(x.contiguous(memory_format=torch.channels_last) if cuda else x).half()
 
     def chunked(views) -> Tensor:
-        out, pending = [], []
+        """Logits of a stream of training batches' views, forwarded `batch` images at a time."""
+        parts, pending, n = [], [], 0
         for v in views:
             pending.append(v)
-            if sum(len(p) for p in pending) >= batch:
-                out.append(logits(torch.cat(pending)))
-                pending = []
+            n += len(v)
+            if n >= batch:
+                parts.append(logits(torch.cat(pending)))
+                pending, n = [], 0
         if pending:
-            out.append(logits(torch.cat(pending)))
-        return torch.cat(out)
+            parts.append(logits(torch.cat(pending)))
+        return torch.cat(parts)
 
     forwards = 0
-    _save(chunked(s.val_x[i : i + batch] for i in range(0, len(s.val_y), batch)), out / "val.pt")
+    _save(torch.cat([logits(s.val_x[i : i + batch]) for i in range(0, len(s.val_y), batch)]), out / "val.pt")
     forwards += len(s.val_y)
     aug = resolved_augment(cfg)
     if aug.static:
-        _save(chunked(s.train_x[i : i + batch] for i in range(0, len(s.train_y), batch)), out / "static.pt")
+        _save(torch.cat([logits(s.train_x[i : i + batch]) for i in range(0, len(s.train_y), batch)]), out / "static.pt")
         forwards += len(s.train_y)
     else:
         for epoch in range(epochs):
