@@ -147,3 +147,20 @@ def wait_for_http(url: str, seconds: float = 120.0) -> None:
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"{url} never answered")
+
+
+def count_rows(db: Path, sql: str, *, polling: bool = False) -> int:
+    """`select count(*)` on an MLflow SQLite store. With `polling`, 0 while the file or its tables do
+    not exist yet: the driver creates the store in a thread while Ray starts, so a poll can see it
+    half made; without, a missing table fails the test."""
+    import sqlite3
+
+    if polling and not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute(sql).fetchone()[0]
+    except sqlite3.OperationalError:
+        if polling:
+            return 0
+        raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ import mlflow
 import psutil
 import pytest
 
-from tests.conftest import sweep_yaml
+from tests.conftest import count_rows, sweep_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-def _count(db, sql: str) -> int:
-    with sqlite3.connect(db) as c:
-        return c.execute(sql).fetchone()[0]
 
 
 def _trial_actor_on(node) -> bool:
@@ -49,7 +44,7 @@ def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path,
         deadline, removed = time.time() + 300, False
         while time.time() < deadline and proc.poll() is None:
             # a trial actor on the second node and epochs being logged: take the second node away
-            if db.exists() and _count(db, "select count(*) from metrics where key='val_acc'") >= 1 and _trial_actor_on(second):
+            if count_rows(db, "select count(*) from metrics where key='val_acc'", polling=True) >= 1 and _trial_actor_on(second):
                 cluster.remove_node(second, allow_graceful=False)
                 removed = True
                 break
@@ -63,7 +58,7 @@ def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path,
         runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "trial"]
         assert len(runs) == samples and len({r.data.tags["kdsweep.trial_id"] for r in runs}) == samples
         assert {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
-        assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
+        assert count_rows(db, "select count(*) from runs where status='RUNNING'") == 0
         for r in runs:  # each epoch logged once, retried trials included
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
             assert steps == list(range(1, 13)), steps

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -12,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import free_port, sweep_yaml, wait_for_http
+from tests.conftest import count_rows, free_port, sweep_yaml, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +36,8 @@ def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if db.exists():
-            with sqlite3.connect(db) as con:
-                if con.execute("select count(*) from metrics where key='val_acc'").fetchone()[0]:
-                    break
+        if count_rows(db, "select count(*) from metrics where key='val_acc'", polling=True):
+            break
         time.sleep(0.5)
     assert proc.poll() is None, "the sweep ended before it could be stopped"
     assert _processes_mentioning(ray_tmp), "the local Ray should be running now"

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from tests.conftest import free_port, sweep_yaml, wait_for_http
+from tests.conftest import count_rows, free_port, sweep_yaml, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -407,10 +406,6 @@ def test_a_diverging_trial_is_marked_never_selected_and_the_sweep_goes_on(tmp_pa
     assert status[parent.data.tags["kdsweep.champion_run_id"]] == (0.05, "finished")
 
 
-def _count(db, sql):
-    with sqlite3.connect(db) as con:
-        return con.execute(sql).fetchone()[0]
-
 
 def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     """Resume finishes every trial, each in its one run; --tracking-uri on resume is honoured by the
@@ -423,21 +418,21 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     finished_sql = "select count(*) from tags where key='kdsweep.status' and value in ('finished','stopped')"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _count(db, finished_sql) >= 2:
+        if count_rows(db, finished_sql, polling=True) >= 2:
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the sweep ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _count(db, finished_sql) < 5
+    assert count_rows(db, finished_sql) < 5
 
     moved = tmp_path / "moved" / "mlflow.db"  # the store moves: resume must follow it
     moved.parent.mkdir()
     shutil.copy(db, moved)
-    before = _count(db, "select count(*) from metrics")
+    before = count_rows(db, "select count(*) from metrics")
     assert main(["resume", "killme", "--storage", str(tmp_path / "runs"), "--address", ray_address,
                  "--tracking-uri", f"sqlite:///{moved}"]) == 0
-    assert _count(db, "select count(*) from metrics") == before  # nothing went to the old store
+    assert count_rows(db, "select count(*) from metrics") == before  # nothing went to the old store
     runs = child_runs(f"sqlite:///{moved}", "killme")
     assert len(runs) == 5
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -446,7 +441,7 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     for r in runs:  # resumed trials continued their own runs: every epoch logged exactly once
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
         assert steps == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
-    assert _count(moved, "select count(*) from runs where status='RUNNING'") == 0
+    assert count_rows(moved, "select count(*) from runs where status='RUNNING'") == 0
 
 
 def _trial_processes(title: str, tune_dir: Path) -> list:
@@ -480,13 +475,13 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     epochs_sql = "select count(*) from metrics where key='val_acc'"
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None:
-        if db.exists() and _count(db, epochs_sql) >= 3 and (workers := _trial_processes(title, tune_dir)):
+        if count_rows(db, epochs_sql, polling=True) >= 3 and (workers := _trial_processes(title, tune_dir)):
             killed = workers[0].pid
             os.kill(killed, signal.SIGKILL)
             break
         time.sleep(0.2)
     assert killed is not None, "the trial ended before its worker could be killed"
-    at = _count(db, epochs_sql)
+    at = count_rows(db, epochs_sql)
     assert at < 12
     assert proc.wait(timeout=300) == 0
     uri = f"sqlite:///{db}"
@@ -494,7 +489,7 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     assert run.info.status == "FINISHED" and run.data.tags["kdsweep.status"] == "finished"
     steps = [m.step for m in mlflow.tracking.MlflowClient(uri).get_metric_history(run.info.run_id, "val_acc")]
     assert steps == list(range(1, 13)), steps  # the epochs re-run after the restore are not logged twice
-    assert _count(db, "select count(*) from runs where status='RUNNING'") == 0
+    assert count_rows(db, "select count(*) from runs where status='RUNNING'") == 0
     assert all(w.pid != killed for w in _trial_processes(title, tune_dir))
     console.close()
     reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/12", (tmp_path / "console.txt").read_text(), re.M)]
