@@ -186,7 +186,10 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normal
 
     example = splits.val_x[:2].float().numpy().astype(np.float32)
     with mlflow.start_run(run_id=run_id):
+        # The model is saved as a torch.export program (MLflow's default): it needs torch alone. Named
+        # here, MLflow does not infer requirements by loading the model in a subprocess (5 s on CPU).
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=cfg.registered_model,
+                                        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
                                         metadata={"classes": list(splits.classes), "input": "raw 0..255 pixels, (N, C, H, W)"})
     version = int(info.registered_model_version)
     tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,7 +121,9 @@ def init_ray(address: str | None, **kwargs) -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Join `address`, or start a local Ray that ends with the sweep, every process it started
-    included, whichever way the sweep ends (a Train controller must not outlive a failed sweep)."""
+    included, whichever way the sweep ends (a Train controller must not outlive a failed sweep).
+    Its processes exit while the driver goes on (selection needs no Ray): a non-daemon thread waits
+    for them, and Python's exit waits for that thread."""
     import ray
 
     started = address is None and not ray.is_initialized()
@@ -131,7 +134,7 @@ def ray_session(address: str | None) -> Iterator[None]:
         if started:
             procs = _local_ray_processes()
             ray.shutdown()
-            _reap(procs)
+            threading.Thread(target=_reap, args=(procs,), name="kdsweep-ray-reaper").start()
 
 
 def _local_ray_processes() -> list:

@@ -100,6 +100,8 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     model = mlflow.pytorch.load_model("models:/kdsweep-e2e@champion")
     pred = model(torch.rand(4, 1, 8, 8) * 255)
     assert pred.shape == (4, 10)
+    requirements = (Path(mlflow.artifacts.download_artifacts("models:/kdsweep-e2e@champion")) / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements and any(r.startswith("mlflow==") for r in requirements)
     parent = [r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
     assert len(parent) == 1 and "champion_test_acc" in parent[0].data.metrics
     assert {"champion_test_robust_acc", "teacher_test_acc", "teacher_test_robust_acc"} <= set(parent[0].data.metrics)
