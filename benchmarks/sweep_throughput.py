@@ -8,6 +8,11 @@ ray.init, the sweep, Ray's shutdown). The kdsweep teacher is trained for one epo
 its own before (the peer's is untrained; neither is timed). GPU busy is nvidia-smi's utilization
 sampled every 250 ms during each sweep process.
 
+`--floor` adds the floor of any Ray Tune sweep on this machine, timed the same way: a process that
+imports torch and Ray, starts Ray as kdsweep does, runs the same trials x epochs through a Tune run
+of trials that only report (and make their CUDA context where there is a GPU), and shuts Ray down.
+Peer wall / floor wall is the most any Tune-based tool could beat the peer by on this sweep.
+
   python benchmarks/sweep_throughput.py                      # one GPU: 4 trials x 2 epochs, 50k images
   python benchmarks/sweep_throughput.py --smoke              # CPU, tiny: checks the pipeline (CI)
 """
@@ -121,6 +126,41 @@ def run_kdsweep(args, out: Path, warm: bool = True) -> dict:
             "trials_x_epochs": f"{args.trials} x {args.epochs}", **res}
 
 
+def run_floor(args, out: Path) -> dict:
+    wall, busy, _ = timed([sys.executable, __file__, "--floor-process", json.dumps(
+        {"trials": args.trials, "epochs": args.epochs, "concurrent": args.concurrent, "cpus": args.cpus_per_trial,
+         "gpus": args.gpus_per_trial})], out / "process.log")
+    return {"wall_s": wall, "trial_epochs_per_hour": args.trials * args.epochs * 3600 / wall, "gpu_busy": busy,
+            "trials_x_epochs": f"{args.trials} x {args.epochs}", "overhead_s": None, "teacher_forwards": 0,
+            "best_val_acc": None, "runs": 0}
+
+
+def floor_process(spec: str) -> None:
+    """The timed floor: Ray started as a sweep starts it, Tune trials that only report."""
+    import tempfile
+
+    import ray
+    import torch
+    from ray import tune
+
+    from orchestrator.sweep import ray_session
+
+    o = json.loads(spec)
+
+    def trial(config: dict) -> None:
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # a real trial's CUDA context
+        for epoch in range(1, o["epochs"] + 1):
+            tune.report({"epoch": epoch})
+
+    with ray_session(None):
+        trainable = tune.with_resources(trial, {"CPU": o["cpus"], "GPU": o["gpus"]})
+        tune.Tuner(trainable, param_space={"i": tune.grid_search(list(range(o["trials"])))},
+                   tune_config=tune.TuneConfig(max_concurrent_trials=o["concurrent"], reuse_actors=True),
+                   run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(), verbose=0)).fit()
+    assert not ray.is_initialized()
+
+
 def sweep_process(config: Path) -> None:
     """The timed kdsweep process: the sweep of `config`, then one JSON line of what it measured."""
     import logging
@@ -161,27 +201,36 @@ def main() -> None:
     p.add_argument("--cpus-per-trial", type=float, default=2.0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cold", action="store_true", help="also run kdsweep with resources.warm_trials: false (a worker group per trial)")
+    p.add_argument("--floor", action="store_true", help="also time a Ray Tune run of trials that do nothing (the floor of any Tune sweep)")
     p.add_argument("--peer", type=Path, default=REPO.parent / "shared" / "bench" / "peer_sweep.py")
+    p.add_argument("--no-peer", action="store_true", help="leave the peer out (no speed-up row: use with --floor)")
     p.add_argument("--out", type=Path)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--sweep-process", type=Path, help=argparse.SUPPRESS)  # the timed kdsweep child
+    p.add_argument("--floor-process", help=argparse.SUPPRESS)  # the timed floor child
     args = p.parse_args()
     if args.sweep_process:
         return sweep_process(args.sweep_process)
+    if args.floor_process:
+        return floor_process(args.floor_process)
     if args.smoke:
         # the peer's resnet32x4 teacher runs at a few images/s on a 2-core CPU: keep it tiny
         args.trials, args.epochs, args.n_train, args.n_test, args.classes = 2, 1, 64, 32, 10
         args.batch, args.peer_batch, args.peer_workers, args.concurrent = 32, 32, 0, 1
         args.gpus_per_trial, args.cpus_per_trial = 0.0, 1.0
-    if not args.peer.is_file():
+    if not args.no_peer and not args.peer.is_file():
         raise SystemExit(f"peer recipe not found at {args.peer}: pass --peer PATH")
     out = args.out or Path(tempfile.mkdtemp(prefix="kdsweep-throughput-"))
     out.mkdir(parents=True, exist_ok=True)
-    peer = run_peer(args, out / "peer")
-    print("peer:", json.dumps(peer), flush=True)
-    columns = {"peer (docs recipe)": peer, "kdsweep": run_kdsweep(args, out / "kdsweep")}
+    columns = {}
+    if not args.no_peer:
+        columns["peer (docs recipe)"] = run_peer(args, out / "peer")
+        print("peer:", json.dumps(columns["peer (docs recipe)"]), flush=True)
+    columns["kdsweep"] = run_kdsweep(args, out / "kdsweep")
     if args.cold:
         columns["kdsweep, warm_trials off"] = run_kdsweep(args, out / "kdsweep-cold", warm=False)
+    if args.floor:
+        columns["floor: Tune trials that do nothing"] = run_floor(args, out / "floor")
     print("results:", json.dumps(columns), flush=True)
     fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
     rows = [("trials x epochs", "{}", "trials_x_epochs"), ("trial-epochs per hour (whole process)", "{:,.1f}", "trial_epochs_per_hour"),
@@ -193,12 +242,15 @@ def main() -> None:
     print("|---" * (len(columns) + 1) + "|")
     for label, f, key in rows:
         print(f"| {label} | " + " | ".join(fmt(c[key], f) for c in columns.values()) + " |")
-    rate = peer["trial_epochs_per_hour"]
-    print("| **speed-up (trial-epochs/h)** | " + " | ".join(f"**{c['trial_epochs_per_hour'] / rate:.1f}x**" for c in columns.values()) + " |")
+    if not args.no_peer:
+        rate = columns["peer (docs recipe)"]["trial_epochs_per_hour"]
+        print("| **speed-up (trial-epochs/h)** | " + " | ".join(f"**{c['trial_epochs_per_hour'] / rate:.1f}x**" for c in columns.values()) + " |")
+    if args.floor:
+        floor = columns["floor: Tune trials that do nothing"]["wall_s"]
+        print("| wall / floor wall | " + " | ".join(f"{c['wall_s'] / floor:.2f}" for c in columns.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({**{"peer": peer, "kdsweep": columns["kdsweep"]}, "columns": columns,
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
-
+        named = {"peer": columns.get("peer (docs recipe)"), "kdsweep": columns["kdsweep"], "floor": columns.get("floor: Tune trials that do nothing")}
+        args.json.write_text(json.dumps({**named, "columns": columns, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 
 if __name__ == "__main__":
     main()
