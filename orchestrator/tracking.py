@@ -6,7 +6,9 @@ back are closed. Only the driver writes, so a local SQLite store never sees conc
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -14,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ray.tune import Callback
 
@@ -27,6 +29,9 @@ PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'par
 #: The MLflow UI's shared view of a sweep (`kdsweep ui` prints its address) and its metric columns.
 UI_VIEW = "kdsweep"
 UI_METRICS = ("val_acc", "kd_gain", "size_params", "robust_acc", "size_latency_cpu_b1_ms")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -56,13 +61,14 @@ class SweepTracker:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
+        self.client = RetryingClient(MlflowClient(uri))
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = None
             if uri.startswith("sqlite:///"):  # artifacts beside the DB, fixed at creation
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / experiment).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = retried(self.client.once.create_experiment, experiment, artifact_location=location,
+                                         recover=lambda: getattr(self.client.get_experiment_by_name(experiment), "experiment_id", None))
         else:
             self.experiment_id = exp.experiment_id
 
@@ -80,6 +86,13 @@ class SweepTracker:
     def find_runs(self, filter_string: str, max_results: int = 10_000):
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results)
 
+    def create_run(self, run_name: str, tags: dict[str, str]) -> str:
+        """A run made once: when the answer to its creation is cut short, the store is searched by
+        its tags (each run's are unique: sweep and role, or parent and trial id) before asking again."""
+        found = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        return retried(self.client.once.create_run, self.experiment_id, run_name=run_name, tags=tags,
+                       recover=lambda: next(iter(self.find_runs(found)), None)).info.run_id
+
     def parent_run(self, sweep: str, config: dict[str, Any]) -> str:
         """The sweep's parent run: reattached if it exists, else created with config and versions."""
         runs = self.find_runs(PARENT_FILTER.format(sweep=sweep))
@@ -87,8 +100,7 @@ class SweepTracker:
             run_id = runs[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=sweep, tags={SWEEP: sweep, ROLE: "parent"})
-        run_id = run.info.run_id
+        run_id = self.create_run(sweep, {SWEEP: sweep, ROLE: "parent"})
         self.set_ui_view(list(config.get("search", {})))
         flat = flatten(config)
         self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("search.")})
@@ -127,6 +139,51 @@ class SweepTracker:
         return len(orphans)
 
 
+def cut_short(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is a server's answer cut off mid-body (the server killed
+    while it answered). MLflow's HTTP retries cover requests that got no answer, not this one,
+    since the request may have been applied."""
+    import requests
+
+    while e is not None:
+        if isinstance(e, requests.exceptions.ChunkedEncodingError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def retried(fn: Callable[..., T], *args, recover: Callable[[], T | None] | None = None, attempts: int = 3, **kwargs) -> T:
+    """fn(*args, **kwargs), made again when its answer was cut short. `recover` first looks for
+    what a non-idempotent call (a creation) may already have made. While the server is down, the
+    next attempt waits in MLflow's own retries."""
+    for attempt in range(1, attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not cut_short(e):
+                raise
+            log.warning("MLflow's answer to %s was cut short (%s); asking again", getattr(fn, "__name__", fn), type(e).__name__)
+        time.sleep(attempt)
+        if recover is not None and (found := recover()) is not None:
+            return found
+    return fn(*args, **kwargs)
+
+
+class RetryingClient:
+    """An MlflowClient whose calls are made again when an answer is cut short (`retried`). Every
+    call the driver makes through it is idempotent (metrics carry their timestamp; MLflow drops
+    exact duplicates); creations go through `once`, the bare client, with a `recover`."""
+
+    def __init__(self, client) -> None:
+        self.once = client
+
+    def __getattr__(self, name: str):
+        if name == "once":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        attr = getattr(self.once, name)
+        return functools.partial(retried, attr) if callable(attr) else attr
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking server stopped answering for longer than MLflow's own retries wait: while it
     is down, MLflow's HTTP client retries the driver's writes with backoff
@@ -138,7 +195,7 @@ def unreachable(e: BaseException | None) -> bool:
     import requests
 
     while e is not None:
-        if isinstance(e, requests.exceptions.ConnectionError) or "Max retries exceeded" in str(e):
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)) or "Max retries exceeded" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -177,11 +234,9 @@ class MlflowTrialCallback(Callback):
         else:
             cfg = trial.config
             resolved_cfg = resolve_trial(cfg, self.model_info["trials"], self.model_info["paths"])
-            run = t.client.create_run(
-                t.experiment_id, run_name=run_name(resolved_cfg.student, resolved_cfg.loss, trial.trial_id),
-                tags={"mlflow.parentRunId": self.parent_id, SWEEP: self.sweep, TRIAL: trial.trial_id, ROLE: "trial", STATUS: "running"},
-            )
-            run_id, last = run.info.run_id, 0
+            run_id = t.create_run(run_name(resolved_cfg.student, resolved_cfg.loss, trial.trial_id),
+                                  {"mlflow.parentRunId": self.parent_id, SWEEP: self.sweep, TRIAL: trial.trial_id, ROLE: "trial", STATUS: "running"})
+            last = 0
             resolved = resolved_cfg.model_dump(mode="json")
             t.log_params(run_id, {**cfg, "trial_id": trial.trial_id, **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
             t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")

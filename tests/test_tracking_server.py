@@ -163,3 +163,76 @@ def test_a_server_down_past_mlflows_retries_stops_the_sweep_with_one_line(tmp_pa
         engine.dispose()
         if server.proc.poll() is None:
             server.stop()
+
+
+class CuttingProxy:
+    """A TCP proxy to `upstream` that forwards every request and, for the first request whose line
+    contains each of `cut`, hands back only the answer's headers and closes: the server applied the
+    request, the client's answer was cut short (what a server killed mid-answer does)."""
+
+    def __init__(self, upstream: int, cut: list[str]) -> None:
+        import socketserver
+
+        self.upstream, self.pending, self.cut = upstream, list(cut), []
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                proxy.relay(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def relay(self, client) -> None:
+        import socket
+
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += client.recv(65536) or b"\r\n\r\n"
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = [h for h in head.split(b"\r\n") if not h.lower().startswith(b"connection:")]
+        length = next((int(h.split(b":")[1]) for h in lines if h.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += client.recv(65536)
+        request = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body
+        hit = next((c for c in self.pending if c.encode() in lines[0]), None)
+        if hit:
+            self.pending.remove(hit)
+        with socket.create_connection(("127.0.0.1", self.upstream)) as up:
+            up.sendall(request)
+            answer = b""
+            while chunk := up.recv(65536):
+                answer += chunk
+        if hit:
+            self.cut.append(hit)
+            answer = answer.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"  # the headers promise a body that never comes
+        client.sendall(answer)
+        client.close()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_answers_cut_short_are_asked_again_and_nothing_is_written_twice(tmp_path):
+    """The request went through, its answer did not (MLflow's HTTP retries do not cover this):
+    the run is found by its tags instead of made twice, the epoch is not logged twice."""
+    from orchestrator.tracking import ROLE, SWEEP, SweepTracker
+
+    server = Server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
+    server.start()
+    proxy = CuttingProxy(server.port, ["/runs/create", "/runs/log-batch"])
+    try:
+        tracker = SweepTracker(proxy.uri, "cut")
+        run_id = tracker.create_run("parent", {SWEEP: "cut", ROLE: "parent"})
+        tracker.log_metrics(run_id, {"val_acc": 0.5}, step=1)
+        assert proxy.cut == ["/runs/create", "/runs/log-batch"]
+        client = mlflow.tracking.MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("cut").experiment_id])
+        assert [r.info.run_id for r in runs] == [run_id]
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [(1, 0.5)]
+    finally:
+        proxy.close()
+        server.stop()
