@@ -495,9 +495,12 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     assert all(w.pid != killed for w in _trial_processes(title, tune_dir))
     console.close()
     reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/12", (tmp_path / "console.txt").read_text(), re.M)]
-    restart = next(i for i in range(1, len(reported)) if reported[i] <= reported[i - 1])
-    # the restored worker group started after its last checkpoint (an even epoch), not from epoch 1
-    assert reported[restart] > 1 and (reported[restart] - 1) % 2 == 0 and reported[restart] <= at + 1, reported
+    # The restored trial started after its last checkpoint (an even epoch), not from epoch 1: where
+    # it re-ran epochs the console shows them again; killed just after a checkpoint, it goes on
+    # with the next epoch and the console shows no step back (the new pid above is the restore).
+    restart = next((i for i in range(1, len(reported)) if reported[i] <= reported[i - 1]), None)
+    assert restart is None or (reported[restart] > 1 and (reported[restart] - 1) % 2 == 0 and reported[restart] <= at + 1), reported
+    assert sorted(set(reported)) == list(range(1, 13)), reported
     assert reported[-1] == 12
 
 
