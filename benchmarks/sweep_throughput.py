@@ -252,5 +252,6 @@ def main() -> None:
         named = {"peer": columns.get("peer (docs recipe)"), "kdsweep": columns["kdsweep"], "floor": columns.get("floor: Tune trials that do nothing")}
         args.json.write_text(json.dumps({**named, "columns": columns, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
 
+
 if __name__ == "__main__":
     main()
