@@ -17,7 +17,6 @@ from tests.conftest import count_rows, sweep_yaml
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-
 def _trial_actor_on(node) -> bool:
     """Whether a Tune trial actor runs under `node`'s raylet (workers are the raylet's children)."""
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)

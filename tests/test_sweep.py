@@ -408,7 +408,6 @@ def test_a_diverging_trial_is_marked_never_selected_and_the_sweep_goes_on(tmp_pa
     assert status[parent.data.tags["kdsweep.champion_run_id"]] == (0.05, "finished")
 
 
-
 def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
     """Resume finishes every trial, each in its one run; --tracking-uri on resume is honoured by the
     trial runs too (Tune would otherwise use the callbacks pickled with the killed driver)."""

@@ -73,7 +73,6 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     return mask.nonzero().flatten(), held_idx
 
 
-
 def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
     """One file -> uint8 (C, S, S), or the reason it was skipped (a worker process)."""
     path, size, channels = args
