@@ -139,17 +139,22 @@ class SweepTracker:
         return len(orphans)
 
 
+def _in_chain(e: BaseException | None, test: Callable[[BaseException], bool]) -> bool:
+    """Whether `e` or anything that caused it (MLflow re-raises inside `except`) passes `test`."""
+    while e is not None:
+        if test(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def cut_short(e: BaseException | None) -> bool:
     """Whether `e` (or what caused it) is a server's answer cut off mid-body (the server killed
     while it answered). MLflow's HTTP retries cover requests that got no answer, not this one,
     since the request may have been applied."""
     import requests
 
-    while e is not None:
-        if isinstance(e, requests.exceptions.ChunkedEncodingError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return _in_chain(e, lambda x: isinstance(x, requests.exceptions.ChunkedEncodingError))
 
 
 def retried(fn: Callable[..., T], *args, recover: Callable[[], T | None] | None = None, attempts: int = 3, **kwargs) -> T:
@@ -191,14 +196,11 @@ class TrackingUnavailable(RuntimeError):
 
 
 def unreachable(e: BaseException | None) -> bool:
-    """Whether `e` (or what caused it) is MLflow giving up on a server that does not answer."""
+    """Whether `e` (or what caused it) is MLflow giving up on a server that does not answer, or
+    one whose answers were still cut short after `retried` asked again."""
     import requests
 
-    while e is not None:
-        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)) or "Max retries exceeded" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return cut_short(e) or _in_chain(e, lambda x: isinstance(x, requests.exceptions.ConnectionError) or "Max retries exceeded" in str(x))
 
 
 def outage_message(uri: str, sweep: str) -> str:
