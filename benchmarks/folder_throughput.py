@@ -61,8 +61,8 @@ def run_kdsweep(root: Path, cache: Path, args) -> dict:
     decode_s = load_splits(DatasetConfig(**ds)).decode_s  # what the driver does before Ray starts (check_data)
     accs = []
     for trial in range(args.trials):
-        r = train_student({"dataset": ds, "student": args.student, "loss": {"alpha": 0.0}, "epochs": args.epochs, "batch_size": args.batch_size,
-                           "seed": trial, "profile": False, "robust_samples": 0, "device": args.device}, LocalReporter(None, log_epochs=False))
+        r = train_student({"dataset": ds, "student": args.student, "loss": {"alpha": 0.0}, "seed": trial, "profile": False, "device": args.device,
+                           "train": {"epochs": args.epochs, "batch_size": args.batch_size, "robust_samples": 0}}, LocalReporter(None, log_epochs=False))
         accs.append(r.metrics["val_acc"])
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()

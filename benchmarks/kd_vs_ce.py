@@ -22,7 +22,7 @@ from orchestrator.selection import Normalized, evaluate_on_test
 from trainables.data import load_splits
 from trainables.profile import size_metrics
 from trainables.loop import LocalReporter, train_student
-from trainables.teacher import load_teacher, teacher_stats
+from trainables.teacher import load_teacher
 
 log = logging.getLogger("kdsweep.bench")
 
@@ -46,12 +46,12 @@ def main() -> None:
     splits = load_splits(ds)
     teacher, card = load_teacher(teacher_dir)
     t_size = size_metrics(teacher, splits.input_shape, gpu=False)
-    teacher = Normalized(teacher, *teacher_stats(card, splits)).eval()
+    teacher = Normalized(teacher, *card.stats).eval()
     t_eval = evaluate_on_test(cfg, teacher, None, splits)["student"]
-    kd = {"alpha": args.alpha if args.alpha is not None else cfg.loss.alpha,
-          "temperature": args.temperature if args.temperature is not None else cfg.loss.temperature}
+    kd = {"loss.alpha": args.alpha if args.alpha is not None else cfg.loss.alpha,
+          "loss.temperature": args.temperature if args.temperature is not None else cfg.loss.temperature}
     rows = {}
-    for label, overrides in (("no-KD (alpha=0)", {"alpha": 0.0}), (f"KD (T={kd['temperature']}, alpha={kd['alpha']})", kd)):
+    for label, overrides in (("no-KD (alpha=0)", {"loss.alpha": 0.0}), (f"KD (T={kd['loss.temperature']}, alpha={kd['loss.alpha']})", kd)):
         runs = []
         for seed in args.seeds:
             trial = cfg.trial(student, {**overrides, "seed": seed, "train.robust_samples": 0}, teacher_path=teacher_dir, profile=False)
@@ -76,11 +76,11 @@ def main() -> None:
             return "diverged"
         return f"{statistics.mean(vals):.{digits}f} +- {(statistics.stdev(vals) if len(vals) > 1 else 0):.{digits}f}"
 
-    print(f"\n{ds.name}: teacher {card['arch']} (val {100 * card['val_acc']:.2f}%), student {student}, "
+    print(f"\n{ds.name}: teacher {card.arch} (val {100 * card.val_acc:.2f}%), student {student}, "
           f"{cfg.train.epochs} epochs, seeds {args.seeds}; test split, mean +- std over seeds\n")
     print("| model | diverged | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| teacher {card['arch']} | - | {100 * t_eval['test_acc']:.2f} | {100 * t_eval['test_macro_f1']:.2f} | "
+    print(f"| teacher {card.arch} | - | {100 * t_eval['test_acc']:.2f} | {100 * t_eval['test_macro_f1']:.2f} | "
           f"{100 * t_eval['test_robust_acc']:.2f} | {100 * t_eval['test_ece']:.2f} | 100 | 1.0 | 1.0 |")
     for label, runs in rows.items():
         diverged = sum(bool(r.get("diverged")) for r in runs)

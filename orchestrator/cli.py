@@ -38,17 +38,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.prepare import check_data, check_teacher, ensure_teacher
     from trainables.loop import train_student
+    from trainables.models import check_model
 
     cfg = load_config(args.config, args.overrides)
     student = args.student or cfg.students[0]
-    if student not in cfg.students and args.student:
-        cfg.students.append(student)
-    info = check_data(cfg)
+    if student not in cfg.students:
+        try:
+            cfg.students.append(check_model(student))
+        except ValueError as e:
+            raise ConfigError(f"`--student` {e}") from None
     needs_teacher = cfg.loss.distills
-    teacher = None
+    trial = cfg.trial(student, distill=needs_teacher, checkpoint_dir=args.checkpoint_dir)  # validated before anything runs
+    info = check_data(cfg)
     if needs_teacher:
-        teacher = check_teacher(cfg, info) or ensure_teacher(cfg, info)
-    trial = cfg.trial(student, teacher_path=teacher, distill=needs_teacher, checkpoint_dir=args.checkpoint_dir)
+        check_teacher(cfg, info) or ensure_teacher(cfg, info)
     log.info("distilling %s (loss=%s, T=%s, alpha=%s, lr=%s) on %s", student, cfg.loss.name, cfg.loss.temperature, cfg.loss.alpha,
              cfg.train.optimizer.lr, cfg.dataset.name)
     result = train_student(trial)

@@ -11,16 +11,15 @@ import optuna
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from trainables.config import AugmentConfig, DatasetConfig, LossConfig, Normalize, Strict, TrainConfig, TrialConfig, set_dotted, validate, with_overrides
-from trainables.data import DATASETS
-from trainables.losses import LOSSES, check_loss_params
+from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, Strict, TrainConfig, TrialConfig,
+                               WeightsFile, set_dotted, validate, with_overrides)
 from trainables.metrics import SEARCH_OBJECTIVES
 from trainables.plugins import load_plugins
-from trainables.models import check_model
 from trainables.registry import ConfigError
-from trainables.weights import check_weights_path, weights_sha256
+from trainables.weights import weights_sha256
 
-#: Short names for searched and --set keys: alias -> dotted path in the sweep config.
+#: Short names for searched and --set keys: alias -> dotted path in the sweep config. Input sugar
+#: only: validation turns every key into its path, which is also its path in the trial config.
 ALIASES = {
     "temperature": "loss.temperature",
     "alpha": "loss.alpha",
@@ -31,6 +30,16 @@ ALIASES = {
     "batch_size": "train.batch_size",
 }
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+def canonical(key: str) -> str:
+    """A searched or --set key as its dotted path (`alpha` -> `loss.alpha`)."""
+    return ALIASES.get(key, key)
+
+
+def short_name(path: str) -> str:
+    """The alias of a path, where it has one (`loss.alpha` -> `alpha`): MLflow params and tables."""
+    return next((alias for alias, p in ALIASES.items() if p == path), path)
 
 
 class Finetune(Strict):
@@ -47,24 +56,13 @@ class TeacherSpec(TrainConfig):
     from scratch or from a weights file (head replaced and fine-tuned when its class count differs)."""
 
     path: str | None = Field(None, description="a saved teacher folder; null: train one into teachers/ (cached by config and weights hash)")
-    arch: str = "cnn_small"
+    arch: ModelName = "cnn_small"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = Field(None, description="a state_dict file (.pth read weights_only, or .safetensors) to start from")
+    weights: WeightsFile | None = Field(None, description="a state_dict file (.pth read weights_only, or .safetensors) to start from")
     finetune: Finetune = Field(default_factory=Finetune)
     augment: AugmentConfig | None = Field(None, description="the teacher's own training augmentation; null: the dataset's")
     normalize: Normalize = Field("auto", description="auto: ImageNet statistics for torchvision weights, else the data's")
     seed: int = 0
-
-    @field_validator("arch")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        check_model(v, "teacher.arch")
-        return v
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_file(cls, v: str | None) -> str | None:
-        return check_weights_path(v, "teacher.weights") if v else v
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
@@ -112,6 +110,12 @@ class SearchParam(Strict):
     def bounds(self) -> list[Any]:
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
 
+    def extremes(self) -> list[Any]:
+        """Every value a rule could reject: each choice, or both ends of the range."""
+        if self.type == "categorical":
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.type == "int" else [float(self.low), float(self.high)]
+
 
 class Budget(Strict):
     num_samples: int = Field(8, ge=1, description="trials in all (joint) or per student (per_student)")
@@ -128,6 +132,7 @@ class Resources(Strict):
     warm_trials: bool = Field(True, description="one-worker trials train in reused Tune actors that keep torch, data and teacher "
                                                 "loaded; false: every trial starts its own Ray Train worker group")
     placement_timeout_s: float = Field(60.0, ge=0, description="--address: how long to wait for nodes that can hold a trial (autoscaling)")
+    connect_timeout_s: float = Field(10.0, gt=0, description="--address: how long to wait for the cluster's head to answer")
 
     @property
     def warm(self) -> bool:
@@ -147,8 +152,8 @@ class SweepConfig(Strict):
     seed: int = 0
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
-    students: list[str] = Field(min_length=1)
-    student_weights: dict[str, str] = Field(default_factory=dict, description="student -> state_dict file to start from (head replaced when needed)")
+    students: list[ModelName] = Field(min_length=1)
+    student_weights: dict[str, WeightsFile] = Field(default_factory=dict, description="student -> state_dict file to start from (head replaced when needed)")
     normalize: Normalize = Field("auto", description="the students' input statistics: auto (ImageNet for torchvision weights, else the data's)")
     loss: LossConfig = Field(default_factory=LossConfig)
     train: SweepTrain = Field(default_factory=SweepTrain)
@@ -182,41 +187,39 @@ class SweepConfig(Strict):
             raise ValueError(f"the first must be val_acc (ASHA stops trials on it), but got {v[0]!r}")
         return v
 
-    @field_validator("students")
-    @classmethod
-    def _known_students(cls, v: list[str]) -> list[str]:
-        for name in v:
-            check_model(name, "students")
-        return v
-
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
-        DATASETS.get(self.dataset.name)
-        LOSSES.get(self.loss.name)
         for field, keys in (("student_weights", self.student_weights), ("loss.student_layers", self.loss.student_layers)):
             extra = [k for k in (keys if isinstance(keys, dict) else {}) if k not in self.students]
             if extra:
                 raise ValueError(f"`{field}` names {extra[0]!r}, which is not in students {self.students}: fix the key")
-        self.student_weights = {k: check_weights_path(v, f"student_weights.{k}") for k, v in self.student_weights.items()}
+        search: dict[str, SearchParam] = {}
         for key, p in self.search.items():
-            path = ALIASES.get(key, key)
+            path = canonical(key)
+            if path in search:
+                raise ValueError(f"`search.{key}` searches {path} a second time: keep one of the two keys")
             if path == "students":
                 raise ValueError(f"`search.{key}`: students are searched via `students` and `mode`, not in `search`")
-            if path not in ("loss.temperature", "loss.alpha") and not path.startswith(("loss.", "train.")):
+            if not path.startswith(("loss.", "train.")):
                 raise ValueError(f"`search.{key}` must be one of {sorted(ALIASES)} or a dotted loss./train. path, but got {key!r}")
-            lo, hi = (min(p.bounds()), max(p.bounds())) if p.type != "categorical" else (min(p.choices), max(p.choices))
-            if path == "loss.temperature" and not lo > 0:
-                raise ValueError(f"`search.{key}`: `temperature > 0` must hold over the whole range, but got low={lo}")
-            if path.startswith("loss.") and path.count(".") == 1 and path not in ("loss.name", "loss.alpha", "loss.ce_weight", "loss.distill_weight"):
-                try:
-                    check_loss_params(self.loss.name, [path.removeprefix("loss.")])
-                except ConfigError as e:
-                    raise ValueError(f"`search.{key}`: {e}") from None
             if path == "loss.alpha" and self.loss.alpha is None:
                 raise ValueError(f"`search.{key}` searches alpha, but loss.ce_weight/loss.distill_weight fix the weights: drop them or the search key")
-            if path == "loss.alpha" and not (0 <= lo and hi <= 1):
-                raise ValueError(f"`search.{key}`: `0 <= alpha <= 1` must hold over the whole range, but got [{lo}, {hi}]")
+            for value in p.extremes():
+                self._check_point(key, path, value)
+            search[path] = p
+        self.search = search
         return self
+
+    def _check_point(self, key: str, path: str, value: Any) -> None:
+        """A searched value checked as the fixed value is: by the same model, at its path (a loss
+        name in the registry, T > 0, 0 <= alpha <= 1, a loss's own parameters, ...)."""
+        section = path.split(".")[0]
+        data = self.model_dump(include={section})
+        set_dotted(data, path, value)
+        try:
+            validate({"loss": LossConfig, "train": SweepTrain}[section], data[section], prefix=f"{section}.")
+        except ConfigError as e:
+            raise ValueError(f"`search.{key}` reaches {value!r}, which a trial rejects: {e}") from None
 
     # --- derived values ---------------------------------------------------------------------
 
@@ -258,12 +261,12 @@ class SweepConfig(Strict):
         t = self.teacher
         train = _train_fields(t)
         if t.weights:
-            train.update(epochs=t.finetune.epochs, optimizer=t.optimizer.model_copy(update={"lr": t.finetune.lr}))
+            train = train.model_copy(update={"epochs": t.finetune.epochs, "optimizer": t.optimizer.model_copy(update={"lr": t.finetune.lr})})
         dataset = self.dataset.resolved()
         if t.augment is not None:
             dataset = dataset.model_copy(update={"augment": t.augment})
         return validate(TrialConfig, {
-            **train, "dataset": dataset, "student": t.arch, "student_kwargs": t.arch_kwargs, "student_weights": t.weights,
+            "train": train, "dataset": dataset, "student": t.arch, "student_kwargs": t.arch_kwargs, "student_weights": t.weights,
             "freeze_backbone": t.finetune.freeze_backbone, "normalize": t.normalize,
             "loss": LossConfig(name="kd", alpha=0.0), "seed": t.seed, "profile": False, "plugins": self.plugins,
         }, prefix="teacher.")
@@ -273,27 +276,21 @@ class SweepConfig(Strict):
               profile: bool = True) -> TrialConfig:
         """The trial config with searched (or --set) values applied, every path resolved on the driver.
 
-        `overrides` use the sweep's keys (aliases or dotted loss./train. paths); `distill=False`
-        leaves the teacher out (a standalone no-KD run needs none)."""
+        `overrides` are dotted paths (`loss.alpha`, `train.optimizer.lr`: the sweep's canonical
+        keys, the same in both configs); `distill=False` leaves the teacher out (a standalone no-KD
+        run needs none)."""
         teacher = str(Path(teacher_path or self.teacher_dir()).resolve()) if distill else None
         base = validate(TrialConfig, {
-            **_train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": self.loss,
+            "train": _train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": self.loss,
             "seed": self.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
             "profile": profile, "plugins": self.plugins, "student_weights": self.student_weights.get(student), "normalize": self.normalize,
         }, prefix="trial.")
-        return with_overrides(base, {trial_path(k): v for k, v in (overrides or {}).items()})
+        return with_overrides(base, overrides or {})
 
 
-def trial_path(key: str) -> str:
-    """A sweep key (alias or dotted path) as a path into TrialConfig: the `train:` section is the
-    trial config's own top level; loss./dataset. paths and `seed` are the same in both."""
-    path = ALIASES.get(key, key)
-    return path.removeprefix("train.")
-
-
-def _train_fields(section: TrainConfig) -> dict[str, Any]:
+def _train_fields(section: TrainConfig) -> TrainConfig:
     """The TrainConfig part of a section that extends it (teacher, sweep train)."""
-    return {k: getattr(section, k) for k in TrainConfig.model_fields}
+    return TrainConfig.model_construct(**{k: getattr(section, k) for k in TrainConfig.model_fields})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -303,7 +300,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"`--set` takes key=value, but got {pair!r}: e.g. --set loss.alpha=0.5")
-        out[ALIASES.get(key, key)] = yaml.safe_load(raw)
+        out[canonical(key)] = yaml.safe_load(raw)
     return out
 
 

@@ -12,7 +12,7 @@ from ray.tune import Callback
 
 from orchestrator.config import SweepConfig
 from orchestrator.tracking import completed_status
-from trainables.trial import resolve_trial
+from trainables.config import TRIAL_CONFIG
 
 COLUMNS = ("trial", "student", "T", "alpha", "lr", "epoch", "val_acc", "status")
 
@@ -36,12 +36,10 @@ class Row:
 
 @dataclass
 class ConsoleReporter(Callback):
-    """Tune callback. `trials`/`paths` resolve each sampled point to its full trial config, so the
-    table shows the values a trial really trains with (searched or not)."""
+    """Tune callback. The table shows the values a trial really trains with (searched or not),
+    read from the trial config the driver built for it."""
 
     cfg: SweepConfig
-    trials: dict[str, dict]
-    paths: dict[str, str]
     total: int
     live: bool = field(default_factory=lambda: sys.stdout.isatty())
     rows: dict[str, Row] = field(default_factory=dict)
@@ -56,8 +54,8 @@ class ConsoleReporter(Callback):
     # --- Tune events -----------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        t = resolve_trial(trial.config, self.trials, self.paths)
-        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.temperature, t.loss.alpha, t.optimizer.lr, t.epochs)
+        t = trial.config[TRIAL_CONFIG]
+        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.temperature, t.loss.alpha, t.train.optimizer.lr, t.train.epochs)
         self._show(f"start  {self._line(trial.trial_id)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -4,7 +4,6 @@ side). ONNX and TorchScript files are checked against PyTorch on test images bef
 kept; the file and the check's max abs logit difference are logged to the student's MLflow run."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from orchestrator.selection import load_student
 from orchestrator.tracking import TRIAL, SweepTracker
+from trainables.card import StudentCard, build, read, write
 from trainables.data import load_splits
 from trainables.registry import ConfigError
 
@@ -40,7 +40,7 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         raise ConfigError(f"`--format` must be one of {list(FORMATS)}, but got {fmt!r}")
     run_id = student_run(tracker, parent_id, trial)
     splits = load_splits(saved.config.dataset)
-    model = load_student(tracker, run_id, splits)
+    model = load_student(tracker, run_id)
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     example = splits.test_x[:256].float()
@@ -51,10 +51,11 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
 
         path = out_dir / "student.safetensors"
         save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
-        card = json.loads(Path(tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir))).read_text())
-        card.update({"mean": model.mean.flatten().div(255).tolist(), "std": model.std.flatten().div(255).tolist(),
-                     "input": "raw 0..255 pixels, (N, C, H, W); normalize with mean/std x 255"})
-        (out_dir / "student.json").write_text(json.dumps(card, indent=2))
+        logged = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
+                      shown_as=f"runs:/{run_id}/student/student.json")
+        # mean/std: the logged card's, which load_student built into `model`
+        card = build(StudentCard, {**logged.model_dump(), "input": "raw 0..255 pixels, (N, C, H, W); normalize with mean/std x 255"})
+        write(card, out_dir / "student.json")
         for f in (path, out_dir / "student.json"):
             tracker.client.log_artifact(run_id, str(f), "export")
         log.info("exported %s (weights and card; preprocessing in the card) to %s", run_id, path)

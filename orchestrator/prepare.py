@@ -68,8 +68,10 @@ def check_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = False)
     return path
 
 
-def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True) -> Path:
-    """Return a verified teacher folder, training (and caching) one when it is missing."""
+def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True, on_ray: bool = False) -> Path:
+    """Return a verified teacher folder, training (and caching) one when it is missing: in this
+    process, or with `on_ray` (a sweep: Ray is up) in a Ray task holding one trial's resources, so
+    with --address it trains on a node where trials train, not on the head's CPU."""
     path = check_teacher(cfg, info, train_missing)
     if path is not None:
         return path
@@ -85,13 +87,54 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True)
     else:
         how = f"fine-tuning {t.weights} for {t.finetune.epochs} epochs" if t.weights else f"{t.epochs} epochs"
         log.info("training teacher %s on %s (%s) -> %s", t.arch, cfg.dataset.name, how, path)
-        result = train_student(cfg.teacher_trial())
-        model, preprocess = result.model, result.preprocess
-        card.update(val_acc=result.metrics["val_acc"], epochs=result.metrics["epoch"])
+        if on_ray:
+            out = train_on_ray(cfg)
+            model = create_model(t.arch, info.num_classes, info.input_shape, **t.arch_kwargs)
+            model.load_state_dict(out["state"])
+            metrics, preprocess = out["metrics"], out["preprocess"]
+            card.update(node_id=out["node_id"])
+        else:
+            result = train_student(cfg.teacher_trial())
+            model, metrics, preprocess = result.model, result.metrics, result.preprocess
+        card.update(val_acc=metrics["val_acc"], epochs=metrics["epoch"])
     card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
-    save_teacher(model, path, card)
-    log.info("teacher val_acc=%.4f saved to %s", card["val_acc"], path)
+    saved = save_teacher(model, path, card)  # a trainables.card.TeacherCard: a missing field fails here
+    log.info("teacher val_acc=%.4f saved to %s", saved.val_acc, path)
     return path
+
+
+def train_on_ray(cfg: SweepConfig) -> dict:
+    """The teacher's training as a Ray task with one trial's resources; its epochs are logged here
+    as they finish. Returns trainables.trial.teacher_task's result."""
+    import queue
+
+    import ray
+    from ray.util.queue import Queue
+
+    from trainables.loop import format_epoch
+    from trainables.trial import teacher_task
+
+    r = cfg.resources
+    epochs = Queue(actor_options={"num_cpus": 0})
+    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=cfg.budget.max_failures)(teacher_task)
+    ref = task.remote(cfg.teacher_trial(), epochs)
+    try:
+        while True:
+            done = bool(ray.wait([ref], timeout=0)[0])
+            try:
+                for m in [epochs.get(timeout=0.5)] if not done else epochs.get_nowait_batch(epochs.qsize()):
+                    log.info("teacher %s", format_epoch(m))
+            except queue.Empty:
+                pass
+            if done:
+                break
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ConfigError):  # the user's error, raised in the task: one line, as on the driver
+            raise e.cause from None
+        raise
+    finally:
+        epochs.shutdown()
 
 
 def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):

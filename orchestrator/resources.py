@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 
 from ray.tune import Callback
@@ -43,6 +44,24 @@ def shortfall(r: Resources, nodes: list[dict[str, float]], where: str) -> str | 
         return (f"`resources.num_workers` asks for {r.num_workers} workers of {r.cpus_per_trial:g} CPU / {r.gpus_per_trial:g} GPU, "
                 f"but {where} holds {slots}: lower resources.num_workers or the per-worker resources")
     return None
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A `--address` whose head does not answer is one line (exit 2) within `timeout_s`, before
+    Ray starts: ray.init would retry it for minutes, printing connection warnings. `auto` (Ray's
+    own lookup of a running cluster) is left to Ray, which fails fast when it finds none."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"`--address` must be HOST:PORT, ray://HOST:PORT or auto, but got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise ConfigError(f"`--address` {address} cannot be reached ({why} within {timeout_s:g} s): start the cluster "
+                          "(`ray start --head`) or fix the address; resources.connect_timeout_s sets the wait") from None
 
 
 def local_nodes() -> list[dict[str, float]]:

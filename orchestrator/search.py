@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.config import ALIASES, SearchParam, SweepConfig
+from orchestrator.config import SearchParam, SweepConfig
+from trainables.config import TRIAL_CONFIG, TrialConfig
 
 METRIC = "val_acc"
-#: The standard KD point evaluated first for every student, beside the alpha=0 control.
-STANDARD_POINT = {"temperature": 4.0, "alpha": 0.9}
+#: The alpha=0 control and the standard KD point, evaluated first for every student (search keys
+#: are canonical paths: an alias in the YAML was turned into its path by validation).
+CONTROL_POINT = {"loss.alpha": 0.0}
+STANDARD_POINT = {"loss.temperature": 4.0, "loss.alpha": 0.9}
 
 
 def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -22,9 +25,9 @@ def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributio
     return {**{k: p.distribution() for k, p in cfg.search.items()}, "student": optuna.distributions.CategoricalDistribution(students)}
 
 
-def _base_value(cfg: SweepConfig, key: str) -> Any:
+def _base_value(cfg: SweepConfig, path: str) -> Any:
     node: Any = cfg.model_dump()
-    for part in ALIASES.get(key, key).split("."):
+    for part in path.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
 
@@ -47,7 +50,7 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
     points = []
     for student in students:
         base = {k: _fit(p, _base_value(cfg, k)) for k, p in cfg.search.items()}
-        for fixed in ({"alpha": 0.0}, STANDARD_POINT):
+        for fixed in (CONTROL_POINT, STANDARD_POINT):
             point = dict(base)
             for k, v in fixed.items():
                 if k in cfg.search:
@@ -77,13 +80,19 @@ def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
     )
 
 
+def is_control(config: dict[str, Any]) -> bool:
+    """Whether a Tune trial's config is a no-KD control (its resolved trial config says alpha=0)."""
+    trial = config.get(TRIAL_CONFIG)
+    return trial is not None and not trial.loss.distills
+
+
 class ControlKeepingASHA(ASHAScheduler):
     """ASHA that never stops an alpha=0 control: a KD gain is only honest against a control trained
     for the same number of epochs. Everything else is plain ASHA."""
 
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and trial.config.get("alpha", None) == 0.0:
+        if decision == TrialScheduler.STOP and is_control(trial.config):
             return TrialScheduler.CONTINUE
         return decision
 
@@ -190,3 +199,50 @@ class PerStudentScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "; ".join(f"{s}: {a.debug_string()}" for s, a in self.by_student.items())
+
+
+class TrialBuilder:
+    """A sampled point -> its student's full trial config, built and validated once, on the driver
+    (picklable: Tune saves it with the searcher, and a resumed sweep builds with it)."""
+
+    def __init__(self, cfg: SweepConfig, **fixed: Any) -> None:
+        self.cfg, self.fixed = cfg, fixed  # teacher_path, teacher_cache, profile: the same for every trial
+
+    def __call__(self, point: dict[str, Any]) -> TrialConfig:
+        return self.cfg.trial(point["student"], {k: v for k, v in point.items() if k != "student"}, **self.fixed)
+
+
+class ResolvedSearch(Searcher):
+    """Tune's searcher, with each suggested point handed out together with the trial config it
+    resolves to (under TRIAL_CONFIG): the trial trains with that object, and the driver's
+    callbacks (MLflow, console, ASHA's control rule) read the same object. Nothing rebuilds it."""
+
+    def __init__(self, inner: Searcher, build: Callable[[dict[str, Any]], TrialConfig]) -> None:
+        super().__init__(metric=inner.metric, mode=inner.mode)
+        self.inner, self.build = inner, build
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        point = self.inner.suggest(trial_id)
+        if not isinstance(point, dict):  # None (wait) or Searcher.FINISHED
+            return point
+        return {**point, TRIAL_CONFIG: self.build(point)}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.inner.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(checkpoint_path)
+
+
+def point_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's sampled point alone (student and searched paths), without its trial config."""
+    return {k: v for k, v in config.items() if k != TRIAL_CONFIG}

@@ -72,9 +72,9 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         row.update({
             "run_id": r.info.run_id, "trial_id": tags.get(TRIAL), "status": tags.get(STATUS, "?"), "student": p.get("student", "?"),
             "error": tags.get(ERROR),
-            # searched values under their short names; otherwise the resolved trial config's
-            "temperature": _float(p.get("temperature", p.get("trial.loss.temperature"))),
-            "alpha": _float(p.get("alpha", p.get("trial.loss.alpha"))), "lr": _float(p.get("lr", p.get("trial.optimizer.lr"))),
+            # what the trial trained with: its resolved config, logged whole (searched or not)
+            "temperature": _float(p.get("trial.loss.temperature")), "alpha": _float(p.get("trial.loss.alpha")),
+            "lr": _float(p.get("trial.train.optimizer.lr")),
             "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
         })
         rows.append(row)
@@ -119,19 +119,20 @@ def choose(rows: list[dict[str, Any]], objective: Objective, minimum: dict[str, 
     return max(ok, key=lambda r: (r[objective.key] if objective.maximize else -r[objective.key], -(r.get("size_params") or 0)))
 
 
-def load_student(tracker: SweepTracker, run_id: str, splits) -> "Normalized":
+def load_student(tracker: SweepTracker, run_id: str) -> "Normalized":
     """A trial's student as logged (weights + card), with its own input statistics built in:
-    raw 0..255 images in, logits out. Cards from before statistics were recorded: the data's."""
+    raw 0..255 images in, logits out. A card without them is an error naming the run's file."""
     from safetensors.torch import load_file
 
+    from trainables.card import StudentCard, read
     from trainables.models import create_model
 
     with tempfile.TemporaryDirectory() as d:
         local = Path(tracker.client.download_artifacts(run_id, "student", d))
-        card = json.loads((local / "student.json").read_text())
-        model = create_model(card["arch"], card["num_classes"], card["input_shape"], **card.get("arch_kwargs", {}))
+        card = read(StudentCard, local / "student.json", shown_as=f"runs:/{run_id}/student/student.json")
+        model = create_model(card.arch, card.num_classes, card.input_shape, **card.arch_kwargs)
         model.load_state_dict(load_file(str(local / "student.safetensors")))
-    return Normalized(model, card.get("mean", splits.mean), card.get("std", splits.std)).eval()
+    return Normalized(model, card.mean, card.std).eval()
 
 
 def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normalized | None", s) -> dict[str, dict[str, float]]:
@@ -235,18 +236,18 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     winner = choose(rows, objs[0], minimum, maximum)
     client = tracker.client
     splits = load_splits(cfg.dataset)
-    model = load_student(tracker, winner["run_id"], splits)
+    model = load_student(tracker, winner["run_id"])
     tags = client.get_run(winner["run_id"]).data.tags
     if tags.get("kdsweep.test_evaluated") == "true":  # touch the test split once per model
         with tempfile.TemporaryDirectory() as d:
             test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
     else:
-        from trainables.teacher import load_teacher, teacher_stats
+        from trainables.teacher import load_teacher
 
         teacher = None
         if teacher_path or cfg.teacher_dir().exists():
             net, card = load_teacher(teacher_path or cfg.teacher_dir())
-            teacher = Normalized(net, *teacher_stats(card, splits)).eval()
+            teacher = Normalized(net, *card.stats).eval()
         test = evaluate_on_test(cfg, model, teacher, splits)
         tracker.log_metrics(winner["run_id"], test["student"], step=0)
         client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from orchestrator.config import SweepConfig, trial_path
+from orchestrator.config import SweepConfig
 from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
-from orchestrator.resources import PlacementGroupReaper, check_local, wait_for_cluster
-from orchestrator.search import PerStudentScheduler, PerStudentSearch, control_points, objectives, scheduler, searcher, trial_budget
+from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, wait_for_cluster
+from orchestrator.search import (PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points, objectives, scheduler,
+                                 searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
 from orchestrator.tracking import (MlflowTrialCallback, SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri,
                                   outage_message, unreachable)
@@ -71,9 +72,11 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     cluster once connected)."""
     uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
     check_tracking_uri(uri)
+    if address is not None:
+        check_reachable(address, cfg.resources.connect_timeout_s)
     info = check_data(cfg)
     teacher = check_teacher(cfg, info)
-    largest = max([cfg.train.batch_size, *(max(p_.bounds()) for k, p_ in cfg.search.items() if trial_path(k) == "batch_size")])
+    largest = max([cfg.train.batch_size, *(max(p_.bounds()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
         raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} train images, but got up to {largest:g}: lower it")
     if address is None:
@@ -204,7 +207,7 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> Cal
     return reports
 
 
-def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose: bool):
+def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose: bool, build: TrialBuilder):
     """The sweep's one Tune run: every study's trials (joint: one Optuna study over all students;
     per_student: one per student, PerStudentSearch handing out trials round robin)."""
     from ray import tune
@@ -228,7 +231,7 @@ def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose:
         trainable,
         tune_config=tune.TuneConfig(
             num_samples=cfg.budget.num_samples,
-            search_alg=searcher(cfg, cfg.students) if cfg.mode == "joint" else PerStudentSearch(cfg),
+            search_alg=ResolvedSearch(searcher(cfg, cfg.students) if cfg.mode == "joint" else PerStudentSearch(cfg), build),
             scheduler=scheduler(cfg) if cfg.mode == "joint" else PerStudentScheduler(cfg),
             max_concurrent_trials=cfg.budget.max_concurrent,
             reuse_actors=True,  # one-worker trials: the next trial finds torch, data and teacher loaded
@@ -258,7 +261,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     with ray_session(address):
         if address is not None:
             wait_for_cluster(cfg.resources, address)
-        teacher = str(ensure_teacher(cfg, info).resolve())
+        teacher = str(ensure_teacher(cfg, info, on_ray=True).resolve())
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
         tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
@@ -271,8 +274,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         tracker.log_metrics(parent, {"data_skipped_files": len(info.skipped), "data_decode_s": info.decode_s}, step=0)
         if info.skipped:
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
-        trials = {s: cfg.trial(s, teacher_path=teacher, teacher_cache=cache, profile=False).model_dump() for s in cfg.students}
-        paths = {k: trial_path(k) for k in cfg.search}
+        build = TrialBuilder(cfg, teacher_path=teacher, teacher_cache=cache, profile=False)
         sizes = sizes_of()
         size_objectives = [m for m in objectives(cfg)[0] if m.startswith("size_")]
         constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
@@ -284,19 +286,18 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         # trial's actor only waits for its TorchTrainer, which reserves them (a token request here).
         resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
         trainable = tune.with_resources(
-            tune.with_parameters(tune_trial, trials=trials, paths=paths, run=run, constants=constants), resources)
+            tune.with_parameters(tune_trial, run=run, constants=constants), resources)
         model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
-                      "trials": trials, "paths": paths,
                       "sizes": sizes,
                       "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
         callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
         if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
             callbacks.append(PlacementGroupReaper())
         if not verbose:
-            callbacks.append(ConsoleReporter(cfg, trials, paths, total=sum(n for _, _, n in plan.studies)))
+            callbacks.append(ConsoleReporter(cfg, total=sum(n for _, _, n in plan.studies)))
         server_down = False
         try:
-            results = list(_tuner(cfg, trainable, callbacks, restore, verbose).fit())
+            results = list(_tuner(cfg, trainable, callbacks, restore, verbose, build).fit())
             for study, students, _ in plan.studies:
                 mine = [r for r in results if (r.config or {}).get("student") in students]
                 exported = export_study(cfg, study, students, mine, sweep_dir)

@@ -20,9 +20,11 @@ from typing import Any, Callable, TypeVar
 
 from ray.tune import Callback
 
+from orchestrator.config import short_name
+from orchestrator.search import point_of
+from trainables.config import TRIAL_CONFIG
 from trainables.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
 from trainables.registry import ConfigError
-from trainables.trial import resolve_trial
 
 SWEEP, ROLE, TRIAL, STATUS, ERROR = "kdsweep.sweep", "kdsweep.role", "kdsweep.trial_id", "kdsweep.status", "kdsweep.error"
 PARENT_FILTER = "tags.`kdsweep.sweep` = '{sweep}' and tags.`kdsweep.role` = 'parent'"
@@ -101,7 +103,7 @@ class SweepTracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run_id = self.create_run(sweep, {SWEEP: sweep, ROLE: "parent"})
-        self.set_ui_view(list(config.get("search", {})))
+        self.set_ui_view([short_name(k) for k in config.get("search", {})])
         flat = flatten(config)
         self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("search.")})
         self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "sweep_config.json")
@@ -211,9 +213,9 @@ def outage_message(uri: str, sweep: str) -> str:
 class MlflowTrialCallback(Callback):
     """Tune callback: child run per trial (found by tag, so restores reattach), epochs with step=epoch.
 
-    `model_info` carries what the driver resolved once: each student's base trial config and the
-    searched keys' trial paths (so a run records the full config its trial trained with), and each
-    architecture's size metrics (profiled once per sweep)."""
+    Each trial's config (built once by the driver, in Tune's trial config) is logged whole, so a
+    run records exactly what its trial trained with; `model_info` carries the data's shape and
+    classes and each architecture's size metrics (profiled once per sweep)."""
 
     def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any]) -> None:
         self.tracker, self.parent_id, self.sweep = tracker, parent_id, sweep
@@ -234,15 +236,15 @@ class MlflowTrialCallback(Callback):
             history = t.client.get_metric_history(run_id, "val_acc")
             last = max((m.step for m in history), default=0)
         else:
-            cfg = trial.config
-            resolved_cfg = resolve_trial(cfg, self.model_info["trials"], self.model_info["paths"])
-            run_id = t.create_run(run_name(resolved_cfg.student, resolved_cfg.loss, trial.trial_id),
+            cfg = trial.config[TRIAL_CONFIG]
+            run_id = t.create_run(run_name(cfg.student, cfg.loss, trial.trial_id),
                                   {"mlflow.parentRunId": self.parent_id, SWEEP: self.sweep, TRIAL: trial.trial_id, ROLE: "trial", STATUS: "running"})
             last = 0
-            resolved = resolved_cfg.model_dump(mode="json")
-            t.log_params(run_id, {**cfg, "trial_id": trial.trial_id, **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
+            resolved = cfg.model_dump(mode="json")
+            searched = {short_name(k): v for k, v in point_of(trial.config).items()}
+            t.log_params(run_id, {**searched, "trial_id": trial.trial_id, **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
             t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
-            t.log_metrics(run_id, self.model_info["sizes"].get(cfg.get("student"), {}), step=0)
+            t.log_metrics(run_id, self.model_info["sizes"].get(cfg.student, {}), step=0)
         self._runs[trial.trial_id] = (run_id, last)
         return run_id, last
 
@@ -270,7 +272,7 @@ class MlflowTrialCallback(Callback):
         path = last.get("checkpoint_path")
         ckpt = trial.checkpoint or (ray.train.Checkpoint(path) if path else None)
         if ckpt is not None and status != "diverged":
-            log_student_weights(t, run_id, ckpt, trial.config.get("student"), self.model_info)
+            log_student_weights(t, run_id, ckpt, trial.config[TRIAL_CONFIG], self.model_info)
         for key in TEXT_METRICS:
             if key in last:
                 t.client.set_tag(run_id, f"kdsweep.{key}", str(last[key]))
@@ -315,23 +317,23 @@ def run_name(student: str, loss, trial_id: str) -> str:
     return f"{student}-T{loss.temperature:.2f}-{weight}-{trial_id}"
 
 
-def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, arch: str, model_info: dict) -> None:
+def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, trial, model_info: dict) -> None:
     """The student's weights (safetensors) and card from the trial's last checkpoint (a
     ray.train.Checkpoint), and its evaluation tables (per class, per corruption and severity) as CSV."""
     import tempfile
 
     from safetensors.torch import save_file
 
+    from trainables.card import StudentCard, build, write
     from trainables.loop import STATE_FILE, load_state
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
         state = load_state(Path(d) / STATE_FILE)
         save_file({k: v.contiguous() for k, v in state["model"].items()}, os.path.join(out, "student.safetensors"))
-        card = {"arch": arch, "arch_kwargs": model_info["trials"].get(arch, {}).get("student_kwargs", {}),
-                "num_classes": model_info["num_classes"], "input_shape": model_info["input_shape"], "classes": model_info.get("classes", []),
-                "epoch": state["epoch"],
-                **state.get("preprocess", {})}  # mean/std: what export and the registered model normalize with
-        Path(out, "student.json").write_text(json.dumps(card, indent=2))
+        card = build(StudentCard, {"arch": trial.student, "arch_kwargs": trial.student_kwargs, "num_classes": model_info["num_classes"],
+                                   "input_shape": model_info["input_shape"], "classes": model_info.get("classes", []), "epoch": state["epoch"],
+                                   **state.get("preprocess", {})})  # mean/std: what export and the registered model normalize with
+        write(card, Path(out, "student.json"))
         tracker.client.log_artifacts(run_id, out, "student")
     tables = state.get("eval") or {}
     if "per_class" in tables:

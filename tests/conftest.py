@@ -33,6 +33,14 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def trial_dict(**kw) -> dict:
+    """A trial config dict from flat keywords: TrainConfig's fields go under `train:`, as in the YAML."""
+    from trainables.config import TrainConfig
+
+    train = {k: kw.pop(k) for k in list(kw) if k in TrainConfig.model_fields}
+    return {**kw, "train": {**kw.pop("train", {}), **train}}
+
+
 def shared_fashion_root() -> str | None:
     root = os.environ.get("KD_DATA_ROOT") or (str(SHARED_DATA) if (SHARED_DATA / "FashionMNIST" / "raw").is_dir() else None)
     return root

@@ -19,9 +19,9 @@ BAD = [
         (["loss.temperature=0"], "`loss.temperature`"),
         (["temperature=-2"], "`loss.temperature`"),
         (["alpha=1.5"], "`loss.alpha`"),
-        (["students=[resnet9]"], "`students` must be one of"),
+        (["students=[resnet9]"], "`students[0]` must be one of"),
         (["teacher.arch=vit"], "`teacher.arch`"),
-        (["students=[torchvision.no_such_model]"], "`students` must be one of"),
+        (["students=[torchvision.no_such_model]"], "`students[0]` must be one of"),
         (["teacher.arch=torchvision.no_such_model"], "torchvision classifiers, e.g. torchvision.resnet18"),
         (["dataset.name=imagenet"], "`dataset.name` must be one of"),
         (["loss.name=crd"], "`loss.name` must be one of"),
@@ -165,3 +165,45 @@ def test_bad_weights_exit_2_with_one_line_before_anything(sets, needle, command,
     assert code == 2 and needle.format(d=weight_files) in err and len(err.splitlines()) == 1, err
     assert os.listdir(in_tmp) == []
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_distill_rejects_an_unknown_student_before_training_a_teacher(capsys, in_tmp):
+    code, err = run_cli(["distill", DEFAULT, "--student", "resnet9000"], capsys)
+    assert code == 2 and "`--student` must be one of" in err and "'resnet9000'" in err and len(err.splitlines()) == 1, err
+    assert os.listdir(in_tmp) == []  # no teachers/: nothing trained
+
+
+def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp):
+    """Nothing listens on port 1: ray.init would retry for minutes, printing connection warnings."""
+    import time
+
+    started = time.monotonic()
+    code, err = run_cli(["run", "--address", "127.0.0.1:1", "--set", "resources.connect_timeout_s=5"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "`--address` 127.0.0.1:1 cannot be reached" in err and "ray start --head" in err
+    assert time.monotonic() - started < 30
+    assert os.listdir(in_tmp) == []
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+@pytest.mark.parametrize("search,needle", [
+    ("{loss.name: {type: categorical, choices: [kd, dkdx]}}", "`search.loss.name` reaches 'dkdx', which a trial rejects: `loss.name` must be one of"),
+    ("{train.optimizer.name: {type: categorical, choices: [sgd, lamb]}}", "`search.train.optimizer.name` reaches 'lamb'"),
+    ("{loss.temperature: {type: float, low: 0, high: 4}}", "`search.loss.temperature` reaches 0.0"),
+])
+def test_every_searched_value_is_checked_like_a_fixed_one(search, needle, capsys, in_tmp):
+    code, err = run_cli(["run", "--dry-run", "--set", f"search={search}"], capsys)
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert os.listdir(in_tmp) == []
+
+
+def test_one_class_image_folder_says_two_classes_are_needed(capsys, in_tmp, tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("oneclass")
+    (root / "train" / "cat").mkdir(parents=True)
+    for i in range(20):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / "train" / "cat" / f"{i}.png")
+    code, err = run_cli(["run", "--dry-run", "--set", "dataset.name=image_folder", "--set", f"dataset.root={root}"], capsys)
+    assert code == 2 and "at least two classes" in err and "batch_size" not in err and len(err.splitlines()) == 1, err

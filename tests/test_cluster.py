@@ -71,3 +71,27 @@ def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path,
         assert {r.data.tags["kdsweep.node_id"] for r in runs} <= {head_id, second_id}
     finally:
         cluster.shutdown()
+
+
+def test_a_missing_teacher_trains_on_a_worker_node_not_the_head(tmp_path, plugin_dir):
+    """The head has no CPU for work (num_cpus=0, as on a cluster whose head only coordinates): the
+    teacher is trained by a Ray task where trials train, and its card names that node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        cfg = sweep_yaml(tmp_path, tmp_path, "teachernode", students=["mlp_32"], search={},
+                         **{"teacher.path": None, "teacher.arch": "cnn_tiny", "teacher.epochs": 2, "budget.num_samples": 1,
+                            "budget.max_concurrent": 1, "train.epochs": 1, "train.robust_samples": 0})
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", cluster.address], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        assert "teacher epoch=1" in out.stdout and "teacher epoch=2" in out.stdout  # its epochs streamed to the console
+        (card,) = [json.loads(p.read_text()) for p in (tmp_path / "teachers").glob("*/teacher.json")]
+        assert card["node_id"] == worker.node_id != cluster.head_node.node_id
+        assert card["epochs"] == 2 and 0 < card["val_acc"] <= 1
+    finally:
+        cluster.shutdown()

@@ -31,8 +31,8 @@ def test_embedded_default_is_the_shipped_default():
 def test_controls_come_first_for_every_student():
     cfg = load_config(None)
     points = control_points(cfg, cfg.students)
-    assert [(p["student"], p["alpha"]) for p in points] == [("mlp_32", 0.0), ("mlp_32", 0.9), ("cnn_tiny", 0.0), ("cnn_tiny", 0.9)]
-    assert all(p["temperature"] == 4.0 and p["lr"] == 0.05 for p in points)
+    assert [(p["student"], p["loss.alpha"]) for p in points] == [("mlp_32", 0.0), ("mlp_32", 0.9), ("cnn_tiny", 0.0), ("cnn_tiny", 0.9)]
+    assert all(p["loss.temperature"] == 4.0 and p["train.optimizer.lr"] == 0.05 for p in points)
 
 
 def test_per_student_budget_split():
@@ -51,7 +51,7 @@ def test_per_student_search_hands_out_each_students_share_round_robin_controls_f
     search = PerStudentSearch(cfg)
     got = [search.suggest(f"t{i}") for i in range(5)]
     assert [c["student"] for c in got] == ["mlp_32", "cnn_tiny", "mlp_32", "cnn_tiny", "mlp_32"]
-    assert [c["alpha"] for c in got[:4]] == [0.0, 0.0, 0.9, 0.9]  # each study's controls first, its own
+    assert [c["loss.alpha"] for c in got[:4]] == [0.0, 0.0, 0.9, 0.9]  # each study's controls first, its own
     assert search.suggest("t5") == Searcher.FINISHED  # 3 + 2: every share used
     for i, c in enumerate(got):
         search.on_trial_complete(f"t{i}", {"val_acc": 0.5 + 0.01 * i, **c})
@@ -66,7 +66,7 @@ def test_per_student_search_hands_out_each_students_share_round_robin_controls_f
 def test_overrides_and_aliases():
     cfg = load_config(None, ["lr=0.2", "temperature=3", "loss.dkd_beta=2", "loss.name=dkd"])
     assert cfg.train.optimizer.lr == 0.2 and cfg.loss.temperature == 3 and cfg.loss.params()["dkd_beta"] == 2
-    trial = cfg.trial("mlp_32", {"alpha": 0.3, "loss.dkd_beta": 5.0})
+    trial = cfg.trial("mlp_32", {"loss.alpha": 0.3, "loss.dkd_beta": 5.0})
     assert trial.loss.alpha == 0.3 and trial.loss.params()["dkd_beta"] == 5.0
 
 
@@ -136,3 +136,40 @@ def validate_again(cfg):
     from orchestrator.config import SweepConfig
 
     return SweepConfig.model_validate(cfg.model_dump())  # what sweep.json / resume do
+
+
+def test_dotted_search_keys_plan_the_same_controls_as_aliases():
+    """`loss.alpha` and `alpha` are one key: the same canonical search, controls and standard points."""
+    from orchestrator.search import CONTROL_POINT, STANDARD_POINT
+
+    space = "{%s: {type: float, low: 0.0, high: 1.0}, %s: {type: float, low: 1.0, high: 8.0, log: true}}"
+    alias = load_config(None, ["search=" + space % ("alpha", "temperature")])
+    dotted = load_config(None, ["search=" + space % ("loss.alpha", "loss.temperature")])
+    assert list(alias.search) == list(dotted.search) == ["loss.alpha", "loss.temperature"]
+    points = control_points(dotted, dotted.students)
+    assert points == control_points(alias, alias.students) and len(points) == 4
+    for student in dotted.students:
+        assert {**CONTROL_POINT, "loss.temperature": 4.0, "student": student} in points
+        assert {**STANDARD_POINT, "student": student} in points
+
+
+def test_asha_never_stops_a_control_whichever_key_searched_alpha():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.search import ControlKeepingASHA, TrialBuilder
+    from trainables.config import TRIAL_CONFIG
+
+    cfg = load_config(None, ["search={loss.alpha: {type: float, low: 0.0, high: 1.0}}", "teacher.path=/tmp/t"])
+    build = TrialBuilder(cfg, profile=False)
+    asha = ControlKeepingASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=8, grace_period=1, reduction_factor=2)
+    decisions = {}
+    for alpha in (0.0, 0.9):
+        for i in range(4):  # four trials at the rung; the control is the worst
+            point = {"student": "mlp_32", "loss.alpha": alpha if i == 0 else 0.5}
+            trial = SimpleNamespace(trial_id=f"{alpha}-{i}", config={**point, TRIAL_CONFIG: build(point)})
+            asha.on_trial_add(None, trial)
+            decisions[trial.trial_id] = asha.on_trial_result(None, trial, {"epoch": 1, "val_acc": 0.1 if i == 0 else 0.9 - 0.01 * i})
+    assert decisions["0.0-0"] == TrialScheduler.CONTINUE
+    assert decisions["0.9-0"] == TrialScheduler.STOP

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from trainables.loop import LocalReporter, train_student
+from tests.conftest import trial_dict
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -15,7 +16,7 @@ def trial(**kw) -> dict:
     base = {"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "cnn_tiny", "epochs": 3, "batch_size": 64,
             "loss": {"alpha": 0.0}, "profile": False, "device": "cuda", "robust_samples": 0}
     base.update(kw)
-    return base
+    return trial_dict(**base)
 
 
 class Recorder(LocalReporter):
@@ -82,10 +83,10 @@ def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(t
     cfg = trial_from_dict(trial(teacher_path=str(digits_teacher), loss={"alpha": 0.9, "temperature": 4.0},
                                 dataset={"name": "digits", "val_fraction": 0.2, "augment": {"crop_pad": 1, "flip": True}}))
     teacher, card = load_teacher(digits_teacher)
-    gpu_dir, gpu_forwards = build_teacher_cache(cfg, teacher, card, tmp_path / "gpu", cfg.epochs, "cuda")
-    cpu_dir, _ = build_teacher_cache(cfg, teacher, card, tmp_path / "cpu", cfg.epochs, "cpu")
+    gpu_dir, gpu_forwards = build_teacher_cache(cfg, teacher, card, tmp_path / "gpu", cfg.train.epochs, "cuda")
+    cpu_dir, _ = build_teacher_cache(cfg, teacher, card, tmp_path / "cpu", cfg.train.epochs, "cpu")
     assert gpu_forwards > 0
-    for name in ("val.pt", "epoch_0.pt", f"epoch_{cfg.epochs - 1}.pt"):
+    for name in ("val.pt", "epoch_0.pt", f"epoch_{cfg.train.epochs - 1}.pt"):
         g = torch.load(gpu_dir / name, weights_only=True).float()
         c = torch.load(cpu_dir / name, weights_only=True).float()
         assert g.device.type == "cpu" and g.shape == c.shape

@@ -12,6 +12,7 @@ from PIL import Image
 from trainables.config import DatasetConfig
 from trainables.data import load_splits
 from trainables.registry import ConfigError
+from tests.conftest import trial_dict
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -81,12 +82,12 @@ def test_folder_decoded_once_bad_files_named_classes_kept(tmp_path, caplog, monk
 
 
 def test_folder_images_are_resized_centre_cropped_and_converted(tmp_path):
-    d = tmp_path / "one" / "train" / "a"
-    d.mkdir(parents=True)
     a = np.zeros((20, 40, 3), np.uint8)
     a[:, 8:32] = 200  # bright a little beyond the centre 20x20 of a 40x20 image; dark outside
-    Image.fromarray(a).save(d / "wide.png")
-    Image.fromarray(a).save(d / "twice.png")
+    for cls in ("a", "b"):  # two classes: a one-class folder is refused
+        d = tmp_path / "one" / "train" / cls
+        d.mkdir(parents=True)
+        Image.fromarray(a).save(d / "wide.png")
     s = load_splits(DatasetConfig(name="image_folder", root=str(tmp_path / "one"), cache=str(tmp_path / "c"), image_size=10,
                                   channels=1, val_fraction=0.5, test_fraction=0.0))
     assert s.input_shape == (1, 10, 10)
@@ -169,8 +170,8 @@ def test_host_and_device_placement_give_the_same_batches_and_weights(tmp_path):
     assert all(torch.equal(a, b) for ga, gb in zip(got["device"], got["host"]) for a, b in zip(ga, gb))
     weights = {}
     for placement in ("device", "host"):
-        r = train_student({"dataset": {**ds.model_dump(), "placement": placement}, "student": "cnn_tiny", "loss": {"alpha": 0.0},
-                           "epochs": 2, "batch_size": 8, "profile": False, "robust_samples": 8}, LocalReporter(None, log_epochs=False))
+        r = train_student(trial_dict(dataset={**ds.model_dump(), "placement": placement}, student="cnn_tiny", loss={"alpha": 0.0},
+                                      epochs=2, batch_size=8, profile=False, robust_samples=8), LocalReporter(None, log_epochs=False))
         weights[placement] = r.model.state_dict()
     assert all(torch.equal(weights["device"][k], weights["host"][k]) for k in weights["device"])
 
@@ -203,15 +204,15 @@ def test_resized_crop_views_are_torchvision_like_and_repeatable():
 
 def test_exif_orientation_is_applied(tmp_path):
     """A camera JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)."""
-    d = tmp_path / "cam" / "train" / "a"
-    d.mkdir(parents=True)
     a = np.zeros((10, 20, 3), np.uint8)
     a[:, :10] = 250  # stored: left half bright; as viewed (rotated clockwise): top half bright
     im = Image.fromarray(a)
     exif = im.getexif()
     exif[0x0112] = 6
-    im.save(d / "0.jpg", exif=exif, quality=95)
-    im.save(d / "1.jpg", exif=exif, quality=95)
+    for cls in ("a", "b"):  # two classes: a one-class folder is refused
+        d = tmp_path / "cam" / "train" / cls
+        d.mkdir(parents=True)
+        im.save(d / "0.jpg", exif=exif, quality=95)
     s = load_splits(DatasetConfig(name="image_folder", root=str(tmp_path / "cam"), cache=str(tmp_path / "c"), image_size=10,
                                   val_fraction=0.5, test_fraction=0.0))
     x = s.train_x[0].float().mean(0)

@@ -8,13 +8,14 @@ from trainables.data import load_dataset, normalizer
 from trainables.loop import LocalReporter, Reporter, load_state, train_student
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher
+from tests.conftest import trial_dict
 
 
 def trial(**kw):
     base = {"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "cnn_tiny", "epochs": 4,
             "batch_size": 64, "loss": {"alpha": 0.0}, "profile": False, "device": "cpu"}
     base.update(kw)
-    return base
+    return trial_dict(**base)
 
 
 class StopAfter(LocalReporter):
@@ -188,8 +189,8 @@ class CountingReporter(Reporter):
 @pytest.mark.parametrize("every,saved", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), ("3600s", [5]), ("0s", [1, 2, 3, 4, 5])])
 def test_checkpoint_every_epochs_or_seconds_and_always_the_last(every, saved):
     rep = CountingReporter()
-    r = train_student({"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "mlp_32", "loss": {"alpha": 0.0}, "epochs": 5,
-                       "batch_size": 256, "profile": False, "robust_samples": 0, "checkpoint_every": every}, rep)
+    r = train_student(trial_dict(dataset={"name": "digits", "val_fraction": 0.2}, student="mlp_32", loss={"alpha": 0.0}, epochs=5,
+                                 batch_size=256, profile=False, robust_samples=0, checkpoint_every=every), rep)
     assert r.metrics["epoch"] == 5 and rep.saved == saved
 
 
@@ -197,5 +198,5 @@ def test_checkpoint_every_epochs_or_seconds_and_always_the_last(every, saved):
 def test_bad_checkpoint_period_is_a_config_error(bad):
     from trainables.config import TrialConfig, validate
 
-    with pytest.raises(ConfigError, match="`checkpoint_every`"):
-        validate(TrialConfig, {"checkpoint_every": bad})
+    with pytest.raises(ConfigError, match="`train.checkpoint_every`"):
+        validate(TrialConfig, {"train": {"checkpoint_every": bad}})

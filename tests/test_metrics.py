@@ -110,8 +110,8 @@ def test_the_loop_reports_exactly_the_declared_schema(digits_teacher):
         def report(self, metrics, state):
             seen.append(dict(metrics))
 
-    train_student({"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "cnn_tiny", "epochs": 2, "batch_size": 64,
-                   "teacher_path": str(digits_teacher), "loss": {"alpha": 0.5}, "profile": False, "robust_samples": 50},
+    train_student({"dataset": {"name": "digits", "val_fraction": 0.2}, "student": "cnn_tiny", "train": {"epochs": 2, "batch_size": 64, "robust_samples": 50},
+                   "teacher_path": str(digits_teacher), "loss": {"alpha": 0.5}, "profile": False},
                   Keep(None, log_epochs=False))
     declared = {"epoch", *EPOCH_METRICS, *TEXT_METRICS}
     assert set(seen[0]) <= declared, set(seen[0]) - declared

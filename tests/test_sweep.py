@@ -59,11 +59,11 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
         assert {"student", "temperature", "alpha", "lr", "loss", "seed", "trial_id"} <= set(r.data.params)
         # the fully resolved trial config: flattened params and a JSON artifact, searched values applied
         p = r.data.params
-        assert float(p["trial.optimizer.lr"]) == float(p["lr"]) and float(p["trial.loss.temperature"]) == float(p["temperature"])
-        assert {"trial.grad_clip", "trial.batch_size", "trial.dataset.cache", "trial.teacher_path"} <= set(p)
+        assert float(p["trial.train.optimizer.lr"]) == float(p["lr"]) and float(p["trial.loss.temperature"]) == float(p["temperature"])
+        assert {"trial.train.grad_clip", "trial.train.batch_size", "trial.dataset.cache", "trial.teacher_path"} <= set(p)
         with tempfile.TemporaryDirectory() as d:
             resolved = json.loads(open(client.download_artifacts(r.info.run_id, "trial_config.json", d)).read())
-        assert resolved["optimizer"]["lr"] == float(p["lr"]) and resolved["student"] == p["student"]
+        assert resolved["train"]["optimizer"]["lr"] == float(p["lr"]) and resolved["student"] == p["student"]
         assert r.data.tags["kdsweep.teacher_targets"] in ("cache", "precomputed", "none")
         # teacher_forward_images is per epoch (one value per epoch), never folded into size metrics
         assert [m.step for m in client.get_metric_history(r.info.run_id, "teacher_forward_images")] == list(range(1, int(r.data.metrics["epochs_run"]) + 1))
@@ -329,7 +329,7 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
     runs = child_runs(uri, "own")
     assert sorted(r.data.params["student"] for r in runs) == ["plugin_cnn", "torchvision.mobilenet_v3_small"]
     assert {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
-    assert all(r.data.metrics["train_kd"] > 0 and r.data.params["trial.teacher_targets"] == "auto" for r in runs)
+    assert all(r.data.metrics["train_kd"] > 0 and r.data.params["trial.train.teacher_targets"] == "auto" for r in runs)
     client = mlflow.tracking.MlflowClient(uri)
     s = load_splits(DatasetConfig(**data))
     for r in runs:  # each student's own statistics in its card: ImageNet's for the pretrained one

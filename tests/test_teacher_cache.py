@@ -7,13 +7,14 @@ from trainables.data import augment, epoch_batches, load_dataset, normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.teacher import load_teacher
 from trainables.teacher_cache import TeacherCache, build_teacher_cache
+from tests.conftest import trial_dict
 
 
 def cfg(teacher, **kw):
     base = {"dataset": {"name": "digits", "val_fraction": 0.2, "augment": {"crop_pad": 1, "flip": True}}, "student": "cnn_tiny",
             "epochs": 2, "batch_size": 64, "teacher_path": str(teacher), "loss": {"alpha": 0.9}, "profile": False, "robust_samples": 0}
     base.update(kw)
-    return TrialConfig.model_validate(base)
+    return TrialConfig.model_validate(trial_dict(**base))
 
 
 def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher):
@@ -39,7 +40,7 @@ def test_cached_trial_matches_online_trial_and_runs_no_teacher(tmp_path, digits_
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
     path, _ = build_teacher_cache(c, teacher, card, tmp_path, epochs=2)
-    online = train_student(c.model_copy(update={"teacher_targets": "online"}), LocalReporter(None, log_epochs=False))
+    online = train_student(c.model_copy(update={"train": c.train.model_copy(update={"teacher_targets": "online"})}), LocalReporter(None, log_epochs=False))
     cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
     assert online.metrics["teacher_targets"] == "online" and cached.metrics["teacher_targets"] == "cache"
     assert cached.metrics["teacher_forward_images"] == 0 and online.metrics["teacher_forward_images"] > 0

@@ -9,13 +9,14 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from trainables.config import AugmentConfig, DatasetConfig, TrialConfig
+from trainables.config import AugmentConfig, DatasetConfig, TrainConfig, TrialConfig
 from trainables.data import IMAGENET_MEAN, IMAGENET_STD, load_splits, model_stats, normalizer
 from trainables.loop import LocalReporter, predict, train_student
 from trainables.models import create_model
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher, save_teacher
 from trainables.weights import freeze_backbone, load_weights, read_weights
+from tests.conftest import trial_dict
 
 SYNTH = {"name": "synthetic", "kwargs": {"n_train": 96, "n_test": 16, "shape": [3, 16, 16], "num_classes": 4}, "augment": {"crop_pad": 0, "flip": False}}
 
@@ -84,8 +85,8 @@ def test_frozen_backbone_trains_only_the_head(tmp_path):
     model = create_model("cnn_tiny", 4, (3, 16, 16))
     torch.save(model.state_dict(), tmp_path / "w.pth")
     assert freeze_backbone(model) == ["head.weight", "head.bias"]
-    r = train_student({"dataset": SYNTH, "student": "cnn_tiny", "student_weights": str(tmp_path / "w.pth"), "freeze_backbone": True,
-                       "loss": {"alpha": 0.0}, "epochs": 2, "batch_size": 32, "profile": False, "robust_samples": 0},
+    r = train_student(trial_dict(dataset=SYNTH, student="cnn_tiny", student_weights=str(tmp_path / "w.pth"), freeze_backbone=True,
+                                 loss={"alpha": 0.0}, epochs=2, batch_size=32, profile=False, robust_samples=0),
                       LocalReporter(None, log_epochs=False))
     before = torch.load(tmp_path / "w.pth", weights_only=True)
     after = r.model.state_dict()
@@ -111,23 +112,24 @@ def test_the_teacher_sees_its_own_statistics_online_and_in_the_cache(tmp_path, m
 
     s = load_splits(DatasetConfig(**SYNTH))
     net = create_model("cnn_tiny", 4, (3, 16, 16))
-    card = save_teacher(net, tmp_path / "t", {"arch": "cnn_tiny", "num_classes": 4, "input_shape": [3, 16, 16], "dataset": "synthetic",
-                                              "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    save_teacher(net, tmp_path / "t", {"arch": "cnn_tiny", "arch_kwargs": {}, "num_classes": 4, "input_shape": [3, 16, 16], "classes": [],
+                                       "dataset": "synthetic", "val_acc": 0.0, "epochs": 0, "normalize": "imagenet",
+                                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
     teacher, card = load_teacher(tmp_path / "t")
     want = predict(teacher, s.val_x, normalizer(IMAGENET_MEAN, IMAGENET_STD, "cpu"), 64, torch.no_grad, False)
     wrong = predict(teacher, s.val_x, normalizer(s.mean, s.std, "cpu"), 64, torch.no_grad, False)
     assert not torch.allclose(want, wrong, atol=1e-3)
-    cfg = TrialConfig(dataset=DatasetConfig(**SYNTH), student="cnn_tiny", teacher_path=str(tmp_path / "t"), batch_size=32, epochs=1)
+    cfg = TrialConfig(dataset=DatasetConfig(**SYNTH), student="cnn_tiny", teacher_path=str(tmp_path / "t"), train=TrainConfig(batch_size=32, epochs=1))
     path, _ = build_teacher_cache(cfg, teacher, card, tmp_path / "cache", epochs=1)
     assert torch.allclose(torch.load(path / "val.pt", weights_only=True).float(), want, atol=2e-2)  # fp16 storage
-    other = {**card, "mean": list(s.mean), "std": list(s.std)}  # other statistics: another cache entry
+    other = card.model_copy(update={"mean": list(s.mean), "std": list(s.std)})  # other statistics: another cache entry
     assert build_teacher_cache(cfg, teacher, other, tmp_path / "cache", epochs=1)[0] != path
 
     seen = []
     teacher.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
     monkeypatch.setattr("trainables.loop.load_teacher", lambda *a, **k: (teacher, card))
-    r = train_student({**cfg.model_dump(), "dataset": {**SYNTH, "augment": AugmentConfig(crop_pad=1).model_dump()}, "teacher_targets": "online",
-                       "profile": False, "robust_samples": 0}, LocalReporter(None, log_epochs=False))
+    r = train_student({**cfg.model_dump(), "dataset": {**SYNTH, "augment": AugmentConfig(crop_pad=1).model_dump()},
+                       "train": {**cfg.train.model_dump(), "teacher_targets": "online", "robust_samples": 0}, "profile": False}, LocalReporter(None, log_epochs=False))
     assert r.metrics["teacher_targets"] == "online"
     assert r.preprocess == {"mean": list(s.mean), "std": list(s.std)}  # the student: the data's statistics
     x = seen[-1]  # a training batch as the teacher received it: ImageNet-normalized
@@ -143,7 +145,7 @@ def test_teacher_from_weights_is_fine_tuned_with_its_own_settings_and_cached_by_
             "teacher.augment={crop_pad: 1, flip: false}"]
     cfg = load_config(None, sets)
     t = cfg.teacher_trial()
-    assert (t.epochs, t.optimizer.lr, t.freeze_backbone, t.student_weights) == (3, 0.002, True, str(tmp_path / "t.pth"))
+    assert (t.train.epochs, t.train.optimizer.lr, t.freeze_backbone, t.student_weights) == (3, 0.002, True, str(tmp_path / "t.pth"))
     assert t.dataset.augment == AugmentConfig(crop_pad=1, flip=False)
     assert cfg.trial("cnn_tiny").dataset.augment == AugmentConfig(crop_pad=0, flip=False)  # students: the dataset's
     first = cfg.teacher_dir()

@@ -3,10 +3,13 @@ losses (layers by name), grey images on 3-channel networks."""
 import pytest
 import torch
 
+from trainables.config import DatasetConfig
+from trainables.data import load_splits
 from trainables.loop import LocalReporter, train_student
 from trainables.models import ZooModel, create_model, zoo_names
 from trainables.registry import ConfigError
 from trainables.teacher import save_teacher
+from tests.conftest import trial_dict
 
 SYNTH = {"name": "synthetic", "val_fraction": 0.25, "kwargs": {"n_train": 96, "n_test": 16, "shape": [3, 16, 16], "num_classes": 5}}
 
@@ -33,8 +36,10 @@ def test_layers_by_name_and_bad_names():
 @pytest.fixture(scope="module")
 def zoo_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo-teacher")
+    s = load_splits(DatasetConfig(**SYNTH))
     save_teacher(create_model("torchvision.resnet18", 5, (3, 16, 16)), out,
-                 {"arch": "torchvision.resnet18", "arch_kwargs": {}, "dataset": "synthetic", "num_classes": 5, "input_shape": [3, 16, 16], "val_acc": 0.0})
+                 {"arch": "torchvision.resnet18", "arch_kwargs": {}, "dataset": "synthetic", "num_classes": 5, "input_shape": [3, 16, 16],
+                  "classes": [], "val_acc": 0.0, "epochs": 0, "normalize": "dataset", "mean": list(s.mean), "std": list(s.std)})
     return out
 
 
@@ -44,7 +49,7 @@ def zoo_teacher(tmp_path_factory):
     {"name": "hint", "alpha": 0.5, "student_layers": ["features.8"], "teacher_layers": ["layer3"]},
 ])
 def test_torchvision_teacher_distils_torchvision_student(loss, zoo_teacher):
-    r = train_student({"dataset": SYNTH, "student": "torchvision.mobilenet_v3_small", "teacher_path": str(zoo_teacher), "loss": loss,
-                       "epochs": 1, "batch_size": 32, "profile": False, "robust_samples": 0}, LocalReporter(None, log_epochs=False))
+    r = train_student(trial_dict(dataset=SYNTH, student="torchvision.mobilenet_v3_small", teacher_path=str(zoo_teacher), loss=loss,
+                                 epochs=1, batch_size=32, profile=False, robust_samples=0), LocalReporter(None, log_epochs=False))
     assert r.metrics["status"] == "finished" and r.metrics["train_kd"] > 0
     assert r.metrics["teacher_targets"] == ("online" if loss["name"] != "kd" else "precomputed")

@@ -6,17 +6,47 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainables.registry import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+#: Where a Tune trial's config (and a Ray Train loop config) holds its TrialConfig object.
+TRIAL_CONFIG = "trial_config"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _model_name(name: str) -> str:
+    from trainables.models import check_model
+
+    return check_model(name)
+
+
+def _weights_file(path: str) -> str:
+    from trainables.weights import check_weights_path
+
+    return check_weights_path(path)
+
+
+def _dataset_name(name: str) -> str:
+    from trainables.data import DATASETS
+
+    try:
+        DATASETS.get(name)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    return name
+
+
+#: A registered model or torchvision.<name>: one rule wherever a config names an architecture.
+ModelName = Annotated[str, AfterValidator(_model_name)]
+#: An existing .pth/.pt/.safetensors file, made absolute.
+WeightsFile = Annotated[str, AfterValidator(_weights_file)]
 
 
 class ResizedCrop(Strict):
@@ -60,7 +90,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "kdsweep"
 
 
 class DatasetConfig(Strict):
-    name: str = "digits"
+    name: Annotated[str, AfterValidator(_dataset_name)] = "digits"
     root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
     cache: str | None = Field(None, description="where decompressed files go; $KDSWEEP_CACHE or ~/.cache/kdsweep when unset")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -189,13 +219,17 @@ class TrainConfig(Strict):
         return seconds_since >= float(self.checkpoint_every[:-1])
 
 
-class TrialConfig(TrainConfig):
-    """Everything one trial needs, with every path resolved on the driver (workers read no environment)."""
+class TrialConfig(Strict):
+    """Everything one trial needs, with every path resolved on the driver (workers read no environment).
 
+    Nested as the sweep YAML is (`train.optimizer.lr`, `loss.alpha`, `dataset.augment`), so a
+    sweep's dotted path is the trial's path."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    student: str = "cnn_tiny"
+    student: ModelName = "cnn_tiny"
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
-    student_weights: str | None = Field(None, description="initial weights (.pth state_dict or .safetensors); a head of another class count is replaced")
+    student_weights: WeightsFile | None = Field(None, description="initial weights (.pth state_dict or .safetensors); a head of another class count is replaced")
     freeze_backbone: bool = Field(False, description="train only the classifier head (fine-tuning pretrained weights)")
     normalize: Normalize = Field("auto", description="input statistics: auto (ImageNet for torchvision weights, else the data's), dataset, imagenet")
     teacher_path: str | None = Field(None, description="folder with teacher.safetensors + teacher.json")
@@ -206,21 +240,6 @@ class TrialConfig(TrainConfig):
     checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
     profile: bool = Field(True, description="measure params/bytes/latency/FLOPs (and the teacher's, for ratios)")
     plugins: list[str] = Field(default_factory=list, description="modules a worker imports before reading this config")
-
-    @field_validator("student")
-    @classmethod
-    def _known_student(cls, v: str) -> str:
-        from trainables.models import check_model
-
-        check_model(v, "student")
-        return v
-
-    @field_validator("student_weights")
-    @classmethod
-    def _weights_file(cls, v: str | None) -> str | None:
-        from trainables.weights import check_weights_path
-
-        return check_weights_path(v, "student_weights") if v else v
 
 
 def set_dotted(d: dict, path: str, value: Any) -> None:
@@ -244,7 +263,14 @@ def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
 
 
 def _loc(err: dict) -> str:
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    """`a.b[0].c` from pydantic's location tuple (list items by index)."""
+    out = ""
+    for p in err["loc"]:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not str(p).startswith("function-"):
+            out += f".{p}" if out else str(p)
+    return out
 
 
 def format_errors(e: ValidationError, source: str | None = None, prefix: str = "") -> str:

@@ -130,6 +130,8 @@ def load_dataset(
         val_idx, tr_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         train_x, train_y, val_x, val_y = full_x[tr_idx], full_y[tr_idx], full_x[val_idx], full_y[val_idx]
         raw, classes = None, tuple(str(i) for i in range(num_classes))
+    if num_classes < 2:
+        raise ConfigError(f"`dataset.name` {name!r} gave {num_classes} class: classification needs at least two classes (check its labels)")
     mean, std = channel_stats(train_x)
     return DataSplits(
         name=name,

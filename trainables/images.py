@@ -100,8 +100,9 @@ def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
     if not train.is_dir():
         raise ConfigError(f"`dataset.root` must hold train/<class>/<images> (torchvision's ImageFolder layout), but {train} is missing")
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ConfigError(f"`dataset.root` {train} has no class sub-folders: put each class's images in train/<class>/")
+    if len(classes) < 2:
+        raise ConfigError(f"`dataset.root` {train} has {len(classes)} class sub-folder{'' if len(classes) == 1 else 's'} {classes}: "
+                          "classification needs at least two classes, one folder each under train/<class>/")
     out = {}
     for split in SPLITS:
         d = root / split

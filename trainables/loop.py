@@ -24,17 +24,19 @@ import torch.nn as nn
 from torch import Tensor
 
 from trainables.atomic import atomic_path
-from trainables.config import DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
+from trainables.card import TeacherCard
+from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
 from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, model_stats, normalizer, place
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
+from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
 from trainables.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.targets import teacher_targets
 from trainables.teacher import WEIGHTS as TEACHER_WEIGHTS
-from trainables.teacher import load_teacher, teacher_stats
+from trainables.teacher import load_teacher
 from trainables.teacher_cache import resolved_augment
 from trainables.weights import freeze_backbone, load_weights
 
@@ -236,7 +238,7 @@ def _splits(ds: DatasetConfig, device: torch.device, warm: bool) -> tuple[DataSp
 
 
 def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device: torch.device, channels_last: bool,
-             warm: bool) -> tuple[nn.Module, dict]:
+             warm: bool) -> tuple[nn.Module, TeacherCard]:
     """The trial's teacher in eval mode. A warm process keeps it between trials (not when layers
     are tapped for a feature loss: tapping changes the module)."""
     args = (cfg.teacher_path, num_classes, tuple(shape), cfg.dataset.name, str(device), channels_last)
@@ -246,8 +248,10 @@ def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device:
 
 
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
-    """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics."""
+    """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics.
+    A TrialConfig is used as built (on the driver); a dict is validated first."""
     cfg = config if isinstance(config, TrialConfig) else trial_from_dict(config)
+    load_plugins(cfg.plugins)  # this process's registries know the models and losses the driver's knew
     reporter = reporter or LocalReporter(cfg.checkpoint_dir)
     clock = time.perf_counter()
     setup: dict[str, float] = {}  # seconds per set-up phase, reported with the run's first epoch
@@ -258,8 +262,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
 
     rank, world, device = _placement(cfg, reporter.in_worker_group)
     cuda = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.amp) else contextlib.nullcontext
-    channels_last = cuda and cfg.channels_last
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.train.amp) else contextlib.nullcontext
+    channels_last = cuda and cfg.train.channels_last
 
     ds = cfg.dataset
     splits, on_device = _splits(ds, device, reporter.warm)  # images on the device, or batches copied from the host
@@ -268,14 +272,14 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
     phase("data")
-    if cfg.batch_size > n_train or cfg.batch_size % world:
+    if cfg.train.batch_size > n_train or cfg.train.batch_size % world:
         raise ConfigError(
-            f"`batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got batch_size={cfg.batch_size}"
+            f"`train.batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got train.batch_size={cfg.train.batch_size}"
         )
 
     # The teacher trains the student only when the distill term has weight; with alpha=0 (the control) it is still
     # loaded, when given, so the control reports agreement and compression against it too.
-    teacher, card = None, {}
+    teacher, card = None, None
     if cfg.loss.distills and not cfg.teacher_path:
         raise ConfigError("`teacher_path` is required when loss.alpha (or loss.distill_weight) > 0: train one with `kdsweep teacher CONFIG`")
     if cfg.teacher_path:
@@ -301,9 +305,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         student = student.to(memory_format=torch.channels_last)
 
     params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]  # hint regressors train with the student
-    opt = make_optimizer(cfg.optimizer, params)
-    steps_per_epoch = n_train // cfg.batch_size
-    sched = make_schedule(opt, cfg.schedule, cfg.epochs, steps_per_epoch)
+    opt = make_optimizer(cfg.train.optimizer, params)
+    steps_per_epoch = n_train // cfg.train.batch_size
+    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, steps_per_epoch)
     start_epoch, history = 0, []
     if (state := reporter.restore()) is not None:
         student.load_state_dict(state["model"])
@@ -318,26 +322,26 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(student, move_to_device=False)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model) if cfg.train.compile else model
     phase("models")
 
-    eval_fn = lambda m, x: predict(m, x, norm, cfg.eval_batch_size, autocast, channels_last, device)  # noqa: E731
-    t_stats = teacher_stats(card, splits) if teacher is not None else (mean, std)  # each model its own statistics
+    eval_fn = lambda m, x: predict(m, x, norm, cfg.train.eval_batch_size, autocast, channels_last, device)  # noqa: E731
+    t_stats = card.stats if card is not None else (mean, std)  # each model its own statistics (the teacher's: its card's)
     t_norm = normalizer(*t_stats, device)
     targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, splits.train_x, splits.val_x,
-                              lambda x: predict(teacher, x, t_norm, cfg.eval_batch_size, autocast, channels_last, device),
+                              lambda x: predict(teacher, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
-    per_rank = cfg.batch_size // world
+    per_rank = cfg.train.batch_size // world
     phase("targets")
 
     metrics: dict[str, Any] = {}
     last_checkpoint = time.monotonic()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.train.epochs):
         student.train()
         loss_fn.set_epoch(epoch + 1)
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)
-        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch, aug, shape[1:], device if on_device else "cpu", rank, world)
+        batches = epoch_batches(n_train, cfg.train.batch_size, cfg.seed, epoch, aug, shape[1:], device if on_device else "cpu", rank, world)
         for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, device, on_device):
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
@@ -346,14 +350,14 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, cfg.batch_size, rank, per_rank)
+                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, cfg.train.batch_size, rank, per_rank)
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             opt.step()
             sched.step()
             sums += torch.stack([loss.detach(), parts["kd"], parts["ce"]])
@@ -369,7 +373,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "train_ce": train_ce,
             **val,
             "val_loss": val["val_nll"],
-            "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
+            "images_per_s": steps_per_epoch * cfg.train.batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.forwards,
@@ -378,19 +382,19 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             **(setup if epoch == start_epoch else {}),
         }
         diverged = not math.isfinite(train_loss)
-        final = epoch + 1 == cfg.epochs and not diverged
+        final = epoch + 1 == cfg.train.epochs and not diverged
         metrics["status"] = "diverged" if diverged else ("finished" if final else "running")
         tables = {}
         if final and rank == 0:
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
-            if cfg.robust_samples:
-                n = min(cfg.robust_samples, len(splits.val_y))
+            if cfg.train.robust_samples:
+                n = min(cfg.train.robust_samples, len(splits.val_y))
                 summary, tables["corruptions"] = robustness(lambda xc: eval_fn(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
-                                                            cfg.eval_batch_size)
+                                                            cfg.train.eval_batch_size)
                 metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in size})
         state = None
-        if rank == 0 and not diverged and cfg.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):
+        if rank == 0 and not diverged and cfg.train.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):
             last_checkpoint = time.monotonic()
             state = {
                 "model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
@@ -405,5 +409,6 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point for ray.train.torch.TorchTrainer(train_loop_per_worker=...)."""
-    train_student(config, RayTrainReporter())
+    """Entry point for ray.train.torch.TorchTrainer(train_loop_per_worker=...): the TrialConfig the
+    driver built, under TRIAL_CONFIG."""
+    train_student(config[TRIAL_CONFIG], RayTrainReporter())

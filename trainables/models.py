@@ -32,13 +32,13 @@ def zoo_names() -> tuple[str, ...]:
     return tuple(ZOO + n for n in torchvision.models.list_models(module=torchvision.models))
 
 
-def check_model(name: str, field: str) -> None:
-    """ValueError (for pydantic) unless `name` is a registered model or a torchvision classifier."""
+def check_model(name: str) -> str:
+    """`name`, or ValueError (for pydantic, which names the field) unless `name` is a registered model or a torchvision classifier."""
     if name in MODELS or (name.startswith(ZOO) and name in zoo_names()):
-        return
+        return name
     hint = " or torchvision.<name> for one of torchvision's classification models" if not name.startswith(ZOO) else \
         f" ({len(zoo_names())} torchvision classifiers, e.g. torchvision.resnet18, torchvision.mobilenet_v3_small)"
-    raise ValueError(f"must be one of {MODELS.names()}{hint}, but got {field}={name!r}")
+    raise ValueError(f"must be one of {MODELS.names()}{hint}, but got {name!r}")
 
 
 def create_model(name: str, num_classes: int, input_shape: tuple[int, ...] | list[int], **kwargs) -> nn.Module:

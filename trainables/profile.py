@@ -82,7 +82,7 @@ def profile_task(arch: str | None = None, shape: list[int] | None = None, num_cl
         from trainables.teacher import load_teacher
 
         model, card = load_teacher(teacher_path)
-        shape = card["input_shape"]
+        shape = card.input_shape
     else:
         from trainables.models import create_model
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from trainables.card import TeacherCard
 from trainables.config import TrialConfig
 from trainables.registry import ConfigError
 from trainables.teacher_cache import TeacherCache, resolved_augment
@@ -54,19 +55,19 @@ class TeacherTargets:
         return None, None
 
 
-def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: dict, needs_features: bool, train_x: Tensor,
+def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCard | None, needs_features: bool, train_x: Tensor,
                     val_x: Tensor, predict: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor] | None,
                     channels_last: bool) -> TeacherTargets:
     """Decide the source for this trial. `teacher` is None when there is none to load; it still
     gives val logits (agreement, KL) to a no-KD control. `predict(x)` runs the teacher's eval
     forwards; `norm` is its input normalization (from its card), None when it equals the student's."""
     static = resolved_augment(cfg).static
-    if cfg.teacher_targets == "precomputed" and not static:
-        raise ConfigError("`teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
+    if cfg.train.teacher_targets == "precomputed" and not static:
+        raise ConfigError("`train.teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
     if teacher is None:
         return TeacherTargets("none", None, False, None)
     cache = None
-    if not needs_features and cfg.teacher_targets != "online":
+    if not needs_features and cfg.train.teacher_targets != "online":
         cache = TeacherCache.open(cfg.teacher_cache, cfg, card)
     if cache is not None:
         val, forwards = cache.val(val_x.device), 0
@@ -76,6 +77,6 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: dict, nee
         return TeacherTargets("none", None, False, val, forwards=forwards)
     if cache is not None:
         return TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards)
-    if static and not needs_features and cfg.teacher_targets != "online":
+    if static and not needs_features and cfg.train.teacher_targets != "online":
         return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(train_x), forwards=forwards + len(train_x))
     return TeacherTargets("online", teacher, needs_features, val, norm=norm, channels_last=channels_last, forwards=forwards)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from trainables.atomic import atomic_path
+from trainables.card import TeacherCard
 from trainables.config import AugmentConfig, TrialConfig, trial_from_dict
 from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, normalizer, place
 
@@ -29,12 +30,12 @@ def resolved_augment(cfg: TrialConfig) -> AugmentConfig:
     return cfg.dataset.augment or AugmentConfig(**DEFAULT_AUGMENT.get(cfg.dataset.name, {}))
 
 
-def cache_key(cfg: TrialConfig, card: dict) -> dict:
+def cache_key(cfg: TrialConfig, card: TeacherCard) -> dict:
     """What the cached logits depend on; `card` is the teacher's (weights hash, input statistics)."""
     aug = resolved_augment(cfg)
-    key = {"teacher_sha256": card["sha256"], "teacher_norm": [card.get("mean"), card.get("std")], "dataset": cfg.dataset.model_dump(exclude={"download", "placement", "device_share"}), "augment": aug.model_dump(), "format": 1}
+    key = {"teacher_sha256": card.sha256, "teacher_norm": [card.mean, card.std], "dataset": cfg.dataset.model_dump(exclude={"download", "placement", "device_share"}), "augment": aug.model_dump(), "format": 1}
     if not aug.static:  # the views, and so the targets, depend on these too
-        key.update(seed=cfg.seed, batch_size=cfg.batch_size)
+        key.update(seed=cfg.seed, batch_size=cfg.train.batch_size)
     return key
 
 
@@ -48,19 +49,17 @@ def _save(t: Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, root: str | Path,
+def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: TeacherCard, root: str | Path,
                         epochs: int, device: torch.device | str = "cpu") -> tuple[Path, int]:
     """Compute (or find) the cache for `cfg`'s views; returns its folder and the teacher image
     forwards this call ran (0 when the cache was already complete)."""
-    from trainables.teacher import teacher_stats
-
     key = cache_key(cfg, card)
     out = Path(root) / key_digest(key)
     if (out / META).exists():
         return out, 0
     out.mkdir(parents=True, exist_ok=True)
     s, on_device = place(load_splits(cfg.dataset), cfg.dataset, device)
-    norm = normalizer(*teacher_stats(card, s), device)
+    norm = normalizer(*card.stats, device)
     cuda = torch.device(device).type == "cuda"
     teacher = teacher.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
@@ -93,7 +92,7 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: dict, 
         forwards += len(s.train_y)
     else:
         for epoch in range(epochs):
-            batches = epoch_batches(len(s.train_y), cfg.batch_size, cfg.seed, epoch, aug, s.input_shape[1:], device if on_device else "cpu")
+            batches = epoch_batches(len(s.train_y), cfg.train.batch_size, cfg.seed, epoch, aug, s.input_shape[1:], device if on_device else "cpu")
             views = chunked(augment(x, view, aug) for _, _, x, _, view in device_batches(s.train_x, s.train_y, batches, device, on_device))
             _save(views, out / f"epoch_{epoch}.pt")
             forwards += len(views)
@@ -109,12 +108,12 @@ class TeacherCache:
         self._epoch, self._logits = None, None
 
     @classmethod
-    def open(cls, path: str | Path | None, cfg: TrialConfig, card: dict) -> "TeacherCache | None":
+    def open(cls, path: str | Path | None, cfg: TrialConfig, card: TeacherCard) -> "TeacherCache | None":
         """The cache at `path` if it holds exactly this trial's views, else None (go online)."""
         if not path or not (Path(path) / META).exists():
             return None
         meta = json.loads((Path(path) / META).read_text())
-        if meta["key"] != cache_key(cfg, card) or (not resolved_augment(cfg).static and meta["epochs"] < cfg.epochs):
+        if meta["key"] != cache_key(cfg, card) or (not resolved_augment(cfg).static and meta["epochs"] < cfg.train.epochs):
             return None
         return cls(Path(path), resolved_augment(cfg).static)
 

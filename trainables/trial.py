@@ -9,8 +9,9 @@ trial's storage, where Tune's failure handling restores it from).
 A DDP trial (num_workers > 1, or any trial with resources.warm_trials off) is one Ray Train
 TorchTrainer run, whose reports reach Tune through a queue the Train controller fills.
 
-The driver hands this module only trial configs (dicts of TrialConfig) and a TrialRun; nothing here
-imports the orchestrator, so a trial on any node needs nothing but this package.
+The driver hands this module only trial configs (TrialConfig objects, built and validated once on
+the driver, under TRIAL_CONFIG in Tune's trial config) and a TrialRun; nothing here imports the
+orchestrator, so a trial on any node needs nothing but this package.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from trainables.config import TrialConfig, trial_from_dict, with_overrides
+from trainables.config import TRIAL_CONFIG, TrialConfig
 from trainables.loop import STATE_FILE, Reporter, TrialStopped, load_state, save_state, train_loop_per_worker, train_student
 
 _DONE = "__kdsweep_done__"
@@ -60,13 +61,6 @@ class QueueReport(UserCallback):
         if checkpoint is not None:
             item["checkpoint_path"] = checkpoint.path
         self.queue.put(item)
-
-
-def resolve_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str]) -> TrialConfig:
-    """Tune's sampled point applied to its student's base trial config (searched key -> trial path).
-    The driver's MLflow callback resolves the same way, so a run records exactly what trained."""
-    base = trial_from_dict(trials[config["student"]])
-    return with_overrides(base, {paths[k]: v for k, v in config.items() if k != "student"})
 
 
 class TuneReporter(Reporter):
@@ -148,12 +142,11 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
         raise errors[0]
 
 
-def tune_trial(config: dict[str, Any], trials: dict[str, dict], paths: dict[str, str], run: TrialRun,
-               constants: dict[str, dict[str, float]] | None = None) -> None:
+def tune_trial(config: dict[str, Any], run: TrialRun, constants: dict[str, dict[str, float]] | None = None) -> None:
     """Tune function trainable: one-worker trials train in this actor, DDP trials in a Ray Train
     worker group. `constants[student]` joins every report (the architecture's sizes, when Optuna
     optimizes them)."""
-    trial = resolve_trial(config, trials, paths)
+    trial: TrialConfig = config[TRIAL_CONFIG]
     extra = (constants or {}).get(trial.student, {})
     if run.warm:
         _train_in_actor(trial, extra)
@@ -172,7 +165,7 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=trial.model_dump(),
+        train_loop_config={TRIAL_CONFIG: trial},
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.num_workers, use_gpu=run.gpus_per_worker > 0,
             resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})},
@@ -214,3 +207,25 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
     thread.join()
     if errors:
         raise errors[0]
+
+
+class QueueReporter(Reporter):
+    """The teacher's training in a Ray task: each epoch's metrics into a Ray queue the driver
+    drains to its console (no checkpoints: a lost task is simply run again)."""
+
+    def __init__(self, epochs) -> None:
+        self.epochs = epochs
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.epochs.put(metrics)
+
+
+def teacher_task(trial: TrialConfig, epochs) -> dict[str, Any]:
+    """Ray task body (orchestrator.prepare.ensure_teacher): the teacher trained (or fine-tuned) by
+    the trial loop on a node where trials train, with one trial's resources. Returns its weights,
+    final metrics, input statistics and the node that trained it; the driver writes the folder."""
+    import ray
+
+    result = train_student(trial, QueueReporter(epochs))
+    return {"state": {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}, "metrics": result.metrics,
+            "preprocess": result.preprocess, "node_id": ray.get_runtime_context().get_node_id()}

@@ -43,13 +43,14 @@ def weights_sha256(path: str | Path) -> str:
     return _cached_sha(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
-def check_weights_path(path: str, field: str) -> str:
-    """ValueError (for pydantic) unless `path` is an existing file with a weights suffix; returns it absolute."""
+def check_weights_path(path: str) -> str:
+    """ValueError (for pydantic, which names the field) unless `path` is an existing file with a
+    weights suffix; returns it absolute."""
     p = Path(path).expanduser()
     if p.suffix not in SUFFIXES:
-        raise ValueError(f"`{field}` must be a state_dict file ({', '.join(SUFFIXES)}), but got {field}={path!r}")
+        raise ValueError(f"must be a state_dict file ({', '.join(SUFFIXES)}), but got {path!r}")
     if not p.is_file():
-        raise ValueError(f"`{field}` must be an existing file, but got {field}={path!r}: fix the path")
+        raise ValueError(f"must be an existing file, but got {path!r}: fix the path")
     return str(p.resolve())
 
 
