@@ -59,68 +59,57 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _select(cfg, tracker, parent_id: str, teacher: str, args: argparse.Namespace) -> None:
-    from orchestrator.selection import parse_bounds, select
+def _selection(args: argparse.Namespace) -> dict:
+    """The selection flags as the Python API takes them (parsed before anything runs, so a typo
+    fails in the first second)."""
+    from orchestrator.selection import parse_bounds
+    from trainables.metrics import Objective, metric
 
+    for o in args.objective or []:
+        Objective.parse(o)
     minimum = parse_bounds(args.min, "--min")
     maximum = parse_bounds(args.max, "--max")
     if args.max_params is not None:
-        maximum["size_params"] = args.max_params
+        maximum[metric("params").name] = args.max_params
     if args.max_latency_ms is not None:
-        maximum["size_latency_cpu_b1_ms"] = args.max_latency_ms
-    select(cfg, tracker, parent_id, args.objective or None, minimum, maximum, teacher_path=teacher)
+        maximum[metric("latency_ms").name] = args.max_latency_ms
+    return {"objectives": args.objective or None, "minimum": minimum, "maximum": maximum}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.api import run_sweep_from
     from orchestrator.config import load_config
-    from orchestrator.sweep import make_plan, run_sweep
+    from orchestrator.sweep import make_plan
 
-    cfg = load_config(args.config, args.overrides)
-    _select_args_ok(args)
+    selection = _selection(args)
     if args.dry_run:
-        plan, _ = make_plan(cfg, args.tracking_uri, args.address)
+        plan, _ = make_plan(load_config(args.config, args.overrides), args.tracking_uri, args.address)
         log.info("%s", plan.describe())
         return 0
-    h = run_sweep(cfg, args.address, args.tracking_uri, verbose=args.verbose)
-    _select(cfg, h["tracker"], h["parent_run_id"], h["teacher"], args)
+    run_sweep_from(args.config, args.overrides, address=args.address, tracking_uri=args.tracking_uri, verbose=args.verbose, **selection)
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import load_sweep, run_sweep
+    from orchestrator.api import resume_sweep
 
-    saved = load_sweep(args.name, args.storage)
-    _select_args_ok(args)
-    h = run_sweep(saved.config, args.address, args.tracking_uri or saved.tracking_uri, restore=True, verbose=args.verbose)
-    _select(saved.config, h["tracker"], h["parent_run_id"], h["teacher"], args)
+    resume_sweep(args.name, args.storage, address=args.address, tracking_uri=args.tracking_uri, verbose=args.verbose, **_selection(args))
     return 0
 
 
-def _parent(name: str, storage: str | None, tracking_uri: str | None):
-    from orchestrator.sweep import load_sweep
-    from orchestrator.tracking import PARENT_FILTER, SweepTracker, check_tracking_uri
-
-    saved = load_sweep(name, storage)
-    uri = tracking_uri or saved.tracking_uri
-    check_tracking_uri(uri)
-    tracker = SweepTracker(uri, saved.config.experiment)
-    parents = tracker.find_runs(PARENT_FILTER.format(sweep=saved.config.name))
-    if not parents:
-        raise ConfigError(f"`NAME` {name!r} has no parent run in {uri}: run the sweep first")
-    return saved, tracker, parents[0].info.run_id
-
-
 def cmd_best(args: argparse.Namespace) -> int:
-    _select_args_ok(args)
-    saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
-    _select(saved.config, tracker, parent, saved.teacher, args)
+    from orchestrator.api import best_of
+
+    best_of(args.name, args.storage, args.tracking_uri, **_selection(args))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
 
-    saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
+    from orchestrator.sweep import open_sweep
+
+    saved, tracker, parent = open_sweep(args.name, args.storage, args.tracking_uri)
     out = write_report(saved, tracker, parent, args.out)
     log.info("report written to %s/report.md and %s/report.html (also logged to the sweep's parent run)", out, out)
     return 0
@@ -129,25 +118,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from orchestrator.export import export
 
-    saved, tracker, parent = _parent(args.name, args.storage, args.tracking_uri)
+    from orchestrator.sweep import open_sweep
+
+    saved, tracker, parent = open_sweep(args.name, args.storage, args.tracking_uri)
     export(saved, tracker, parent, args.format, args.out, args.trial)
     return 0
-
-
-def _select_args_ok(args: argparse.Namespace) -> None:
-    """Parse selection flags before anything runs, so a typo fails in the first second."""
-    from orchestrator.selection import Objective, parse_bounds
-
-    for o in args.objective or []:
-        Objective.parse(o)
-    parse_bounds(args.min, "--min")
-    parse_bounds(args.max, "--max")
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from orchestrator.tracking import default_tracking_uri, sweep_views
+    from orchestrator.store import default_tracking_uri, sweep_views
 
     uri = args.tracking_uri or default_tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -291,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdsweep: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from orchestrator.tracking import TrackingUnavailable
+        from orchestrator.store import TrackingUnavailable
 
         if not isinstance(e, TrackingUnavailable):
             raise

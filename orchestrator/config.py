@@ -1,6 +1,7 @@
 """The sweep config (search_spaces/*.yaml): validated once, here, before anything starts."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, Strict, TrainConfig, TrialConfig,
                                WeightsFile, set_dotted, validate, with_overrides)
-from trainables.metrics import SEARCH_OBJECTIVES
+from trainables.metrics import SEARCH_OBJECTIVES, Objective
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
 from trainables.weights import weights_sha256
@@ -177,15 +178,16 @@ class SweepConfig(Strict):
     @field_validator("objectives")
     @classmethod
     def _known_objectives(cls, v: list[str]) -> list[str]:
+        """Each parsed by the one objective parser and kept as METRIC:max|min."""
         if not v:
             raise ValueError("needs at least one objective, e.g. [val_acc:max]")
-        for text in v:
-            name, _, sense = text.partition(":")
-            if sense not in ("max", "min") or name not in SEARCH_OBJECTIVES:
-                raise ValueError(f"each must be METRIC:max or METRIC:min with METRIC in {list(SEARCH_OBJECTIVES)}, but got {text!r}")
-        if v[0].partition(":")[0] != "val_acc":
+        try:
+            parsed = [Objective.parse(text, "search.objectives", SEARCH_OBJECTIVES) for text in v]
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if parsed[0].key != "val_acc":
             raise ValueError(f"the first must be val_acc (ASHA stops trials on it), but got {v[0]!r}")
-        return v
+        return [str(o) for o in parsed]
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
@@ -304,8 +306,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
-    """Read YAML (the embedded default when path is None), apply --set overrides, validate."""
+def load_config(path: str | Path | dict | None, overrides: list[str] | dict[str, Any] | None = None) -> SweepConfig:
+    """Read YAML (the embedded default when path is None; a dict is taken as the YAML's content),
+    apply overrides (`--set` pairs, or a dict of keys to values), validate."""
+    if isinstance(path, dict):
+        return _validated(copy.deepcopy(path), overrides, "config dict")
     source = str(path) if path else "embedded default.yaml"
     p = Path(path) if path else DEFAULT_CONFIG
     if not p.is_file():
@@ -318,7 +323,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"`CONFIG` is not valid YAML{where} ({getattr(e, 'problem', e)}) in {source}: fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"`CONFIG` must be a YAML mapping of sweep keys, but got {type(data).__name__} in {source}")
-    for key, value in parse_overrides(overrides or []).items():
+    return _validated(data, overrides, source)
+
+
+def _validated(data: dict, overrides: list[str] | dict[str, Any] | None, source: str) -> SweepConfig:
+    pairs = {canonical(k): v for k, v in overrides.items()} if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    for key, value in pairs.items():
         set_dotted(data, key, value)
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):

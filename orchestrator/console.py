@@ -13,6 +13,7 @@ from ray.tune import Callback
 from orchestrator.config import SweepConfig
 from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
+from trainables.metrics import metric
 
 COLUMNS = ("trial", "student", "T", "alpha", "lr", "epoch", "val_acc", "status")
 
@@ -30,8 +31,9 @@ class Row:
     status: str = "running"
 
     def cells(self) -> list[str]:
-        return [self.trial, self.student, f"{self.temperature:.2f}", "-" if self.alpha is None else f"{self.alpha:.2f}", f"{self.lr:.4f}",
-                f"{self.epoch}/{self.epochs}", "-" if self.val_acc is None else f"{self.val_acc:.4f}", self.status]
+        shown = {k: metric(k).show(getattr(self, k)) for k in ("temperature", "alpha", "lr", "val_acc")}
+        return [self.trial, self.student, shown["temperature"], shown["alpha"], shown["lr"], f"{self.epoch}/{self.epochs}", shown["val_acc"],
+                self.status]
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.selection import load_student
-from orchestrator.tracking import TRIAL, SweepTracker
+from orchestrator.store import SweepTracker, Tag
 from trainables.card import StudentCard, build, read, write
 from trainables.data import load_splits
 from trainables.registry import ConfigError
@@ -25,11 +25,11 @@ TOLERANCE = 1e-4
 
 def student_run(tracker: SweepTracker, parent_id: str, trial: str | None) -> str:
     if trial is not None:
-        runs = tracker.find_runs(f"tags.`{TRIAL}` = '{trial}' and tags.mlflow.parentRunId = '{parent_id}'")
+        runs = tracker.trial_runs(parent_id, trial)
         if not runs:
             raise ConfigError(f"`--trial` {trial!r} is not a trial of this sweep: see `kdsweep best NAME` for trial ids")
         return runs[0].info.run_id
-    champion = tracker.client.get_run(parent_id).data.tags.get("kdsweep.champion_run_id")
+    champion = tracker.client.get_run(parent_id).data.tags.get(Tag.CHAMPION)
     if champion is None:
         raise ConfigError("`NAME` has no champion yet: run `kdsweep best NAME` first, or pass --trial ID")
     return champion

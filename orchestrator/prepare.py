@@ -7,7 +7,6 @@ from pathlib import Path
 
 from orchestrator.config import SweepConfig
 from trainables.data import DataSplits, load_splits, model_stats
-from trainables.loop import train_student
 from trainables.models import create_model
 from trainables.registry import ConfigError
 from trainables.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
@@ -94,6 +93,8 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
             metrics, preprocess = out["metrics"], out["preprocess"]
             card.update(node_id=out["node_id"])
         else:
+            from trainables.loop import train_student  # standalone commands (kdsweep teacher, distill) train in-process
+
             result = train_student(cfg.teacher_trial())
             model, metrics, preprocess = result.model, result.metrics, result.preprocess
         card.update(val_acc=metrics["val_acc"], epochs=metrics["epoch"])
@@ -111,7 +112,7 @@ def train_on_ray(cfg: SweepConfig) -> dict:
     import ray
     from ray.util.queue import Queue
 
-    from trainables.loop import format_epoch
+    from trainables.metrics import format_epoch
     from trainables.trial import teacher_task
 
     r = cfg.resources
@@ -142,7 +143,7 @@ def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):
     import contextlib
 
     from trainables.data import normalizer
-    from trainables.loop import predict
+    from trainables.inference import predict
     from trainables.metrics import classification_metrics
 
     t = cfg.teacher

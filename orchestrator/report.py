@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.selection import COMPLETE, USABLE, Objective, leaderboard, pareto_front
-from orchestrator.tracking import SweepTracker
+from orchestrator.selection import COMPLETE, USABLE, leaderboard, pareto_front
+from orchestrator.store import SweepTracker, Tag
 from trainables.corruptions import CORRUPTIONS
+from trainables.metrics import LEADERBOARD, Objective, metric
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -102,7 +103,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     rows = leaderboard(tracker, parent_id)
     client = tracker.client
     parent = client.get_run(parent_id)
-    champ_id = parent.data.tags.get("kdsweep.champion_run_id")
+    champ_id = parent.data.tags.get(Tag.CHAMPION)
     champion = next((r for r in rows if r["run_id"] == champ_id), None)
     test = vs_table = None
     if champ_id:
@@ -120,8 +121,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     pareto_plot(rows, out_dir / "pareto.png")
     robustness_plot(test, champion, control, out_dir / "robustness.png")
 
-    lb_cols = ["student", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "latency_ms", "epochs"]
-    lb = md_table(lb_cols, [[r.get(c) for c in lb_cols] for r in rows])
+    lb = md_table(list(LEADERBOARD), [[metric(c).show(r.get(c)) for c in LEADERBOARD] for r in rows])
     gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain (same epoch)",
                       "alpha=0 robust acc", "KD robust acc"], kd_gains(rows))
     md = "\n\n".join([

@@ -11,8 +11,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config import SearchParam, SweepConfig
 from trainables.config import TRIAL_CONFIG, TrialConfig
+from trainables.metrics import Objective
 
-METRIC = "val_acc"
+METRIC = "val_acc"  # ASHA's (SweepConfig requires it first among the objectives)
 #: The alpha=0 control and the standard KD point, evaluated first for every student (search keys
 #: are canonical paths: an alias in the YAML was turned into its path by validation).
 CONTROL_POINT = {"loss.alpha": 0.0}
@@ -63,8 +64,8 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
 
 def objectives(cfg: SweepConfig) -> tuple[list[str], list[str]]:
     """(metrics, modes) Optuna optimizes: val_acc alone by default, or the accuracy/size front."""
-    pairs = [o.partition(":")[::2] for o in cfg.objectives]
-    return [m for m, _ in pairs], [mode for _, mode in pairs]
+    parsed = [Objective.parse(o) for o in cfg.objectives]
+    return [o.key for o in parsed], ["max" if o.maximize else "min" for o in parsed]
 
 
 def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:

@@ -8,15 +8,15 @@ import json
 import logging
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from orchestrator.config import SweepConfig
-from orchestrator.tracking import ERROR, STATUS, TRIAL, SweepTracker
+from orchestrator.store import SweepTracker, Tag
 from trainables.data import load_splits
+from trainables.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,26 +24,6 @@ log = logging.getLogger(__name__)
 USABLE = ("finished", "stopped")  # trials with a meaningful val_acc (stopped: truncated by ASHA)
 #: Only trials that ran every epoch compete on the Pareto front and for champion.
 COMPLETE = ("finished",)
-#: Friendly names for logged metrics (used in tables, objectives and constraints).
-ALIASES = {"params": "size_params", "bytes": "size_bytes", "latency_ms": "size_latency_cpu_b1_ms", "flops": "size_flops",
-           "macro_f1": "val_macro_f1", "ece": "val_ece", "agreement": "val_agreement", "nll": "val_nll"}
-#: Metrics where smaller is better; everything else is maximized.
-MINIMIZE = ("size_", "val_ece", "val_nll", "val_loss", "val_kl_teacher", "epoch_time_s")
-DEFAULT_OBJECTIVES = ("val_acc", "params", "latency_ms")
-
-
-@dataclass(frozen=True)
-class Objective:
-    key: str
-    maximize: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "Objective":
-        name, _, sense = text.partition(":")
-        key = ALIASES.get(name, name)
-        if sense not in ("", "max", "min"):
-            raise ConfigError(f"`--objective` takes NAME or NAME:max / NAME:min, but got {text!r}")
-        return cls(key, sense == "max" if sense else not key.startswith(MINIMIZE))
 
 
 def parse_bounds(pairs: list[str], flag: str) -> dict[str, float]:
@@ -51,7 +31,7 @@ def parse_bounds(pairs: list[str], flag: str) -> dict[str, float]:
     for p in pairs:
         name, sep, value = p.partition("=")
         try:
-            out[ALIASES.get(name, name)] = float(value)
+            out[metric(name).name] = float(value)
         except ValueError:
             sep = ""
         if not sep:
@@ -66,12 +46,12 @@ def _float(v: str | None) -> float | None:
 def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
     """One row per trial: its params, every logged metric, and its KD gain over its student's control."""
     rows = []
-    for r in tracker.find_runs(f"tags.mlflow.parentRunId = '{parent_id}'"):
+    for r in tracker.trial_runs(parent_id):
         p, tags = r.data.params, r.data.tags
         row = dict(r.data.metrics)
         row.update({
-            "run_id": r.info.run_id, "trial_id": tags.get(TRIAL), "status": tags.get(STATUS, "?"), "student": p.get("student", "?"),
-            "error": tags.get(ERROR),
+            "run_id": r.info.run_id, "trial_id": tags.get(Tag.TRIAL), "status": tags.get(Tag.STATUS, "?"), "student": p.get("student", "?"),
+            "error": tags.get(Tag.ERROR),
             # what the trial trained with: its resolved config, logged whole (searched or not)
             "temperature": _float(p.get("trial.loss.temperature")), "alpha": _float(p.get("trial.loss.alpha")),
             "lr": _float(p.get("trial.train.optimizer.lr")),
@@ -79,7 +59,7 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         })
         rows.append(row)
     for row in rows:
-        for alias, key in ALIASES.items():
+        for alias, key in ALIASES.items():  # the short names the tables and constraints use
             row.setdefault(alias, row.get(key))
     # KD gain compares like with like: against the control's val_acc at the trial's own last epoch,
     # so a trial ASHA stopped early is not charged for the epochs it never ran.
@@ -140,7 +120,7 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
     and for its teacher, so "student vs teacher" is one table. Both take raw pixels (their own
     normalization inside)."""
     from trainables.corruptions import robustness
-    from trainables.loop import predict
+    from trainables.inference import predict
     from trainables.metrics import classification_metrics
 
     raw = lambda x: x.float()  # noqa: E731
@@ -238,7 +218,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     splits = load_splits(cfg.dataset)
     model = load_student(tracker, winner["run_id"])
     tags = client.get_run(winner["run_id"]).data.tags
-    if tags.get("kdsweep.test_evaluated") == "true":  # touch the test split once per model
+    if tags.get(Tag.TEST_EVALUATED) == "true":  # touch the test split once per model
         with tempfile.TemporaryDirectory() as d:
             test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
     else:
@@ -251,17 +231,17 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         test = evaluate_on_test(cfg, model, teacher, splits)
         tracker.log_metrics(winner["run_id"], test["student"], step=0)
         client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
-        client.set_tag(winner["run_id"], "kdsweep.test_evaluated", "true")
+        client.set_tag(winner["run_id"], Tag.TEST_EVALUATED, "true")
     table = student_vs_teacher(test, winner)
     tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], **{f"champion_{k}": v for k, v in test["student"].items()},
                                     **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}}, step=0)
-    client.set_tag(parent_id, "kdsweep.champion_run_id", winner["run_id"])
+    client.set_tag(parent_id, Tag.CHAMPION, winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
     version = register(tracker, cfg, winner["run_id"], model, splits)
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
     log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
             f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
-    return {**winner, "test": test, "version": version, "table": table}
+    return {**winner, "test": test, "version": version, "table": table, "leaderboard": rows}
 
 
 def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, Any]]) -> None:
@@ -270,17 +250,12 @@ def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, 
     for r in rows:
         if r["kd_gain"] is not None:
             tracker.log_metrics(r["run_id"], {"kd_gain": r["kd_gain"]}, step=r["epochs"])
-    columns = [c for c, _ in COLUMNS] + ["trial_id", "run_id"]
+    columns = [*LEADERBOARD, "trial_id", "run_id"]
     tracker.client.log_table(parent_id, {c: [r.get(c) for r in rows] for c in columns}, "leaderboard.json")
 
 
-COLUMNS = [("student", "{}"), ("status", "{}"), ("temperature", "{:.2f}"), ("alpha", "{:.2f}"), ("lr", "{:.4f}"),
-           ("val_acc", "{:.4f}"), ("kd_gain", "{:+.4f}"), ("macro_f1", "{:.4f}"), ("robust_acc", "{:.4f}"), ("ece", "{:.4f}"),
-           ("params", "{:.0f}"), ("bytes", "{:.0f}"), ("latency_ms", "{:.3f}"), ("epochs", "{}")]
-
-
-def format_table(rows: list[dict[str, Any]], title: str, columns=COLUMNS) -> str:
-    cells = [[("-" if r.get(c) is None else f.format(r[c])) for c, f in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, (c, _) in enumerate(columns)]
+def format_table(rows: list[dict[str, Any]], title: str, columns=LEADERBOARD) -> str:
+    cells = [[metric(c).show(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
-    return "\n".join([f"\n{title}", line([c for c, _ in columns]), *(line(r) for r in cells)])
+    return "\n".join([f"\n{title}", line(columns), *(line(r) for r in cells)])

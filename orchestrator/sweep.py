@@ -27,8 +27,8 @@ from orchestrator.resources import PlacementGroupReaper, check_local, check_reac
 from orchestrator.search import (PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points, objectives, scheduler,
                                  searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
-from orchestrator.tracking import (MlflowTrialCallback, SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri,
-                                  outage_message, unreachable)
+from orchestrator.store import SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
+from orchestrator.tracking import MlflowTrialCallback
 from orchestrator.tune_state import TuneStateBackup, repair_state
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
@@ -332,6 +332,18 @@ class SavedSweep:
     tracking_uri: str
     teacher: str
     directory: Path
+
+
+def open_sweep(name: str, storage: str | None = None, tracking_uri: str | None = None) -> tuple[SavedSweep, SweepTracker, str]:
+    """A started sweep's saved config, its MLflow store and its parent run (best, report, export)."""
+    saved = load_sweep(name, storage)
+    uri = tracking_uri or saved.tracking_uri
+    check_tracking_uri(uri)
+    tracker = SweepTracker(uri, saved.config.experiment)
+    parents = tracker.parent_runs(saved.config.name)
+    if not parents:
+        raise ConfigError(f"`NAME` {name!r} has no parent run in {uri}: run the sweep first")
+    return saved, tracker, parents[0].info.run_id
 
 
 def load_sweep(name: str, storage: str | None = None) -> SavedSweep:

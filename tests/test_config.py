@@ -126,7 +126,9 @@ def test_search_objectives():
     assert cfg.objectives == ["val_acc:max", "size_params:min"] and "objectives" not in cfg.search
     assert load_config(None).objectives == ["val_acc:max"]
     assert load_config(None, ["search.objectives=[val_acc:max, size_params:min]"]) == validate_again(cfg)
-    with pytest.raises(ConfigError, match="`objectives`.*METRIC:max or METRIC:min"):
+    # one parser for every objective: aliases and default directions as on the command line
+    assert load_config(None, ["search.objectives=[val_acc, params]"]).objectives == ["val_acc:max", "size_params:min"]
+    with pytest.raises(ConfigError, match="objectives`.*METRIC:max or METRIC:min"):
         load_config(None, ["search.objectives=[val_acc:max, params:smallest]"])
     with pytest.raises(ConfigError, match="`objectives`.*the first must be val_acc"):
         load_config(None, ["search.objectives=[size_params:min]"])
@@ -173,3 +175,15 @@ def test_asha_never_stops_a_control_whichever_key_searched_alpha():
             decisions[trial.trial_id] = asha.on_trial_result(None, trial, {"epoch": 1, "val_acc": 0.1 if i == 0 else 0.9 - 0.01 * i})
     assert decisions["0.0-0"] == TrialScheduler.CONTINUE
     assert decisions["0.9-0"] == TrialScheduler.STOP
+
+
+def test_the_driver_never_imports_the_trial_loop():
+    """Driver modules read trial configs and checkpoints; the loop (and what it drags in) runs in
+    Ray's processes only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, orchestrator.cli, orchestrator.sweep, orchestrator.selection, orchestrator.report, orchestrator.export, "
+            "orchestrator.tracking, orchestrator.prepare; print(sorted(m for m in sys.modules if m == 'trainables.loop'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

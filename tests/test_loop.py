@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainables.data import load_dataset, normalizer
-from trainables.loop import LocalReporter, Reporter, load_state, train_student
+from trainables.checkpoint import load_state
+from trainables.loop import LocalReporter, Reporter, train_student
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher
 from tests.conftest import trial_dict
@@ -151,7 +152,7 @@ def test_concurrent_checkpoint_writers_never_collide(tmp_path):
     private temporary file, so both succeed and a whole file is always in place."""
     import threading
 
-    from trainables.loop import save_state
+    from trainables.checkpoint import save_state
 
     errors = []
 

@@ -219,14 +219,14 @@ class CuttingProxy:
 def test_answers_cut_short_are_asked_again_and_nothing_is_written_twice(tmp_path):
     """The request went through, its answer did not (MLflow's HTTP retries do not cover this):
     the run is found by its tags instead of made twice, the epoch is not logged twice."""
-    from orchestrator.tracking import ROLE, SWEEP, SweepTracker
+    from orchestrator.store import SweepTracker, Tag
 
     server = Server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
     server.start()
     proxy = CuttingProxy(server.port, ["/runs/create", "/runs/log-batch"])
     try:
         tracker = SweepTracker(proxy.uri, "cut")
-        run_id = tracker.create_run("parent", {SWEEP: "cut", ROLE: "parent"})
+        run_id = tracker.create_run("parent", {Tag.SWEEP: "cut", Tag.ROLE: "parent"})
         tracker.log_metrics(run_id, {"val_acc": 0.5}, step=1)
         assert proxy.cut == ["/runs/create", "/runs/log-batch"]
         client = mlflow.tracking.MlflowClient(server.uri)

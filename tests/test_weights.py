@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from trainables.config import AugmentConfig, DatasetConfig, TrainConfig, TrialConfig
 from trainables.data import IMAGENET_MEAN, IMAGENET_STD, load_splits, model_stats, normalizer
-from trainables.loop import LocalReporter, predict, train_student
+from trainables.inference import predict
+from trainables.loop import LocalReporter, train_student
 from trainables.models import create_model
 from trainables.registry import ConfigError
 from trainables.teacher import load_teacher, save_teacher

@@ -1,7 +1,7 @@
 """The trial loop: one plain function that distils one student, standalone or as a Ray Train worker.
 
     train_student(config)                   # standalone: prints epochs, checkpoints to checkpoint_dir
-    train_student(config, TuneReporter())   # a one-worker trial, in its (reused) Tune actor: trainables.trial
+    train_student(config, TuneReporter())   # a one-worker trial, in its (reused) Tune actor (trainables.trial, .reporters)
     train_loop_per_worker(config)           # inside a Ray Train TorchTrainer (DDP trials, >1 worker)
 
 Hot loop: data already on the device as uint8, a seeded permutation per epoch, batched crop/flip,
@@ -13,7 +13,6 @@ import contextlib
 import functools
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from trainables.atomic import atomic_path
+from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
+from trainables.inference import predict
 from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, model_stats, normalizer, place
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
@@ -34,6 +34,7 @@ from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
 from trainables.profile import size_metrics, size_report
 from trainables.registry import ConfigError
+from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
 from trainables.teacher import WEIGHTS as TEACHER_WEIGHTS
 from trainables.teacher import load_teacher
@@ -41,106 +42,6 @@ from trainables.teacher_cache import resolved_augment
 from trainables.weights import freeze_backbone, load_weights
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
-
-
-class Reporter:
-    """Where epochs go, where a resumed trial finds its last state, and whether to stop now.
-    The defaults suit a plain process: nothing to restore, never stopped from outside."""
-
-    #: True inside a Ray Train worker group (rank, world size and device come from Ray Train).
-    in_worker_group = False
-    #: True in a process that runs trial after trial (a reused Tune actor): keep data and teacher.
-    warm = False
-
-    def restore(self) -> dict | None:
-        return None
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        raise NotImplementedError
-
-    def stop_requested(self) -> bool:
-        return False
-
-
-class TrialStopped(Exception):
-    """Raised inside the loop when its reporter says the trial was stopped (ASHA, the driver)."""
-
-
-def load_state(path: str | Path) -> dict:
-    """Load a checkpoint written by this loop: tensors and plain types only (weights_only=True)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"`checkpoint` {path} is corrupt or not a kdsweep checkpoint ({type(e).__name__}): delete it to start fresh") from None
-
-
-def save_state(state: dict, directory: str | Path) -> None:
-    """Write atomically, so a kill mid-save never leaves a half-written checkpoint."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    with atomic_path(d / STATE_FILE) as tmp:
-        torch.save(state, tmp)
-
-
-@dataclass
-class LocalReporter(Reporter):
-    """Standalone runs: log each epoch, checkpoint into `checkpoint_dir` (resume if one is there)."""
-
-    checkpoint_dir: str | None = None
-    log_epochs: bool = True
-
-    def restore(self) -> dict | None:
-        if self.checkpoint_dir and (Path(self.checkpoint_dir) / STATE_FILE).exists():
-            return load_state(Path(self.checkpoint_dir) / STATE_FILE)
-        return None
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        if state is not None and self.checkpoint_dir:
-            save_state(state, self.checkpoint_dir)
-        if self.log_epochs:
-            log.info("%s", format_epoch(metrics))
-
-
-class RayTrainReporter(Reporter):
-    """Inside a TorchTrainer: ray.train.report every epoch; rank 0 attaches the checkpoint (Ray
-    Train ends its workers itself when a trial is stopped)."""
-
-    in_worker_group = True
-
-    def restore(self) -> dict | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            if (Path(d) / STATE_FILE).exists():
-                return load_state(Path(d) / STATE_FILE)
-        # A driver killed while Ray persisted the latest checkpoint leaves it without our file:
-        # resume from the newest complete one beside it (the sweep keeps two).
-        siblings = sorted(Path(ckpt.path).parent.glob("checkpoint_*/" + STATE_FILE), reverse=True) if Path(ckpt.path).exists() else []
-        return load_state(siblings[0]) if siblings else None
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        import ray
-        import ray.train
-
-        metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
-        if state is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            save_state(state, d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def format_epoch(m: dict[str, Any]) -> str:
-    keys = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_macro_f1", "val_agreement", "robust_acc",
-            "images_per_s", "status")
-    return "  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
-
 
 @dataclass
 class TrialResult:
@@ -172,23 +73,6 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, 
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, norm, batch: int, autocast, channels_last: bool, device: torch.device | None = None) -> Tensor:
-    """Logits (float32) for uint8 images in big batches: no augmentation, model in eval mode.
-    `device`: where the model is, when x may be in host memory (host placement)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        xb = norm(xb.to(device, non_blocking=True) if device is not None else xb)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            out.append(model(xb).float())
-    model.train(was_training)
-    return torch.cat(out)
 
 
 def epoch_means(sums: Tensor, steps: int, world: int) -> list[float]:
@@ -310,12 +194,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, steps_per_epoch)
     start_epoch, history = 0, []
     if (state := reporter.restore()) is not None:
-        student.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        start_epoch, history = state["epoch"], list(state["history"])
+        start_epoch, history = restore(state, student, loss_fn, opt, sched)
 
     model = student
     if world > 1:
@@ -396,11 +275,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         state = None
         if rank == 0 and not diverged and cfg.train.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):
             last_checkpoint = time.monotonic()
-            state = {
-                "model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "epoch": epoch + 1, "rng_cpu": torch.get_rng_state(), "history": history,
-                "eval": tables, "preprocess": {"mean": list(mean), "std": list(std)},
-            }
+            state = snapshot(epoch + 1, student, loss_fn, opt, sched, history, tables, mean, std)
         reporter.report(metrics, state)
         if diverged:
             break

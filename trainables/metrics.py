@@ -1,35 +1,122 @@
 """Evaluation metrics on logits: accuracy, macro recall/F1, top-5, NLL, ECE, agreement with and KL
-to the teacher. Pure tensor functions, computed on the device where the logits are."""
+to the teacher. Pure tensor functions, computed on the device where the logits are.
+
+Above them, the one declaration of every number kdsweep logs (`METRICS`): when it is reported, which
+way is better, its short name and how a table shows it, and the one parser of `METRIC[:max|min]`
+(`Objective.parse`). The trial loop reports these names, tracking logs them by kind, and the
+search, selection, leaderboard, console and report read them from here."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.corruptions import CORRUPTIONS
+from trainables.registry import ConfigError
 
-# --- The metric schema, declared once: the trial loop reports these names, tracking logs them by
-# kind, selection and the report read them. Size metrics (once per architecture) are named by
-# trainables.profile.size_report.
+#: epoch: every epoch (MLflow step = the epoch); final: with the last epoch; text: a string every
+#: epoch, whose last value becomes the run's tag kdsweep.<name>; size: once per architecture
+#: (trainables.profile); run: written by the driver (selection, tracking); field: a leaderboard
+#: column read from the trial's config or run, not a metric.
+Kind = Literal["epoch", "final", "text", "size", "run", "field"]
 
-#: classification_metrics' keys, behind a split prefix (val_, test_).
-SPLIT_METRICS = ("acc", "macro_recall", "macro_f1", "nll", "ece", "top5_acc", "agreement", "kl_teacher")
-#: Reported every epoch; MLflow step = the epoch.
-EPOCH_METRICS = (
-    "train_loss", "train_kd", "train_ce", "val_loss", "images_per_s", "epoch_time_s", "lr", "teacher_forward_images",
-    "trial_startup_s", *(f"val_{k}" for k in SPLIT_METRICS),
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Kind
+    maximize: bool | None = None  # None: no better direction (lr, status)
+    alias: str | None = None  # the short name for tables, objectives and constraints (params, latency_ms)
+    fmt: str = "{:.4f}"
+
+    def show(self, value: Any) -> str:
+        return "-" if value is None else self.fmt.format(value)
+
+
+#: classification_metrics' keys, behind a split prefix (val_, test_), with their direction.
+SPLIT_METRICS = {"acc": True, "macro_recall": True, "macro_f1": True, "nll": False, "ece": False, "top5_acc": True, "agreement": True,
+                 "kl_teacher": False}
+_SPLIT_ALIASES = {"macro_f1": "macro_f1", "nll": "nll", "ece": "ece", "agreement": "agreement"}
+#: size metrics, logged as size_<name> (trainables.profile.size_metrics measures them).
+SIZE_KEYS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_cpu_b64_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms")
+_SIZE = {"params": ("params", "{:.0f}"), "bytes": ("bytes", "{:.0f}"), "flops": ("flops", "{:.0f}"), "latency_cpu_b1_ms": ("latency_ms", "{:.3f}")}
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("train_loss", "epoch", False), Metric("train_kd", "epoch", False), Metric("train_ce", "epoch", False),
+    *(Metric(f"val_{k}", "epoch", up, _SPLIT_ALIASES.get(k)) for k, up in SPLIT_METRICS.items()),
+    Metric("val_loss", "epoch", False), Metric("images_per_s", "epoch", True, fmt="{:.0f}"), Metric("epoch_time_s", "epoch", False, fmt="{:.2f}"),
+    Metric("lr", "epoch", None), Metric("teacher_forward_images", "epoch", False, fmt="{:.0f}"), Metric("trial_startup_s", "epoch", False, fmt="{:.2f}"),
     # the first epoch of a (resumed) run: where its set-up went (train_student's phases, seconds)
-    "setup_data_s", "setup_models_s", "setup_targets_s",
-)
-#: Reported with the final epoch: the corruption suite's summary (per severity: eval/corruptions.csv).
-FINAL_METRICS = ("robust_acc", "relative_robustness", *(f"corr_{n}" for n in CORRUPTIONS.names()))
-#: Text reported every epoch; the last value becomes the run's tag kdsweep.<name> (node_id: the Ray
-#: node that ran the trial's loop, its rank 0 for DDP).
-TEXT_METRICS = ("status", "teacher_targets", "node_id")
-#: Per architecture (trainables.profile.size_metrics), logged as size_<name>.
-SIZE_METRICS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_cpu_b64_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms")
+    Metric("setup_data_s", "epoch", False, fmt="{:.2f}"), Metric("setup_models_s", "epoch", False, fmt="{:.2f}"),
+    Metric("setup_targets_s", "epoch", False, fmt="{:.2f}"),
+    # the final epoch's corruption suite (per severity: eval/corruptions.csv)
+    Metric("robust_acc", "final", True), Metric("relative_robustness", "final", True),
+    *(Metric(f"corr_{n}", "final", True) for n in CORRUPTIONS.names()),
+    # node_id: the Ray node that ran the trial's loop (its rank 0 for DDP)
+    Metric("status", "text", fmt="{}"), Metric("teacher_targets", "text", fmt="{}"), Metric("node_id", "text", fmt="{}"),
+    *(Metric(f"size_{k}", "size", False, *_SIZE.get(k, (None, "{:.3f}"))) for k in SIZE_KEYS),
+    Metric("final_val_acc", "run", True), Metric("epochs_run", "run", True, fmt="{:.0f}"), Metric("kd_gain", "run", True, fmt="{:+.4f}"),
+    Metric("student", "field", fmt="{}"), Metric("temperature", "field", fmt="{:.2f}"), Metric("alpha", "field", fmt="{:.2f}"),
+    Metric("epochs", "field", fmt="{}"),
+)}
+ALIASES = {m.alias: m.name for m in METRICS.values() if m.alias}
+
+
+def names(*kinds: Kind) -> tuple[str, ...]:
+    return tuple(n for n, m in METRICS.items() if m.kind in kinds)
+
+
+EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS, SIZE_METRICS = names("epoch"), names("final"), names("text"), names("size")
 #: What Optuna may optimize (search.objectives): the per-epoch val metrics and the sizes.
-SEARCH_OBJECTIVES = (*(f"val_{k}" for k in SPLIT_METRICS), *(f"size_{k}" for k in SIZE_METRICS))
+SEARCH_OBJECTIVES = tuple(n for n in (*EPOCH_METRICS, *SIZE_METRICS) if n.startswith(("val_", "size_")))
+#: Selection's default: accuracy first (it picks the champion), then the smallest and fastest.
+DEFAULT_OBJECTIVES = ("val_acc:max", "size_params:min", "size_latency_cpu_b1_ms:min")
+#: The leaderboard's columns (selection's table, its MLflow artifact, the report), by name or alias.
+LEADERBOARD = ("student", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "bytes",
+               "latency_ms", "epochs")
+#: What one epoch line of a standalone run (and of the teacher's training) shows.
+EPOCH_LINE = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_macro_f1", "val_agreement", "robust_acc",
+              "images_per_s", "status")
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    """One epoch as a console line (standalone runs, the teacher's training)."""
+    return "  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in EPOCH_LINE if k in m)
+
+
+def metric(name: str) -> Metric:
+    """The declaration of a logged name or alias; a name logged but not declared (teacher_*,
+    compression_*, speedup_*, test_*) is larger-is-better, except test_nll/test_ece."""
+    key = ALIASES.get(name, name)
+    if key in METRICS:
+        return METRICS[key]
+    split = key.partition("_")[2]
+    return Metric(key, "run", SPLIT_METRICS.get(split, True) if key.startswith("test_") else True)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """`METRIC[:max|min]`: what the search optimizes, the Pareto front's axes and the winner's key."""
+
+    key: str
+    maximize: bool
+
+    @classmethod
+    def parse(cls, text: str, field: str = "--objective", allowed: tuple[str, ...] | None = None) -> "Objective":
+        name, _, sense = text.partition(":")
+        m = metric(name)
+        if sense not in ("", "max", "min") or (allowed is not None and m.name not in allowed):
+            among = f" with METRIC in {list(allowed)}" if allowed is not None else ""
+            raise ConfigError(f"`{field}` takes METRIC, METRIC:max or METRIC:min{among}, but got {text!r}")
+        if not sense and m.maximize is None:
+            raise ConfigError(f"`{field}` {text!r} has no better direction: write {name}:max or {name}:min")
+        return cls(m.name, sense == "max" if sense else bool(m.maximize))
+
+    def __str__(self) -> str:
+        return f"{self.key}:{'max' if self.maximize else 'min'}"
 
 
 def confusion(pred: Tensor, y: Tensor, num_classes: int) -> Tensor:

@@ -15,19 +15,16 @@ orchestrator, so a trial on any node needs nothing but this package.
 """
 from __future__ import annotations
 
-import queue
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
 from trainables.config import TRIAL_CONFIG, TrialConfig
-from trainables.loop import STATE_FILE, Reporter, TrialStopped, load_state, save_state, train_loop_per_worker, train_student
+from trainables.reporters import QueueReporter, TrialStopped, TuneReporter
 
 _DONE = "__kdsweep_done__"
 
@@ -63,36 +60,6 @@ class QueueReport(UserCallback):
         self.queue.put(item)
 
 
-class TuneReporter(Reporter):
-    """The loop's side of a one-worker trial in its Tune actor: epochs (and checkpoint files, saved
-    here because the weights change on) go into a local queue without waiting for the driver."""
-
-    warm = True
-
-    def __init__(self, checkpoint) -> None:
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.stop = threading.Event()
-        self.checkpoint = checkpoint  # tune.get_checkpoint() of this (restored) trial
-
-    def restore(self) -> dict | None:
-        if self.checkpoint is None:
-            return None
-        with self.checkpoint.as_directory() as d:
-            return load_state(Path(d) / STATE_FILE) if (Path(d) / STATE_FILE).exists() else None
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        if self.stop.is_set():
-            raise TrialStopped
-        folder = None
-        if state is not None:
-            folder = tempfile.mkdtemp(prefix="kdsweep-ckpt-")
-            save_state(state, folder)
-        self.queue.put((metrics, folder))
-
-    def stop_requested(self) -> bool:
-        return self.stop.is_set()
-
-
 def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
     """One-worker trial: the loop in a thread of this (reused) Tune actor; this thread reports.
 
@@ -101,6 +68,8 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
     is free for the next trial."""
     import ray
     from ray import tune
+
+    from trainables.loop import train_student  # here, not at import: the driver imports this module, never the loop
 
     node = ray.get_runtime_context().get_node_id()
     reporter = TuneReporter(tune.get_checkpoint())
@@ -162,6 +131,8 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from trainables.loop import train_loop_per_worker
+
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -209,22 +180,13 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
         raise errors[0]
 
 
-class QueueReporter(Reporter):
-    """The teacher's training in a Ray task: each epoch's metrics into a Ray queue the driver
-    drains to its console (no checkpoints: a lost task is simply run again)."""
-
-    def __init__(self, epochs) -> None:
-        self.epochs = epochs
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        self.epochs.put(metrics)
-
-
 def teacher_task(trial: TrialConfig, epochs) -> dict[str, Any]:
     """Ray task body (orchestrator.prepare.ensure_teacher): the teacher trained (or fine-tuned) by
     the trial loop on a node where trials train, with one trial's resources. Returns its weights,
     final metrics, input statistics and the node that trained it; the driver writes the folder."""
     import ray
+
+    from trainables.loop import train_student
 
     result = train_student(trial, QueueReporter(epochs))
     return {"state": {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}, "metrics": result.metrics,

@@ -1,0 +1,91 @@
+"""kdsweep from Python (a notebook, a script): the same code path as `kdsweep run` and `kdsweep best`.
+
+    from orchestrator.api import run_sweep_from
+    result = run_sweep_from("search_spaces/default.yaml", {"train.epochs": 4, "budget.num_samples": 6})
+    result.champion.student, result.champion.val_acc, result.model_uri
+    [row["val_acc"] for row in result.leaderboard]
+
+User errors raise trainables.registry.ConfigError (the CLI prints it as one line and exits 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import SweepConfig, load_config
+
+
+@dataclass(frozen=True)
+class Champion:
+    run_id: str
+    trial_id: str
+    student: str
+    val_acc: float
+    test: dict[str, float]  # the once-only test metrics (test_acc, test_macro_f1, ...)
+    version: int  # its registered model's version (alias `champion`)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What a finished sweep left: where it is tracked, its leaderboard and its champion."""
+
+    config: SweepConfig
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    teacher: str
+    leaderboard: list[dict[str, Any]]  # one row per trial, best first (selection.leaderboard)
+    champion: Champion
+
+    @property
+    def model_uri(self) -> str:
+        """For mlflow.pytorch.load_model (with mlflow.set_tracking_uri(self.tracking_uri))."""
+        return f"models:/{self.config.registered_model}@champion"
+
+
+def run_sweep_from(config: str | Path | dict | None = None, overrides: list[str] | dict[str, Any] | None = None, *,
+                   address: str | None = None, tracking_uri: str | None = None, objectives: list[str] | None = None,
+                   minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None,
+                   verbose: bool = False) -> SweepResult:
+    """Validate, run the sweep, select and register the champion, as `kdsweep run` does.
+
+    `config`: a YAML path, a dict of the YAML's content, or None (the embedded default);
+    `overrides`: `--set` pairs or a dict of keys (aliases or dotted paths) to values;
+    `objectives`/`minimum`/`maximum`: as --objective/--min/--max (metric names or aliases)."""
+    from orchestrator.sweep import run_sweep
+
+    cfg = load_config(config, overrides)
+    handles = run_sweep(cfg, address, tracking_uri, verbose=verbose)
+    return _selected(cfg, handles["tracker"], handles["parent_run_id"], handles["teacher"], objectives, minimum, maximum)
+
+
+def resume_sweep(name: str, storage: str | None = None, *, address: str | None = None, tracking_uri: str | None = None,
+                 objectives: list[str] | None = None, minimum: dict[str, float] | None = None,
+                 maximum: dict[str, float] | None = None, verbose: bool = False) -> SweepResult:
+    """Finish a sweep whose driver died, then select, as `kdsweep resume` does."""
+    from orchestrator.sweep import load_sweep, run_sweep
+
+    saved = load_sweep(name, storage)
+    handles = run_sweep(saved.config, address, tracking_uri or saved.tracking_uri, restore=True, verbose=verbose)
+    return _selected(saved.config, handles["tracker"], handles["parent_run_id"], handles["teacher"], objectives, minimum, maximum)
+
+
+def best_of(name: str, storage: str | None = None, tracking_uri: str | None = None, *, objectives: list[str] | None = None,
+            minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None) -> SweepResult:
+    """Re-select a finished sweep from MLflow, as `kdsweep best` does (the test split is touched
+    once per model: a champion already tested is not tested again)."""
+    from orchestrator.sweep import open_sweep
+
+    saved, tracker, parent = open_sweep(name, storage, tracking_uri)
+    return _selected(saved.config, tracker, parent, saved.teacher, objectives, minimum, maximum)
+
+
+def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objectives, minimum, maximum) -> SweepResult:
+    from orchestrator.selection import parse_bounds, select
+
+    minimum = parse_bounds([f"{k}={v}" for k, v in (minimum or {}).items()], "minimum")
+    maximum = parse_bounds([f"{k}={v}" for k, v in (maximum or {}).items()], "maximum")
+    won = select(cfg, tracker, parent_id, objectives, minimum, maximum, teacher_path=teacher)
+    champion = Champion(won["run_id"], won["trial_id"], won["student"], won["val_acc"], won["test"]["student"], won["version"])
+    return SweepResult(cfg, tracker.uri, tracker.experiment_id, parent_id, teacher, won["leaderboard"], champion)
