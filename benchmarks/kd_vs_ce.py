@@ -18,7 +18,8 @@ import time
 
 from orchestrator.config import load_config
 from orchestrator.prepare import check_data, ensure_teacher
-from orchestrator.selection import Normalized, evaluate_on_test
+from orchestrator.selection import evaluate_on_test
+from trainables.normalize import Normalized
 from trainables.data import load_splits
 from trainables.profile import size_metrics
 from trainables.loop import LocalReporter, train_student

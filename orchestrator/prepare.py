@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
-from trainables.data import DataSplits, load_splits, model_stats
+from trainables.data import DataSplits, load_splits
+from trainables.normalize import model_stats
 from trainables.models import create_model
 from trainables.registry import ConfigError
 from trainables.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
@@ -142,7 +143,7 @@ def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):
     """A teacher whose weights file already fits the dataset: loaded and scored on val, not trained."""
     import contextlib
 
-    from trainables.data import normalizer
+    from trainables.normalize import normalizer
     from trainables.inference import predict
     from trainables.metrics import classification_metrics
 

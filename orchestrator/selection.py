@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from orchestrator.config import SweepConfig
 from orchestrator.store import SweepTracker, Tag
 from trainables.data import load_splits
+from trainables.normalize import Normalized
 from trainables.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
 
@@ -136,19 +136,6 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
         m.update({f"test_{k}": v for k, v in summary.items()})
         out[who] = m
     return out
-
-
-class Normalized(torch.nn.Module):
-    """The registered artifact: raw 0..255 images in, logits out (normalization baked in)."""
-
-    def __init__(self, model: torch.nn.Module, mean, std) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x.float() - self.mean) / self.std)
 
 
 def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits) -> int:

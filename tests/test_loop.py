@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainables.data import load_dataset, normalizer
+from trainables.data import load_dataset
+from trainables.normalize import normalizer
 from trainables.checkpoint import load_state
 from trainables.loop import LocalReporter, Reporter, train_student
 from trainables.registry import ConfigError

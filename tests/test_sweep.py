@@ -294,7 +294,8 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
     import torchvision
     import yaml
 
-    from trainables.data import IMAGENET_MEAN, load_splits
+    from trainables.data import load_splits
+    from trainables.normalize import IMAGENET_MEAN
     from trainables.config import DatasetConfig
 
     monkeypatch.chdir(tmp_path)

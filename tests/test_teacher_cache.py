@@ -3,7 +3,8 @@ reads it trains exactly as one that runs the teacher online."""
 import torch
 
 from trainables.config import AugmentConfig, TrialConfig
-from trainables.data import augment, epoch_batches, load_dataset, normalizer
+from trainables.data import augment, epoch_batches, load_dataset
+from trainables.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.teacher import load_teacher
 from trainables.teacher_cache import TeacherCache, build_teacher_cache

@@ -10,7 +10,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from trainables.config import AugmentConfig, DatasetConfig, TrainConfig, TrialConfig
-from trainables.data import IMAGENET_MEAN, IMAGENET_STD, load_splits, model_stats, normalizer
+from trainables.data import load_splits
+from trainables.normalize import IMAGENET_MEAN, IMAGENET_STD, model_stats, normalizer
 from trainables.inference import predict
 from trainables.loop import LocalReporter, train_student
 from trainables.models import create_model

@@ -43,7 +43,7 @@ class ModelCard(Strict):
 
     @property
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std): what this model's inputs are normalized with (trainables.data.normalizer)."""
+        """(mean, std): what this model's inputs are normalized with (trainables.normalize)."""
         return tuple(self.mean), tuple(self.std)
 
 

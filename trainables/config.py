@@ -82,7 +82,7 @@ class AugmentConfig(Strict):
         return self.crop_pad == 0 and not self.flip and self.resized_crop is None
 
 
-#: How a model's inputs are normalized (trainables.data.model_stats).
+#: How a model's inputs are normalized (trainables.normalize.model_stats).
 Normalize = Literal["auto", "dataset", "imagenet"]
 
 #: Where decompressed data go when neither dataset.cache nor $KDSWEEP_CACHE says.

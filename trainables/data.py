@@ -458,32 +458,3 @@ def device_batches(x_all: Tensor, y_all: Tensor, batches, device: torch.device |
         following = next(it, None)
         pending = copy(following) if following is not None else None  # in flight while batch b computes
         yield b, idx, x, y_all[idx], view
-
-
-#: torchvision's ImageNet statistics: what its pretrained weights expect.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def model_stats(normalize: str, pretrained: bool, arch: str, splits: DataSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) a model's inputs are normalized with: ImageNet's for torchvision weights
-    (`auto` with a weights file on a torchvision.<name> model, or `imagenet`), else the train
-    split's. Grey images get ImageNet's channel means (the network sees three equal channels)."""
-    from trainables.models import ZOO
-
-    if normalize == "imagenet" or (normalize == "auto" and pretrained and arch.startswith(ZOO)):
-        c = splits.input_shape[0]
-        if c == 3:
-            return IMAGENET_MEAN, IMAGENET_STD
-        return (sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c
-    return splits.mean, splits.std
-
-
-def normalizer(mean, std, device: torch.device | str) -> Callable[[Tensor], Tensor]:
-    """uint8 (or float 0..255) -> float normalized with these channel statistics (0..1 scale)."""
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
-
-    def norm(x: Tensor) -> Tensor:
-        return (x.float() - m) * inv_std
-
-    return norm

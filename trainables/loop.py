@@ -27,7 +27,8 @@ from trainables.card import TeacherCard
 from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.corruptions import robustness
 from trainables.inference import predict
-from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, model_stats, normalizer, place
+from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, place
+from trainables.normalize import model_stats, normalizer
 from trainables.losses import build_loss
 from trainables.metrics import classification_metrics, per_class
 from trainables.plugins import load_plugins

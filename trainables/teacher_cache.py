@@ -21,7 +21,8 @@ from torch import Tensor
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
 from trainables.config import AugmentConfig, TrialConfig, trial_from_dict
-from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, normalizer, place
+from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, place
+from trainables.normalize import normalizer
 
 META = "meta.json"
 

@@ -1,0 +1,60 @@
+"""Input normalization, defined once: which statistics a model takes (`model_stats`), and the one
+operation on raw 0..255 pixels, (x - 255 mean) / (255 std): `Normalize`, which the trial loop, the
+teacher cache and the teacher's own inputs use, and `Normalized`, a model with it built in (the
+registered MLflow model, the test evaluation and every export take raw pixels)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainables.data import DataSplits
+
+#: torchvision's ImageNet statistics: what its pretrained weights expect.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def model_stats(normalize: str, pretrained: bool, arch: str, splits: "DataSplits") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a model's inputs are normalized with: ImageNet's for torchvision weights
+    (`auto` with a weights file on a torchvision.<name> model, or `imagenet`), else the train
+    split's. Grey images get ImageNet's channel means (the network sees three equal channels)."""
+    from trainables.models import ZOO
+
+    if normalize == "imagenet" or (normalize == "auto" and pretrained and arch.startswith(ZOO)):
+        c = splits.input_shape[0]
+        if c == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c
+    return splits.mean, splits.std
+
+
+class Normalize(nn.Module):
+    """uint8 (or float 0..255) images -> float, normalized with channel statistics on the 0..1 scale."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("scale", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.float() - self.offset) * self.scale
+
+
+def normalizer(mean, std, device: torch.device | str) -> Normalize:
+    """`Normalize` on `device` (the loop's per-batch call)."""
+    return Normalize(mean, std).to(device)
+
+
+class Normalized(nn.Module):
+    """A model that takes raw 0..255 images (N, C, H, W) and returns logits: its normalization built in."""
+
+    def __init__(self, model: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = Normalize(mean, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.normalize(x))
