@@ -19,11 +19,11 @@ import time
 from orchestrator.config import load_config
 from orchestrator.prepare import check_data, ensure_teacher
 from orchestrator.selection import evaluate_on_test
-from trainables.normalize import Normalized
+from trainables.data.normalize import Normalized
 from trainables.data import load_splits
-from trainables.profile import size_metrics
+from trainables.models.profile import size_metrics
 from trainables.loop import LocalReporter, train_student
-from trainables.teacher import load_teacher
+from trainables.models.teacher import load_teacher
 
 log = logging.getLogger("kdsweep.bench")
 

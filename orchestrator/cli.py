@@ -63,7 +63,7 @@ def _selection(args: argparse.Namespace) -> dict:
     """The selection flags as the Python API takes them (parsed before anything runs, so a typo
     fails in the first second)."""
     from orchestrator.selection import parse_bounds
-    from trainables.metrics import Objective, metric
+    from trainables.eval.metrics import Objective, metric
 
     for o in args.objective or []:
         Objective.parse(o)

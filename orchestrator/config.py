@@ -14,10 +14,10 @@ from pydantic import Field, field_validator, model_validator
 
 from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, Strict, TrainConfig, TrialConfig,
                                WeightsFile, set_dotted, validate, with_overrides)
-from trainables.metrics import SEARCH_OBJECTIVES, Objective
+from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
-from trainables.weights import weights_sha256
+from trainables.models.weights import weights_sha256
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config. Input sugar
 #: only: validation turns every key into its path, which is also its path in the trial config.

@@ -13,7 +13,7 @@ from ray.tune import Callback
 from orchestrator.config import SweepConfig
 from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
-from trainables.metrics import metric
+from trainables.eval.metrics import metric
 
 COLUMNS = ("trial", "student", "T", "alpha", "lr", "epoch", "val_acc", "status")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from orchestrator.config import SweepConfig
 from trainables.data import DataSplits, load_splits
-from trainables.normalize import model_stats
+from trainables.data.normalize import model_stats
 from trainables.models import create_model
 from trainables.registry import ConfigError
-from trainables.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
-from trainables.weights import load_weights, weights_sha256
+from trainables.models.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
+from trainables.models.weights import load_weights, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def train_on_ray(cfg: SweepConfig) -> dict:
     import ray
     from ray.util.queue import Queue
 
-    from trainables.metrics import format_epoch
+    from trainables.eval.metrics import format_epoch
     from trainables.trial import teacher_task
 
     r = cfg.resources
@@ -143,9 +143,9 @@ def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):
     """A teacher whose weights file already fits the dataset: loaded and scored on val, not trained."""
     import contextlib
 
-    from trainables.normalize import normalizer
-    from trainables.inference import predict
-    from trainables.metrics import classification_metrics
+    from trainables.data.normalize import normalizer
+    from trainables.eval.inference import predict
+    from trainables.eval.metrics import classification_metrics
 
     t = cfg.teacher
     model = create_model(t.arch, splits.num_classes, splits.input_shape, **t.arch_kwargs)

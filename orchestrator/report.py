@@ -10,8 +10,8 @@ from typing import Any
 
 from orchestrator.selection import COMPLETE, USABLE, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
-from trainables.corruptions import CORRUPTIONS
-from trainables.metrics import LEADERBOARD, Objective, metric
+from trainables.eval.corruptions import CORRUPTIONS
+from trainables.eval.metrics import LEADERBOARD, Objective, metric
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:

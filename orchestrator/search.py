@@ -11,7 +11,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.config import SearchParam, SweepConfig
 from trainables.config import TRIAL_CONFIG, TrialConfig
-from trainables.metrics import Objective
+from trainables.eval.metrics import Objective
 
 METRIC = "val_acc"  # ASHA's (SweepConfig requires it first among the objectives)
 #: The alpha=0 control and the standard KD point, evaluated first for every student (search keys

@@ -15,8 +15,8 @@ from typing import Any
 from orchestrator.config import SweepConfig
 from orchestrator.store import SweepTracker, Tag
 from trainables.data import load_splits
-from trainables.normalize import Normalized
-from trainables.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
+from trainables.data.normalize import Normalized
+from trainables.eval.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,9 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
     """The once-only look at the test split: clean metrics and the corruption suite, for the winner
     and for its teacher, so "student vs teacher" is one table. Both take raw pixels (their own
     normalization inside)."""
-    from trainables.corruptions import robustness
-    from trainables.inference import predict
-    from trainables.metrics import classification_metrics
+    from trainables.eval.corruptions import robustness
+    from trainables.eval.inference import predict
+    from trainables.eval.metrics import classification_metrics
 
     raw = lambda x: x.float()  # noqa: E731
     out = {}
@@ -209,7 +209,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         with tempfile.TemporaryDirectory() as d:
             test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
     else:
-        from trainables.teacher import load_teacher
+        from trainables.models.teacher import load_teacher
 
         teacher = None
         if teacher_path or cfg.teacher_dir().exists():

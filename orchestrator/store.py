@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from orchestrator.config import short_name
-from trainables.metrics import LEADERBOARD, metric
+from trainables.eval.metrics import LEADERBOARD, metric
 from trainables.registry import ConfigError
 
 
@@ -36,7 +36,7 @@ class Tag:
 
     @staticmethod
     def text(name: str) -> str:
-        """A trial's last text metric (trainables.metrics, kind text) as its run's tag."""
+        """A trial's last text metric (trainables.eval.metrics, kind text) as its run's tag."""
         return f"kdsweep.{name}"
 
     @staticmethod

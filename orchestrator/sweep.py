@@ -192,7 +192,7 @@ def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> Cal
     Starts the tasks and returns what waits for them, so they run while the teacher cache builds."""
     import ray
 
-    from trainables.profile import profile_task, size_report
+    from trainables.models.profile import profile_task, size_report
 
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)

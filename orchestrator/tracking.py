@@ -15,7 +15,7 @@ from orchestrator.config import short_name
 from orchestrator.search import point_of
 from orchestrator.store import Tag, SweepTracker, flatten
 from trainables.config import TRIAL_CONFIG
-from trainables.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
+from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
 
 log = logging.getLogger(__name__)
 

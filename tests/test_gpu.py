@@ -77,7 +77,7 @@ def test_bf16_reaches_float32_accuracy():
 
 def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(tmp_path, digits_teacher):
     from trainables.config import trial_from_dict
-    from trainables.teacher import load_teacher
+    from trainables.models.teacher import load_teacher
     from trainables.teacher_cache import build_teacher_cache
 
     cfg = trial_from_dict(trial(teacher_path=str(digits_teacher), loss={"alpha": 0.9, "temperature": 4.0},
@@ -98,7 +98,7 @@ def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(t
 
 def test_gpu_latency_is_measured_and_positive():
     from trainables.models import create_model
-    from trainables.profile import size_metrics
+    from trainables.models.profile import size_metrics
 
     m = size_metrics(create_model("cnn_tiny", 10, (1, 8, 8)), (1, 8, 8))
     assert m["latency_gpu_b1_ms"] > 0 and m["latency_gpu_b64_ms"] > 0

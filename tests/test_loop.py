@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainables.data import load_dataset
-from trainables.normalize import normalizer
+from trainables.data.normalize import normalizer
 from trainables.checkpoint import load_state
 from trainables.loop import LocalReporter, Reporter, train_student
 from trainables.registry import ConfigError
-from trainables.teacher import load_teacher
+from trainables.models.teacher import load_teacher
 from tests.conftest import trial_dict
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.corruptions import CORRUPTIONS, SEVERITIES, corrupt, robustness
-from trainables.metrics import EPOCH_METRICS, FINAL_METRICS, classification_metrics, expected_calibration_error, per_class
+from trainables.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, robustness
+from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, classification_metrics, expected_calibration_error, per_class
 
 # 3 classes, 6 samples: predictions 0,0,1,1,2,0 against labels 0,1,1,1,2,2
 LOGITS = torch.log(torch.tensor([
@@ -102,7 +102,7 @@ def test_robustness_summary():
 def test_the_loop_reports_exactly_the_declared_schema(digits_teacher):
     """Every numeric key a trial reports is declared once (epoch, final or size); text keys are declared too."""
     from trainables.loop import LocalReporter, train_student
-    from trainables.metrics import TEXT_METRICS
+    from trainables.eval.metrics import TEXT_METRICS
 
     seen = []
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trainables.models import MODELS, create_model
-from trainables.profile import size_metrics
+from trainables.models.profile import size_metrics
 from trainables.registry import ConfigError, Registry
 
 

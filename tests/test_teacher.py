@@ -6,7 +6,7 @@ import torch
 from trainables.models import create_model
 from trainables.registry import ConfigError
 from trainables.card import TeacherCard
-from trainables.teacher import WEIGHTS, load_teacher, save_teacher
+from trainables.models.teacher import WEIGHTS, load_teacher, save_teacher
 
 FIELDS = {"arch": "cnn_tiny", "arch_kwargs": {}, "num_classes": 10, "input_shape": [1, 8, 8], "classes": [str(i) for i in range(10)],
           "dataset": "digits", "val_acc": 0.5, "epochs": 1, "normalize": "auto", "mean": [0.3], "std": [0.4]}

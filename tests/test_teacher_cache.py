@@ -4,9 +4,9 @@ import torch
 
 from trainables.config import AugmentConfig, TrialConfig
 from trainables.data import augment, epoch_batches, load_dataset
-from trainables.normalize import normalizer
+from trainables.data.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
-from trainables.teacher import load_teacher
+from trainables.models.teacher import load_teacher
 from trainables.teacher_cache import TeacherCache, build_teacher_cache
 from tests.conftest import trial_dict
 

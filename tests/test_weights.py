@@ -11,13 +11,13 @@ from safetensors.torch import save_file
 
 from trainables.config import AugmentConfig, DatasetConfig, TrainConfig, TrialConfig
 from trainables.data import load_splits
-from trainables.normalize import IMAGENET_MEAN, IMAGENET_STD, model_stats, normalizer
-from trainables.inference import predict
+from trainables.data.normalize import IMAGENET_MEAN, IMAGENET_STD, model_stats, normalizer
+from trainables.eval.inference import predict
 from trainables.loop import LocalReporter, train_student
 from trainables.models import create_model
 from trainables.registry import ConfigError
-from trainables.teacher import load_teacher, save_teacher
-from trainables.weights import freeze_backbone, load_weights, read_weights
+from trainables.models.teacher import load_teacher, save_teacher
+from trainables.models.weights import freeze_backbone, load_weights, read_weights
 from tests.conftest import trial_dict
 
 SYNTH = {"name": "synthetic", "kwargs": {"n_train": 96, "n_test": 16, "shape": [3, 16, 16], "num_classes": 4}, "augment": {"crop_pad": 0, "flip": False}}

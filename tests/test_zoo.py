@@ -6,9 +6,10 @@ import torch
 from trainables.config import DatasetConfig
 from trainables.data import load_splits
 from trainables.loop import LocalReporter, train_student
-from trainables.models import ZooModel, create_model, zoo_names
+from trainables.models import create_model, zoo_names
+from trainables.models.zoo import ZooModel
 from trainables.registry import ConfigError
-from trainables.teacher import save_teacher
+from trainables.models.teacher import save_teacher
 from tests.conftest import trial_dict
 
 SYNTH = {"name": "synthetic", "val_fraction": 0.25, "kwargs": {"n_train": 96, "n_test": 16, "shape": [3, 16, 16], "num_classes": 5}}

@@ -43,12 +43,12 @@ class ModelCard(Strict):
 
     @property
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std): what this model's inputs are normalized with (trainables.normalize)."""
+        """(mean, std): what this model's inputs are normalized with (trainables.data.normalize)."""
         return tuple(self.mean), tuple(self.std)
 
 
 class TeacherCard(ModelCard):
-    """teacher.json beside teacher.safetensors (trainables.teacher)."""
+    """teacher.json beside teacher.safetensors (trainables.models.teacher)."""
 
     kind: ClassVar[str] = "teacher"
     fix: ClassVar[str] = "retrain the teacher"

@@ -28,7 +28,7 @@ def _model_name(name: str) -> str:
 
 
 def _weights_file(path: str) -> str:
-    from trainables.weights import check_weights_path
+    from trainables.models.weights import check_weights_path
 
     return check_weights_path(path)
 
@@ -82,7 +82,7 @@ class AugmentConfig(Strict):
         return self.crop_pad == 0 and not self.flip and self.resized_crop is None
 
 
-#: How a model's inputs are normalized (trainables.normalize.model_stats).
+#: How a model's inputs are normalized (trainables.data.normalize.model_stats).
 Normalize = Literal["auto", "dataset", "imagenet"]
 
 #: Where decompressed data go when neither dataset.cache nor $KDSWEEP_CACHE says.
@@ -135,7 +135,7 @@ class LossConfig(BaseModel):
     """name + weights + temperature; any other key is passed to the loss (e.g. dkd_beta, beta).
 
     Weights: `alpha` (mixing, default 0.9) or `ce_weight` + `distill_weight` (a paper's exact loss),
-    never both; see trainables/losses.py.
+    never both; see trainables/losses/.
     """
 
     model_config = ConfigDict(extra="allow")

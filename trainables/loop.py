@@ -25,22 +25,22 @@ from torch import Tensor
 from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
-from trainables.corruptions import robustness
-from trainables.inference import predict
+from trainables.eval.corruptions import robustness
+from trainables.eval.inference import predict
 from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, place
-from trainables.normalize import model_stats, normalizer
+from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss
-from trainables.metrics import classification_metrics, per_class
+from trainables.eval.metrics import classification_metrics, per_class
 from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
-from trainables.profile import size_metrics, size_report
+from trainables.models.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
-from trainables.teacher import WEIGHTS as TEACHER_WEIGHTS
-from trainables.teacher import load_teacher
+from trainables.models.teacher import WEIGHTS as TEACHER_WEIGHTS
+from trainables.models.teacher import load_teacher
 from trainables.teacher_cache import resolved_augment
-from trainables.weights import freeze_backbone, load_weights
+from trainables.models.weights import freeze_backbone, load_weights
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trainables.checkpoint import STATE_FILE, load_state, save_state
-from trainables.metrics import format_epoch
+from trainables.eval.metrics import format_epoch
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
 from trainables.config import AugmentConfig, TrialConfig, trial_from_dict
 from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, place
-from trainables.normalize import normalizer
+from trainables.data.normalize import normalizer
 
 META = "meta.json"
 
@@ -139,7 +139,7 @@ class TeacherCache:
 
 def cache_task(trial_cfg: dict, root: str, epochs: int) -> tuple[str, int]:
     """Ray task body (orchestrator.sweep.ensure_cache): build the sweep's cache, on a GPU if given one."""
-    from trainables.teacher import load_teacher
+    from trainables.models.teacher import load_teacher
 
     cfg = trial_from_dict(trial_cfg)
     teacher, card = load_teacher(cfg.teacher_path)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from trainables.images import RawData, decode_folder, read_arrays, stratified_split
+from trainables.data.images import RawData, decode_folder, read_arrays, stratified_split
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ def image_folder(root: str | None = None, download: bool = False, cache: str | N
                  val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0):
     """Your photos in torchvision's ImageFolder layout (root/train/<class>/*, optional val/, test/),
     decoded once into the cache with absent splits carved there, so every split is memory-mapped
-    (trainables/images.py)."""
+    (trainables/data/images.py)."""
     return decode_folder(_resolve_root(root), cache_dir(cache), image_size, channels, val_fraction=val_fraction,
                          test_fraction=test_fraction, split_seed=split_seed)
 
@@ -300,7 +300,7 @@ def image_folder(root: str | None = None, download: bool = False, cache: str | N
 @DATASETS.register
 def arrays(root: str | None = None, download: bool = False, cache: str | None = None):
     """Your arrays: `dataset.root` is a .npz / .pt / .safetensors file with train_x, train_y
-    (optional val_*, test_*); see trainables/images.py."""
+    (optional val_*, test_*); see trainables/data/images.py."""
     if not root:
         raise ConfigError("`dataset.root` is required for arrays: set it to the .npz, .pt or .safetensors file")
     return read_arrays(Path(root).expanduser())

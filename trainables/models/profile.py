@@ -79,7 +79,7 @@ def profile_task(arch: str | None = None, shape: list[int] | None = None, num_cl
 
     load_plugins(plugins)
     if teacher_path is not None:
-        from trainables.teacher import load_teacher
+        from trainables.models.teacher import load_teacher
 
         model, card = load_teacher(teacher_path)
         shape = card.input_shape

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.corruptions import CORRUPTIONS
+from trainables.eval.corruptions import CORRUPTIONS
 from trainables.registry import ConfigError
 
 #: epoch: every epoch (MLflow step = the epoch); final: with the last epoch; text: a string every
 #: epoch, whose last value becomes the run's tag kdsweep.<name>; size: once per architecture
-#: (trainables.profile); run: written by the driver (selection, tracking); field: a leaderboard
+#: (trainables.models.profile); run: written by the driver (selection, tracking); field: a leaderboard
 #: column read from the trial's config or run, not a metric.
 Kind = Literal["epoch", "final", "text", "size", "run", "field"]
 
@@ -40,7 +40,7 @@ class Metric:
 SPLIT_METRICS = {"acc": True, "macro_recall": True, "macro_f1": True, "nll": False, "ece": False, "top5_acc": True, "agreement": True,
                  "kl_teacher": False}
 _SPLIT_ALIASES = {"macro_f1": "macro_f1", "nll": "nll", "ece": "ece", "agreement": "agreement"}
-#: size metrics, logged as size_<name> (trainables.profile.size_metrics measures them).
+#: size metrics, logged as size_<name> (trainables.models.profile.size_metrics measures them).
 SIZE_KEYS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_cpu_b64_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms")
 _SIZE = {"params": ("params", "{:.0f}"), "bytes": ("bytes", "{:.0f}"), "flops": ("flops", "{:.0f}"), "latency_cpu_b1_ms": ("latency_ms", "{:.3f}")}
 

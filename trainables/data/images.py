@@ -25,7 +25,7 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.registry import ConfigError
-from trainables.weights import load_tensor_file
+from trainables.models.weights import load_tensor_file
 
 log = logging.getLogger(__name__)
 

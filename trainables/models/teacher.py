@@ -13,7 +13,7 @@ from trainables.atomic import atomic_path
 from trainables.card import TeacherCard, build, read, write
 from trainables.models import check_model, create_model
 from trainables.registry import ConfigError
-from trainables.weights import file_sha256
+from trainables.models.weights import file_sha256
 
 WEIGHTS, CARD = "teacher.safetensors", "teacher.json"
 
