@@ -132,14 +132,44 @@ def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device:
     return _load_teacher(*args)
 
 
-def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
-    """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics.
-    A TrialConfig is used as built (on the driver); a dict is validated first."""
-    cfg = config if isinstance(config, TrialConfig) else trial_from_dict(config)
-    load_plugins(cfg.plugins)  # this process's registries know the models and losses the driver's knew
-    reporter = reporter or LocalReporter(cfg.checkpoint_dir)
+@dataclass
+class Trial:
+    """Everything the epoch loop uses, made once by `set_up` (data placed, models built and
+    restored, the teacher's outputs decided)."""
+
+    cfg: TrialConfig
+    rank: int
+    world: int
+    device: torch.device
+    autocast: Any
+    channels_last: bool
+    splits: DataSplits
+    on_device: bool
+    aug: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    norm: Any
+    student: nn.Module
+    step_model: nn.Module  # the student as trained: DDP-wrapped and/or compiled
+    loss_fn: nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: Any
+    targets: Any
+    size: dict[str, float]
+    setup: dict[str, float]  # seconds per set-up phase, reported with the run's first epoch
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def evaluate(self, model: nn.Module, x: Tensor) -> Tensor:
+        return predict(model, x, self.norm, self.cfg.train.eval_batch_size, self.autocast, self.channels_last, self.device)
+
+
+def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
+    """Data, teacher, student, loss, optimizer and schedule for one trial, restored from the
+    reporter's checkpoint when it has one; each phase timed."""
     clock = time.perf_counter()
-    setup: dict[str, float] = {}  # seconds per set-up phase, reported with the run's first epoch
+    setup: dict[str, float] = {}
 
     def phase(name: str) -> None:
         nonlocal clock
@@ -150,9 +180,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.train.amp) else contextlib.nullcontext
     channels_last = cuda and cfg.train.channels_last
 
-    ds = cfg.dataset
-    splits, on_device = _splits(ds, device, reporter.warm)  # images on the device, or batches copied from the host
-    aug = resolved_augment(cfg)
+    splits, on_device = _splits(cfg.dataset, device, reporter.warm)  # images on the device, or batches copied from the host
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
@@ -191,12 +219,10 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
 
     params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]  # hint regressors train with the student
     opt = make_optimizer(cfg.train.optimizer, params)
-    steps_per_epoch = n_train // cfg.train.batch_size
-    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, steps_per_epoch)
+    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, n_train // cfg.train.batch_size)
     start_epoch, history = 0, []
     if (state := reporter.restore()) is not None:
         start_epoch, history = restore(state, student, loss_fn, opt, sched)
-
     model = student
     if world > 1:
         import ray.train.torch
@@ -205,46 +231,58 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     step_model = torch.compile(model) if cfg.train.compile else model
     phase("models")
 
-    eval_fn = lambda m, x: predict(m, x, norm, cfg.train.eval_batch_size, autocast, channels_last, device)  # noqa: E731
     t_stats = card.stats if card is not None else (mean, std)  # each model its own statistics (the teacher's: its card's)
     t_norm = normalizer(*t_stats, device)
     targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, splits.train_x, splits.val_x,
                               lambda x: predict(teacher, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
-    per_rank = cfg.train.batch_size // world
     phase("targets")
+    return Trial(cfg, rank, world, device, autocast, channels_last, splits, on_device, resolved_augment(cfg), mean, std, norm, student,
+                 step_model, loss_fn, params, opt, sched, targets, size, setup, start_epoch, history)
 
-    metrics: dict[str, Any] = {}
+
+def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
+    """Distil (or, with alpha=0 and no teacher, plainly train) one student; returns final metrics.
+    A TrialConfig is used as built (on the driver); a dict is validated first."""
+    cfg = config if isinstance(config, TrialConfig) else trial_from_dict(config)
+    load_plugins(cfg.plugins)  # this process's registries know the models and losses the driver's knew
+    reporter = reporter or LocalReporter(cfg.checkpoint_dir)
+    t = set_up(cfg, reporter)
+    student, loss_fn, opt, sched, targets, splits = t.student, t.loss_fn, t.opt, t.sched, t.targets, t.splits
+    batch_size, per_rank = cfg.train.batch_size, cfg.train.batch_size // t.world
+    steps_per_epoch = len(splits.train_y) // batch_size
+    history, metrics = t.history, {}
     last_checkpoint = time.monotonic()
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(t.start_epoch, cfg.train.epochs):
         student.train()
         loss_fn.set_epoch(epoch + 1)
         t0 = time.perf_counter()
-        sums = torch.zeros(3, device=device)
-        batches = epoch_batches(n_train, cfg.train.batch_size, cfg.seed, epoch, aug, shape[1:], device if on_device else "cpu", rank, world)
-        for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, device, on_device):
+        sums = torch.zeros(3, device=t.device)
+        batches = epoch_batches(len(splits.train_y), batch_size, cfg.seed, epoch, t.aug, splits.input_shape[1:],
+                                t.device if t.on_device else "cpu", t.rank, t.world)
+        for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, t.device, t.on_device):
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
-            raw = augment(images, view, aug)
-            x = norm(raw)
-            if channels_last:
+            raw = augment(images, view, t.aug)
+            x = t.norm(raw)
+            if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, cfg.train.batch_size, rank, per_rank)
-                out = step_model(x, with_features=targets.features)
+            with t.autocast():
+                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, batch_size, t.rank, per_rank)
+                out = t.step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                torch.nn.utils.clip_grad_norm_(t.params, cfg.train.grad_clip)
             opt.step()
             sched.step()
             sums += torch.stack([loss.detach(), parts["kd"], parts["ce"]])
-        train_loss, train_kd, train_ce = epoch_means(sums, steps_per_epoch, world)  # the epoch's one host sync
+        train_loss, train_kd, train_ce = epoch_means(sums, steps_per_epoch, t.world)  # the epoch's one host sync
         seconds = time.perf_counter() - t0
 
-        logits = eval_fn(student, splits.val_x)
+        logits = t.evaluate(student, splits.val_x)
         val = classification_metrics(logits, splits.val_y, targets.val_logits)
         metrics = {
             "epoch": epoch + 1,
@@ -253,35 +291,35 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "train_ce": train_ce,
             **val,
             "val_loss": val["val_nll"],
-            "images_per_s": steps_per_epoch * cfg.train.batch_size / seconds,
+            "images_per_s": steps_per_epoch * batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.forwards,
             "teacher_targets": targets.source,
-            **size,
-            **(setup if epoch == start_epoch else {}),
+            **t.size,
+            **(t.setup if epoch == t.start_epoch else {}),
         }
         diverged = not math.isfinite(train_loss)
         final = epoch + 1 == cfg.train.epochs and not diverged
         metrics["status"] = "diverged" if diverged else ("finished" if final else "running")
         tables = {}
-        if final and rank == 0:
+        if final and t.rank == 0:
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
             if cfg.train.robust_samples:
                 n = min(cfg.train.robust_samples, len(splits.val_y))
-                summary, tables["corruptions"] = robustness(lambda xc: eval_fn(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
+                summary, tables["corruptions"] = robustness(lambda xc: t.evaluate(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
                                                             cfg.train.eval_batch_size)
                 metrics.update(summary)
-        history.append({k: v for k, v in metrics.items() if k not in size})
+        history.append({k: v for k, v in metrics.items() if k not in t.size})
         state = None
-        if rank == 0 and not diverged and cfg.train.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):
+        if t.rank == 0 and not diverged and cfg.train.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):
             last_checkpoint = time.monotonic()
-            state = snapshot(epoch + 1, student, loss_fn, opt, sched, history, tables, mean, std)
+            state = snapshot(epoch + 1, student, loss_fn, opt, sched, history, tables, t.mean, t.std)
         reporter.report(metrics, state)
         if diverged:
             break
     return TrialResult(metrics=metrics, history=history, model=student.float().cpu().eval(),
-                       preprocess={"mean": list(mean), "std": list(std)})
+                       preprocess={"mean": list(t.mean), "std": list(t.std)})
 
 
 def train_loop_per_worker(config: dict) -> None:
