@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from trainables.data import load_splits  # noqa: E402
 from trainables.config import DatasetConfig  # noqa: E402
-from trainables.loop import LocalReporter, train_student  # noqa: E402
+from trainables.loop import train_student
+from trainables.reporters import LocalReporter  # noqa: E402
 from trainables.models import create_model  # noqa: E402
 
 log = logging.getLogger("kdsweep.bench")

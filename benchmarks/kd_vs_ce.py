@@ -22,7 +22,8 @@ from orchestrator.selection import evaluate_on_test
 from trainables.data.normalize import Normalized
 from trainables.data import load_splits
 from trainables.models.profile import size_metrics
-from trainables.loop import LocalReporter, train_student
+from trainables.loop import train_student
+from trainables.reporters import LocalReporter
 from trainables.models.teacher import load_teacher
 
 log = logging.getLogger("kdsweep.bench")

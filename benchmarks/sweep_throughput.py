@@ -174,7 +174,7 @@ def sweep_process(config: Path) -> None:
     cfg = validate(SweepConfig, json.loads(config.read_text()), "benchmark")
     h = run_sweep(cfg)
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
-    runs = h["tracker"].find_runs(f"tags.mlflow.parentRunId = '{h['parent_run_id']}'")
+    runs = h["tracker"].trial_runs(h["parent_run_id"])
     startup = [client.get_metric_history(r.info.run_id, "trial_startup_s")[0].value for r in runs]
     trial_forwards = sum(max((m.value for m in client.get_metric_history(r.info.run_id, "teacher_forward_images")), default=0) for r in runs)
     parent = client.get_run(h["parent_run_id"]).data.metrics

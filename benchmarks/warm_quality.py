@@ -55,7 +55,7 @@ def main() -> None:
                 cfg = validate(SweepConfig, sweep(args.root, out, seed, warm, args.trials, args.epochs), "quality")
                 ensure_teacher(cfg, check_data(cfg))
                 h = run_sweep(cfg)
-                runs = h["tracker"].find_runs(f"tags.mlflow.parentRunId = '{h['parent_run_id']}'")
+                runs = h["tracker"].trial_runs(h["parent_run_id"])
                 runs.sort(key=lambda r: r.info.start_time)
                 accs[warm] = [(r.data.params["temperature"], r.data.params["alpha"], r.data.params["lr"], r.data.metrics["val_acc"]) for r in runs]
             for i, (w, g) in enumerate(zip(accs[True], accs[False])):

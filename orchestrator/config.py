@@ -186,7 +186,7 @@ class SweepConfig(Strict):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         if parsed[0].key != "val_acc":
-            raise ValueError(f"the first must be val_acc (ASHA stops trials on it), but got {v[0]!r}")
+            raise ValueError(f"`search.objectives` must start with val_acc (ASHA stops trials on it), but got {v[0]!r}")
         return [str(o) for o in parsed]
 
     @model_validator(mode="after")
@@ -216,10 +216,10 @@ class SweepConfig(Strict):
         """A searched value checked as the fixed value is: by the same model, at its path (a loss
         name in the registry, T > 0, 0 <= alpha <= 1, a loss's own parameters, ...)."""
         section = path.split(".")[0]
-        data = self.model_dump(include={section})
+        data = {"loss": self.loss.model_dump(), "train": _train_fields(self.train).model_dump()}  # what a trial's config holds
         set_dotted(data, path, value)
         try:
-            validate({"loss": LossConfig, "train": SweepTrain}[section], data[section], prefix=f"{section}.")
+            validate({"loss": LossConfig, "train": TrainConfig}[section], data[section], prefix=f"{section}.")
         except ConfigError as e:
             raise ValueError(f"`search.{key}` reaches {value!r}, which a trial rejects: {e}") from None
 
@@ -292,7 +292,7 @@ class SweepConfig(Strict):
 
 def _train_fields(section: TrainConfig) -> TrainConfig:
     """The TrainConfig part of a section that extends it (teacher, sweep train)."""
-    return TrainConfig.model_construct(**{k: getattr(section, k) for k in TrainConfig.model_fields})
+    return TrainConfig(**{k: getattr(section, k) for k in TrainConfig.model_fields})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""Driver-side checks and set-up that must happen before Ray starts: data, teacher."""
+"""Driver-side checks before Ray starts (data, weights files, an existing teacher) and the
+teacher's training when it is missing: a Ray task in a sweep, in-process for the standalone
+commands."""
 from __future__ import annotations
 
 import logging

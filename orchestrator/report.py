@@ -31,8 +31,8 @@ def kd_gains(rows: list[dict]) -> list[list[Any]]:
     out = []
     for student in sorted({r["student"] for r in rows}):
         mine = [r for r in rows if r["student"] == student and r["status"] in USABLE]
-        control = max((r for r in mine if r["alpha"] == 0.0), key=lambda r: r["val_acc"], default=None)
-        kd = max((r for r in mine if r["alpha"] != 0.0 and r.get("kd_gain") is not None), key=lambda r: r["kd_gain"], default=None)
+        control = max((r for r in mine if r["control"]), key=lambda r: r["val_acc"], default=None)
+        kd = max((r for r in mine if not r["control"] and r.get("kd_gain") is not None), key=lambda r: r["kd_gain"], default=None)
         out.append([student, control and control["val_acc"], kd and kd["val_acc"], kd and kd["epochs"],
                     kd and f"T={kd['temperature']:.2f}, alpha={kd['alpha']:.2f}", kd and kd["kd_gain"],
                     control and control.get("robust_acc"), kd and kd.get("robust_acc")])
@@ -54,7 +54,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
         pts = [r for r in usable if r["student"] == student]
         ax.scatter([r["size_params"] for r in pts], [r["val_acc"] for r in pts], label=student, alpha=0.75,
                    marker="o", edgecolors=["black" if id(r) in front else "none" for r in pts], linewidths=1.5)
-        ctrl = [r for r in pts if r["alpha"] == 0.0]
+        ctrl = [r for r in pts if r["control"]]
         ax.scatter([r["size_params"] for r in ctrl], [r["val_acc"] for r in ctrl], marker="x", color="red", s=60)
     fr = sorted((r for r in usable if id(r) in front), key=lambda r: r["size_params"])
     ax.plot([r["size_params"] for r in fr], [r["val_acc"] for r in fr], "k--", lw=1, label="Pareto front")
@@ -112,7 +112,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
             vs_table = Path(client.download_artifacts(parent_id, "champion_vs_teacher.md", d)).read_text()
     control = None
     if champion:
-        control = max((r for r in rows if r["student"] == champion["student"] and r["alpha"] == 0.0 and r["status"] in USABLE),
+        control = max((r for r in rows if r["student"] == champion["student"] and r["control"] and r["status"] in USABLE),
                       key=lambda r: r["val_acc"], default=None)
     optuna_pngs = []
     (out_dir / "optuna").mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-from orchestrator.config import SweepConfig
+from orchestrator.config import SweepConfig, canonical
 from orchestrator.store import SweepTracker, Tag
 from trainables.data import load_splits
 from trainables.data.normalize import Normalized
@@ -43,6 +43,13 @@ def _float(v: str | None) -> float | None:
     return None if v in (None, "None") else float(v)
 
 
+def _trained_with(params: dict[str, str], key: str) -> float | None:
+    """What a trial trained with, from its resolved config logged whole as trial.<path> (runs
+    logged before the trial config was nested: trial.<path without train.>)."""
+    path = canonical(key)
+    return _float(params.get(f"trial.{path}", params.get(f"trial.{path.removeprefix('train.')}")))
+
+
 def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
     """One row per trial: its params, every logged metric, and its KD gain over its student's control."""
     rows = []
@@ -53,10 +60,11 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
             "run_id": r.info.run_id, "trial_id": tags.get(Tag.TRIAL), "status": tags.get(Tag.STATUS, "?"), "student": p.get("student", "?"),
             "error": tags.get(Tag.ERROR),
             # what the trial trained with: its resolved config, logged whole (searched or not)
-            "temperature": _float(p.get("trial.loss.temperature")), "alpha": _float(p.get("trial.loss.alpha")),
-            "lr": _float(p.get("trial.train.optimizer.lr")),
+            **{k: _trained_with(p, k) for k in ("temperature", "alpha", "lr")},
             "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
         })
+        # a no-KD control (its loss gives the distillation term no weight), as its trial config said; older runs: alpha=0
+        row["control"] = p.get("control", str(row["alpha"] == 0.0)) == "True"
         rows.append(row)
     for row in rows:
         for alias, key in ALIASES.items():  # the short names the tables and constraints use
@@ -65,7 +73,7 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
     # so a trial ASHA stopped early is not charged for the epochs it never ran.
     controls: dict[str, dict[int, float]] = {}
     for row in rows:
-        if row["alpha"] == 0.0 and row["status"] in USABLE and row["student"] not in controls:
+        if row["control"] and row["status"] in USABLE and row["student"] not in controls:
             history = tracker.client.get_metric_history(row["run_id"], "val_acc")
             controls[row["student"]] = {m.step: m.value for m in history}
     for row in rows:

@@ -47,6 +47,7 @@ class Tag:
 #: The MLflow UI's shared view of a sweep (`kdsweep ui` prints its address); its metric columns are
 #: the leaderboard's logged metrics.
 UI_VIEW = "kdsweep"
+VIEW_TAG = f"mlflow.sharedViewState.{UI_VIEW}"  # an experiment tag the MLflow UI (3.x) reads
 UI_METRICS = tuple(metric(c).name for c in LEADERBOARD if metric(c).kind in ("epoch", "final", "size", "run") and metric(c).maximize is not None)
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class SweepTracker:
         columns = [f"metrics.`{m}`" for m in UI_METRICS] + [f"params.`{p}`" for p in ["student", *searched]]
         view = {"searchFilter": f"tags.`{Tag.ROLE}` = 'trial'", "orderByKey": "metrics.`val_acc`", "orderByAsc": False,
                 "selectedColumns": columns, "columnOrder": columns, "runListHidden": False}
-        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{UI_VIEW}", json.dumps(view))
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, json.dumps(view))
 
     def find_runs(self, filter_string: str, max_results: int = 10_000):
         return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results)
@@ -248,7 +249,7 @@ def sweep_views(uri: str, base_url: str) -> list[tuple[str, str]]:
         return []
     client = MlflowClient(uri)
     return [(e.name, f"{base_url}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}")
-            for e in client.search_experiments() if f"mlflow.sharedViewState.{UI_VIEW}" in e.tags]
+            for e in client.search_experiments() if VIEW_TAG in e.tags]
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

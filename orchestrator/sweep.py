@@ -27,9 +27,11 @@ from orchestrator.resources import PlacementGroupReaper, check_local, check_reac
 from orchestrator.search import (PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points, objectives, scheduler,
                                  searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
+from trainables.eval.metrics import metric
 from orchestrator.store import SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
 from orchestrator.tracking import MlflowTrialCallback
 from orchestrator.tune_state import TuneStateBackup, repair_state
+from trainables.config import validate
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
 from trainables.trial import TrialRun, tune_trial
@@ -181,7 +183,7 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str |
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=1 if r.gpus_per_trial > 0 else 0)(cache_task)
     trial = cfg.trial(cfg.students[0], teacher_path=teacher)
-    path, forwards = ray.get(task.remote(trial.model_dump(), str(sweep_dir / "teacher_cache"), cfg.train.epochs))
+    path, forwards = ray.get(task.remote(trial, str(sweep_dir / "teacher_cache"), cfg.train.epochs))
     log.info("teacher cache: %s (%d teacher image forwards%s)", path, forwards, " now" if forwards else ", already built")
     return path, forwards
 
@@ -224,8 +226,13 @@ def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose:
     if restore and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         # Tuner.restore takes no run config (Ray 2.60) and would run the callbacks pickled with the
-        # first driver, with its tracking URI: hand it this driver's.
+        # first driver, with its tracking URI: hand it this driver's, and its TrialBuilder (its teacher and cache).
         tuner._local_tuner.get_run_config().callbacks = list(callbacks)
+        search = tuner._local_tuner._tune_config.search_alg
+        if not isinstance(search, ResolvedSearch):
+            raise ConfigError(f"`NAME` {cfg.name!r} was started by an older kdsweep, whose trials this one cannot continue: "
+                              "start a new sweep (--set name=NEW)")
+        search.build = build
         return tuner
     return tune.Tuner(
         trainable,
@@ -276,7 +283,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         build = TrialBuilder(cfg, teacher_path=teacher, teacher_cache=cache, profile=False)
         sizes = sizes_of()
-        size_objectives = [m for m in objectives(cfg)[0] if m.startswith("size_")]
+        size_objectives = [m for m in objectives(cfg)[0] if metric(m).kind == "size"]
         constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
         r = cfg.resources
         run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train", r.warm)
@@ -289,7 +296,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             tune.with_parameters(tune_trial, run=run, constants=constants), resources)
         model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
                       "sizes": sizes,
-                      "fixed_params": {"loss": cfg.loss.name, "seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
+                      "fixed_params": {"seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
         callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
         if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
             callbacks.append(PlacementGroupReaper())
@@ -354,4 +361,4 @@ def load_sweep(name: str, storage: str | None = None) -> SavedSweep:
         raise ConfigError(f"`NAME` has no sweep at {path}: check the name or pass --storage")
     saved = json.loads(path.read_text())
     load_plugins(saved["config"].get("plugins", []))
-    return SavedSweep(SweepConfig.model_validate(saved["config"]), saved["tracking_uri"], saved["teacher"], path.parent)
+    return SavedSweep(validate(SweepConfig, saved["config"], str(path)), saved["tracking_uri"], saved["teacher"], path.parent)

@@ -52,7 +52,8 @@ class MlflowTrialCallback(Callback):
             last = 0
             resolved = cfg.model_dump(mode="json")
             searched = {short_name(k): v for k, v in point_of(trial.config).items()}
-            t.log_params(run_id, {**searched, "trial_id": trial.trial_id, **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
+            t.log_params(run_id, {**searched, "trial_id": trial.trial_id, "loss": cfg.loss.name, "control": not cfg.loss.distills, **self.model_info["fixed_params"],
+                                  **flatten(resolved, "trial.")})
             t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
             t.log_metrics(run_id, self.model_info["sizes"].get(cfg.student, {}), step=0)
         self._runs[trial.trial_id] = (run_id, last)

@@ -32,7 +32,7 @@ def test_student_round_trip_and_unset_optionals_left_out(tmp_path):
     assert read(TeacherCard, tmp_path / "old.json").weights is None
 
 
-@pytest.mark.parametrize("cls, data, fix", [(TeacherCard, TEACHER, "retrain the teacher"), (StudentCard, STUDENT, "retrain the student")])
+@pytest.mark.parametrize("cls, data, fix", [(TeacherCard, TEACHER, "delete its folder and train it again"), (StudentCard, STUDENT, "retrain the student")])
 def test_missing_mean_names_the_file_and_the_field(tmp_path, cls, data, fix):
     path = tmp_path / f"{cls.kind}.json"
     path.write_text(json.dumps({k: v for k, v in data.items() if k not in ("mean", "std")}))
@@ -59,7 +59,7 @@ def test_a_corrupt_card_is_one_line(tmp_path, text):
 
 
 def test_a_missing_card_names_the_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"no teacher.json at .*teacher.json: retrain the teacher"):
+    with pytest.raises(ConfigError, match=r"no teacher.json at .*teacher.json: delete its folder and train it again"):
         read(TeacherCard, tmp_path / "teacher.json")
 
 

@@ -190,6 +190,7 @@ def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp):
     ("{loss.name: {type: categorical, choices: [kd, dkdx]}}", "`search.loss.name` reaches 'dkdx', which a trial rejects: `loss.name` must be one of"),
     ("{train.optimizer.name: {type: categorical, choices: [sgd, lamb]}}", "`search.train.optimizer.name` reaches 'lamb'"),
     ("{loss.temperature: {type: float, low: 0, high: 4}}", "`search.loss.temperature` reaches 0.0"),
+    ("{train.teacher_cache: {type: categorical, choices: [true, false]}}", "`search.train.teacher_cache` reaches True, which a trial rejects"),
 ])
 def test_every_searched_value_is_checked_like_a_fixed_one(search, needle, capsys, in_tmp):
     code, err = run_cli(["run", "--dry-run", "--set", f"search={search}"], capsys)

@@ -117,3 +117,14 @@ def test_the_loop_reports_exactly_the_declared_schema(digits_teacher):
     assert set(seen[0]) <= declared, set(seen[0]) - declared
     assert set(seen[-1]) - set(seen[0]) == set(FINAL_METRICS)
     assert {"teacher_forward_images", "val_agreement"} <= set(seen[0]) - {k for k in seen[0] if k.startswith("teacher_") and k != "teacher_forward_images"}
+
+
+def test_profiled_sizes_and_the_leaderboard_use_declared_names():
+    """The size metrics a profile measures, and every leaderboard column, are in the one declaration."""
+    from trainables.eval.metrics import LEADERBOARD, METRICS, SIZE_METRICS, metric
+    from trainables.models import create_model
+    from trainables.models.profile import size_metrics
+
+    sizes = size_metrics(create_model("mlp_32", 10, (1, 8, 8)), (1, 8, 8), gpu=False)
+    assert {f"size_{k}" for k in sizes} <= set(SIZE_METRICS)
+    assert all(metric(c).name in METRICS for c in LEADERBOARD)

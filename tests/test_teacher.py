@@ -69,7 +69,7 @@ def test_a_card_without_statistics_is_an_error_naming_the_file_not_the_data_s(sa
         load_teacher(path)
     msg = str(e.value)
     assert msg.startswith("`teacher.path` has an incomplete or invalid teacher.json at " + str(path / "teacher.json"))
-    assert "`mean` is required" in msg and "`std` is required" in msg and msg.endswith("retrain the teacher") and "\n" not in msg
+    assert "`mean` is required" in msg and "`std` is required" in msg and msg.endswith("or a sweep trains a missing one)") and "\n" not in msg
 
 
 def test_an_incomplete_card_is_refused_before_anything_is_written(tmp_path):

@@ -51,7 +51,7 @@ class TeacherCard(ModelCard):
     """teacher.json beside teacher.safetensors (trainables.models.teacher)."""
 
     kind: ClassVar[str] = "teacher"
-    fix: ClassVar[str] = "retrain the teacher"
+    fix: ClassVar[str] = "delete its folder and train it again (`kdsweep teacher CONFIG`, or a sweep trains a missing one)"
 
     dataset: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the weights file, checked on every load")

@@ -178,8 +178,9 @@ class LossConfig(BaseModel):
 class TrainConfig(Strict):
     """How a network trains: the sweep's `train:` section, the teacher's, and part of every trial.
 
-    Defined once here; the sweep config and the trial config inherit it, so a new field reaches
-    every trial without a list of keys to keep in step.
+    Defined once here; the sweep's `train:` and the teacher's section extend it and every trial
+    config holds one under `train`, so a new field reaches every trial without a list of keys to
+    keep in step.
     """
 
     epochs: int = Field(10, ge=1)
@@ -239,7 +240,10 @@ class TrialConfig(Strict):
     teacher_cache: str | None = Field(None, description="folder of a sweep's teacher soft-target cache (see teacher_cache.py)")
     checkpoint_dir: str | None = Field(None, description="standalone runs: save/resume here")
     profile: bool = Field(True, description="measure params/bytes/latency/FLOPs (and the teacher's, for ratios)")
-    plugins: list[str] = Field(default_factory=list, description="modules a worker imports before reading this config")
+    plugins: list[str] = Field(default_factory=list, description="modules imported before this config is read or trained")
+
+    def __str__(self) -> str:  # Tune puts str(config value) into trial tags and folder names
+        return f"{self.student}-{self.loss.name}"
 
 
 def set_dotted(d: dict, path: str, value: Any) -> None:
@@ -253,7 +257,7 @@ def set_dotted(d: dict, path: str, value: Any) -> None:
 
 
 def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
-    """A copy of `cfg` with dotted trial paths set (e.g. "optimizer.lr", "loss.alpha"), validated again."""
+    """A copy of `cfg` with dotted paths set (e.g. "train.optimizer.lr", "loss.alpha"), validated again."""
     if not overrides:
         return cfg
     data = cfg.model_dump()
@@ -294,8 +298,9 @@ def format_errors(e: ValidationError, source: str | None = None, prefix: str = "
 
 
 def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
-    """A trial config as a Ray worker receives it: its plugins imported first, so their models,
-    losses and datasets are known to this process's registries when it is validated."""
+    """A trial config from a dict (standalone callers, tests): its plugins imported first, so
+    their models, losses and datasets are known to this process's registries when it is
+    validated. Ray's processes receive the TrialConfig object the driver built."""
     from trainables.plugins import load_plugins
 
     load_plugins(data.get("plugins", []))

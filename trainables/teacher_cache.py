@@ -20,7 +20,7 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
-from trainables.config import AugmentConfig, TrialConfig, trial_from_dict
+from trainables.config import AugmentConfig, TrialConfig
 from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, place
 from trainables.data.normalize import normalizer
 
@@ -137,11 +137,12 @@ class TeacherCache:
         return logits[start : start + per_rank].float()
 
 
-def cache_task(trial_cfg: dict, root: str, epochs: int) -> tuple[str, int]:
+def cache_task(cfg: TrialConfig, root: str, epochs: int) -> tuple[str, int]:
     """Ray task body (orchestrator.sweep.ensure_cache): build the sweep's cache, on a GPU if given one."""
     from trainables.models.teacher import load_teacher
+    from trainables.plugins import load_plugins
 
-    cfg = trial_from_dict(trial_cfg)
+    load_plugins(cfg.plugins)
     teacher, card = load_teacher(cfg.teacher_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path, forwards = build_teacher_cache(cfg, teacher, card, root, epochs, device)
