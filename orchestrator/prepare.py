@@ -108,37 +108,28 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
 
 
 def train_on_ray(cfg: SweepConfig) -> dict:
-    """The teacher's training as a Ray task with one trial's resources; its epochs are logged here
-    as they finish. Returns trainables.trial.teacher_task's result."""
-    import queue
-
+    """The teacher's training as a Ray task with one trial's resources (a streaming generator: its
+    epochs are logged here as they finish). Returns trainables.trial.teacher_task's result."""
     import ray
-    from ray.util.queue import Queue
 
     from trainables.eval.metrics import format_epoch
     from trainables.trial import teacher_task
 
     r = cfg.resources
-    epochs = Queue(actor_options={"num_cpus": 0})
-    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=cfg.budget.max_failures)(teacher_task)
-    ref = task.remote(cfg.teacher_trial(), epochs)
+    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=cfg.budget.max_failures,
+                      num_returns="streaming")(teacher_task)
     try:
-        while True:
-            done = bool(ray.wait([ref], timeout=0)[0])
-            try:
-                for m in [epochs.get(timeout=0.5)] if not done else epochs.get_nowait_batch(epochs.qsize()):
-                    log.info("teacher %s", format_epoch(m))
-            except queue.Empty:
-                pass
-            if done:
-                break
-        return ray.get(ref)
+        for ref in task.remote(cfg.teacher_trial()):
+            item = ray.get(ref)
+            if "epoch" in item:
+                log.info("teacher %s", format_epoch(item["epoch"]))
+            else:
+                return item["result"]
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, ConfigError):  # the user's error, raised in the task: one line, as on the driver
             raise e.cause from None
         raise
-    finally:
-        epochs.shutdown()
+    raise RuntimeError("the teacher's task ended without its result")
 
 
 def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):

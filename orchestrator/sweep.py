@@ -188,25 +188,34 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str |
     return path, forwards
 
 
-def profile_architectures(cfg: SweepConfig, teacher: str, info: DataInfo) -> Callable[[], dict[str, dict[str, float]]]:
+class Profiles:
     """Size and latency, once per architecture per sweep, in Ray tasks holding one trial's
     resources (the trial's kind of device), not inside every trial while others compete for it.
-    Starts the tasks and returns what waits for them, so they run while the teacher cache builds."""
-    import ray
+    The students' tasks start with the sweep, beside the teacher's training; the teacher's once it
+    exists, beside the cache build; `reports()` waits for them."""
 
-    from trainables.models.profile import profile_task, size_report
+    def __init__(self, cfg: SweepConfig, info: DataInfo) -> None:
+        import ray
 
-    r = cfg.resources
-    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
-    archs = {s: {"arch": s, "shape": list(info.input_shape), "num_classes": info.num_classes, "plugins": cfg.plugins} for s in cfg.students}
-    futures = {name: task.remote(**spec) for name, spec in archs.items()}
-    teacher_future = task.remote(teacher_path=teacher, plugins=cfg.plugins)
+        from trainables.models.profile import profile_task
 
-    def reports() -> dict[str, dict[str, float]]:
-        teacher_size = ray.get(teacher_future)
-        return {name: size_report(ray.get(f), teacher_size) for name, f in futures.items()}
+        r = cfg.resources
+        self.plugins = cfg.plugins
+        self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
+        self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins)
+                         for s in cfg.students}
+        self.teacher = None
 
-    return reports
+    def add_teacher(self, path: str) -> None:
+        self.teacher = self.task.remote(teacher_path=path, plugins=self.plugins)
+
+    def reports(self) -> dict[str, dict[str, float]]:
+        import ray
+
+        from trainables.models.profile import size_report
+
+        teacher_size = ray.get(self.teacher)
+        return {name: size_report(ray.get(f), teacher_size) for name, f in self.students.items()}
 
 
 def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose: bool, build: TrialBuilder):
@@ -268,13 +277,14 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     with ray_session(address):
         if address is not None:
             wait_for_cluster(cfg.resources, address)
+        profiles = Profiles(cfg, info)  # the students' tasks run beside the teacher's training
         teacher = str(ensure_teacher(cfg, info, on_ray=True).resolve())
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
         tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
-        sizes_of = profile_architectures(cfg, teacher, info)
+        profiles.add_teacher(teacher)
         cache, forwards = ensure_cache(cfg, teacher, sweep_dir)
         if forwards:
             tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
@@ -282,7 +292,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         if info.skipped:
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         build = TrialBuilder(cfg, teacher_path=teacher, teacher_cache=cache, profile=False)
-        sizes = sizes_of()
+        sizes = profiles.reports()
         size_objectives = [m for m in objectives(cfg)[0] if metric(m).kind == "size"]
         constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
         r = cfg.resources

@@ -124,8 +124,8 @@ class TuneReporter(Reporter):
 
 
 class QueueReporter(Reporter):
-    """The teacher's training in a Ray task: each epoch's metrics into a Ray queue the driver
-    drains to its console (no checkpoints: a lost task is simply run again)."""
+    """The teacher's training in a Ray task: each epoch's metrics into a queue the task streams to
+    the driver's console (no checkpoints: a lost task is simply run again)."""
 
     def __init__(self, epochs) -> None:
         self.epochs = epochs

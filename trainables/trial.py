@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from ray.train.v2.api.callback import UserCallback
 
@@ -180,14 +180,35 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
         raise errors[0]
 
 
-def teacher_task(trial: TrialConfig, epochs) -> dict[str, Any]:
-    """Ray task body (orchestrator.prepare.ensure_teacher): the teacher trained (or fine-tuned) by
-    the trial loop on a node where trials train, with one trial's resources. Returns its weights,
-    final metrics, input statistics and the node that trained it; the driver writes the folder."""
+def teacher_task(trial: TrialConfig) -> Iterator[dict[str, Any]]:
+    """Ray streaming-generator task body (orchestrator.prepare.train_on_ray): the teacher trained (or
+    fine-tuned) by the trial loop on a node where trials train, with one trial's resources. Yields
+    {"epoch": metrics} as each epoch ends, then {"result": ...}: its weights, final metrics, input
+    statistics and the node that trained it; the driver writes the folder."""
+    import queue
+
     import ray
 
     from trainables.loop import train_student
 
-    result = train_student(trial, QueueReporter(epochs))
-    return {"state": {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}, "metrics": result.metrics,
-            "preprocess": result.preprocess, "node_id": ray.get_runtime_context().get_node_id()}
+    epochs: queue.SimpleQueue = queue.SimpleQueue()
+    out: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            out["result"] = train_student(trial, QueueReporter(epochs))
+        except BaseException as e:  # re-raised below, in the task's own thread
+            out["error"] = e
+        finally:
+            epochs.put(_DONE)
+
+    thread = threading.Thread(target=fit, name="kdsweep-teacher", daemon=True)
+    thread.start()
+    while (metrics := epochs.get()) != _DONE:
+        yield {"epoch": metrics}
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    result = out["result"]
+    yield {"result": {"state": {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}, "metrics": result.metrics,
+                      "preprocess": result.preprocess, "node_id": ray.get_runtime_context().get_node_id()}}

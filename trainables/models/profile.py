@@ -73,7 +73,7 @@ def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> 
 
 def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
                  teacher_path: str | None = None, plugins: list[str] = ()) -> dict[str, float]:
-    """Ray task body (orchestrator.sweep.profile_architectures): size metrics of one architecture,
+    """Ray task body (orchestrator.sweep.Profiles): size metrics of one architecture,
     freshly built, or of the saved teacher."""
     from trainables.plugins import load_plugins
 
