@@ -27,11 +27,11 @@ from orchestrator.resources import PlacementGroupReaper, check_local, check_reac
 from orchestrator.search import (PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points, objectives, scheduler,
                                  searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
-from trainables.eval.metrics import metric
 from orchestrator.store import SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
 from orchestrator.tracking import MlflowTrialCallback
 from orchestrator.tune_state import TuneStateBackup, repair_state
 from trainables.config import validate
+from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
 from trainables.trial import TrialRun, tune_trial
