@@ -82,10 +82,11 @@ def best_of(name: str, storage: str | None = None, tracking_uri: str | None = No
 
 
 def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objectives, minimum, maximum) -> SweepResult:
-    from orchestrator.selection import parse_bounds, select
+    from orchestrator.selection import select
+    from trainables.eval.metrics import metric
 
-    minimum = parse_bounds([f"{k}={v}" for k, v in (minimum or {}).items()], "minimum")
-    maximum = parse_bounds([f"{k}={v}" for k, v in (maximum or {}).items()], "maximum")
+    minimum = {metric(k).name: float(v) for k, v in (minimum or {}).items()}  # aliases (params, latency_ms) as on the CLI
+    maximum = {metric(k).name: float(v) for k, v in (maximum or {}).items()}
     won = select(cfg, tracker, parent_id, objectives, minimum, maximum, teacher_path=teacher)
     champion = Champion(won["run_id"], won["trial_id"], won["student"], won["val_acc"], won["test"]["student"], won["version"])
     return SweepResult(cfg, tracker.uri, tracker.experiment_id, parent_id, teacher, won["leaderboard"], champion)

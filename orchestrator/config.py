@@ -108,9 +108,6 @@ class SearchParam(Strict):
             return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
-    def bounds(self) -> list[Any]:
-        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
-
     def extremes(self) -> list[Any]:
         """Every value a rule could reject: each choice, or both ends of the range."""
         if self.type == "categorical":

@@ -78,7 +78,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
         check_reachable(address, cfg.resources.connect_timeout_s)
     info = check_data(cfg)
     teacher = check_teacher(cfg, info)
-    largest = max([cfg.train.batch_size, *(max(p_.bounds()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
+    largest = max([cfg.train.batch_size, *(max(p_.extremes()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
         raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} train images, but got up to {largest:g}: lower it")
     if address is None:

@@ -251,6 +251,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     student, loss_fn, opt, sched, targets, splits = t.student, t.loss_fn, t.opt, t.sched, t.targets, t.splits
     batch_size, per_rank = cfg.train.batch_size, cfg.train.batch_size // t.world
     steps_per_epoch = len(splits.train_y) // batch_size
+    norm, autocast, channels_last, step_model, rank = t.norm, t.autocast, t.channels_last, t.step_model, t.rank
     history, metrics = t.history, {}
     last_checkpoint = time.monotonic()
     for epoch in range(t.start_epoch, cfg.train.epochs):
@@ -264,12 +265,12 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
             raw = augment(images, view, t.aug)
-            x = t.norm(raw)
-            if t.channels_last:
+            x = norm(raw)
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with t.autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, batch_size, t.rank, per_rank)
-                out = t.step_model(x, with_features=targets.features)
+            with autocast():
+                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, batch_size, rank, per_rank)
+                out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
             opt.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ teacher cache and the teacher's own inputs use, and `Normalized`, a model with i
 registered MLflow model, the test evaluation and every export take raw pixels)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -43,9 +43,10 @@ class Normalize(nn.Module):
         return (x.float() - self.offset) * self.scale
 
 
-def normalizer(mean, std, device: torch.device | str) -> Normalize:
-    """`Normalize` on `device` (the loop's per-batch call)."""
-    return Normalize(mean, std).to(device)
+def normalizer(mean, std, device: torch.device | str) -> Callable[[Tensor], Tensor]:
+    """`Normalize`'s operation on `device`, as a plain function: the loop calls it every batch,
+    without nn.Module's call machinery."""
+    return Normalize(mean, std).to(device).forward
 
 
 class Normalized(nn.Module):
