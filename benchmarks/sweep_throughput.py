@@ -108,7 +108,7 @@ def sweep_config(args, out: Path, warm: bool = True) -> dict:
     cfg["train"] = {"epochs": args.epochs, "batch_size": args.batch, "optimizer": {"name": "sgd", "lr": 0.05}, "compile": args.compile}
     cfg["search"] = {"temperature": {"type": "float", "low": 1.0, "high": 8.0}, "alpha": {"type": "float", "low": 0.1, "high": 0.95},
                      "lr": {"type": "float", "low": 1e-3, "high": 0.2, "log": True}}
-    cfg["budget"] = {"num_samples": args.trials, "max_concurrent": args.concurrent, "grace_period": args.epochs, "reduction_factor": 2}
+    cfg["budget"] = {"num_samples": args.trials, "max_concurrent": args.concurrent, "grace_period": args.epochs, "reduction_factor": 2, "confirm": {"top": 0}}
     cfg["resources"] = {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, "num_workers": 1, "warm_trials": warm}
     cfg["tracking"] = {"uri": f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"}
     return cfg

@@ -26,7 +26,7 @@ def sweep(root: str, out: Path, seed: int, warm: bool, trials: int, epochs: int)
     cfg["dataset"]["root"] = root
     cfg["teacher"]["path"] = str(out / "teacher")
     cfg["train"].update(epochs=epochs, batch_size=256, robust_samples=0)
-    cfg["budget"] = {"num_samples": trials, "max_concurrent": 1, "grace_period": epochs}
+    cfg["budget"] = {"num_samples": trials, "max_concurrent": 1, "grace_period": epochs, "confirm": {"top": 0}}
     cfg["resources"] = {"cpus_per_trial": 2, "gpus_per_trial": 0, "num_workers": 1, "warm_trials": warm}
     cfg["tracking"] = {"uri": f"sqlite:///{out / 'mlflow.db'}"}
     return cfg

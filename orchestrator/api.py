@@ -24,6 +24,8 @@ class Champion:
     val_acc: float
     test: dict[str, float]  # the once-only test metrics (test_acc, test_macro_f1, ...)
     version: int  # its registered model's version (alias `champion`)
+    seed: int = 0  # the registered run's seed (the confirmed finalist's best on val)
+    confirmed: dict[str, Any] | None = None  # over its seeds: seeds, val_acc_mean/std, kd_gain_mean/ci95/pairs, verdict
 
 
 @dataclass(frozen=True)
@@ -72,21 +74,36 @@ def resume_sweep(name: str, storage: str | None = None, *, address: str | None =
 
 
 def best_of(name: str, storage: str | None = None, tracking_uri: str | None = None, *, objectives: list[str] | None = None,
-            minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None) -> SweepResult:
+            minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None, confirm_seeds: int | None = None,
+            confirm_top: int | None = None, address: str | None = None, verbose: bool = False) -> SweepResult:
     """Re-select a finished sweep from MLflow, as `kdsweep best` does (the test split is touched
-    once per model: a champion already tested is not tested again)."""
-    from orchestrator.sweep import open_sweep
+    once per model: a champion already tested is not tested again). With `confirm_seeds`, first
+    train its top `confirm_top` finalists (default: the sweep's budget.confirm.top, at least 1)
+    until each has that many seeds, beside their controls, without searching again."""
+    from orchestrator.sweep import confirm_sweep, open_sweep
+    from trainables.registry import ConfigError
 
     saved, tracker, parent = open_sweep(name, storage, tracking_uri)
+    if confirm_seeds is not None:
+        top = confirm_top if confirm_top is not None else max(1, saved.config.budget.confirm.top)
+        if confirm_seeds < 2 or top < 1:
+            raise ConfigError(f"`--confirm-seeds` must be >= 2 and `--confirm-top` >= 1, but got {confirm_seeds} and {top}: "
+                              "one seed confirms nothing")
+        confirm_sweep(saved, tracker, parent, top, confirm_seeds, address, verbose)
     return _selected(saved.config, tracker, parent, saved.teacher, objectives, minimum, maximum)
 
 
 def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objectives, minimum, maximum) -> SweepResult:
-    from orchestrator.selection import select
+    from orchestrator.selection import confirmed_metrics, select
     from trainables.eval.metrics import metric
 
     minimum = {metric(k).name: float(v) for k, v in (minimum or {}).items()}  # aliases (params, latency_ms) as on the CLI
     maximum = {metric(k).name: float(v) for k, v in (maximum or {}).items()}
     won = select(cfg, tracker, parent_id, objectives, minimum, maximum, teacher_path=teacher)
-    champion = Champion(won["run_id"], won["trial_id"], won["student"], won["val_acc"], won["test"]["student"], won["version"])
+    confirmed = None
+    if won.get("confirmed"):
+        confirmed = {k.removeprefix("champion_").removeprefix("confirmed_"): v for k, v in confirmed_metrics(won).items()}
+        confirmed["verdict"] = won["confirmed"].verdict()
+    champion = Champion(won["run_id"], won["trial_id"], won["student"], won["val_acc"], won["test"]["student"], won["version"],
+                        won["seed"], confirmed)
     return SweepResult(cfg, tracker.uri, tracker.experiment_id, parent_id, teacher, won["leaderboard"], champion)

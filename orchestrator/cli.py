@@ -100,7 +100,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from orchestrator.api import best_of
 
-    best_of(args.name, args.storage, args.tracking_uri, **_selection(args))
+    if args.confirm_top is not None and args.confirm_seeds is None:
+        raise ConfigError("`--confirm-top` goes with --confirm-seeds N (the seeds each finalist should have in all): add it")
+    best_of(args.name, args.storage, args.tracking_uri, confirm_seeds=args.confirm_seeds, confirm_top=args.confirm_top,
+            address=args.address, verbose=args.verbose, **_selection(args))
     return 0
 
 
@@ -209,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("best", help="leaderboard, Pareto front and champion of a finished sweep")
     _add_sweep_name(b)
     _add_selection(b)
+    b.add_argument("--confirm-seeds", type=int, metavar="N",
+                   help="first train the finalists again until each has N seeds (beside their alpha=0 controls), without searching again")
+    b.add_argument("--confirm-top", type=int, metavar="K", help="with --confirm-seeds: the finalists to confirm (default: the sweep's budget.confirm.top, at least 1)")
+    b.add_argument("--address", help="with --confirm-seeds: join an existing Ray cluster")
+    b.add_argument("--verbose", action="store_true", help="with --confirm-seeds: Tune's own progress output instead of kdsweep's table")
     b.set_defaults(func=cmd_best)
 
     rp = sub.add_parser("report", help="Markdown/HTML summary of a finished sweep with plots, logged to MLflow")

@@ -115,12 +115,22 @@ class SearchParam(Strict):
         return [int(self.low), int(self.high)] if self.type == "int" else [float(self.low), float(self.high)]
 
 
+class Confirm(Strict):
+    """The confirmation stage after the search (orchestrator.confirm): the `top` finalists trained on
+    `seeds` seeds in all (the search trial's included), each beside its alpha=0 control at the same
+    settings and seeds; the champion is the best mean."""
+
+    top: int = Field(3, ge=0, description="finalists to confirm (0: off; the champion is then the best single-seed trial)")
+    seeds: int = Field(3, ge=2, description="seeds per finalist, its search trial's included")
+
+
 class Budget(Strict):
     num_samples: int = Field(8, ge=1, description="trials in all (joint) or per student (per_student)")
     max_concurrent: int = Field(2, ge=1)
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: float = Field(3.0, gt=1.0)
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (FailureConfig)")
+    confirm: Confirm = Field(default_factory=Confirm)
 
 
 class Resources(Strict):

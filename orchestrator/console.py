@@ -11,11 +11,12 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.config import SweepConfig
+from orchestrator.confirm import CONFIRM
 from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
 
-COLUMNS = ("trial", "student", "T", "alpha", "lr", "epoch", "val_acc", "status")
+COLUMNS = ("trial", "student", "T", "alpha", "lr", "seed", "epoch", "val_acc", "status", "role")
 
 
 @dataclass
@@ -25,15 +26,17 @@ class Row:
     temperature: float
     alpha: float | None
     lr: float
+    seed: int
     epochs: int
+    role: str = "search"  # or "confirms <trial>" / "control for <trial>" in the confirmation stage
     epoch: int = 0
     val_acc: float | None = None
     status: str = "running"
 
     def cells(self) -> list[str]:
         shown = {k: metric(k).show(getattr(self, k)) for k in ("temperature", "alpha", "lr", "val_acc")}
-        return [self.trial, self.student, shown["temperature"], shown["alpha"], shown["lr"], f"{self.epoch}/{self.epochs}", shown["val_acc"],
-                self.status]
+        return [self.trial, self.student, shown["temperature"], shown["alpha"], shown["lr"], str(self.seed), f"{self.epoch}/{self.epochs}",
+                shown["val_acc"], self.status, self.role]
 
 
 @dataclass
@@ -57,7 +60,9 @@ class ConsoleReporter(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         t = trial.config[TRIAL_CONFIG]
-        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.temperature, t.loss.alpha, t.train.optimizer.lr, t.train.epochs)
+        of = trial.config.get(CONFIRM)
+        role = "search" if of is None else f"{'control for' if of['control'] else 'confirms'} {of['of']}"
+        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.temperature, t.loss.alpha, t.train.optimizer.lr, t.seed, t.train.epochs, role)
         self._show(f"start  {self._line(trial.trial_id)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -91,10 +96,12 @@ class ConsoleReporter(Callback):
 
     def sweep_line(self) -> str:
         """Trials done/running/left, best so far, resources trials hold now, and an ETA from the
-        epochs run so far (an upper bound: ASHA may stop trials early)."""
+        epochs run so far (an upper bound: ASHA may stop trials early; the search's, before the
+        confirmation stage is planned)."""
         done = sum(r.status != "running" for r in self.rows.values())
         running = len(self.rows) - done
-        left = max(0, self.total - len(self.rows))
+        confirming = sum(r.role != "search" for r in self.rows.values())
+        left = max(0, self.total - (len(self.rows) - confirming))
         best = max((r.val_acc for r in self.rows.values() if r.val_acc is not None), default=None)
         r = self.cfg.resources
         held = f"{running * r.num_workers * r.cpus_per_trial:g} CPU" + (f", {running * r.num_workers * r.gpus_per_trial:g} GPU" if r.gpus_per_trial else "")
@@ -102,7 +109,9 @@ class ConsoleReporter(Callback):
         epochs_left = sum(row.epochs - row.epoch for row in self.rows.values() if row.status == "running") + left * self.cfg.train.epochs
         elapsed = time.monotonic() - self.started
         eta = f"{elapsed / epochs_run * epochs_left:.0f} s" if epochs_run else "-"
-        return (f"sweep {self.cfg.name}: {done} done, {running} running, {left} left of {self.total}; "
+        stage = f" + {confirming} confirming" if confirming else ""
+        search = f", {left} left of {self.total}" if self.total else ""
+        return (f"sweep {self.cfg.name}: {done} done, {running} running{search}{stage}; "
                 f"best val_acc {'-' if best is None else f'{best:.4f}'}; trials hold {held}; ETA <= {eta}")
 
     def _show(self, event: str) -> None:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.confirm import confirmations, table
 from orchestrator.selection import COMPLETE, USABLE, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
 from trainables.eval.corruptions import CORRUPTIONS
@@ -26,16 +27,22 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def kd_gains(rows: list[dict]) -> list[list[Any]]:
-    """Per student: its alpha=0 control, its KD trial with the largest gain over the control at the
-    same epoch (ASHA may have stopped it early), and that gain."""
+    """Per student, from the search: its alpha=0 control and its KD trial with the largest gain at
+    an equal budget: finished trials against the finished control; only when no KD trial finished,
+    the best stopped one, against the control at the epoch ASHA stopped it (labelled so)."""
     out = []
     for student in sorted({r["student"] for r in rows}):
-        mine = [r for r in rows if r["student"] == student and r["status"] in USABLE]
-        control = max((r for r in mine if r["control"]), key=lambda r: r["val_acc"], default=None)
-        kd = max((r for r in mine if not r["control"] and r.get("kd_gain") is not None), key=lambda r: r["kd_gain"], default=None)
-        out.append([student, control and control["val_acc"], kd and kd["val_acc"], kd and kd["epochs"],
-                    kd and f"T={kd['temperature']:.2f}, alpha={kd['alpha']:.2f}", kd and kd["kd_gain"],
-                    control and control.get("robust_acc"), kd and kd.get("robust_acc")])
+        mine = [r for r in rows if r["student"] == student and not r["confirms"] and r.get("kd_gain") is not None]
+        control = next((r for r in mine if r["control"] and r["status"] in COMPLETE), None)
+        kd = [r for r in mine if not r["control"]]
+        best = max((r for r in kd if r["status"] in COMPLETE), key=lambda r: r["kd_gain"], default=None)
+        budget = "final (both finished)"
+        if best is None:
+            best = max(kd, key=lambda r: r["kd_gain"], default=None)
+            budget = best and f"epoch {best['epochs']} (KD trial stopped there)"
+        out.append([student, control and control["val_acc"], best and best["val_acc"], best and best["epochs"],
+                    best and f"T={best['temperature']:.2f}, alpha={best['alpha']:.2f}", best and best["kd_gain"], budget,
+                    control and control.get("robust_acc"), best and best.get("robust_acc")])
     return out
 
 
@@ -111,24 +118,33 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
             test = json.loads(Path(client.download_artifacts(champ_id, "eval/test.json", d)).read_text())
             vs_table = Path(client.download_artifacts(parent_id, "champion_vs_teacher.md", d)).read_text()
     control = None
-    if champion:
-        control = max((r for r in rows if r["student"] == champion["student"] and r["control"] and r["status"] in USABLE),
-                      key=lambda r: r["val_acc"], default=None)
+    if champion:  # its control at the same settings and seed, else its student's control from the search
+        controls = [r for r in rows if r["student"] == champion["student"] and r["control"] and r["status"] in COMPLETE]
+        control = next((r for r in controls if r["settings"] == champion["settings"]),
+                       next((r for r in controls if not r["confirms"]), None))
     optuna_pngs = []
     (out_dir / "optuna").mkdir(exist_ok=True)
     for a in client.list_artifacts(parent_id, "optuna"):  # Optuna's plots, logged by the sweep
         optuna_pngs.append(Path(client.download_artifacts(parent_id, a.path, str(out_dir / "optuna"))).relative_to(out_dir))
-    pareto_plot(rows, out_dir / "pareto.png")
+    pareto_plot([r for r in rows if not r["confirms"]], out_dir / "pareto.png")
     robustness_plot(test, champion, control, out_dir / "robustness.png")
 
-    lb = md_table(list(LEADERBOARD), [[metric(c).show(r.get(c)) for c in LEADERBOARD] for r in rows])
-    gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain (same epoch)",
-                      "alpha=0 robust acc", "KD robust acc"], kd_gains(rows))
+    lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.get(c)) for c in LEADERBOARD] + [r["seed"], r["confirms"]] for r in rows])
+    searched = [r for r in rows if not r["confirms"]]
+    gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain", "compared at",
+                      "alpha=0 robust acc", "KD robust acc"], kd_gains(searched))
+    confirmed = confirmations(rows)
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",
-        f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher.arch}`, loss `{cfg.loss.name}`, {len(rows)} trials "
-        f"({sum(r['status'] in USABLE for r in rows)} usable), mode `{cfg.mode}`. Tracking: `{saved.tracking_uri}`, parent run `{parent_id}`.",
-        "## KD gain over each student's alpha=0 control (val split)", gains,
+        f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher.arch}`, loss `{cfg.loss.name}`, {len(searched)} search trials "
+        f"({sum(r['status'] in USABLE for r in searched)} usable) and {len(rows) - len(searched)} confirmation trials, mode `{cfg.mode}`. "
+        f"Tracking: `{saved.tracking_uri}`, parent run `{parent_id}`.",
+        "## Confirmation: the finalists on several seeds, each beside its alpha=0 control at the same settings and seeds (val split)",
+        table(confirmed) if confirmed else "_No confirmation stage ran (budget.confirm.top: 0): `kdsweep best NAME --confirm-seeds 3` runs one._",
+        *[f"Champion: finalist {c.finalist['trial_id']}, the best mean over its seeds; registered: its seed {champion['seed']} "
+          f"(run `{champion['run_id']}`), the best on val of its seeds, the one model that saw the test split."
+          for c in confirmed if champion and champion["run_id"] in {r["run_id"] for r in c.kd.values()}],
+        "## KD gain over each student's alpha=0 control in the search (val split, one seed)", gains,
         "## Champion vs teacher (test split, evaluated once)", vs_table or "_No champion selected yet: run `kdsweep best NAME`._",
         "## Accuracy vs size", "![Pareto front](pareto.png)",
         "## Robustness per corruption", "![Robustness](robustness.png)",

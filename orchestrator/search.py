@@ -1,7 +1,9 @@
 """From the YAML search section to Optuna distributions, seeded TPE, ASHA and the control points."""
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from typing import Any, Callable
 
 import optuna
@@ -9,7 +11,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator import confirm
 from orchestrator.config import SearchParam, SweepConfig
+from orchestrator.store import flatten
 from trainables.config import TRIAL_CONFIG, TrialConfig
 from trainables.eval.metrics import Objective
 
@@ -62,6 +66,16 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
     return points
 
 
+def control_point(cfg: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
+    """A sampled point's no-KD control at the same settings: the distillation term's weight set to
+    0, the loss's other searched keys (no effect without it) as the student's search control has
+    them, so two finalists that differ only in those share one control."""
+    base = control_points(cfg, [point["student"]])[0]
+    out = {k: base[k] if k.startswith("loss.") and k in base else v for k, v in point.items()}
+    out["loss.alpha" if cfg.loss.alpha is not None else "loss.distill_weight"] = 0.0
+    return out
+
+
 def objectives(cfg: SweepConfig) -> tuple[list[str], list[str]]:
     """(metrics, modes) Optuna optimizes: val_acc alone by default, or the accuracy/size front."""
     parsed = [Objective.parse(o) for o in cfg.objectives]
@@ -89,9 +103,12 @@ def is_control(config: dict[str, Any]) -> bool:
 
 class ControlKeepingASHA(ASHAScheduler):
     """ASHA that never stops an alpha=0 control: a KD gain is only honest against a control trained
-    for the same number of epochs. Everything else is plain ASHA."""
+    for the same number of epochs; nor a confirmation trial, which exists to run every epoch again
+    (and stays out of the rungs). Everything else is plain ASHA."""
 
     def on_trial_result(self, tune_controller, trial, result):
+        if confirm.CONFIRM in trial.config:
+            return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and is_control(trial.config):
             return TrialScheduler.CONTINUE
@@ -216,34 +233,116 @@ class TrialBuilder:
 class ResolvedSearch(Searcher):
     """Tune's searcher, with each suggested point handed out together with the trial config it
     resolves to (under TRIAL_CONFIG): the trial trains with that object, and the driver's
-    callbacks (MLflow, console, ASHA's control rule) read the same object. Nothing rebuilds it."""
+    callbacks (MLflow, console, ASHA's control rule) read the same object. Nothing rebuilds it.
 
-    def __init__(self, inner: Searcher, build: Callable[[dict[str, Any]], TrialConfig]) -> None:
-        super().__init__(metric=inner.metric, mode=inner.mode)
-        self.inner, self.build = inner, build
+    It hands out `search_trials` points of the inner searcher, then, once every one of them has
+    ended, the confirmation stage's trials (orchestrator.confirm), and then says FINISHED. `inner`
+    None: the stage alone (`kdsweep best --confirm-seeds`, over a finished search's `done`)."""
+
+    def __init__(self, inner: Searcher | None, build: Callable[[dict[str, Any]], TrialConfig], search_trials: int,
+                 stage: "ConfirmStage | None" = None) -> None:
+        super().__init__(metric=inner.metric if inner else METRIC, mode=inner.mode if inner else "max")
+        self.inner, self.build, self.stage = inner, build, stage
+        self.search_trials, self.issued = search_trials, 0
+        self.trials: dict[str, tuple[dict[str, Any], TrialConfig, dict[str, Any] | None]] = {}
+        self.running: set[str] = set()  # search trials not ended yet
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return self.inner.set_search_properties(metric, mode, config, **spec)
+        return self.inner.set_search_properties(metric, mode, config, **spec) if self.inner else True
 
     def suggest(self, trial_id: str):
-        point = self.inner.suggest(trial_id)
-        if not isinstance(point, dict):  # None (wait) or Searcher.FINISHED
-            return point
-        return {**point, TRIAL_CONFIG: self.build(point)}
+        if self.issued < self.search_trials:
+            point = self.inner.suggest(trial_id)
+            if point == Searcher.FINISHED:  # the inner search ended early (per-student quotas)
+                self.search_trials = self.issued
+            elif not isinstance(point, dict):  # None: ask again later
+                return point
+            else:
+                self.issued += 1
+                self.running.add(trial_id)
+                return self._hand_out(trial_id, point, None)
+        if self.stage is None:
+            return Searcher.FINISHED
+        if self.running:  # the finalists are known once every search trial has ended
+            return None
+        item = self.stage.next()
+        return Searcher.FINISHED if item is None else self._hand_out(trial_id, *item)
+
+    def _hand_out(self, trial_id: str, point: dict[str, Any], meta: dict[str, Any] | None) -> dict[str, Any]:
+        trial = self.build(point)
+        self.trials[trial_id] = (point, trial, meta)
+        return {**point, TRIAL_CONFIG: trial, **({confirm.CONFIRM: meta} if meta else {})}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.inner.on_trial_result(trial_id, result)
+        if self.inner and trial_id in self.running:
+            self.inner.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.inner.on_trial_complete(trial_id, result=result, error=error)
+        if trial_id in self.running:
+            self.running.discard(trial_id)
+            self.inner.on_trial_complete(trial_id, result=result, error=error)
+        if self.stage is not None and trial_id in self.trials:
+            point, trial, meta = self.trials[trial_id]
+            status = "failed" if error or not result else str(result.get("status", "failed"))
+            self.stage.record(done(trial_id, point, trial, "stopped" if status == "running" else status, result or {}, meta))
 
     def save(self, checkpoint_path: str) -> None:
-        self.inner.save(checkpoint_path)
+        """Tune's searcher checkpoint (read back only by Tune's restore in this driver): the inner
+        searcher's own checkpoint, and where the search and its confirmation stand."""
+        inner = b""
+        if self.inner:
+            with tempfile.TemporaryDirectory() as d:
+                self.inner.save(os.path.join(d, "inner"))
+                with open(os.path.join(d, "inner"), "rb") as f:
+                    inner = f.read()
+        state = {k: v for k, v in self.__dict__.items() if k not in ("inner", "build")}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"kdsweep_search": 2, "inner": inner, "state": state}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        self.inner.restore(checkpoint_path)
+        with open(checkpoint_path, "rb") as f:
+            saved = pickle.load(f)
+        if saved["inner"] and self.inner:
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, "inner"), "wb") as f:
+                    f.write(saved["inner"])
+                self.inner.restore(os.path.join(d, "inner"))
+        self.__dict__.update(saved["state"])
+
+
+def done(trial_id: str, point: dict[str, Any], trial: TrialConfig, status: str, metrics: dict[str, Any],
+         meta: dict[str, Any] | None) -> confirm.Done:
+    """An ended trial as the confirmation stage reads it."""
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return confirm.Done(trial_id, point, confirm.settings_key(flatten(trial.model_dump(mode="json"), "trial.")), trial.seed,
+                        not trial.loss.distills, status, numbers, (meta or {}).get("of"))
+
+
+class ConfirmStage:
+    """The trials the searcher hands out after the search (orchestrator.confirm.plan), planned
+    once every search trial has ended, from the ended trials it has recorded."""
+
+    def __init__(self, cfg: SweepConfig, top: int, seeds: int, ended: list[confirm.Done] | None = None) -> None:
+        self.cfg, self.top, self.seeds = cfg, top, seeds
+        self.ended: list[confirm.Done] = list(ended or [])
+        self.queue: list[tuple[dict[str, Any], dict[str, Any]]] | None = None
+
+    def record(self, d: confirm.Done) -> None:
+        self.ended.append(d)
+
+    def planned(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The stage's trials not handed out yet (planned on the first call)."""
+        if self.queue is None:
+            objs = [Objective.parse(o) for o in self.cfg.objectives]
+            self.queue = confirm.plan(self.ended, objs, self.top, self.seeds, lambda p: control_point(self.cfg, p))
+        return self.queue
+
+    def next(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        queue = self.planned()
+        return queue.pop(0) if queue else None
 
 
 def point_of(config: dict[str, Any]) -> dict[str, Any]:
-    """A Tune trial's sampled point alone (student and searched paths), without its trial config."""
-    return {k: v for k, v in config.items() if k != TRIAL_CONFIG}
+    """A Tune trial's sampled point alone (student, searched paths, a confirmation's seed),
+    without its trial config or what it confirms."""
+    return {k: v for k, v in config.items() if k not in (TRIAL_CONFIG, confirm.CONFIRM)}

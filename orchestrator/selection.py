@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
+from orchestrator import confirm
 from orchestrator.config import SweepConfig, canonical
 from orchestrator.store import SweepTracker, Tag
 from trainables.data import load_splits
@@ -51,14 +52,17 @@ def _trained_with(params: dict[str, str], key: str) -> float | None:
 
 
 def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
-    """One row per trial: its params, every logged metric, and its KD gain over its student's control."""
+    """One row per trial (confirmation trials included, marked by `confirms`): its params, every
+    logged metric, and its KD gain over the alpha=0 control at the same settings and seed (else its
+    student's control from the search), both at the trial's last epoch."""
     rows = []
     for r in tracker.trial_runs(parent_id):
         p, tags = r.data.params, r.data.tags
         row = dict(r.data.metrics)
         row.update({
             "run_id": r.info.run_id, "trial_id": tags.get(Tag.TRIAL), "status": tags.get(Tag.STATUS, "?"), "student": p.get("student", "?"),
-            "error": tags.get(Tag.ERROR),
+            "error": tags.get(Tag.ERROR), "confirms": tags.get(Tag.CONFIRMS), "point": json.loads(tags[Tag.POINT]) if Tag.POINT in tags else None,
+            "seed": int(p.get("seed", p.get("trial.seed", 0))), "settings": confirm.settings_key(p),
             # what the trial trained with: its resolved config, logged whole (searched or not)
             **{k: _trained_with(p, k) for k in ("temperature", "alpha", "lr")},
             "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
@@ -70,29 +74,39 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         for alias, key in ALIASES.items():  # the short names the tables and constraints use
             row.setdefault(alias, row.get(key))
     # KD gain compares like with like: against the control's val_acc at the trial's own last epoch,
-    # so a trial ASHA stopped early is not charged for the epochs it never ran.
-    controls: dict[str, dict[int, float]] = {}
+    # so a trial ASHA stopped early is not charged for the epochs it never ran (tables mark it).
+    same: dict[tuple, dict[str, Any]] = {}
+    search: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rows:
-        if row["control"] and row["status"] in USABLE and row["student"] not in controls:
-            history = tracker.client.get_metric_history(row["run_id"], "val_acc")
-            controls[row["student"]] = {m.step: m.value for m in history}
+        if row["control"] and row["status"] in USABLE:
+            same.setdefault(row["settings"], row)
+            if not row["confirms"]:
+                search.setdefault((row["student"], row["seed"]), row)
+    histories: dict[str, dict[int, float]] = {}
     for row in rows:
-        c = controls.get(row["student"], {})
-        at = c.get(row["epochs"]) if row["epochs"] else None
+        c = same.get(row["settings"]) or search.get((row["student"], row["seed"]))
+        if c is not None and c["run_id"] not in histories:
+            histories[c["run_id"]] = {m.step: m.value for m in tracker.client.get_metric_history(c["run_id"], "val_acc")}
+        at = histories[c["run_id"]].get(row["epochs"]) if c is not None and row["epochs"] else None
         row["kd_gain"] = None if at is None else row["val_acc"] - at
     return sorted(rows, key=lambda r: (r["status"] in USABLE, r["val_acc"]), reverse=True)
 
 
+def ended_trials(tracker: SweepTracker, parent_id: str) -> list[confirm.Done]:
+    """A sweep's ended trials as the confirmation stage reads them (`kdsweep best --confirm-seeds`)."""
+    rows = leaderboard(tracker, parent_id)
+    if any(r["point"] is None for r in rows):
+        raise ConfigError("`--confirm-seeds` needs each trial's sampled point, which runs logged by an older kdsweep lack: "
+                          "start a new sweep (--set name=NEW)")
+    numbers = lambda r: {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
+    return [confirm.Done(r["trial_id"], r["point"], r["settings"], r["seed"], r["control"], r["status"], numbers(r), r["confirms"])
+            for r in rows]
+
+
 def pareto_front(rows: list[dict[str, Any]], objectives: list[Objective]) -> list[dict[str, Any]]:
     """Finished rows that no other row beats on every objective (and strictly on one)."""
-    def score(r, o):
-        return r[o.key] if o.maximize else -r[o.key]
-
     cands = [r for r in rows if r["status"] in COMPLETE and all(r.get(o.key) is not None for o in objectives)]
-    front = [r for r in cands if not any(
-        all(score(o_, ob) >= score(r, ob) for ob in objectives) and any(score(o_, ob) > score(r, ob) for ob in objectives)
-        for o_ in cands if o_ is not r)]
-    return sorted(front, key=lambda r: -score(r, objectives[0]))
+    return confirm.pareto(cands, objectives, lambda r, k: r[k])
 
 
 def choose(rows: list[dict[str, Any]], objective: Objective, minimum: dict[str, float] | None = None,
@@ -196,20 +210,36 @@ def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any]
 def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: list[str] | None = None,
            minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None,
            teacher_path: str | None = None) -> dict[str, Any]:
+    """The champion: the best confirmed finalist (its mean over seeds), registered as its best
+    seed's run; without a confirmation stage, the best single-seed trial. Its test split is touched once."""
     objs = [Objective.parse(o) for o in (objectives or DEFAULT_OBJECTIVES)]
     rows = leaderboard(tracker, parent_id)
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
-    log.info("%s", format_table(rows, "leaderboard"))
+    searched = [r for r in rows if not r["confirms"]]
+    log.info("%s", format_table(searched, "leaderboard (search trials; kd_gain@N: stopped at epoch N, against the control at epoch N)"))
     log_leaderboard(tracker, parent_id, rows)
-    log.info("%s", format_table(pareto_front(rows, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
+    log.info("%s", format_table(pareto_front(searched, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
     if not any(r["status"] in COMPLETE for r in rows):
         counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r["status"] for r in rows).items()))
         error = next((r["error"] for r in rows if r.get("error")), None)
         raise ConfigError(f"sweep {cfg.name!r} has no finished trial ({counts})" + (f"; first error: {error}" if error else "")
                           + ": fix the cause and start a new sweep (--set name=NEW)")
-    winner = choose(rows, objs[0], minimum, maximum)
+    confirmed = confirm.confirmations(rows)
     client = tracker.client
+    winner = None
+    if confirmed:
+        summary = confirm.table(confirmed)
+        log.info("\nconfirmation (val split; each finalist on several seeds beside its alpha=0 control at the same settings and seeds)\n%s", summary)
+        client.log_text(parent_id, summary, "confirmation.md")
+        try:
+            best = choose([confirm.mean_row(c) for c in confirmed if c.kd], objs[0], minimum, maximum)["confirmed"]
+            winner = {**best.best_run(objs[0].key), "confirmed": best}
+        except ConfigError:
+            log.warning("no confirmed finalist meets the constraints: the champion is the best single-seed search trial "
+                        "(`kdsweep best %s --confirm-seeds N --confirm-top K` confirms more finalists)", cfg.name)
+    if winner is None:
+        winner = choose(searched, objs[0], minimum, maximum)
     splits = load_splits(cfg.dataset)
     model = load_student(tracker, winner["run_id"])
     tags = client.get_run(winner["run_id"]).data.tags
@@ -229,14 +259,35 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         client.set_tag(winner["run_id"], Tag.TEST_EVALUATED, "true")
     table = student_vs_teacher(test, winner)
     tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], **{f"champion_{k}": v for k, v in test["student"].items()},
-                                    **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}}, step=0)
+                                    **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}, **confirmed_metrics(winner)}, step=0)
     client.set_tag(parent_id, Tag.CHAMPION, winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
     version = register(tracker, cfg, winner["run_id"], model, splits)
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
     log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
-            f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
+             f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
+    if winner.get("confirmed"):
+        c = winner["confirmed"]
+        log.info(f"  confirmed on {len(c.kd)} seed(s): val_acc {c.mean():.4f}" + (f" +- {c.std():.4f}" if c.std() is not None else "")
+                 + f"; {c.verdict()}. Registered: seed {winner['seed']} (run {winner['run_id']}), the best val_acc of its seeds; "
+                 "the test split was touched for it alone")
     return {**winner, "test": test, "version": version, "table": table, "leaderboard": rows}
+
+
+def confirmed_metrics(winner: dict[str, Any]) -> dict[str, float]:
+    """The champion's confirmed numbers, for the parent run."""
+    c = winner.get("confirmed")
+    if c is None:
+        return {}
+    mean, half, pairs = c.gain()
+    out = {"champion_confirmed_seeds": len(c.kd), "champion_confirmed_val_acc_mean": c.mean()}
+    if c.std() is not None:
+        out["champion_confirmed_val_acc_std"] = c.std()
+    if mean is not None:
+        out.update(champion_kd_gain_mean=mean, champion_kd_gain_pairs=pairs)
+    if half is not None:
+        out["champion_kd_gain_ci95"] = half
+    return out
 
 
 def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, Any]]) -> None:
@@ -245,12 +296,17 @@ def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, 
     for r in rows:
         if r["kd_gain"] is not None:
             tracker.log_metrics(r["run_id"], {"kd_gain": r["kd_gain"]}, step=r["epochs"])
-    columns = [*LEADERBOARD, "trial_id", "run_id"]
+    columns = [*LEADERBOARD, "seed", "confirms", "trial_id", "run_id"]
     tracker.client.log_table(parent_id, {c: [r.get(c) for r in rows] for c in columns}, "leaderboard.json")
 
 
 def format_table(rows: list[dict[str, Any]], title: str, columns=LEADERBOARD) -> str:
-    cells = [[metric(c).show(r.get(c)) for c in columns] for r in rows]
+    """A stopped trial's kd_gain shows the epoch it was compared at (`+0.0208@4`)."""
+    def cell(r, c):
+        shown = metric(c).show(r.get(c))
+        return f"{shown}@{r['epochs']}" if c == "kd_gain" and r.get(c) is not None and r["status"] != "finished" else shown
+
+    cells = [[cell(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
     return "\n".join([f"\n{title}", line(columns), *(line(r) for r in cells)])

@@ -30,6 +30,8 @@ class Tag:
     TRIAL = "kdsweep.trial_id"
     STATUS = "kdsweep.status"
     ERROR = "kdsweep.error"
+    CONFIRMS = "kdsweep.confirms"  # on a confirmation trial's run: the trial id of the finalist it confirms
+    POINT = "kdsweep.point"  # a trial's sampled point as JSON (what `kdsweep best --confirm-seeds` trains again)
     CHAMPION = "kdsweep.champion_run_id"  # on the parent
     TEST_EVALUATED = "kdsweep.test_evaluated"  # on a run whose student saw the test split
     PARENT = "mlflow.parentRunId"

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 
 from orchestrator.config import SweepConfig
+from orchestrator.confirm import CONFIRM
 from orchestrator.search import objectives, space
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def storage_url(sweep_dir: Path) -> str:
 
 
 def export_study(cfg: SweepConfig, study: str, students: list[str], results, sweep_dir: Path) -> optuna.Study:
-    """Write the study of one Tune run (its ResultGrid) to the sweep's Optuna storage."""
+    """Write the study of one Tune run (its ResultGrid) to the sweep's Optuna storage: the search
+    trials, what Optuna was told (the confirmation stage's trials are not samples of it)."""
     name = f"{cfg.name}-{study}"
     url = storage_url(sweep_dir)
     if name in optuna.get_all_study_names(url):
@@ -42,6 +44,8 @@ def export_study(cfg: SweepConfig, study: str, students: list[str], results, swe
     out = optuna.create_study(study_name=name, storage=url, directions=["maximize" if m == "max" else "minimize" for m in modes])
     dists = space(cfg, students)
     for result in results:
+        if CONFIRM in (result.config or {}):
+            continue
         params = {k: v for k, v in (result.config or {}).items() if k in dists}
         values = [(result.metrics or {}).get(m) for m in metrics]
         ok = result.error is None and all(v is not None and math.isfinite(v) for v in values)

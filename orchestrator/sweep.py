@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from orchestrator.config import SweepConfig
+from orchestrator.confirm import cap as confirm_cap
 from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
 from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, wait_for_cluster
-from orchestrator.search import (PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points, objectives, scheduler,
-                                 searcher, trial_budget)
+from orchestrator.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points,
+                                 objectives, scheduler, searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
 from orchestrator.store import SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
 from orchestrator.tracking import MlflowTrialCallback
@@ -34,6 +35,7 @@ from trainables.config import validate
 from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
+from trainables.teacher_cache import resolved_augment
 from trainables.trial import TrialRun, tune_trial
 
 log = logging.getLogger(__name__)
@@ -50,13 +52,21 @@ class Plan:
     teacher: str
     data: DataInfo
     controls: int
+    confirm: tuple[int, int]  # (top, seeds)
+    random_views: bool  # augmentation draws new views per seed: a confirmation seed's are not in the teacher cache
 
     def describe(self) -> str:
         total = sum(n for _, _, n in self.studies)
+        top, seeds = self.confirm
         lines = [
             f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}, one Tune run",
             *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
             f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
+            f"  then confirmation: the top {top} finalist(s) on {seeds} seeds each (the search trial's included), each beside its "
+            f"alpha=0 control at the same settings and seeds: up to {confirm_cap(top, seeds)} more trials"
+            + ("; random views: the new seeds' KD trials run the teacher online (the cache holds the search seed's views)"
+               if self.random_views else "") if top else
+            "  no confirmation (budget.confirm.top: 0): the champion is the best single-seed trial",
             f"  data: {self.data.n_train} train / {self.data.n_val} val / {self.data.n_test} test, "
             f"{self.data.num_classes} classes, input {self.data.input_shape}"
             + (f", {len(self.data.skipped)} undecodable file(s) skipped" if self.data.skipped else ""),
@@ -87,7 +97,8 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     res = {"workers": r.num_workers, "CPU_per_worker": r.cpus_per_trial, "GPU_per_worker": r.gpus_per_trial}
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
-                len(control_points(cfg, cfg.students)))
+                len(control_points(cfg, cfg.students)), (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
+                not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static)
     return plan, info
 
 
@@ -218,14 +229,19 @@ class Profiles:
         return {name: size_report(ray.get(f), teacher_size) for name, f in self.students.items()}
 
 
+def _tune_output(verbose: bool) -> None:
+    """Tune's own progress output only with --verbose (its new output engine prints its headers
+    even when silent; the old one obeys verbose=0)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    logging.getLogger("ray.tune").setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
 def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose: bool, build: TrialBuilder):
     """The sweep's one Tune run: every study's trials (joint: one Optuna study over all students;
     per_student: one per student, PerStudentSearch handing out trials round robin)."""
     from ray import tune
 
-    # Tune's new output engine prints its headers even when silent; the old one obeys verbose=0
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
-    logging.getLogger("ray.tune").setLevel(logging.NOTSET if verbose else logging.WARNING)
+    _tune_output(verbose)
     study = "joint" if cfg.mode == "joint" else "per_student"
     path = f"{cfg.ray_storage()}/tune-{study}"
     local = Path(path) if "://" not in path else None
@@ -238,16 +254,18 @@ def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose:
         # first driver, with its tracking URI: hand it this driver's, and its TrialBuilder (its teacher and cache).
         tuner._local_tuner.get_run_config().callbacks = list(callbacks)
         search = tuner._local_tuner._tune_config.search_alg
-        if not isinstance(search, ResolvedSearch):
+        if not isinstance(search, ResolvedSearch) or not hasattr(search, "stage"):
             raise ConfigError(f"`NAME` {cfg.name!r} was started by an older kdsweep, whose trials this one cannot continue: "
                               "start a new sweep (--set name=NEW)")
         search.build = build
         return tuner
+    top, seeds = cfg.budget.confirm.top, cfg.budget.confirm.seeds
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            num_samples=cfg.budget.num_samples,
-            search_alg=ResolvedSearch(searcher(cfg, cfg.students) if cfg.mode == "joint" else PerStudentSearch(cfg), build),
+            num_samples=cfg.budget.num_samples + confirm_cap(top, seeds),  # the searcher says when it is done
+            search_alg=ResolvedSearch(searcher(cfg, cfg.students) if cfg.mode == "joint" else PerStudentSearch(cfg), build,
+                                      cfg.budget.num_samples, ConfirmStage(cfg, top, seeds) if top else None),
             scheduler=scheduler(cfg) if cfg.mode == "joint" else PerStudentScheduler(cfg),
             max_concurrent_trials=cfg.budget.max_concurrent,
             reuse_actors=True,  # one-worker trials: the next trial finds torch, data and teacher loaded
@@ -292,26 +310,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         if info.skipped:
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         build = TrialBuilder(cfg, teacher_path=teacher, teacher_cache=cache, profile=False)
-        sizes = profiles.reports()
-        size_objectives = [m for m in objectives(cfg)[0] if metric(m).kind == "size"]
-        constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
-        r = cfg.resources
-        run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train", r.warm)
-        from ray import tune
-
-        # A one-worker trial trains in its Tune actor, which holds the trial's resources; a DDP
-        # trial's actor only waits for its TorchTrainer, which reserves them (a token request here).
-        resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
-        trainable = tune.with_resources(
-            tune.with_parameters(tune_trial, run=run, constants=constants), resources)
-        model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
-                      "sizes": sizes,
-                      "fixed_params": {"seed": cfg.seed, "dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
-        callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
-        if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
-            callbacks.append(PlacementGroupReaper())
-        if not verbose:
-            callbacks.append(ConsoleReporter(cfg, total=sum(n for _, _, n in plan.studies)))
+        trainable, callbacks = _trials(cfg, info, profiles.reports(), tracker, parent, sum(n for _, _, n in plan.studies), verbose)
         server_down = False
         try:
             results = list(_tuner(cfg, trainable, callbacks, restore, verbose, build).fit())
@@ -333,6 +332,76 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                     log.info("closed %d orphaned trial run(s)", closed)
         tracker.client.set_terminated(parent, "FINISHED")
     return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info)}
+
+
+def _trials(cfg: SweepConfig, info: DataInfo, sizes: dict[str, dict[str, float]], tracker: SweepTracker, parent: str, total: int,
+            verbose: bool) -> tuple[Any, list]:
+    """The trainable every trial of the sweep runs (in a reused Tune actor, or a Ray Train worker
+    group) and the driver's callbacks that track and show them: one set-up for the search with its
+    confirmation and for a later `kdsweep best --confirm-seeds`."""
+    from ray import tune
+
+    size_objectives = [m for m in objectives(cfg)[0] if metric(m).kind == "size"]
+    constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
+    r = cfg.resources
+    run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train", r.warm)
+    # A one-worker trial trains in its Tune actor, which holds the trial's resources; a DDP
+    # trial's actor only waits for its TorchTrainer, which reserves them (a token request here).
+    resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, run=run, constants=constants), resources)
+    model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
+                  "sizes": sizes, "fixed_params": {"dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
+    callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
+    if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
+        callbacks.append(PlacementGroupReaper())
+    if not verbose:
+        callbacks.append(ConsoleReporter(cfg, total=total))
+    return trainable, callbacks
+
+
+def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: int, seeds: int, address: str | None = None,
+                  verbose: bool = False) -> int:
+    """Confirm a finished sweep's finalists on more seeds without searching again: a Tune run of
+    its own (tune-confirm-<n>) whose searcher hands out only the confirmation stage, over the
+    search's ended trials read back from MLflow. Returns the trials it ran."""
+    from ray import tune
+
+    from orchestrator.selection import ended_trials
+
+    cfg = saved.config
+    stage = ConfirmStage(cfg, top, seeds, ended_trials(tracker, parent))
+    todo = len(stage.planned())
+    if not todo:
+        log.info("sweep %s: its top %d finalist(s) already ran on %d seeds: nothing to confirm", cfg.name, top, seeds)
+        return 0
+    info = check_data(cfg)
+    if address is None:
+        check_local(cfg.resources)
+    base = Path(cfg.ray_storage()) if "://" not in cfg.ray_storage() else None
+    n = 1 + sum(1 for _ in base.glob("tune-confirm-*")) if base and base.is_dir() else 1
+    with ray_session(address):
+        if address is not None:
+            wait_for_cluster(cfg.resources, address)
+        profiles = Profiles(cfg, info)
+        profiles.add_teacher(saved.teacher)
+        cache, _ = ensure_cache(cfg, saved.teacher, saved.directory)
+        build = TrialBuilder(cfg, teacher_path=saved.teacher, teacher_cache=cache, profile=False)
+        trainable, callbacks = _trials(cfg, info, profiles.reports(), tracker, parent, 0, verbose)
+        _tune_output(verbose)
+        log.info("sweep %s: confirming its top %d finalist(s) on %d seeds: %d trial(s)", cfg.name, top, seeds, todo)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(num_samples=todo, max_concurrent_trials=cfg.budget.max_concurrent, reuse_actors=True,
+                                        search_alg=ResolvedSearch(None, build, 0, stage)),
+            run_config=tune.RunConfig(name=f"tune-confirm-{n}", storage_path=cfg.ray_storage(), callbacks=callbacks, verbose=1 if verbose else 0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+        try:
+            tuner.fit()
+        finally:
+            tracker.close_orphans(parent)
+    return todo
 
 
 def _in_background(fn: Callable, *args) -> Future:

@@ -12,6 +12,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.config import short_name
+from orchestrator.confirm import CONFIRM
 from orchestrator.search import point_of
 from orchestrator.store import Tag, SweepTracker, flatten
 from trainables.config import TRIAL_CONFIG
@@ -47,13 +48,16 @@ class MlflowTrialCallback(Callback):
             last = max((m.step for m in history), default=0)
         else:
             cfg = trial.config[TRIAL_CONFIG]
-            run_id = t.create_run(run_name(cfg.student, cfg.loss, trial.trial_id),
-                                  {Tag.PARENT: self.parent_id, Tag.SWEEP: self.sweep, Tag.TRIAL: trial.trial_id, Tag.ROLE: "trial", Tag.STATUS: "running"})
+            confirms = trial.config.get(CONFIRM, {}).get("of")
+            point = point_of(trial.config)
+            tags = {Tag.PARENT: self.parent_id, Tag.SWEEP: self.sweep, Tag.TRIAL: trial.trial_id, Tag.ROLE: "trial", Tag.STATUS: "running",
+                    Tag.POINT: json.dumps(point, sort_keys=True), **({Tag.CONFIRMS: confirms} if confirms else {})}
+            run_id = t.create_run(run_name(cfg, trial.trial_id, confirms), tags)
             last = 0
             resolved = cfg.model_dump(mode="json")
-            searched = {short_name(k): v for k, v in point_of(trial.config).items()}
-            t.log_params(run_id, {**searched, "trial_id": trial.trial_id, "loss": cfg.loss.name, "control": not cfg.loss.distills, **self.model_info["fixed_params"],
-                                  **flatten(resolved, "trial.")})
+            searched = {short_name(k): v for k, v in point.items()}
+            t.log_params(run_id, {**searched, "trial_id": trial.trial_id, "loss": cfg.loss.name, "control": not cfg.loss.distills, "seed": cfg.seed,
+                                  **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
             t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
             t.log_metrics(run_id, self.model_info["sizes"].get(cfg.student, {}), step=0)
         self._runs[trial.trial_id] = (run_id, last)
@@ -111,10 +115,13 @@ def completed_status(trial) -> str:
     return "stopped" if status == "running" else status
 
 
-def run_name(student: str, loss, trial_id: str) -> str:
-    """`<student>-T<temperature>-a<alpha>-<trial>` (w<distill_weight> in the explicit-weights form)."""
+def run_name(trial, trial_id: str, confirms: str | None = None) -> str:
+    """`<student>-T<temperature>-a<alpha>-<trial>` (w<distill_weight> in the explicit-weights form);
+    a confirmation run: `...-seed<seed>-confirms-<finalist trial>`."""
+    loss = trial.loss
     weight = f"a{loss.alpha:.2f}" if loss.alpha is not None else f"w{loss.distill_weight:g}"
-    return f"{student}-T{loss.temperature:.2f}-{weight}-{trial_id}"
+    name = f"{trial.student}-T{loss.temperature:.2f}-{weight}-{trial_id}"
+    return f"{name}-seed{trial.seed}-confirms-{confirms}" if confirms else name
 
 
 def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, trial, model_info: dict) -> None:

@@ -56,7 +56,9 @@ def _state_is_valid(files: list[Path]) -> bool:
             json.loads(f.read_text())
     except (OSError, ValueError):
         return False
-    return bool(states) and all(_pickle_is_complete(f.read_bytes()) for f in files if f.suffix == ".pkl")
+    # the searcher's pickles, and the search generator's (a cloudpickle, though named .json)
+    pickles = [f for f in files if f.suffix == ".pkl" or f.name.startswith("search_gen_state-")]
+    return bool(states) and all(_pickle_is_complete(f.read_bytes()) for f in pickles)
 
 
 def _snapshot(experiment_dir: Path) -> bool:

@@ -47,6 +47,7 @@ def shared_fashion_root() -> str | None:
 
 
 PLUGIN = """
+import torch
 import torch.nn as nn
 
 from trainables.models import MODELS, StagedNet
@@ -82,6 +83,55 @@ class TwoConv(StagedNet):
 @MODELS.register
 def plugin_cnn(num_classes, input_shape, width=8):
     return TwoConv(num_classes, input_shape, width)
+
+
+class Mask(nn.Module):
+    def __init__(self, keep):
+        super().__init__()
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return x.flatten(1) * self.keep
+
+
+class Lottery(StagedNet):
+    \"\"\"A student whose quality is drawn at initialization: for about half of the seeds (0 and 3
+    among 0-5) it sees the whole image, for the others a random 3% of its pixels.\"\"\"
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        lucky = bool(torch.rand(()) < 0.5)
+        size = 1
+        for d in input_shape:
+            size *= d
+        self.stem = Mask(torch.ones(size) if lucky else (torch.rand(size) < 0.03).float())
+        self.stages = nn.ModuleList([nn.Sequential(nn.Linear(size, 128), nn.ReLU())])
+        self.head = nn.Linear(128, num_classes)
+
+
+@MODELS.register
+def lottery_mlp(num_classes, input_shape):
+    return Lottery(num_classes, input_shape)
+
+
+class Steady(StagedNet):
+    \"\"\"Every other pixel, whatever the seed: a mediocre student that is the same on every seed.\"\"\"
+
+    def __init__(self, num_classes, input_shape):
+        super().__init__()
+        size = 1
+        for d in input_shape:
+            size *= d
+        keep = torch.zeros(size)
+        keep[::2] = 1.0
+        self.stem = Mask(keep)
+        self.stages = nn.ModuleList([nn.Sequential(nn.Linear(size, 128), nn.ReLU())])
+        self.head = nn.Linear(128, num_classes)
+
+
+@MODELS.register
+def steady_mlp(num_classes, input_shape):
+    return Steady(num_classes, input_shape)
 """
 
 
@@ -125,7 +175,7 @@ def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
     cfg.update(name=name, storage=str(path / "runs"))
     cfg["teacher"]["path"] = str(teacher)
     cfg["train"]["epochs"] = 3
-    cfg["budget"] = {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2}
+    cfg["budget"] = {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 0}}
     cfg["tracking"] = {"uri": f"sqlite:///{path / 'mlruns' / 'mlflow.db'}"}
     for k, v in over.items():
         set_dotted(cfg, k, v)

@@ -30,6 +30,8 @@ BAD = [
         (["dataset.name=fashion_mnist", "dataset.root=/no/such/dir"], "`dataset.root` must be an existing folder"),
         (["teacher.path=/no/such/teacher"], "`teacher.path` must be a folder with teacher.safetensors"),
         (["budgett.num_samples=3"], "`budgett` is not a known key"),
+        (["budget.confirm.seeds=1"], "`budget.confirm.seeds`"),
+        (["budget.confirm.top=-1"], "`budget.confirm.top`"),
 ]
 # `kdsweep teacher` trains into a teacher.path that does not exist yet, so that case is distill-only.
 CASES = [(c, s, n) for c in ("distill", "teacher") for s, n in BAD if not (c == "teacher" and s[0].startswith("teacher.path"))]
@@ -208,3 +210,27 @@ def test_one_class_image_folder_says_two_classes_are_needed(capsys, in_tmp, tmp_
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / "train" / "cat" / f"{i}.png")
     code, err = run_cli(["run", "--dry-run", "--set", "dataset.name=image_folder", "--set", f"dataset.root={root}"], capsys)
     assert code == 2 and "at least two classes" in err and "batch_size" not in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--confirm-seeds", "1"], "`--confirm-seeds` must be >= 2"),
+    (["--confirm-top", "2"], "`--confirm-top` goes with --confirm-seeds N"),
+])
+def test_bad_confirmation_flags_exit_2_before_ray(args, needle, capsys, in_tmp):
+    """A saved sweep (its sweep.json and parent run) is enough to reach the flag checks."""
+    import json
+
+    from orchestrator.config import load_config
+    from orchestrator.store import SweepTracker
+
+    cfg = load_config(None, ["name=done"])
+    (in_tmp / "runs" / "done").mkdir(parents=True)
+    uri = f"sqlite:///{in_tmp / 'mlruns' / 'mlflow.db'}"
+    (in_tmp / "runs" / "done" / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": uri, "teacher": "t"}))
+    SweepTracker(uri, "done").parent_run("done", cfg.model_dump())
+    capsys.readouterr()
+    before = sorted(p.name for p in in_tmp.rglob("*"))
+    code, err = run_cli(["best", "done", *args], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert sorted(p.name for p in in_tmp.rglob("*")) == before
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()

@@ -21,6 +21,18 @@ def test_snapshot_then_repair_after_truncated_write(tmp_path):
     assert pickle.loads((tmp_path / "searcher-state-2026.pkl").read_bytes()) == {"trials": 3}
 
 
+def test_an_empty_search_generator_state_is_repaired_too(tmp_path):
+    """Tune's search_gen_state-*.json is a cloudpickle copied to storage after each step: a driver
+    killed mid-copy leaves it empty, and Tune's restore then starts the study over."""
+    make_state(tmp_path, 3)
+    (tmp_path / "search_gen_state-2026.json").write_bytes(pickle.dumps({"counter": 3}))
+    assert _snapshot(tmp_path)
+    (tmp_path / "search_gen_state-2026.json").write_bytes(b"")
+    assert not _state_is_valid(list(tmp_path.glob("*.*")))
+    repair_state(tmp_path)
+    assert pickle.loads((tmp_path / "search_gen_state-2026.json").read_bytes()) == {"counter": 3}
+
+
 def test_invalid_state_never_replaces_the_backup(tmp_path):
     make_state(tmp_path, 2)
     assert _snapshot(tmp_path)

@@ -39,7 +39,7 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     out = capsys.readouterr().out
     assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out
     # the console: kdsweep's compact lines (not a TTY here), not Tune's per-trial dump or its token resource line
-    assert re.search(r"^done   trial=\w+  student=(mlp_32|cnn_tiny)  T=[\d.]+  alpha=[\d.]+  lr=[\d.]+  epoch=\d/3  val_acc=[\d.]+  status=", out, re.M)
+    assert re.search(r"^done   trial=\w+  student=(mlp_32|cnn_tiny)  T=[\d.]+  alpha=[\d.]+  lr=[\d.]+  seed=0  epoch=\d/3  val_acc=[\d.]+  status=\w+  role=search", out, re.M)
     assert re.search(r"^  sweep e2e: 5 done, 0 running, 0 left of 5; best val_acc 0\.\d+; trials hold 0 CPU; ETA", out, re.M)
     assert "Logical resource usage" not in out and "Trial status" not in out and "Configuration for experiment" not in out
 
@@ -220,6 +220,56 @@ def browse(folder, uri: str, report_html, run_names: list[str]) -> None:
     assert "KD gain over each student" in report_dom and "optimization_history" in report_dom
 
 
+def test_a_lucky_seed_wins_the_search_and_loses_the_confirmation(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
+    """lottery_mlp sees the whole image for seed 0 (the search's) and 3% of it for seed 1: it wins
+    the single-seed search (about 0.93 against 0.82), and the confirmation on two seeds (its mean
+    about 0.6) crowns steady_mlp, which sees every other pixel on every seed."""
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_yaml(tmp_path, digits_teacher, "lucky", students=["lottery_mlp", "steady_mlp"], plugins=["kd_test_plugin"], search={},
+                     **{"budget.num_samples": 2, "budget.max_concurrent": 1, "budget.grace_period": 3, "budget.confirm": {"top": 2, "seeds": 2},
+                        "train.epochs": 3, "train.robust_samples": 0})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^start  trial=\w+  student=lottery_mlp .* seed=1  epoch=0/3 .* role=confirms \w+", out, re.M)
+    assert re.search(r"^start  trial=\w+  student=steady_mlp .* alpha=0.00 .* seed=1  epoch=0/3 .* role=control for \w+", out, re.M)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    runs = child_runs(uri, "lucky")
+    search = {r.data.params["student"]: r for r in runs if "kdsweep.confirms" not in r.data.tags}
+    confirming = [r for r in runs if "kdsweep.confirms" in r.data.tags]
+    lottery, steady = search["lottery_mlp"], search["steady_mlp"]
+    assert lottery.data.metrics["final_val_acc"] > steady.data.metrics["final_val_acc"]  # the search alone would crown the lucky seed
+    # per finalist: seed 1 with KD, and the alpha=0 control at the same settings on seeds 0 and 1
+    assert len(runs) == 2 + 2 * 3 and {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
+    # same resources, same cache: fixed views on digits, so every seed's KD trial reads the sweep's teacher cache
+    assert {r.data.tags["kdsweep.teacher_targets"] for r in runs if r.data.params["control"] == "False"} == {"cache"}
+    for finalist in (lottery, steady):
+        mine = [r for r in confirming if r.data.tags["kdsweep.confirms"] == finalist.data.tags["kdsweep.trial_id"]]
+        assert sorted((r.data.params["seed"], r.data.params["control"]) for r in mine) == [("0", "True"), ("1", "False"), ("1", "True")]
+        assert all(r.data.params["trial.train.optimizer.lr"] == finalist.data.params["trial.train.optimizer.lr"] for r in mine)
+    client = mlflow.tracking.MlflowClient(uri)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    champion = client.get_run(parent.data.tags["kdsweep.champion_run_id"])
+    assert champion.data.params["student"] == "steady_mlp"
+    assert parent.data.metrics["champion_confirmed_seeds"] == 2 and "champion_kd_gain_mean" in parent.data.metrics
+    table = client.download_artifacts(parent.info.run_id, "confirmation.md", str(tmp_path))
+    assert re.search(r"\| lottery_mlp \|.*\| 0, 1 \|.*KD gain [+-][\d.]+ \+- [\d.]+ pts, 2 seeds", Path(table).read_text())
+    # the Optuna study holds the search alone
+    assert len(optuna.load_study(study_name="lucky-joint", storage=f"sqlite:///{tmp_path / 'runs' / 'lucky' / 'optuna.db'}").trials) == 2
+
+    # more seeds later, without searching again: the top finalist (the lottery) gets seed 2 and its control
+    assert main(["best", "lucky", "--storage", str(tmp_path / "runs"), "--confirm-seeds", "3", "--confirm-top", "1", "--address", ray_address]) == 0
+    runs = child_runs(uri, "lucky")
+    added = [r for r in runs if r.data.params.get("seed") == "2"]
+    assert len(runs) == 10 and sorted(r.data.params["control"] for r in added) == ["False", "True"]
+    assert {r.data.params["student"] for r in added} == {"lottery_mlp"}
+    assert client.get_run(client.get_run(parent.info.run_id).data.tags["kdsweep.champion_run_id"]).data.params["student"] == "steady_mlp"
+    assert "| lottery_mlp |" in capsys.readouterr().out
+    from orchestrator.api import best_of
+
+    champion = best_of("lucky", str(tmp_path / "runs")).champion  # the Python API: the same champion, its confirmed numbers
+    assert champion.student == "steady_mlp" and champion.confirmed["seeds"] == 2 and "2 seeds" in champion.confirmed["verdict"]
+
+
 def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = sweep_yaml(tmp_path, digits_teacher, "per-student", mode="per_student",
@@ -314,7 +364,7 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
                  "student_layers": {"torchvision.mobilenet_v3_small": ["features.3", "features.8"], "plugin_cnn": ["stages.0", "stages.1"]}},
         "train": {"epochs": 2, "batch_size": 32, "robust_samples": 64},
         "search": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
-        "budget": {"num_samples": 2, "max_concurrent": 1, "grace_period": 2},
+        "budget": {"num_samples": 2, "max_concurrent": 1, "grace_period": 2, "confirm": {"top": 0}},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"},
     }
     (tmp_path / "own.yaml").write_text(yaml.safe_dump(cfg))
@@ -372,7 +422,7 @@ def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, r
                            "augment": {"resized_crop": {"scale": [0.5, 1.0]}, "flip": True}},
                "teacher": {"arch": "cnn_tiny", "epochs": 2, "batch_size": 8}, "students": ["mlp_32"],
                "train": {"epochs": 1, "batch_size": 8, "robust_samples": 0}, "search": {},
-               "budget": {"num_samples": 1, "max_concurrent": 1}, "tracking": {"uri": uri}}
+               "budget": {"num_samples": 1, "max_concurrent": 1, "confirm": {"top": 0}}, "tracking": {"uri": uri}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         assert main(["run", str(tmp_path / f"{name}.yaml"), "--address", ray_address]) == 0
         out = capsys.readouterr()
@@ -410,9 +460,11 @@ def test_a_diverging_trial_is_marked_never_selected_and_the_sweep_goes_on(tmp_pa
 
 
 def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
-    """Resume finishes every trial, each in its one run; --tracking-uri on resume is honoured by the
+    """Resume finishes every trial, each in its one run, then the confirmation stage (the searcher's
+    state restored: no search trial issued twice); --tracking-uri on resume is honoured by the
     trial runs too (Tune would otherwise use the callbacks pickled with the killed driver)."""
-    cfg = sweep_yaml(tmp_path, digits_teacher, "killme", **{"budget.num_samples": 5, "train.epochs": 4})
+    cfg = sweep_yaml(tmp_path, digits_teacher, "killme", **{"budget.num_samples": 5, "train.epochs": 4,
+                                                            "budget.confirm": {"top": 1, "seeds": 2}})
     db = tmp_path / "mlruns" / "mlflow.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", ray_address],
@@ -436,9 +488,13 @@ def test_kill_driver_then_resume(tmp_path, digits_teacher, ray_address):
                  "--tracking-uri", f"sqlite:///{moved}"]) == 0
     assert count_rows(db, "select count(*) from metrics") == before  # nothing went to the old store
     runs = child_runs(f"sqlite:///{moved}", "killme")
-    assert len(runs) == 5
+    searched = [r for r in runs if "kdsweep.confirms" not in r.data.tags]
+    assert len(searched) == 5 and 1 <= len(runs) - 5 <= 2 * 2 - 1
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert len({r.data.tags["kdsweep.trial_id"] for r in runs}) == 5
+    assert len({r.data.tags["kdsweep.trial_id"] for r in runs}) == len(runs)
+    finalists = {r.data.tags.get("kdsweep.confirms") for r in runs} - {None}
+    assert len(finalists) == 1 and finalists <= {r.data.tags["kdsweep.trial_id"] for r in searched}
+    assert {r.data.params["seed"] for r in runs if "kdsweep.confirms" in r.data.tags} <= {"0", "1"}
     client = mlflow.tracking.MlflowClient(f"sqlite:///{moved}")
     for r in runs:  # resumed trials continued their own runs: every epoch logged exactly once
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]

@@ -1,0 +1,167 @@
+"""The confirmation stage without Ray: what it plans, the statistics it reports, the searcher that
+hands it out (and survives a driver restart), and the champion it crowns."""
+from __future__ import annotations
+
+import pytest
+from ray.tune.search import Searcher
+
+from orchestrator import confirm
+from orchestrator.config import load_config
+from orchestrator.search import ConfirmStage, ResolvedSearch, TrialBuilder, control_point, done
+from orchestrator.selection import choose
+from orchestrator.store import flatten
+from trainables.config import TRIAL_CONFIG
+from trainables.eval.metrics import Objective
+
+VAL = [Objective.parse("val_acc")]
+
+
+def cfg_(*sets):
+    return load_config(None, ["teacher.path=/tmp/t", *sets])
+
+
+def ended(cfg, trial_id, point, val, status="finished", of=None, **metrics):
+    """A Done as the searcher records it, from the trial config the driver would build."""
+    trial = TrialBuilder(cfg, teacher_path="/tmp/t")(point)
+    return done(trial_id, point, trial, status, {"val_acc": val, **metrics}, {"of": of} if of else None)
+
+
+def test_plan_confirms_the_top_finalists_on_fresh_seeds_beside_controls_at_the_same_settings():
+    cfg = cfg_()
+    kd = {"student": "cnn_tiny", "loss.temperature": 2.0, "loss.alpha": 0.5, "train.optimizer.lr": 0.1}
+    searched_control = {"student": "cnn_tiny", "loss.temperature": 4.0, "loss.alpha": 0.0, "train.optimizer.lr": 0.1}
+    other = {"student": "mlp_32", "loss.temperature": 3.0, "loss.alpha": 0.7, "train.optimizer.lr": 0.05}
+    runs = [ended(cfg, "a", kd, 0.95), ended(cfg, "b", searched_control, 0.90), ended(cfg, "c", other, 0.93),
+            ended(cfg, "d", {**other, "loss.alpha": 0.9}, 0.99, status="stopped")]  # stopped: never a finalist
+    todo = confirm.plan(runs, VAL, 2, 3, lambda p: control_point(cfg, p))
+    mine = [(p["seed"], m["control"], p["loss.alpha"]) for p, m in todo if m["of"] == "a"]
+    # seeds 1 and 2 with KD; controls at seeds 1 and 2 only: the search's control at lr 0.1, seed 0, is reused
+    assert mine == [(1, False, 0.5), (2, False, 0.5), (1, True, 0.0), (2, True, 0.0)]
+    control = next(p for p, m in todo if m["of"] == "a" and m["control"])
+    assert control["loss.temperature"] == searched_control["loss.temperature"] and control["train.optimizer.lr"] == 0.1
+    assert sorted((p["seed"], m["control"]) for p, m in todo if m["of"] == "c") == [(0, True), (1, False), (1, True), (2, False), (2, True)]
+    assert len(todo) <= confirm.cap(2, 3)
+    # planned again after those ran: nothing left; with 4 seeds: one more seed per finalist, and its control
+    runs += [ended(cfg, f"x{i}", p, 0.9, of=m["of"]) for i, (p, m) in enumerate(todo)]
+    assert confirm.plan(runs, VAL, 2, 3, lambda p: control_point(cfg, p)) == []
+    more = confirm.plan(runs, VAL, 2, 4, lambda p: control_point(cfg, p))
+    assert sorted((m["of"], p["seed"], m["control"]) for p, m in more) == [("a", 3, False), ("a", 3, True), ("c", 3, False), ("c", 3, True)]
+
+
+def test_finalists_put_the_pareto_front_first_and_a_control_finalist_needs_no_other_control():
+    cfg = cfg_("search.objectives=[val_acc:max, size_params:min]")
+    objs = [Objective.parse(o) for o in cfg.objectives]
+    big = ended(cfg, "big", {"student": "cnn_tiny", "loss.alpha": 0.0}, 0.96, size_params=5000.0)
+    small = ended(cfg, "small", {"student": "mlp_32", "loss.alpha": 0.5}, 0.90, size_params=100.0)
+    middle = ended(cfg, "mid", {"student": "mlp_32", "loss.alpha": 0.9}, 0.93, size_params=6000.0)  # beaten by big on both
+    assert [d.trial_id for d in confirm.finalists([middle, small, big], objs, 3)] == ["big", "small", "mid"]
+    todo = confirm.plan([big], objs, 1, 3, lambda p: control_point(cfg, p))
+    assert [(p["seed"], m["control"]) for p, m in todo] == [(1, True), (2, True)]
+
+
+def test_two_finalists_that_differ_only_in_loss_keys_share_one_control():
+    cfg = cfg_()
+    a = ended(cfg, "a", {"student": "mlp_32", "loss.temperature": 2.0, "loss.alpha": 0.5, "train.optimizer.lr": 0.1}, 0.95)
+    b = ended(cfg, "b", {"student": "mlp_32", "loss.temperature": 8.0, "loss.alpha": 0.8, "train.optimizer.lr": 0.1}, 0.94)
+    todo = confirm.plan([a, b], VAL, 2, 2, lambda p: control_point(cfg, p))
+    assert sorted((m["of"], p["seed"], m["control"]) for p, m in todo) == [("a", 0, True), ("a", 1, False), ("a", 1, True), ("b", 1, False)]
+
+
+def test_paired_gain_is_the_paired_t_interval():
+    from scipy import stats
+
+    kd, control = [0.95, 0.97, 0.96, 0.99], [0.94, 0.95, 0.96, 0.955]
+    mean, half, n = confirm.paired([k - c for k, c in zip(kd, control)])
+    ci = stats.ttest_rel(kd, control).confidence_interval(0.95)
+    assert n == 4 and mean == pytest.approx((ci.low + ci.high) / 2) and half == pytest.approx((ci.high - ci.low) / 2)
+    assert confirm.paired([0.01]) == (0.01, None, 1) and confirm.paired([]) == (None, None, 0)
+
+
+def row(trial_id, student, seed, val, control=False, confirms=None, status="finished", lr=0.05, **extra):
+    flat = flatten({"student": student, "seed": seed, "train": {"optimizer": {"lr": lr}, "epochs": 3}}, "trial.")
+    return {"run_id": f"run-{trial_id}", "trial_id": trial_id, "student": student, "seed": seed, "val_acc": val, "control": control,
+            "confirms": confirms, "status": status, "settings": confirm.settings_key(flat), "temperature": 4.0,
+            "alpha": 0.0 if control else 0.9, "lr": lr, "size_params": 100.0, **extra}
+
+
+def test_selection_crowns_the_best_mean_not_the_lucky_seed_and_reports_diverged_runs():
+    rows = [
+        row("lucky", "lottery", 0, 0.99), row("l1", "lottery", 1, 0.60, confirms="lucky"), row("l2", "lottery", 2, 0.61, confirms="lucky"),
+        row("lc0", "lottery", 0, 0.58, control=True, confirms="lucky"), row("lc1", "lottery", 1, 0.59, control=True, confirms="lucky"),
+        row("lc2", "lottery", 2, 0.60, control=True, confirms="lucky"),
+        row("steady", "steady", 0, 0.90), row("s1", "steady", 1, 0.91, confirms="steady"),
+        row("s2", "steady", 2, float("nan"), confirms="steady", status="diverged"),
+        row("sc0", "steady", 0, 0.88, control=True), row("sc1", "steady", 1, 0.88, control=True, confirms="steady"),
+        row("sc2", "steady", 2, 0.89, control=True, confirms="steady"),
+    ]
+    confirmed = confirm.confirmations(rows)
+    assert [c.finalist["trial_id"] for c in confirmed] == ["lucky", "steady"]
+    lottery, steady = confirmed
+    assert lottery.mean() == pytest.approx((0.99 + 0.60 + 0.61) / 3) and sorted(steady.kd) == [0, 1]
+    assert steady.excluded == [(2, "kd", "diverged")]  # reported, not averaged
+    assert steady.gain()[2] == 2 and steady.gain()[0] == pytest.approx(((0.90 - 0.88) + (0.91 - 0.88)) / 2)
+    assert "2 seeds" in steady.verdict() and "3 seeds" in lottery.verdict()
+    best = choose([confirm.mean_row(c) for c in confirmed], VAL[0])["confirmed"]
+    assert best is steady and best.best_run()["trial_id"] == "s1"  # the registered seed: the best of its seeds on val
+    assert choose([r for r in rows if not r["confirms"]], VAL[0])["trial_id"] == "lucky"  # what a single-seed search would crown
+    text = confirm.table(confirmed)
+    assert "| lucky | lottery |" in text and "seed 2 kd diverged" in text
+
+
+def test_the_searcher_hands_out_the_stage_after_the_search_and_restores_mid_stage(tmp_path):
+    cfg = cfg_("search={}", "budget.confirm={top: 1, seeds: 3}")
+
+    class Two(Searcher):  # an inner search of two points
+        def __init__(self):
+            super().__init__(metric="val_acc", mode="max")
+            self.points = [{"student": "mlp_32"}, {"student": "cnn_tiny"}]
+
+        def suggest(self, trial_id):
+            return self.points.pop(0) if self.points else None
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            pass
+
+        def save(self, path):
+            open(path, "w").write(repr(self.points))
+
+        def restore(self, path):
+            self.points = eval(open(path).read())
+
+    build = TrialBuilder(cfg, teacher_path="/tmp/t")
+    search = ResolvedSearch(Two(), build, 2, ConfirmStage(cfg, 1, 3))
+    a, b = search.suggest("a"), search.suggest("b")
+    assert a[TRIAL_CONFIG].student == "mlp_32" and b[TRIAL_CONFIG].student == "cnn_tiny" and confirm.CONFIRM not in a
+    search.on_trial_complete("a", {"val_acc": 0.9, "status": "finished", "epoch": 12})
+    assert search.suggest("c") is None  # b still runs: the finalists are not known yet
+    search.on_trial_complete("b", {"val_acc": 0.95, "status": "finished", "epoch": 12})
+    first = search.suggest("c")
+    assert first["seed"] == 1 and first[confirm.CONFIRM] == {"of": "b", "control": False} and first[TRIAL_CONFIG].seed == 1
+    search.save(str(tmp_path / "state"))
+
+    again = ResolvedSearch(Two(), build, 2, ConfirmStage(cfg, 1, 3))
+    again.restore(str(tmp_path / "state"))
+    rest = []
+    while isinstance(c := again.suggest(f"t{len(rest)}"), dict):
+        rest.append(c)
+    assert c == Searcher.FINISHED
+    assert [(c["seed"], c[confirm.CONFIRM]["control"]) for c in rest] == [(2, False), (0, True), (1, True), (2, True)]
+    assert all(not c[TRIAL_CONFIG].loss.distills for c in rest[1:]) and rest[0][TRIAL_CONFIG].loss.distills
+
+
+def test_gains_compare_equal_budgets_and_a_stopped_trial_says_where_it_stopped():
+    """The embedded default's old report showed a 4-epoch ASHA-stopped trial (val 0.934, below the
+    control's 0.962) with a positive gain "at the same epoch": the finished trial that beat its
+    control is the one to show, and a stopped trial's gain is labelled with its epoch."""
+    from orchestrator.report import kd_gains
+    from orchestrator.selection import format_table
+
+    rows = [row("c", "cnn_tiny", 0, 0.962, control=True, epochs=12, kd_gain=0.0),
+            row("stopped", "cnn_tiny", 0, 0.934, status="stopped", epochs=4, kd_gain=0.010),
+            row("finished", "cnn_tiny", 0, 0.965, epochs=12, kd_gain=0.003)]
+    (gain,) = kd_gains(rows)
+    assert gain[:4] == ["cnn_tiny", 0.962, 0.965, 12] and gain[5:7] == [0.003, "final (both finished)"]
+    (only,) = kd_gains([rows[0], rows[1]])
+    assert only[2:4] == [0.934, 4] and only[6] == "epoch 4 (KD trial stopped there)"
+    table = format_table(rows, "leaderboard")
+    assert "+0.0100@4" in table and "+0.0030 " in table + " " and "+0.0030@" not in table
