@@ -126,11 +126,28 @@ class DistillLoss(nn.Module):
         return self.distill_weight * self.warmup_factor() * kd + weighted_ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
+def standardize(z: Tensor) -> Tensor:
+    """Logit standardization (Sun et al., CVPR 2024; their `normalize`): each row's z-score over the
+    classes, with the unbiased std and 1e-7 added to it, so only the logits' shape is distilled
+    (a student need not match the teacher's scale or offset)."""
+    return (z - z.mean(1, keepdim=True)) / (1e-7 + z.std(1, keepdim=True))
+
+
 @LOSSES.register
 class kd(DistillLoss):
-    """Hinton KD: distill = T^2 * KL(p_t^T || p_s^T) (Hinton et al., 2015; mdistiller KD.kd_loss)."""
+    """Hinton KD: distill = T^2 * KL(p_t^T || p_s^T) (Hinton et al., 2015; mdistiller KD.kd_loss).
+
+    `standardize_logits`: both logits z-scored per example before the temperature (Sun et al.,
+    CVPR 2024, logit-standardization-KD's kd_loss); T is then their base temperature (2 in the
+    paper, with CE 0.1 and distill 9: ce_weight/distill_weight) and still scales by T^2."""
+
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, standardize_logits: bool = False, **weights) -> None:
+        super().__init__(alpha, temperature, **weights)
+        self.standardize_logits = bool(standardize_logits)
 
     def distill(self, s_logits, t_logits, y, s_feats, t_feats):
+        if self.standardize_logits:
+            s_logits, t_logits = standardize(s_logits.float()), standardize(t_logits.detach().float())
         return kd_kl(s_logits, t_logits, self.temperature)
 
 
@@ -152,17 +169,23 @@ class dkd(DistillLoss):
       NCKD = T^2 KL(p̂_t || p̂_s) over the non-target classes only (renormalized).
     Warmed up over `warmup_epochs` (default 20, mdistiller's CIFAR-100 setting). The paper's
     alpha/beta are `dkd_alpha`/`dkd_beta` here; `alpha` (or the explicit weights) mixes with CE.
+    `standardize_logits` as for kd (the paper: T=2, dkd_alpha and dkd_beta times 9).
     """
 
     default_warmup_epochs = 20.0
 
-    def __init__(self, alpha: float | None = None, temperature: float = 4.0, dkd_alpha: float = 1.0, dkd_beta: float = 8.0, **weights) -> None:
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
+                 standardize_logits: bool = False, **weights) -> None:
         super().__init__(alpha, temperature, **weights)
         self.dkd_alpha, self.dkd_beta = float(dkd_alpha), float(dkd_beta)
+        self.standardize_logits = bool(standardize_logits)
 
     def distill(self, s_logits, t_logits, y, s_feats, t_feats):
         t = self.temperature
-        s, tt = s_logits.float() / t, t_logits.detach().float() / t
+        s, tt = s_logits.float(), t_logits.detach().float()
+        if self.standardize_logits:  # as kd's (logit-standardization-KD's dkd_loss)
+            s, tt = standardize(s), standardize(tt)
+        s, tt = s / t, tt / t
         gt = F.one_hot(y, s.shape[1]).bool()
         log_b_s, log_b_t = _binary_log_probs(s, gt), _binary_log_probs(tt, gt)
         tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * t * t
@@ -172,6 +195,40 @@ class dkd(DistillLoss):
         log_q_t = F.log_softmax(tt[rest].view(n, c - 1), 1)
         nckd = F.kl_div(log_q_s, log_q_t, reduction="batchmean", log_target=True) * t * t
         return self.dkd_alpha * tckd + self.dkd_beta * nckd
+
+
+def _pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Per-row Pearson correlation, as DIST's code computes it: a cosine of the centred rows with
+    eps added to the product of their norms."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@LOSSES.register
+class dist(DistillLoss):
+    """DIST (Huang et al., NeurIPS 2022; hunto/image_classification_sota lib/models/losses/dist_kd.py):
+    the teacher's *relations* rather than its exact probabilities, which a much stronger teacher's
+    student cannot match. With p = softmax(z / T):
+
+      distill = T^2 * (beta * (1 - mean_i rho(p_s[i, :], p_t[i, :]))      inter-class: each example
+                       + gamma * (1 - mean_c rho(p_s[:, c], p_t[:, c])))   intra-class: each class over the batch
+
+    rho is Pearson's correlation. The intra-class term depends on the batch (with DDP: each
+    worker's). The authors' settings: CE + 2 * DIST with beta = gamma = 1, T = 4 on CIFAR-100, T = 1
+    on ImageNet (ce_weight: 1, distill_weight: 2). Works from logits alone (cached teacher targets).
+    """
+
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, beta: float = 1.0, gamma: float = 1.0, **weights) -> None:
+        super().__init__(alpha, temperature, **weights)
+        self.beta, self.gamma = float(beta), float(gamma)
+
+    def distill(self, s_logits, t_logits, y, s_feats, t_feats):
+        t = self.temperature
+        p_s = F.softmax(s_logits.float() / t, 1)
+        p_t = F.softmax(t_logits.detach().float() / t, 1)
+        inter = 1 - _pearson(p_s, p_t).mean()
+        intra = 1 - _pearson(p_s.t(), p_t.t()).mean()
+        return t * t * (self.beta * inter + self.gamma * intra)
 
 
 def _paired(s_feats: list[Tensor], t_feats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
