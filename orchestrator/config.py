@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, Strict, TrainConfig, TrialConfig,
                                WeightsFile, set_dotted, validate, with_overrides)
 from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
+from trainables.losses import LOSSES
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
 from trainables.models.weights import weights_sha256
@@ -107,6 +108,14 @@ class SearchParam(Strict):
         if self.type == "int":
             return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def suggest(self, trial, name: str) -> Any:
+        """This parameter drawn from an Optuna trial (a define-by-run space)."""
+        if self.type == "categorical":
+            return trial.suggest_categorical(name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
     def extremes(self) -> list[Any]:
         """Every value a rule could reject: each choice, or both ends of the range."""
@@ -202,6 +211,11 @@ class SweepConfig(Strict):
             extra = [k for k in (keys if isinstance(keys, dict) else {}) if k not in self.students]
             if extra:
                 raise ValueError(f"`{field}` names {extra[0]!r}, which is not in students {self.students}: fix the key")
+        names = next((p for k, p in self.search.items() if canonical(k) == "loss.name"), None)
+        if names is not None and names.type != "categorical":
+            raise ValueError("`search.loss.name` searches the method: it must be a categorical of loss names, e.g. "
+                             "{type: categorical, choices: [kd, dkd, dist]}")
+        methods = list(names.choices) if names is not None else [self.loss.name]
         search: dict[str, SearchParam] = {}
         for key, p in self.search.items():
             path = canonical(key)
@@ -214,21 +228,38 @@ class SweepConfig(Strict):
             if path == "loss.alpha" and self.loss.alpha is None:
                 raise ValueError(f"`search.{key}` searches alpha, but loss.ce_weight/loss.distill_weight fix the weights: drop them or the search key")
             for value in p.extremes():
-                self._check_point(key, path, value)
+                self._check_point(key, path, value, methods)
             search[path] = p
         self.search = search
         return self
 
-    def _check_point(self, key: str, path: str, value: Any) -> None:
+    def _check_point(self, key: str, path: str, value: Any, methods: list[str]) -> None:
         """A searched value checked as the fixed value is: by the same model, at its path (a loss
-        name in the registry, T > 0, 0 <= alpha <= 1, a loss's own parameters, ...)."""
-        section = path.split(".")[0]
-        data = {"loss": self.loss.model_dump(), "train": _train_fields(self.train).model_dump()}  # what a trial's config holds
-        set_dotted(data, path, value)
+        name in the registry, T > 0, 0 <= alpha <= 1, a loss's own parameters, ...). In a method
+        search a loss's own key is checked as the (first searched) loss it belongs to."""
+        section, field = path.split(".", 1)
         try:
+            loss = self.loss
+            if path == "loss.name":
+                loss = self.loss.as_method(value)
+            elif section == "loss" and not LossConfig.applies(field, loss.name):
+                takers = [m for m in methods if LossConfig.applies(field, m)]
+                owners = [m for m in LOSSES.names() if LossConfig.applies(field, m)]
+                if not takers and owners:
+                    raise ValueError(f"`search.{key}` is a parameter of none of the searched losses {methods} (it is {owners[0]}'s): "
+                                     f"add {owners[0]} to search.loss.name or remove the key")
+                if takers:  # else no loss takes it: validated below, as a misspelt key of the loss
+                    loss = self.loss.as_method(takers[0])
+            data = {"loss": loss.model_dump(), "train": _train_fields(self.train).model_dump()}  # what a trial's config holds
+            set_dotted(data, path, value)
             validate({"loss": LossConfig, "train": TrainConfig}[section], data[section], prefix=f"{section}.")
         except ConfigError as e:
             raise ValueError(f"`search.{key}` reaches {value!r}, which a trial rejects: {e}") from None
+
+    @property
+    def methods(self) -> list[str]:
+        """The losses trials train with: the searched `loss.name` choices, or the fixed loss."""
+        return list(self.search["loss.name"].choices) if "loss.name" in self.search else [self.loss.name]
 
     # --- derived values ---------------------------------------------------------------------
 
@@ -289,12 +320,16 @@ class SweepConfig(Strict):
         keys, the same in both configs); `distill=False` leaves the teacher out (a standalone no-KD
         run needs none)."""
         teacher = str(Path(teacher_path or self.teacher_dir()).resolve()) if distill else None
+        overrides = dict(overrides or {})
+        method = overrides.get("loss.name", self.loss.name)  # a method search's draw: its own keys only
+        loss = self.loss if method == self.loss.name else self.loss.as_method(method)
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("loss.") or LossConfig.applies(k[5:], method)}
         base = validate(TrialConfig, {
-            "train": _train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": self.loss,
+            "train": _train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": loss,
             "seed": self.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
             "profile": profile, "plugins": self.plugins, "student_weights": self.student_weights.get(student), "normalize": self.normalize,
         }, prefix="trial.")
-        return with_overrides(base, overrides or {})
+        return with_overrides(base, overrides)
 
 
 def _train_fields(section: TrainConfig) -> TrainConfig:

@@ -16,13 +16,14 @@ from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
 
-COLUMNS = ("trial", "student", "T", "alpha", "lr", "seed", "epoch", "val_acc", "status", "role")
+COLUMNS = ("trial", "student", "loss", "T", "alpha", "lr", "seed", "epoch", "val_acc", "status", "role")
 
 
 @dataclass
 class Row:
     trial: str
     student: str
+    loss: str
     temperature: float
     alpha: float | None
     lr: float
@@ -35,7 +36,7 @@ class Row:
 
     def cells(self) -> list[str]:
         shown = {k: metric(k).show(getattr(self, k)) for k in ("temperature", "alpha", "lr", "val_acc")}
-        return [self.trial, self.student, shown["temperature"], shown["alpha"], shown["lr"], str(self.seed), f"{self.epoch}/{self.epochs}",
+        return [self.trial, self.student, self.loss, shown["temperature"], shown["alpha"], shown["lr"], str(self.seed), f"{self.epoch}/{self.epochs}",
                 shown["val_acc"], self.status, self.role]
 
 
@@ -62,7 +63,7 @@ class ConsoleReporter(Callback):
         t = trial.config[TRIAL_CONFIG]
         of = trial.config.get(CONFIRM)
         role = "search" if of is None else f"{'control for' if of['control'] else 'confirms'} {of['of']}"
-        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.temperature, t.loss.alpha, t.train.optimizer.lr, t.seed, t.train.epochs, role)
+        self.rows[trial.trial_id] = Row(trial.trial_id, t.student, t.loss.name, t.loss.temperature, t.loss.alpha, t.train.optimizer.lr, t.seed, t.train.epochs, role)
         self._show(f"start  {self._line(trial.trial_id)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.confirm import confirmations, table
-from orchestrator.selection import COMPLETE, USABLE, leaderboard, pareto_front
+from orchestrator.selection import COMPLETE, GAINS_BY_METHOD, USABLE, gains_by_method, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
 from trainables.eval.corruptions import CORRUPTIONS
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
@@ -41,7 +41,7 @@ def kd_gains(rows: list[dict]) -> list[list[Any]]:
             best = max(kd, key=lambda r: r["kd_gain"], default=None)
             budget = best and f"epoch {best['epochs']} (KD trial stopped there)"
         out.append([student, control and control["val_acc"], best and best["val_acc"], best and best["epochs"],
-                    best and f"T={best['temperature']:.2f}, alpha={best['alpha']:.2f}", best and best["kd_gain"], budget,
+                    best and f"{best['loss']}, T={best['temperature']:.2f}, alpha={best['alpha']:.2f}", best and best["kd_gain"], budget,
                     control and control.get("robust_acc"), best and best.get("robust_acc")])
     return out
 
@@ -134,6 +134,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain", "compared at",
                       "alpha=0 robust acc", "KD robust acc"], kd_gains(searched))
     confirmed = confirmations(rows)
+    methods = md_table(GAINS_BY_METHOD, gains_by_method(searched)) if len({r["loss"] for r in searched}) > 1 else None
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",
         f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher.arch}`, loss `{cfg.loss.name}`, {len(searched)} search trials "
@@ -145,6 +146,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
           f"(run `{champion['run_id']}`), the best on val of its seeds, the one model that saw the test split."
           for c in confirmed if champion and champion["run_id"] in {r["run_id"] for r in c.kd.values()}],
         "## KD gain over each student's alpha=0 control in the search (val split, one seed)", gains,
+        *(["## KD gain by method (finished search trials, against the control at the same epoch)", methods] if methods else []),
         "## Champion vs teacher (test split, evaluated once)", vs_table or "_No champion selected yet: run `kdsweep best NAME`._",
         "## Accuracy vs size", "![Pareto front](pareto.png)",
         "## Robustness per corruption", "![Robustness](robustness.png)",

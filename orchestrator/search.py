@@ -14,8 +14,9 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator import confirm
 from orchestrator.config import SearchParam, SweepConfig
 from orchestrator.store import flatten
-from trainables.config import TRIAL_CONFIG, TrialConfig
+from trainables.config import TRIAL_CONFIG, LossConfig, TrialConfig
 from trainables.eval.metrics import Objective
+from trainables.losses import loss_defaults
 
 METRIC = "val_acc"  # ASHA's (SweepConfig requires it first among the objectives)
 #: The alpha=0 control and the standard KD point, evaluated first for every student (search keys
@@ -30,10 +31,36 @@ def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributio
     return {**{k: p.distribution() for k, p in cfg.search.items()}, "student": optuna.distributions.CategoricalDistribution(students)}
 
 
+def active(path: str, method: str) -> bool:
+    """Whether a searched key applies to a trial of loss `method`: train keys and the keys every
+    loss has always; a loss's own key (dkd_beta, gamma, ...) only when that loss is drawn."""
+    return not path.startswith("loss.") or LossConfig.applies(path[5:], method)
+
+
+class MethodSpace:
+    """Optuna's define-by-run space of a method search (`loss.name` searched): the student and the
+    method first, then the searched keys that apply to the drawn method, so TPE models each
+    method's own parameters only from the trials that used them. Picklable (Tune saves it)."""
+
+    def __init__(self, cfg: SweepConfig, students: list[str]) -> None:
+        self.students, self.search, self.methods = list(students), dict(cfg.search), cfg.methods
+
+    def __call__(self, trial) -> None:
+        trial.suggest_categorical("student", self.students)
+        method = trial.suggest_categorical("loss.name", self.methods)
+        for path, p in self.search.items():
+            if path != "loss.name" and active(path, method):
+                p.suggest(trial, path)
+
+
 def _base_value(cfg: SweepConfig, path: str) -> Any:
+    """The config's value at `path`; a schedule's end not set there: its start (no movement)."""
     node: Any = cfg.model_dump()
     for part in path.split("."):
         node = node.get(part) if isinstance(node, dict) else None
+    parts = path.split(".")
+    if node is None and parts[:2] == ["loss", "schedule"] and parts[-1] == "end":
+        return _base_value(cfg, f"loss.{parts[2]}")
     return node
 
 
@@ -53,13 +80,20 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
     or a base alpha of 0 to exist at all.
     """
     points = []
+    base = {k: _fit(p, _base_value(cfg, k)) for k, p in cfg.search.items()}
+    # a method search: the standard point of every searched method (the control's method is the base one),
+    # each method's own keys at their values in the config, else at that loss's defaults
+    methods = [base.get("loss.name", cfg.loss.name), *(m for m in cfg.methods if m != base.get("loss.name", cfg.loss.name))]
+    own = {m: {k: _fit(p, loss_defaults(m).get(k[5:])) for k, p in cfg.search.items()
+               if k.startswith("loss.") and _base_value(cfg, k) is None and k[5:] in loss_defaults(m)} for m in methods}
     for student in students:
-        base = {k: _fit(p, _base_value(cfg, k)) for k, p in cfg.search.items()}
-        for fixed in (CONTROL_POINT, STANDARD_POINT):
+        for fixed in (CONTROL_POINT, *({**STANDARD_POINT, **own[m], "loss.name": m} for m in methods)):
             point = dict(base)
             for k, v in fixed.items():
                 if k in cfg.search:
                     point[k] = _fit(cfg.search[k], v)
+            method = point.get("loss.name", cfg.loss.name)
+            point = {k: v for k, v in point.items() if active(k, method)}
             point["student"] = student
             if point not in points:
                 points.append(point)
@@ -68,12 +102,12 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
 
 def control_point(cfg: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
     """A sampled point's no-KD control at the same settings: the distillation term's weight set to
-    0, the loss's other searched keys (no effect without it) as the student's search control has
-    them, so two finalists that differ only in those share one control."""
+    0, the loss's other searched keys (no effect without it: the method too) as the student's search
+    control has them, so two finalists that differ only in those share one control."""
     base = control_points(cfg, [point["student"]])[0]
     out = {k: base[k] if k.startswith("loss.") and k in base else v for k, v in point.items()}
     out["loss.alpha" if cfg.loss.alpha is not None else "loss.distill_weight"] = 0.0
-    return out
+    return {k: v for k, v in out.items() if active(k, out.get("loss.name", cfg.loss.name))}
 
 
 def objectives(cfg: SweepConfig) -> tuple[list[str], list[str]]:
@@ -88,7 +122,7 @@ def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's study lives in memory; kdsweep exports it (study.py)
     metrics, modes = objectives(cfg)
     return OptunaSearch(
-        space=space(cfg, students),
+        space=MethodSpace(cfg, students) if "loss.name" in cfg.search else space(cfg, students),
         metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
         points_to_evaluate=control_points(cfg, students),
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),

@@ -61,6 +61,7 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         row = dict(r.data.metrics)
         row.update({
             "run_id": r.info.run_id, "trial_id": tags.get(Tag.TRIAL), "status": tags.get(Tag.STATUS, "?"), "student": p.get("student", "?"),
+            "loss": p.get("loss", p.get("trial.loss.name", "?")),
             "error": tags.get(Tag.ERROR), "confirms": tags.get(Tag.CONFIRMS), "point": json.loads(tags[Tag.POINT]) if Tag.POINT in tags else None,
             "seed": int(p.get("seed", p.get("trial.seed", 0))), "settings": confirm.settings_key(p),
             # what the trial trained with: its resolved config, logged whole (searched or not)
@@ -90,6 +91,22 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
         at = histories[c["run_id"]].get(row["epochs"]) if c is not None and row["epochs"] else None
         row["kd_gain"] = None if at is None else row["val_acc"] - at
     return sorted(rows, key=lambda r: (r["status"] in USABLE, r["val_acc"]), reverse=True)
+
+
+def gains_by_method(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per loss and student, over the search's finished KD trials: how many, the best val accuracy,
+    and the KD gain (best and mean) over the control at the same epoch."""
+    out = []
+    done = [r for r in rows if not r["confirms"] and not r["control"] and r["status"] in COMPLETE]
+    for loss, student in sorted({(r["loss"], r["student"]) for r in done}):
+        mine = [r for r in done if (r["loss"], r["student"]) == (loss, student)]
+        gains = [r["kd_gain"] for r in mine if r.get("kd_gain") is not None]
+        out.append([loss, student, len(mine), max(r["val_acc"] for r in mine), max(gains, default=None),
+                    sum(gains) / len(gains) if gains else None])
+    return out
+
+
+GAINS_BY_METHOD = ["loss", "student", "finished KD trials", "best val acc", "best KD gain", "mean KD gain"]
 
 
 def ended_trials(tracker: SweepTracker, parent_id: str) -> list[confirm.Done]:
@@ -219,6 +236,9 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     searched = [r for r in rows if not r["confirms"]]
     log.info("%s", format_table(searched, "leaderboard (search trials; kd_gain@N: stopped at epoch N, against the control at epoch N)"))
     log_leaderboard(tracker, parent_id, rows)
+    if len({r["loss"] for r in searched}) > 1:  # a method search: which method helped which student
+        log.info("%s", text_table(GAINS_BY_METHOD, gains_by_method(searched),
+                                  "KD gain by method (finished search trials, against the control at the same epoch)"))
     log.info("%s", format_table(pareto_front(searched, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
     if not any(r["status"] in COMPLETE for r in rows):
         counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r["status"] for r in rows).items()))
@@ -298,6 +318,16 @@ def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, 
             tracker.log_metrics(r["run_id"], {"kd_gain": r["kd_gain"]}, step=r["epochs"])
     columns = [*LEADERBOARD, "seed", "confirms", "trial_id", "run_id"]
     tracker.client.log_table(parent_id, {c: [r.get(c) for r in rows] for c in columns}, "leaderboard.json")
+
+
+def text_table(header: list[str], rows: list[list[Any]], title: str) -> str:
+    """Rows of plain values under a header, right-justified (gains signed)."""
+    def show(h, v):
+        return "-" if v is None else f"{v:+.4f}" if isinstance(v, float) and "gain" in h else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[show(h, v) for h, v in zip(header, r)] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    return "\n".join([f"\n{title}", *("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [header, *cells])])
 
 
 def format_table(rows: list[dict[str, Any]], title: str, columns=LEADERBOARD) -> str:

@@ -52,8 +52,10 @@ class Plan:
     teacher: str
     data: DataInfo
     controls: int
+    methods: list[str]
     confirm: tuple[int, int]  # (top, seeds)
     random_views: bool  # augmentation draws new views per seed: a confirmation seed's are not in the teacher cache
+    notes: list[str]  # what will not take full effect (a loss's warm-up longer than the trials)
 
     def describe(self) -> str:
         total = sum(n for _, _, n in self.studies)
@@ -61,7 +63,9 @@ class Plan:
         lines = [
             f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}, one Tune run",
             *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
-            f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point",
+            f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point"
+            + (" of each searched loss" if len(self.methods) > 1 else ""),
+            *(f"  note: {n}" for n in self.notes),
             f"  then confirmation: the top {top} finalist(s) on {seeds} seeds each (the search trial's included), each beside its "
             f"alpha=0 control at the same settings and seeds: up to {confirm_cap(top, seeds)} more trials"
             + ("; random views: the new seeds' KD trials run the teacher online (the cache holds the search seed's views)"
@@ -97,9 +101,26 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     res = {"workers": r.num_workers, "CPU_per_worker": r.cpus_per_trial, "GPU_per_worker": r.gpus_per_trial}
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
-                len(control_points(cfg, cfg.students)), (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
-                not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static)
+                len(control_points(cfg, cfg.students)), cfg.methods, (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
+                not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static, warmup_notes(cfg))
     return plan, info
+
+
+def warmup_notes(cfg: SweepConfig) -> list[str]:
+    """The losses whose distillation warm-up outlasts a trial (dkd's 20 epochs in a 12-epoch sweep):
+    they never reach full weight."""
+    from trainables.losses import LOSSES
+
+    if "loss.warmup_epochs" in cfg.search:
+        return []
+    shortest = min([cfg.train.epochs, *(min(p.extremes()) for k, p in cfg.search.items() if k == "train.epochs")])
+    notes = []
+    for m in cfg.methods:
+        warm = (cfg.loss.model_extra or {}).get("warmup_epochs", LOSSES.get(m).default_warmup_epochs)
+        if warm > shortest:
+            notes.append(f"{m} warms its distillation term up over {warm:g} epochs, more than the trials' {shortest}: it never reaches "
+                         f"full weight (set loss.warmup_epochs, e.g. {max(1, shortest // 4)})")
+    return notes
 
 
 #: Environment for every process of the job (driver, Tune actors, Train controllers and workers).
@@ -187,7 +208,7 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str |
     from trainables.losses import LOSSES
     from trainables.teacher_cache import cache_task
 
-    if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or LOSSES.get(cfg.loss.name).needs_teacher_features:
+    if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
         return None, 0
     import ray
 

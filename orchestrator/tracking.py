@@ -116,11 +116,11 @@ def completed_status(trial) -> str:
 
 
 def run_name(trial, trial_id: str, confirms: str | None = None) -> str:
-    """`<student>-T<temperature>-a<alpha>-<trial>` (w<distill_weight> in the explicit-weights form);
-    a confirmation run: `...-seed<seed>-confirms-<finalist trial>`."""
+    """`<student>-<loss>-T<temperature>-a<alpha>-<trial>` (w<distill_weight> in the explicit-weights
+    form); a confirmation run: `...-seed<seed>-confirms-<finalist trial>`."""
     loss = trial.loss
     weight = f"a{loss.alpha:.2f}" if loss.alpha is not None else f"w{loss.distill_weight:g}"
-    name = f"{trial.student}-T{loss.temperature:.2f}-{weight}-{trial_id}"
+    name = f"{trial.student}-{loss.name}-T{loss.temperature:.2f}-{weight}-{trial_id}"
     return f"{name}-seed{trial.seed}-confirms-{confirms}" if confirms else name
 
 

@@ -32,6 +32,7 @@ BAD = [
         (["budgett.num_samples=3"], "`budgett` is not a known key"),
         (["budget.confirm.seeds=1"], "`budget.confirm.seeds`"),
         (["budget.confirm.top=-1"], "`budget.confirm.top`"),
+        (["loss.schedule.temperature.end=0"], "`loss.schedule.temperature.end` must be > 0"),
 ]
 # `kdsweep teacher` trains into a teacher.path that does not exist yet, so that case is distill-only.
 CASES = [(c, s, n) for c in ("distill", "teacher") for s, n in BAD if not (c == "teacher" and s[0].startswith("teacher.path"))]
@@ -193,6 +194,12 @@ def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp):
     ("{train.optimizer.name: {type: categorical, choices: [sgd, lamb]}}", "`search.train.optimizer.name` reaches 'lamb'"),
     ("{loss.temperature: {type: float, low: 0, high: 4}}", "`search.loss.temperature` reaches 0.0"),
     ("{train.teacher_cache: {type: categorical, choices: [true, false]}}", "`search.train.teacher_cache` reaches True, which a trial rejects"),
+    # a method search: a method's own key needs its method among the choices, and the method is a categorical
+    ("{loss.name: {type: categorical, choices: [kd, dist]}, loss.dkd_beta: {type: float, low: 2, high: 8}}",
+     "`search.loss.dkd_beta` is a parameter of none of the searched losses ['kd', 'dist'] (it is dkd's): add dkd to search.loss.name"),
+    ("{loss.name: {type: int, low: 0, high: 2}}", "`search.loss.name` searches the method: it must be a categorical"),
+    # a schedule's end, searched beyond what its value may be
+    ("{loss.schedule.alpha.end: {type: float, low: 0, high: 1.5}}", "`search.loss.schedule.alpha.end` reaches 1.5, which a trial rejects"),
 ])
 def test_every_searched_value_is_checked_like_a_fixed_one(search, needle, capsys, in_tmp):
     code, err = run_cli(["run", "--dry-run", "--set", f"search={search}"], capsys)

@@ -80,7 +80,7 @@ def test_paired_gain_is_the_paired_t_interval():
 def row(trial_id, student, seed, val, control=False, confirms=None, status="finished", lr=0.05, **extra):
     flat = flatten({"student": student, "seed": seed, "train": {"optimizer": {"lr": lr}, "epochs": 3}}, "trial.")
     return {"run_id": f"run-{trial_id}", "trial_id": trial_id, "student": student, "seed": seed, "val_acc": val, "control": control,
-            "confirms": confirms, "status": status, "settings": confirm.settings_key(flat), "temperature": 4.0,
+            "confirms": confirms, "status": status, "settings": confirm.settings_key(flat), "temperature": 4.0, "loss": "kd",
             "alpha": 0.0 if control else 0.9, "lr": lr, "size_params": 100.0, **extra}
 
 

@@ -202,3 +202,13 @@ def test_bad_checkpoint_period_is_a_config_error(bad):
 
     with pytest.raises(ConfigError, match="`train.checkpoint_every`"):
         validate(TrialConfig, {"train": {"checkpoint_every": bad}})
+
+
+def test_a_scheduled_trial_trains_and_logs_each_epochs_temperature_and_weight(digits_teacher):
+    """The loop hands the loss the epoch and the epoch count: the schedule moves, and each epoch's
+    values are in its metrics (what MLflow logs per epoch)."""
+    r = train_student(trial(student="mlp_32", epochs=3, teacher_path=str(digits_teacher), train={"robust_samples": 0},
+                            loss={"alpha": 0.9, "temperature": 4.0, "schedule": {"alpha": {"end": 0.5}, "temperature": {"end": 1.0}}}),
+                      LocalReporter(None, log_epochs=False))
+    assert [round(m["kd_temperature"], 6) for m in r.history] == [4.0, 2.5, 1.0]
+    assert [round(m["kd_weight"], 6) for m in r.history] == [0.9, 0.7, 0.5]

@@ -10,6 +10,8 @@ Tolerance: 1e-5 relative (float32 under test).
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -232,3 +234,51 @@ def test_config_takes_the_new_keys_only_where_they_apply():
         validate(LossConfig, {"name": "dist", "standardize_logits": True})
     with pytest.raises(ConfigError, match="`loss.gamma` is not a parameter of loss.name='kd'"):
         validate(LossConfig, {"name": "kd", "gamma": 1.0})
+
+
+# --- schedules of alpha and the temperature ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,mid", [("linear", 2.5), ("cosine", 2.5), ("constant", 4.0)])
+def test_a_ramp_runs_from_the_loss_value_at_epoch_1_to_its_end_at_the_last(name, mid):
+    from trainables.config import Ramp
+
+    ramp = Ramp(name=name, end=None if name == "constant" else 1.0)
+    values = [ramp.at(4.0, e, 5) for e in range(1, 6)]
+    assert values[0] == 4.0 and values[2] == pytest.approx(mid) and values[-1] == (4.0 if name == "constant" else 1.0)
+    if name == "cosine":  # slow at both ends
+        assert values[0] - values[1] < values[1] - values[2]
+
+
+def test_a_scheduled_kd_trains_each_epoch_with_that_epochs_temperature_and_weight():
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    s, t = logits(0, 16, 10, y), logits(1, 16, 10, y)
+    cfg = validate(LossConfig, {"name": "kd", "alpha": 0.8, "temperature": 8.0,
+                                "schedule": {"alpha": {"end": 0.2}, "temperature": {"name": "cosine", "end": 2.0}}})
+    loss = LOSSES.get("kd")(**cfg.params())
+    for epoch, (alpha, temp) in enumerate([(0.8, 8.0), (0.5, 5.0), (0.2, 2.0)], start=1):
+        loss.set_epoch(epoch, 3)
+        total, parts = loss(s, t, y)
+        assert loss.now() == pytest.approx({"kd_weight": alpha, "kd_temperature": temp})
+        expected = (1 - alpha) * F.cross_entropy(s.double(), y) + alpha * kd_loss(s.double(), t.double(), temp, False)
+        assert rel_err(total, expected) <= RTOL
+
+
+def test_an_alpha_zero_control_stays_one_whatever_its_schedule():
+    cfg = validate(LossConfig, {"name": "kd", "alpha": 0.0, "schedule": {"alpha": {"end": 0.9}}})
+    loss = LOSSES.get("kd")(**cfg.params())
+    loss.set_epoch(5, 5)
+    assert not cfg.distills and loss.now()["kd_weight"] == 0.0
+
+
+@pytest.mark.parametrize("schedule,needle", [
+    ({"alpha": {"end": 1.5}}, "`loss.schedule.alpha.end` must lie in [0, 1]"),
+    ({"temperature": {"name": "cosine", "end": 0.0}}, "`loss.schedule.temperature.end` must be > 0"),
+    ({"temperature": {"name": "linear"}}, "needs `end`"),
+    ({"alpha": {"name": "step", "end": 0.5}}, "`loss.schedule.alpha.name`"),
+])
+def test_bad_schedules_name_their_field(schedule, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(LossConfig, {"name": "kd", "schedule": schedule}, prefix="loss.")
+    with pytest.raises(ConfigError, match="fix the weights"):
+        validate(LossConfig, {"name": "kd", "ce_weight": 1.0, "distill_weight": 1.0, "schedule": {"alpha": {"end": 0.5}}})

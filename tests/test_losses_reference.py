@@ -149,7 +149,7 @@ def test_trial_loop_feeds_the_warmup_the_epoch(monkeypatch):
 
     seen = []
     real = LOSSES.get("dkd").set_epoch
-    monkeypatch.setattr(LOSSES.get("dkd"), "set_epoch", lambda self, e: (seen.append(e), real(self, e)))
+    monkeypatch.setattr(LOSSES.get("dkd"), "set_epoch", lambda self, e, epochs=None: (seen.append(e), real(self, e, epochs)))
     cfg = {"dataset": {"name": "synthetic", "kwargs": {"n_train": 96, "n_test": 32, "shape": [3, 8, 8]}}, "student": "cnn_tiny",
            "train": {"epochs": 3, "batch_size": 32, "robust_samples": 0}, "loss": {"name": "dkd", "alpha": 0.0}, "profile": False}
     loop.train_student(cfg, loop.LocalReporter(log_epochs=False))

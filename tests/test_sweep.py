@@ -39,7 +39,7 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     out = capsys.readouterr().out
     assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out
     # the console: kdsweep's compact lines (not a TTY here), not Tune's per-trial dump or its token resource line
-    assert re.search(r"^done   trial=\w+  student=(mlp_32|cnn_tiny)  T=[\d.]+  alpha=[\d.]+  lr=[\d.]+  seed=0  epoch=\d/3  val_acc=[\d.]+  status=\w+  role=search", out, re.M)
+    assert re.search(r"^done   trial=\w+  student=(mlp_32|cnn_tiny)  loss=kd  T=[\d.]+  alpha=[\d.]+  lr=[\d.]+  seed=0  epoch=\d/3  val_acc=[\d.]+  status=\w+  role=search", out, re.M)
     assert re.search(r"^  sweep e2e: 5 done, 0 running, 0 left of 5; best val_acc 0\.\d+; trials hold 0 CPU; ETA", out, re.M)
     assert "Logical resource usage" not in out and "Trial status" not in out and "Configuration for experiment" not in out
 
@@ -90,7 +90,7 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     view = json.loads(exp.tags["mlflow.sharedViewState.kdsweep"])
     assert {"metrics.`val_acc`", "metrics.`kd_gain`", "metrics.`size_params`", "params.`temperature`", "params.`alpha`", "params.`lr`"} <= set(view["selectedColumns"])
     for r in runs:
-        assert re.fullmatch(rf"{r.data.params['student']}-T\d+\.\d\d-a\d\.\d\d-{r.data.tags['kdsweep.trial_id']}", r.info.run_name), r.info.run_name
+        assert re.fullmatch(rf"{r.data.params['student']}-kd-T\d+\.\d\d-a\d\.\d\d-{r.data.tags['kdsweep.trial_id']}", r.info.run_name), r.info.run_name
         assert "kd_gain" in client.get_run(r.info.run_id).data.metrics or r.data.tags["kdsweep.status"] not in ("finished", "stopped")
     # Optuna's study, kept and loadable; its plots on the parent run
     study = optuna.load_study(study_name="e2e-joint", storage=f"sqlite:///{tmp_path / 'runs' / 'e2e' / 'optuna.db'}")
@@ -268,6 +268,34 @@ def test_a_lucky_seed_wins_the_search_and_loses_the_confirmation(tmp_path, digit
 
     champion = best_of("lucky", str(tmp_path / "runs")).champion  # the Python API: the same champion, its confirmed numbers
     assert champion.student == "steady_mlp" and champion.confirmed["seeds"] == 2 and "2 seeds" in champion.confirmed["verdict"]
+
+
+def test_a_method_search_trains_each_method_and_groups_kd_gain_by_method(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
+    """16 trials over kd, dkd and dist x two students: each method drawn and trained for each
+    student, its own keys logged with it alone, the method in the console, run names, leaderboard
+    and report, and the KD gain grouped by method."""
+    monkeypatch.chdir(tmp_path)
+    search = {"loss.name": {"type": "categorical", "choices": ["kd", "dkd", "dist"]}, "loss.dkd_beta": {"type": "float", "low": 2.0, "high": 8.0},
+              "loss.gamma": {"type": "float", "low": 0.5, "high": 2.0}, "alpha": {"type": "float", "low": 0.0, "high": 1.0}}
+    cfg = sweep_yaml(tmp_path, digits_teacher, "methods", search=search,
+                     **{"budget.num_samples": 16, "budget.grace_period": 2, "train.epochs": 2, "train.robust_samples": 0,
+                        "loss.warmup_epochs": 1})
+    assert main(["run", str(cfg), "--address", ray_address]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^done   trial=\w+  student=cnn_tiny  loss=dist  T=", out, re.M)
+    table = out[out.index("KD gain by method"):].split("\n\n")[0]
+    assert all(re.search(rf"^\s*{m}\s+{s}\s+\d+ ", table, re.M) for m in ("kd", "dkd", "dist") for s in ("mlp_32", "cnn_tiny")), table
+    runs = child_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "methods")
+    assert len(runs) == 16 and {r.data.tags["kdsweep.status"] for r in runs} == {"finished"}
+    for r in runs:
+        p = r.data.params
+        assert r.info.run_name.startswith(f"{p['student']}-{p['loss']}-") and p["loss.name"] == p["loss"] == p["trial.loss.name"]
+        assert ("loss.dkd_beta" in p, "loss.gamma" in p) == (p["loss"] == "dkd", p["loss"] == "dist"), p
+        assert ("trial.loss.dkd_beta" in p, "trial.loss.gamma" in p) == (p["loss"] == "dkd", p["loss"] == "dist")
+    drawn = Counter((r.data.params["student"], r.data.params["loss"]) for r in runs if r.data.params["control"] == "False")
+    assert set(drawn) == {(s, m) for s in ("mlp_32", "cnn_tiny") for m in ("kd", "dkd", "dist")}, drawn
+    assert main(["report", "methods", "--storage", str(tmp_path / "runs")]) == 0
+    assert "## KD gain by method" in (tmp_path / "runs" / "methods" / "report" / "report.md").read_text()
 
 
 def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, monkeypatch):

@@ -4,6 +4,7 @@ Errors are reported all at once, one line, in optuna's form: the rule, then the 
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -131,6 +132,35 @@ class ScheduleConfig(Strict):
     gamma: float = Field(0.1, gt=0.0)
 
 
+class Ramp(Strict):
+    """One loss value over a trial's epochs: the loss's own value at epoch 1, `end` at the last."""
+
+    name: Literal["constant", "linear", "cosine"] = "linear"
+    end: float | None = Field(None, description="the value at the last epoch (linear, cosine)")
+
+    @model_validator(mode="after")
+    def _end(self) -> "Ramp":
+        if (self.name == "constant") != (self.end is None):
+            raise ValueError("a linear or cosine schedule needs `end`; a constant one takes none")
+        return self
+
+    def at(self, start: float, epoch: int, epochs: int) -> float:
+        """The value for `epoch` (from 1) of `epochs`."""
+        if self.end is None:
+            return start
+        u = (epoch - 1) / (epochs - 1) if epochs > 1 else 1.0
+        if self.name == "linear":
+            return start + (self.end - start) * u
+        return self.end + (start - self.end) * (1 + math.cos(math.pi * u)) / 2
+
+
+class LossSchedule(Strict):
+    """How `alpha` and `temperature` move over a trial (from their loss values to each ramp's end)."""
+
+    alpha: Ramp | None = None
+    temperature: Ramp | None = None
+
+
 class LossConfig(BaseModel):
     """name + weights + temperature; any other key is passed to the loss (e.g. dkd_beta, beta).
 
@@ -147,6 +177,7 @@ class LossConfig(BaseModel):
     student_layers: list[str] | dict[str, list[str]] | None = Field(
         None, description="feature losses: the student's layers by name (default: its stages); a mapping gives each student its own")
     teacher_layers: list[str] | None = Field(None, description="feature losses: the teacher's layers, paired in order with student_layers")
+    schedule: LossSchedule | None = Field(None, description="alpha and temperature over the epochs, e.g. {temperature: {name: cosine, end: 1}}")
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
@@ -159,7 +190,30 @@ class LossConfig(BaseModel):
             raise ValueError(str(e)) from None
         if self.alpha is None and self.ce_weight is None:
             self.alpha = 0.9
+        ramps = self.schedule or LossSchedule()
+        if ramps.alpha and ramps.alpha.end is not None:
+            if self.alpha is None:
+                raise ValueError("`loss.schedule.alpha` moves alpha, but loss.ce_weight/loss.distill_weight fix the weights: "
+                                 "use alpha or drop the schedule")
+            if not 0.0 <= ramps.alpha.end <= 1.0:
+                raise ValueError(f"`loss.schedule.alpha.end` must lie in [0, 1] as alpha does, but got loss.schedule.alpha.end={ramps.alpha.end}")
+        if ramps.temperature and ramps.temperature.end is not None and not ramps.temperature.end > 0:
+            raise ValueError(f"`loss.schedule.temperature.end` must be > 0 as the temperature, but got "
+                             f"loss.schedule.temperature.end={ramps.temperature.end}")
         return self
+
+    @staticmethod
+    def applies(field: str, method: str) -> bool:
+        """Whether loss key `field` means something to loss `method`: a key every loss has (alpha,
+        temperature, the weights, layers) or one of that loss's own parameters."""
+        from trainables.losses import loss_parameters
+
+        return field.split(".")[0] in LossConfig.model_fields or field in loss_parameters(method)
+
+    def as_method(self, method: str) -> "LossConfig":
+        """This config for another loss (a method search's draw): its extras that loss does not take are left out."""
+        extra = {k: v for k, v in (self.model_extra or {}).items() if LossConfig.applies(k, method)}
+        return validate(LossConfig, {**self.model_dump(exclude=set(self.model_extra or {})), "name": method, **extra}, prefix="loss.")
 
     def layers_for(self, student: str) -> list[str] | None:
         """The student's layer names (a mapping keyed by student name gives each its own)."""
@@ -167,12 +221,14 @@ class LossConfig(BaseModel):
 
     @property
     def distills(self) -> bool:
-        """Whether the distillation term has any weight (False: a no-KD control, no teacher needed)."""
+        """Whether the distillation term has any weight (False: a no-KD control, no teacher needed;
+        an alpha=0 control stays one whatever its schedule says)."""
         return (self.alpha if self.alpha is not None else self.distill_weight or 0.0) > 0
 
     def params(self) -> dict[str, Any]:
         weights = {"alpha": self.alpha} if self.alpha is not None else {"ce_weight": self.ce_weight, "distill_weight": self.distill_weight}
-        return {**weights, "temperature": self.temperature, **(self.model_extra or {})}  # layers go to the models, not the loss
+        schedule = {"schedule": self.schedule.model_dump()} if self.schedule else {}
+        return {**weights, "temperature": self.temperature, **schedule, **(self.model_extra or {})}  # layers go to the models, not the loss
 
 
 class TrainConfig(Strict):

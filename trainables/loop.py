@@ -256,7 +256,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     last_checkpoint = time.monotonic()
     for epoch in range(t.start_epoch, cfg.train.epochs):
         student.train()
-        loss_fn.set_epoch(epoch + 1)
+        loss_fn.set_epoch(epoch + 1, cfg.train.epochs)
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=t.device)
         batches = epoch_batches(len(splits.train_y), batch_size, cfg.seed, epoch, t.aug, splits.input_shape[1:],
@@ -297,6 +297,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.forwards,
             "teacher_targets": targets.source,
+            **loss_fn.now(),
             **t.size,
             **(t.setup if epoch == t.start_epoch else {}),
         }

@@ -48,7 +48,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("train_loss", "epoch", False), Metric("train_kd", "epoch", False), Metric("train_ce", "epoch", False),
     *(Metric(f"val_{k}", "epoch", up, _SPLIT_ALIASES.get(k)) for k, up in SPLIT_METRICS.items()),
     Metric("val_loss", "epoch", False), Metric("images_per_s", "epoch", True, fmt="{:.0f}"), Metric("epoch_time_s", "epoch", False, fmt="{:.2f}"),
-    Metric("lr", "epoch", None), Metric("teacher_forward_images", "epoch", False, fmt="{:.0f}"), Metric("trial_startup_s", "epoch", False, fmt="{:.2f}"),
+    Metric("lr", "epoch", None), Metric("kd_weight", "epoch", None), Metric("kd_temperature", "epoch", None), Metric("teacher_forward_images", "epoch", False, fmt="{:.0f}"), Metric("trial_startup_s", "epoch", False, fmt="{:.2f}"),
     # the first epoch of a (resumed) run: where its set-up went (train_student's phases, seconds)
     Metric("setup_data_s", "epoch", False, fmt="{:.2f}"), Metric("setup_models_s", "epoch", False, fmt="{:.2f}"),
     Metric("setup_targets_s", "epoch", False, fmt="{:.2f}"),
@@ -59,7 +59,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("status", "text", fmt="{}"), Metric("teacher_targets", "text", fmt="{}"), Metric("node_id", "text", fmt="{}"),
     *(Metric(f"size_{k}", "size", False, *_SIZE.get(k, (None, "{:.3f}"))) for k in SIZE_KEYS),
     Metric("final_val_acc", "run", True), Metric("epochs_run", "run", True, fmt="{:.0f}"), Metric("kd_gain", "run", True, fmt="{:+.4f}"),
-    Metric("student", "field", fmt="{}"), Metric("temperature", "field", fmt="{:.2f}"), Metric("alpha", "field", fmt="{:.2f}"),
+    Metric("student", "field", fmt="{}"), Metric("loss", "field", fmt="{}"), Metric("temperature", "field", fmt="{:.2f}"), Metric("alpha", "field", fmt="{:.2f}"),
     Metric("epochs", "field", fmt="{}"),
 )}
 ALIASES = {m.alias: m.name for m in METRICS.values() if m.alias}
@@ -75,7 +75,7 @@ SEARCH_OBJECTIVES = tuple(n for n in (*EPOCH_METRICS, *SIZE_METRICS) if n.starts
 #: Selection's default: accuracy first (it picks the champion), then the smallest and fastest.
 DEFAULT_OBJECTIVES = ("val_acc:max", "size_params:min", "size_latency_cpu_b1_ms:min")
 #: The leaderboard's columns (selection's table, its MLflow artifact, the report), by name or alias.
-LEADERBOARD = ("student", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "bytes",
+LEADERBOARD = ("student", "loss", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "bytes",
                "latency_ms", "epochs")
 #: What one epoch line of a standalone run (and of the teacher's training) shows.
 EPOCH_LINE = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_macro_f1", "val_agreement", "robust_acc",

@@ -16,7 +16,9 @@ Every loss is an nn.Module called as `loss(s_logits, t_logits, y, s_feats, t_fea
 `(total, parts)` where parts holds the detached, unweighted "kd" and "ce" terms for logging. Teacher
 inputs are detached inside, so gradients reach only the student (and a loss's own parameters, e.g.
 hint regressors, which the trial loop hands to the optimizer). The trial loop calls
-`set_epoch(epoch)` before each epoch.
+`set_epoch(epoch, epochs)` before each epoch: the warm-up, and `schedule` (alpha and the temperature
+moving from their values at epoch 1 to each ramp's `end` at the last epoch, linearly or along a
+cosine; an alpha=0 control never distills), read it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainables.config import LossSchedule, validate
 from trainables.registry import ConfigError, Registry
 
 LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", "loss.name")
@@ -72,6 +75,18 @@ def loss_parameters(name: str) -> list[str]:
     return [n for n in names if n not in _PROBED]
 
 
+def loss_defaults(name: str) -> dict[str, object]:
+    """A registered loss's keyword defaults (its own and the shared ones), from its signature."""
+    out: dict[str, object] = {}
+    for klass in inspect.getmro(LOSSES.get(name)):
+        if klass is nn.Module or "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.default is not p.empty and p.name not in _PROBED:
+                out.setdefault(p.name, p.default)
+    return out
+
+
 def check_loss_params(name: str, keys) -> None:
     known = loss_parameters(name)
     bad = [k for k in keys if k not in known]
@@ -95,7 +110,7 @@ class DistillLoss(nn.Module):
 
     def __init__(
         self, alpha: float | None = None, temperature: float = 4.0, *, ce_weight: float | None = None,
-        distill_weight: float | None = None, warmup_epochs: float | None = None,
+        distill_weight: float | None = None, warmup_epochs: float | None = None, schedule: dict | None = None,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -106,10 +121,30 @@ class DistillLoss(nn.Module):
         if not self.warmup_epochs >= 0:
             raise ConfigError(f"`loss.warmup_epochs >= 0` must hold, but got loss.warmup_epochs={warmup_epochs}")
         self.epoch = 1
+        # alpha and temperature at epoch 1, and how they move (an alpha=0 control never distills)
+        alpha_form = ce_weight is None and distill_weight is None
+        self.start = {"alpha": self.distill_weight if alpha_form else None, "temperature": self.temperature}
+        ramps = validate(LossSchedule, schedule or {}, prefix="loss.schedule.")
+        if ramps.alpha and ramps.alpha.end is not None and not alpha_form:
+            raise ConfigError("`loss.schedule.alpha` moves alpha, but loss.ce_weight/loss.distill_weight fix the weights: use alpha or drop the schedule")
+        self.ramps = {k: r for k, r in (("alpha", ramps.alpha), ("temperature", ramps.temperature))
+                      if r is not None and r.end is not None and (k != "alpha" or self.start["alpha"])}
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch about to train, counted from 1 (as mdistiller's trainer counts)."""
+    def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
+        """The epoch about to train, counted from 1 (as mdistiller's trainer counts), of `epochs`:
+        the schedules move alpha and the temperature to that epoch's values."""
         self.epoch = epoch
+        if epochs is None:
+            return
+        if "temperature" in self.ramps:
+            self.temperature = self.ramps["temperature"].at(self.start["temperature"], epoch, epochs)
+        if "alpha" in self.ramps:
+            a = self.ramps["alpha"].at(self.start["alpha"], epoch, epochs)
+            self.ce_weight, self.distill_weight = 1.0 - a, a
+
+    def now(self) -> dict[str, float]:
+        """The weight and temperature this epoch trains with (logged per epoch)."""
+        return {"kd_weight": self.distill_weight, "kd_temperature": self.temperature}
 
     def warmup_factor(self) -> float:
         return min(self.epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0

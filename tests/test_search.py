@@ -1,0 +1,57 @@
+"""A method search without Ray: `loss.name` as a categorical of the search, each method's own keys
+drawn only with it, its standard point evaluated first, its trials built with its keys alone."""
+from __future__ import annotations
+
+from orchestrator.config import load_config
+from orchestrator.search import TrialBuilder, control_point, control_points, searcher
+from orchestrator.sweep import warmup_notes
+
+METHODS = ("search={loss.name: {type: categorical, choices: [kd, dkd, dist]}, loss.dkd_beta: {type: float, low: 2, high: 8}, "
+           "loss.gamma: {type: float, low: 0.5, high: 2}, alpha: {type: float, low: 0, high: 1}, temperature: {type: float, low: 1, high: 8}}")
+
+
+def method_search(*sets):
+    return load_config(None, ["teacher.path=/tmp/t", METHODS, *sets])
+
+
+def test_each_method_draws_only_its_own_keys_and_trains_with_them():
+    cfg = method_search("loss.warmup_epochs=2")
+    search, build = searcher(cfg, cfg.students), TrialBuilder(cfg, teacher_path="/tmp/t")
+    drawn = []
+    for i in range(16):
+        point = search.suggest(str(i))
+        trial = build(point)
+        own = {k for k in point if k in ("loss.dkd_beta", "loss.gamma")}
+        assert own == {"dkd": {"loss.dkd_beta"}, "dist": {"loss.gamma"}, "kd": set()}[point["loss.name"]], point
+        assert trial.loss.name == point["loss.name"] and set(trial.loss.model_extra) <= {"warmup_epochs", *(k[5:] for k in own)}
+        assert {k: v for k, v in trial.loss.params().items() if k in ("dkd_beta", "gamma")} == {k[5:]: point[k] for k in own}
+        search.on_trial_complete(str(i), {"val_acc": 0.5 + 0.01 * (i % 5), "training_iteration": 1})
+        drawn.append((point["student"], point["loss.name"], point["loss.alpha"]))
+    # first, per student: its control and every method's standard point (own keys at the loss's defaults)
+    assert drawn[:8] == [(s, m, a) for s in ("mlp_32", "cnn_tiny") for m, a in (("kd", 0.0), ("kd", 0.9), ("dkd", 0.9), ("dist", 0.9))]
+    points = control_points(cfg, ["mlp_32"])
+    assert points[2]["loss.dkd_beta"] == 8.0 and points[3]["loss.gamma"] == 1.0
+    assert {m for _, m, _ in drawn[8:]} <= {"kd", "dkd", "dist"}
+    again = searcher(method_search("loss.warmup_epochs=2"), cfg.students)  # seeded: the same draws
+    assert [again.suggest(str(i))["loss.name"] for i in range(10)] == [m for _, m, _ in drawn[:10]]
+
+
+def test_a_method_finalists_control_drops_the_methods_own_keys():
+    cfg = method_search()
+    finalist = {"student": "mlp_32", "loss.name": "dkd", "loss.dkd_beta": 5.0, "loss.alpha": 0.5, "loss.temperature": 2.0}
+    control = control_point(cfg, finalist)
+    assert control == {"student": "mlp_32", "loss.name": "kd", "loss.alpha": 0.0, "loss.temperature": 4.0}
+    assert not TrialBuilder(cfg, teacher_path="/tmp/t")(control).loss.distills
+
+
+def test_fixed_keys_of_one_method_leave_the_others_alone():
+    cfg = method_search("loss.name=dkd", "loss.dkd_alpha=2.0")
+    build = TrialBuilder(cfg, teacher_path="/tmp/t")
+    assert build({"student": "mlp_32", "loss.name": "kd"}).loss.params().get("dkd_alpha") is None
+    assert build({"student": "mlp_32", "loss.name": "dkd"}).loss.params()["dkd_alpha"] == 2.0
+
+
+def test_the_plan_says_when_a_warm_up_outlasts_the_trials():
+    notes = warmup_notes(method_search())
+    assert len(notes) == 1 and notes[0].startswith("dkd warms its distillation term up over 20 epochs, more than the trials' 12")
+    assert warmup_notes(method_search("loss.warmup_epochs=3")) == []
