@@ -169,33 +169,42 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         if started:
-            procs = _local_ray_processes()
+            procs, raylets = _local_ray_processes()
             ray.shutdown()
-            threading.Thread(target=_reap, args=(procs,), name="kdsweep-ray-reaper").start()
+            threading.Thread(target=_reap, args=(procs, raylets), name="kdsweep-ray-reaper").start()
 
 
-def _local_ray_processes() -> list:
-    """The processes of the Ray this driver started (its GCS, raylet, ... and their workers)."""
+def _local_ray_processes() -> tuple[list, set[str]]:
+    """The processes of the Ray this driver started (its GCS, raylet, ... and their workers), and
+    its raylets' pids (every worker a raylet starts carries RAY_RAYLET_PID)."""
     import psutil
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)  # private, but the only handle on them
-    roots = []
-    for infos in getattr(node, "all_processes", {}).values():
+    roots, raylets = [], set()
+    for kind, infos in getattr(node, "all_processes", {}).items():
         for info in infos:
             with contextlib.suppress(psutil.Error, AttributeError):
                 roots.append(psutil.Process(info.process.pid))
+                if kind == "raylet":
+                    raylets.add(str(info.process.pid))
     procs = list(roots)
     for r in roots:
         with contextlib.suppress(psutil.Error):
             procs += r.children(recursive=True)
-    return procs
+    return procs, raylets
 
 
-def _reap(procs: list, grace_s: float = 10.0) -> None:
+def _reap(procs: list, raylets: set[str], grace_s: float = 10.0) -> None:
+    """Wait for the Ray processes to exit, then kill what is left: those listed, and any worker
+    its raylet started after the list was taken (a trial actor starting while the sweep stopped)."""
     import psutil
 
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p not in alive and p.pid != os.getpid() and p.environ().get("RAY_RAYLET_PID") in raylets:
+                alive.append(p)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             log.info("stopping leftover Ray process %d (%s)", p.pid, p.name())

@@ -27,6 +27,14 @@ def _processes_mentioning(marker: str) -> list[psutil.Process]:
     return found
 
 
+def _running(p: psutil.Process) -> bool:
+    """Not gone and not a zombie (a zombie has exited; only its exit status waits to be read)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
     ray_tmp = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's socket paths have a length limit
     cfg = sweep_yaml(tmp_path, digits_teacher, "term", **{"budget.num_samples": 3, "budget.max_concurrent": 1, "train.epochs": 30})
@@ -44,7 +52,7 @@ def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     time.sleep(1)
-    left = _processes_mentioning(ray_tmp)
+    left = [p for p in _processes_mentioning(ray_tmp) if _running(p)]
     for p in left:
         p.kill()
     assert left == [], [p.name() for p in left]
