@@ -30,6 +30,11 @@ SETTINGS = ("trial.student", "trial.seed", "trial.train.")
 MEASURED = ("finished", "diverged")
 
 
+def numbers(d: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a result or leaderboard row (booleans are not numbers here)."""
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def settings_key(flat: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """Student (and its kwargs and weights), seed and every train setting, as MLflow holds them
     (strings): `flat` is a trial config flattened as `trial.<path>` (a run's params)."""
@@ -204,10 +209,9 @@ def confirmations(rows: list[dict[str, Any]]) -> list[Confirmed]:
 def mean_row(c: Confirmed) -> dict[str, Any]:
     """The finalist's row with every metric its finished KD runs share replaced by their mean
     (constraints and the objective read the confirmed numbers)."""
-    runs = list(c.kd.values())
-    keys = {k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)} if runs else set()
-    means = {k: sum(r[k] for r in runs) / len(runs) for k in keys if all(isinstance(r.get(k), (int, float)) for r in runs)}
-    return {**c.finalist, **means, "confirmed": c}
+    runs = [numbers(r) for r in c.kd.values()]
+    shared = set.intersection(*(set(r) for r in runs)) if runs else set()
+    return {**c.finalist, **{k: sum(r[k] for r in runs) / len(runs) for k in shared}, "confirmed": c}
 
 
 def table(confirmed: list[Confirmed]) -> str:

@@ -347,9 +347,8 @@ class ResolvedSearch(Searcher):
 def done(trial_id: str, point: dict[str, Any], trial: TrialConfig, status: str, metrics: dict[str, Any],
          meta: dict[str, Any] | None) -> confirm.Done:
     """An ended trial as the confirmation stage reads it."""
-    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return confirm.Done(trial_id, point, confirm.settings_key(flatten(trial.model_dump(mode="json"), "trial.")), trial.seed,
-                        not trial.loss.distills, status, numbers, (meta or {}).get("of"))
+                        not trial.loss.distills, status, confirm.numbers(metrics), (meta or {}).get("of"))
 
 
 class ConfirmStage:

@@ -115,8 +115,7 @@ def ended_trials(tracker: SweepTracker, parent_id: str) -> list[confirm.Done]:
     if any(r["point"] is None for r in rows):
         raise ConfigError("`--confirm-seeds` needs each trial's sampled point, which runs logged by an older kdsweep lack: "
                           "start a new sweep (--set name=NEW)")
-    numbers = lambda r: {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
-    return [confirm.Done(r["trial_id"], r["point"], r["settings"], r["seed"], r["control"], r["status"], numbers(r), r["confirms"])
+    return [confirm.Done(r["trial_id"], r["point"], r["settings"], r["seed"], r["control"], r["status"], confirm.numbers(r), r["confirms"])
             for r in rows]
 
 
@@ -320,23 +319,24 @@ def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, 
     tracker.client.log_table(parent_id, {c: [r.get(c) for r in rows] for c in columns}, "leaderboard.json")
 
 
+def _render(title: str, header: list[str], cells: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
+    return "\n".join([f"\n{title}", *("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [header, *cells])])
+
+
 def text_table(header: list[str], rows: list[list[Any]], title: str) -> str:
     """Rows of plain values under a header, right-justified (gains signed)."""
     def show(h, v):
         return "-" if v is None else f"{v:+.4f}" if isinstance(v, float) and "gain" in h else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    cells = [[show(h, v) for h, v in zip(header, r)] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
-    return "\n".join([f"\n{title}", *("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [header, *cells])])
+    return _render(title, header, [[show(h, v) for h, v in zip(header, r)] for r in rows])
 
 
 def format_table(rows: list[dict[str, Any]], title: str, columns=LEADERBOARD) -> str:
-    """A stopped trial's kd_gain shows the epoch it was compared at (`+0.0208@4`)."""
+    """Leaderboard rows as their declared metrics show them; a stopped trial's kd_gain shows the
+    epoch it was compared at (`+0.0208@4`)."""
     def cell(r, c):
         shown = metric(c).show(r.get(c))
         return f"{shown}@{r['epochs']}" if c == "kd_gain" and r.get(c) is not None and r["status"] != "finished" else shown
 
-    cells = [[cell(r, c) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
-    return "\n".join([f"\n{title}", line(columns), *(line(r) for r in cells)])
+    return _render(title, list(columns), [[cell(r, c) for c in columns] for r in rows])

@@ -300,11 +300,18 @@ def _tuner(cfg: SweepConfig, trainable, callbacks: list, restore: bool, verbose:
             max_concurrent_trials=cfg.budget.max_concurrent,
             reuse_actors=True,  # one-worker trials: the next trial finds torch, data and teacher loaded
         ),
-        run_config=tune.RunConfig(
-            name=f"tune-{study}", storage_path=cfg.ray_storage(), callbacks=list(callbacks),  # Tune appends to it
-            failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=1 if verbose else 0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # the previous one survives a kill mid-persist
-        ),
+        run_config=_run_config(cfg, f"tune-{study}", callbacks, verbose),
+    )
+
+
+def _run_config(cfg: SweepConfig, name: str, callbacks: list, verbose: bool):
+    """A Tune run of this sweep (the search, or a later confirmation) in the sweep's storage."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name, storage_path=cfg.ray_storage(), callbacks=list(callbacks),  # Tune appends to it
+        failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures), verbose=1 if verbose else 0,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # the previous one survives a kill mid-persist
     )
 
 
@@ -423,9 +430,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
             trainable,
             tune_config=tune.TuneConfig(num_samples=todo, max_concurrent_trials=cfg.budget.max_concurrent, reuse_actors=True,
                                         search_alg=ResolvedSearch(None, build, 0, stage)),
-            run_config=tune.RunConfig(name=f"tune-confirm-{n}", storage_path=cfg.ray_storage(), callbacks=callbacks, verbose=1 if verbose else 0,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.budget.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            run_config=_run_config(cfg, f"tune-confirm-{n}", callbacks, verbose),
         )
         try:
             tuner.fit()

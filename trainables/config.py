@@ -181,25 +181,16 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
-        from trainables.losses import check_loss_params, loss_weights
+        from trainables.losses import check_loss_params, loss_schedule, loss_weights
 
         try:
             loss_weights(self.alpha, self.ce_weight, self.distill_weight)
             check_loss_params(self.name, list(self.model_extra or {}))
+            loss_schedule(self.schedule, alpha_form=self.ce_weight is None and self.distill_weight is None)
         except ConfigError as e:
             raise ValueError(str(e)) from None
         if self.alpha is None and self.ce_weight is None:
             self.alpha = 0.9
-        ramps = self.schedule or LossSchedule()
-        if ramps.alpha and ramps.alpha.end is not None:
-            if self.alpha is None:
-                raise ValueError("`loss.schedule.alpha` moves alpha, but loss.ce_weight/loss.distill_weight fix the weights: "
-                                 "use alpha or drop the schedule")
-            if not 0.0 <= ramps.alpha.end <= 1.0:
-                raise ValueError(f"`loss.schedule.alpha.end` must lie in [0, 1] as alpha does, but got loss.schedule.alpha.end={ramps.alpha.end}")
-        if ramps.temperature and ramps.temperature.end is not None and not ramps.temperature.end > 0:
-            raise ValueError(f"`loss.schedule.temperature.end` must be > 0 as the temperature, but got "
-                             f"loss.schedule.temperature.end={ramps.temperature.end}")
         return self
 
     @staticmethod

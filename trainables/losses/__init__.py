@@ -87,6 +87,22 @@ def loss_defaults(name: str) -> dict[str, object]:
     return out
 
 
+def loss_schedule(schedule: dict | LossSchedule | None, alpha_form: bool) -> LossSchedule:
+    """A schedule's ramps, checked as the values they move are: alpha's end in [0, 1] and only with
+    alpha mixing (explicit weights have no alpha to move), the temperature's end > 0."""
+    ramps = schedule if isinstance(schedule, LossSchedule) else validate(LossSchedule, schedule or {}, prefix="loss.schedule.")
+    if ramps.alpha and ramps.alpha.end is not None:
+        if not alpha_form:
+            raise ConfigError("`loss.schedule.alpha` moves alpha, but loss.ce_weight/loss.distill_weight fix the weights: "
+                              "use alpha or drop the schedule")
+        if not 0.0 <= ramps.alpha.end <= 1.0:
+            raise ConfigError(f"`loss.schedule.alpha.end` must lie in [0, 1] as alpha does, but got loss.schedule.alpha.end={ramps.alpha.end}")
+    if ramps.temperature and ramps.temperature.end is not None and not ramps.temperature.end > 0:
+        raise ConfigError(f"`loss.schedule.temperature.end` must be > 0 as the temperature, but got "
+                          f"loss.schedule.temperature.end={ramps.temperature.end}")
+    return ramps
+
+
 def check_loss_params(name: str, keys) -> None:
     known = loss_parameters(name)
     bad = [k for k in keys if k not in known]
@@ -124,9 +140,7 @@ class DistillLoss(nn.Module):
         # alpha and temperature at epoch 1, and how they move (an alpha=0 control never distills)
         alpha_form = ce_weight is None and distill_weight is None
         self.start = {"alpha": self.distill_weight if alpha_form else None, "temperature": self.temperature}
-        ramps = validate(LossSchedule, schedule or {}, prefix="loss.schedule.")
-        if ramps.alpha and ramps.alpha.end is not None and not alpha_form:
-            raise ConfigError("`loss.schedule.alpha` moves alpha, but loss.ce_weight/loss.distill_weight fix the weights: use alpha or drop the schedule")
+        ramps = loss_schedule(schedule, alpha_form)
         self.ramps = {k: r for k, r in (("alpha", ramps.alpha), ("temperature", ramps.temperature))
                       if r is not None and r.end is not None and (k != "alpha" or self.start["alpha"])}
 
