@@ -290,7 +290,10 @@ class SweepConfig(Strict):
         """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
         if self.teacher.path:
             return Path(self.teacher.path)
-        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights"}), "dataset": self.dataset.model_dump(exclude={"root", "cache", "placement", "device_share"}),
+        dataset = self.dataset.model_dump(exclude={"root", "cache", "placement", "device_share", "unlabeled"})
+        if self.dataset.unlabeled and self.dataset.unlabeled.labels_kept:  # it trains on the labels kept (unlabelled data: none)
+            dataset["labels_kept"] = self.dataset.unlabeled.labels_kept
+        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights"}), "dataset": dataset,
                 "weights_sha256": weights_sha256(self.teacher.weights) if self.teacher.weights else None}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"

@@ -22,19 +22,20 @@ log = logging.getLogger(__name__)
 class DataInfo:
     num_classes: int
     input_shape: tuple[int, ...]
-    n_train: int
+    n_train: int  # labelled
     n_val: int
     n_test: int
     classes: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()  # undecodable files of an image folder
     decode_s: float = 0.0  # seconds the driver spent decoding (0: the decode-once cache had it)
+    n_unlabeled: int = 0  # dataset.unlabeled: train examples without labels
 
 
 def check_data(cfg: SweepConfig) -> DataInfo:
     """Load the dataset once on the driver: a missing root fails here, not inside a worker, and an
     image folder is decoded here, before Ray starts, for every later load to memory-map."""
     s = load_splits(cfg.dataset)
-    return DataInfo(s.num_classes, s.input_shape, len(s.train_y), len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s)
+    return DataInfo(s.num_classes, s.input_shape, s.n_labeled, len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s, s.n_unlabeled)
 
 
 def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> None:

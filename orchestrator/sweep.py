@@ -35,7 +35,7 @@ from trainables.config import validate
 from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
-from trainables.teacher_cache import resolved_augment
+from trainables.data import resolved_augment
 from trainables.trial import TrialRun, tune_trial
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ class Plan:
             + ("; random views: the new seeds' KD trials run the teacher online (the cache holds the search seed's views)"
                if self.random_views else "") if top else
             "  no confirmation (budget.confirm.top: 0): the champion is the best single-seed trial",
-            f"  data: {self.data.n_train} train / {self.data.n_val} val / {self.data.n_test} test, "
-            f"{self.data.num_classes} classes, input {self.data.input_shape}"
+            f"  data: {self.data.n_train} train"
+            + (f" + {self.data.n_unlabeled} unlabelled (the distillation term only; controls train on the labelled)"
+               if self.data.n_unlabeled else "")
+            + f" / {self.data.n_val} val / {self.data.n_test} test, {self.data.num_classes} classes, input {self.data.input_shape}"
             + (f", {len(self.data.skipped)} undecodable file(s) skipped" if self.data.skipped else ""),
             f"  teacher: {self.teacher}",
             f"  resources per trial: {self.trial_resources}",
@@ -94,7 +96,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     teacher = check_teacher(cfg, info)
     largest = max([cfg.train.batch_size, *(max(p_.extremes()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
-        raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} train images, but got up to {largest:g}: lower it")
+        raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} labelled train images, but got up to {largest:g}: lower it")
     if address is None:
         check_local(cfg.resources)
     r = cfg.resources

@@ -31,7 +31,7 @@ def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher)
     for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, aug, (8, 8)):
         with torch.no_grad():
             expected = teacher(norm(augment(s.train_x[idx], view, aug)))
-        got = cache.batch(1, b, idx, 64, 0, 64, "cpu")
+        got = cache.batch(1, b, idx, slice(0, 64), "cpu")
         assert torch.allclose(got, expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
     assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card) is None  # other views: go online
     assert TeacherCache.open(path, cfg(digits_teacher, batch_size=32), card) is None

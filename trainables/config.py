@@ -90,6 +90,23 @@ Normalize = Literal["auto", "dataset", "imagenet"]
 DEFAULT_CACHE = Path.home() / ".cache" / "kdsweep"
 
 
+class UnlabeledConfig(Strict):
+    """Transfer data without labels (unsupervised KD): the distillation term sees them, CE never
+    does. Val and test stay labelled."""
+
+    root: str | None = Field(None, description="a folder of images with no class sub-folders, decoded once to the train split's shape")
+    labels_kept: float | None = Field(None, gt=0.0, lt=1.0, description="keep the labels of this share of the train split (stratified), "
+                                                                          "the rest become unlabelled (the semi-supervised protocol)")
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="the unlabelled share of every batch; null: their share of the data")
+
+    @model_validator(mode="after")
+    def _some(self) -> "UnlabeledConfig":
+        if self.root is None and self.labels_kept is None:
+            raise ValueError("`dataset.unlabeled` needs `root` (a folder of images without labels) or `labels_kept` (a share of train "
+                             "that keeps its labels), or both")
+        return self
+
+
 class DatasetConfig(Strict):
     name: Annotated[str, AfterValidator(_dataset_name)] = "digits"
     root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
@@ -105,15 +122,20 @@ class DatasetConfig(Strict):
     download: bool = False
     augment: AugmentConfig | None = Field(None, description="None: the dataset's default (crop+flip for CIFAR)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    unlabeled: UnlabeledConfig | None = Field(None, description="transfer data without labels, for the distillation term only")
 
     def resolved(self) -> "DatasetConfig":
         """Paths made absolute, environment defaults applied: the one place that reads
         KD_DATA_ROOT and KDSWEEP_CACHE, on the driver, so workers on any node need neither."""
         root = self.root or os.environ.get("KD_DATA_ROOT")
         cache = self.cache or os.environ.get("KDSWEEP_CACHE") or str(DEFAULT_CACHE)
+        unlabeled = self.unlabeled
+        if unlabeled is not None and unlabeled.root:
+            unlabeled = unlabeled.model_copy(update={"root": os.path.abspath(os.path.expanduser(unlabeled.root))})
         return self.model_copy(update={
             "root": os.path.abspath(os.path.expanduser(root)) if root else None,
             "cache": os.path.abspath(os.path.expanduser(cache)),
+            "unlabeled": unlabeled,
         })
 
 

@@ -27,7 +27,7 @@ from trainables.card import TeacherCard
 from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.corruptions import robustness
 from trainables.eval.inference import predict
-from trainables.data import DataSplits, augment, device_batches, epoch_batches, load_splits, place
+from trainables.data import DataSplits, augment, device_batches, layout, load_splits, place, train_batches
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss
 from trainables.eval.metrics import classification_metrics, per_class
@@ -39,7 +39,7 @@ from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, Tria
 from trainables.targets import teacher_targets
 from trainables.models.teacher import WEIGHTS as TEACHER_WEIGHTS
 from trainables.models.teacher import load_teacher
-from trainables.teacher_cache import resolved_augment
+from trainables.data import resolved_augment
 from trainables.models.weights import freeze_backbone, load_weights
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ class Trial:
     targets: Any
     size: dict[str, float]
     setup: dict[str, float]  # seconds per set-up phase, reported with the run's first epoch
+    rows: slice | Tensor  # this rank's positions in every global batch (data.BatchLayout.rows)
+    steps: int  # batches an epoch
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -181,6 +183,8 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     channels_last = cuda and cfg.train.channels_last
 
     splits, on_device = _splits(cfg.dataset, device, reporter.warm)  # images on the device, or batches copied from the host
+    if not cfg.loss.distills:  # CE alone (a control, a teacher): unlabelled examples would add nothing but steps
+        splits = splits.labeled()
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
@@ -189,6 +193,8 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
         raise ConfigError(
             f"`train.batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got train.batch_size={cfg.train.batch_size}"
         )
+    batches = layout(splits, cfg)
+    batches.check_world(world)
 
     # The teacher trains the student only when the distill term has weight; with alpha=0 (the control) it is still
     # loaded, when given, so the control reports agreement and compression against it too.
@@ -219,7 +225,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
 
     params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]  # hint regressors train with the student
     opt = make_optimizer(cfg.train.optimizer, params)
-    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, n_train // cfg.train.batch_size)
+    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, batches.steps)
     start_epoch, history = 0, []
     if (state := reporter.restore()) is not None:
         start_epoch, history = restore(state, student, loss_fn, opt, sched)
@@ -237,8 +243,10 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
                               lambda x: predict(teacher, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     phase("targets")
+    rows = batches.rows(rank, world)
     return Trial(cfg, rank, world, device, autocast, channels_last, splits, on_device, resolved_augment(cfg), mean, std, norm, student,
-                 step_model, loss_fn, params, opt, sched, targets, size, setup, start_epoch, history)
+                 step_model, loss_fn, params, opt, sched, targets, size, setup, rows if isinstance(rows, slice) else rows.to(device),
+                 batches.steps, start_epoch, history)
 
 
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
@@ -249,9 +257,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     reporter = reporter or LocalReporter(cfg.checkpoint_dir)
     t = set_up(cfg, reporter)
     student, loss_fn, opt, sched, targets, splits = t.student, t.loss_fn, t.opt, t.sched, t.targets, t.splits
-    batch_size, per_rank = cfg.train.batch_size, cfg.train.batch_size // t.world
-    steps_per_epoch = len(splits.train_y) // batch_size
-    norm, autocast, channels_last, step_model, rank = t.norm, t.autocast, t.channels_last, t.step_model, t.rank
+    batch_size, steps_per_epoch = cfg.train.batch_size, t.steps
+    norm, autocast, channels_last, step_model = t.norm, t.autocast, t.channels_last, t.step_model
     history, metrics = t.history, {}
     last_checkpoint = time.monotonic()
     for epoch in range(t.start_epoch, cfg.train.epochs):
@@ -259,8 +266,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         loss_fn.set_epoch(epoch + 1, cfg.train.epochs)
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=t.device)
-        batches = epoch_batches(len(splits.train_y), batch_size, cfg.seed, epoch, t.aug, splits.input_shape[1:],
-                                t.device if t.on_device else "cpu", t.rank, t.world)
+        batches = train_batches(splits, cfg, epoch, t.device if t.on_device else "cpu", t.rank, t.world)
         for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, t.device, t.on_device):
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
@@ -269,7 +275,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, batch_size, rank, per_rank)
+                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, t.rows)
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)

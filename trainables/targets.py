@@ -17,7 +17,8 @@ from torch import Tensor
 from trainables.card import TeacherCard
 from trainables.config import TrialConfig
 from trainables.registry import ConfigError
-from trainables.teacher_cache import TeacherCache, resolved_augment
+from trainables.data import resolved_augment
+from trainables.teacher_cache import TeacherCache
 
 Source = Literal["cache", "precomputed", "online", "none"]
 
@@ -36,11 +37,11 @@ class TeacherTargets:
     train_logits: Tensor | None = None
     forwards: int = 0  # teacher image forwards run by this trial
 
-    def batch(self, raw: Tensor, x: Tensor, epoch: int, b: int, idx: Tensor, batch_size: int, rank: int,
-              per_rank: int) -> tuple[Tensor | None, list | None]:
-        """Targets for one batch: `raw` is the augmented batch (0..255), `x` the student's input."""
+    def batch(self, raw: Tensor, x: Tensor, epoch: int, b: int, idx: Tensor, rows: slice | Tensor) -> tuple[Tensor | None, list | None]:
+        """Targets for one batch: `raw` is the augmented batch (0..255), `x` the student's input,
+        `rows` this rank's positions in the global batch (data.BatchLayout.rows)."""
         if self.source == "cache":
-            return self.cache.batch(epoch, b, idx, batch_size, rank, per_rank, x.device), None
+            return self.cache.batch(epoch, b, idx, rows, x.device), None
         if self.source == "precomputed":
             return self.train_logits[idx], None
         if self.source == "online":

@@ -20,15 +20,11 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
-from trainables.config import AugmentConfig, TrialConfig
-from trainables.data import DEFAULT_AUGMENT, augment, device_batches, epoch_batches, load_splits, place
+from trainables.config import TrialConfig
+from trainables.data import augment, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import normalizer
 
 META = "meta.json"
-
-
-def resolved_augment(cfg: TrialConfig) -> AugmentConfig:
-    return cfg.dataset.augment or AugmentConfig(**DEFAULT_AUGMENT.get(cfg.dataset.name, {}))
 
 
 def cache_key(cfg: TrialConfig, card: TeacherCard) -> dict:
@@ -93,7 +89,7 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: Teache
         forwards += len(s.train_y)
     else:
         for epoch in range(epochs):
-            batches = epoch_batches(len(s.train_y), cfg.train.batch_size, cfg.seed, epoch, aug, s.input_shape[1:], device if on_device else "cpu")
+            batches = train_batches(s, cfg, epoch, device if on_device else "cpu")
             views = chunked(augment(x, view, aug) for _, _, x, _, view in device_batches(s.train_x, s.train_y, batches, device, on_device))
             _save(views, out / f"epoch_{epoch}.pt")
             forwards += len(views)
@@ -104,8 +100,8 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: Teache
 class TeacherCache:
     """Read side: the logits for one epoch's batches, on the training device."""
 
-    def __init__(self, path: Path, static: bool) -> None:
-        self.path, self.static = path, static
+    def __init__(self, path: Path, static: bool, batch_size: int) -> None:
+        self.path, self.static, self.batch_size = path, static, batch_size
         self._epoch, self._logits = None, None
 
     @classmethod
@@ -116,7 +112,7 @@ class TeacherCache:
         meta = json.loads((Path(path) / META).read_text())
         if meta["key"] != cache_key(cfg, card) or (not resolved_augment(cfg).static and meta["epochs"] < cfg.train.epochs):
             return None
-        return cls(Path(path), resolved_augment(cfg).static)
+        return cls(Path(path), resolved_augment(cfg).static, cfg.train.batch_size)
 
     def val(self, device) -> Tensor:
         return torch.load(self.path / "val.pt", map_location=device, weights_only=True).float()
@@ -128,13 +124,16 @@ class TeacherCache:
             self._epoch = None if self.static else epoch
         return self._logits
 
-    def batch(self, epoch: int, b: int, idx: Tensor, batch_size: int, rank: int, per_rank: int, device) -> Tensor:
-        """Static views are indexed by sample; augmented views by position in the epoch's batches."""
+    def batch(self, epoch: int, b: int, idx: Tensor, rows: slice | Tensor, device) -> Tensor:
+        """Static views are indexed by sample; augmented views by position in the epoch's batches
+        (`rows`: this rank's positions in global batch `b`, data.BatchLayout.rows, on the device)."""
         logits = self.for_epoch(epoch, device)
         if self.static:
             return logits[idx].float()
-        start = b * batch_size + rank * per_rank
-        return logits[start : start + per_rank].float()
+        start = b * self.batch_size
+        if isinstance(rows, slice):
+            return logits[start + rows.start : start + rows.stop].float()
+        return logits[start + rows].float()
 
 
 def cache_task(cfg: TrialConfig, root: str, epochs: int) -> tuple[str, int]:

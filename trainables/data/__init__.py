@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from trainables.data.images import RawData, decode_folder, read_arrays, stratified_split
+from trainables.data.images import RawData, decode_folder, decode_unlabeled, read_arrays, stratified_split
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
-    from trainables.config import DatasetConfig
+    from trainables.config import DatasetConfig, TrialConfig, UnlabeledConfig
+
+#: The label of an unlabelled training example: PyTorch's cross-entropy ignore_index, so CE skips it.
+UNLABELED = -100
 
 # name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes) or RawData
 # (RawData: own val split, class names, skipped files). A loader that takes `image_size` / `channels`
@@ -49,7 +52,9 @@ def cache_dir(cache: str | None) -> Path:
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Train/val/test images (uint8, NCHW) and labels (int64); val is carved from the official train."""
+    """Train/val/test images (uint8, NCHW) and labels (int64); val is carved from the official train.
+    The last `n_unlabeled` train examples have no label (UNLABELED): transfer data for the
+    distillation term (dataset.unlabeled)."""
 
     name: str
     train_x: Tensor
@@ -64,6 +69,17 @@ class DataSplits:
     classes: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()  # files the loader could not decode (image folders)
     decode_s: float = 0.0  # seconds this load spent decoding (0: read from the decode-once cache)
+    n_unlabeled: int = 0
+
+    @property
+    def n_labeled(self) -> int:
+        return len(self.train_y) - self.n_unlabeled
+
+    def labeled(self) -> "DataSplits":
+        """The splits without the unlabelled examples (what CE alone trains on: a control, a teacher)."""
+        if not self.n_unlabeled:
+            return self
+        return replace(self, train_x=self.train_x[: self.n_labeled], train_y=self.train_y[: self.n_labeled], n_unlabeled=0)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -88,6 +104,7 @@ def load_dataset(
     test_fraction: float = 0.1,
     image_size: int = 32,
     channels: int = 3,
+    unlabeled: "UnlabeledConfig | None" = None,
     **kwargs,
 ) -> DataSplits:
     """Load a registered dataset; carve what it lacks from its train split: the test split
@@ -96,6 +113,9 @@ def load_dataset(
     The splits depend on `split_seed` only (not the trial seed), so every trial of a sweep, and the
     teacher, see the same train/val partition and the test split is never touched by the search.
     Built-in datasets keep their original (unstratified) val carve, so their numbers do not move.
+    `unlabeled` (dataset.unlabeled) then drops the labels of all but `labels_kept` of the train
+    split (stratified, seeded by split_seed + 2) and appends the images of its `root` folder,
+    unlabelled, after the labelled ones.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
@@ -132,6 +152,9 @@ def load_dataset(
         raw, classes = None, tuple(str(i) for i in range(num_classes))
     if num_classes < 2:
         raise ConfigError(f"`dataset.name` {name!r} gave {num_classes} class: classification needs at least two classes (check its labels)")
+    n_unlabeled = 0
+    if unlabeled is not None:
+        train_x, train_y, n_unlabeled = _with_unlabeled(train_x, train_y, unlabeled, cache, split_seed)
     mean, std = channel_stats(train_x)
     return DataSplits(
         name=name,
@@ -147,7 +170,26 @@ def load_dataset(
         classes=tuple(classes),
         skipped=tuple(raw.skipped) if raw else (),
         decode_s=raw.decode_s if raw else 0.0,
+        n_unlabeled=n_unlabeled,
     )
+
+
+def _with_unlabeled(x: Tensor, y: Tensor, unlabeled: "UnlabeledConfig", cache: str | None, split_seed: int) -> tuple[Tensor, Tensor, int]:
+    """The train split with its unlabelled examples last (labels UNLABELED), and their count."""
+    parts = []
+    if unlabeled.labels_kept is not None:
+        kept, dropped = stratified_split(y, 1.0 - unlabeled.labels_kept, split_seed + 2)
+        parts.append(x[dropped])
+        x, y = x[kept], y[kept]
+    if unlabeled.root:
+        c, h, w = x.shape[1:]
+        if h != w:
+            raise ConfigError(f"`dataset.unlabeled.root` images are decoded square, but the train images are {h}x{w}: use square images")
+        parts.append(decode_unlabeled(unlabeled.root, cache_dir(cache), h, c)[0])
+    n = sum(len(p) for p in parts)
+    if n == 0:
+        raise ConfigError("`dataset.unlabeled` gave no unlabelled examples: raise labels_kept's complement or add images to root")
+    return torch.cat([x, *parts]), torch.cat([y, torch.full((n,), UNLABELED, dtype=y.dtype)]), n
 
 
 def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -169,7 +211,7 @@ def load_splits(ds: "DatasetConfig") -> DataSplits:
     """`load_dataset` for a validated dataset config (the form every caller holds)."""
     ds = ds.resolved()
     return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, ds.cache, ds.test_fraction, ds.image_size,
-                        ds.channels, **ds.kwargs)
+                        ds.channels, ds.unlabeled, **ds.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,22 +434,102 @@ def augment(x: Tensor, params: Tensor, aug) -> Tensor:
     return torch.where(params[:, 2, None, None, None].bool(), x.flip(3), x) if aug.flip else x
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How an epoch's global batches are made: `labeled` labelled examples first, then `unlabeled`
+    unlabelled ones (dataset.unlabeled), `steps` batches an epoch. Without unlabelled data it is
+    today's plain layout: one permutation of the train split, the last partial batch dropped.
+    With them an epoch is one pass's worth of batches over all examples, each kind drawn from its
+    own seeded permutations (repeated as needed), so the mix holds at the set ratio."""
+
+    n: int  # labelled train examples
+    n_unlabeled: int
+    batch_size: int
+    unlabeled: int  # per global batch
+
+    @classmethod
+    def of(cls, n: int, batch_size: int, n_unlabeled: int = 0, ratio: float | None = None) -> "BatchLayout":
+        if not n_unlabeled:
+            return cls(n, 0, batch_size, 0)
+        share = n_unlabeled / (n + n_unlabeled) if ratio is None else ratio
+        if batch_size < 2:
+            raise ConfigError(f"`train.batch_size` must be >= 2 with dataset.unlabeled (a labelled and an unlabelled example), but got {batch_size}")
+        return cls(n, n_unlabeled, batch_size, min(batch_size - 1, max(1, round(batch_size * share))))
+
+    @property
+    def labeled(self) -> int:
+        return self.batch_size - self.unlabeled
+
+    @property
+    def steps(self) -> int:
+        return (self.n + self.n_unlabeled) // self.batch_size if self.n_unlabeled else self.n // self.batch_size
+
+    def check_world(self, world: int) -> None:
+        """Every DDP rank gets the same share of each kind, so each rank's CE is a mean over the
+        same number of labelled examples and the averaged gradient is the one-process gradient."""
+        if self.unlabeled and (self.labeled % world or self.unlabeled % world):
+            raise ConfigError(f"`dataset.unlabeled.ratio` splits each batch of {self.batch_size} into {self.labeled} labelled and "
+                              f"{self.unlabeled} unlabelled examples, which do not divide over {world} workers: change the ratio or batch size")
+
+    def rows(self, rank: int = 0, world: int = 1) -> slice | Tensor:
+        """This rank's positions within a global batch (a slice where contiguous)."""
+        if not self.unlabeled or world == 1:
+            per = self.batch_size // world
+            return slice(rank * per, (rank + 1) * per)
+        lr, ur = self.labeled // world, self.unlabeled // world
+        return torch.cat([torch.arange(rank * lr, (rank + 1) * lr), self.labeled + torch.arange(rank * ur, (rank + 1) * ur)])
+
+
+def _stream(n: int, count: int, g: torch.Generator) -> Tensor:
+    """`count` indices from successive permutations of range(n)."""
+    perms = [torch.randperm(n, generator=g) for _ in range(-(-count // n))]
+    return torch.cat(perms)[:count] if perms else torch.zeros(0, dtype=torch.long)
+
+
 def epoch_batches(
     n: int, batch_size: int, seed: int, epoch: int, aug, hw: tuple[int, int], device: torch.device | str = "cpu",
-    rank: int = 0, world_size: int = 1,
+    rank: int = 0, world_size: int = 1, n_unlabeled: int = 0, ratio: float | None = None,
 ):
-    """Yield (batch_idx, indices, view params) for one epoch, both on `device`; drops the last
-    partial batch.
+    """Yield (batch_idx, indices, view params) for one epoch, both on `device`: `n` labelled
+    examples, then `n_unlabeled` unlabelled ones (indices n..), mixed as BatchLayout says.
 
-    With several DDP workers each rank takes its own slice of every global batch, so the global
+    With several DDP workers each rank takes its own share of every global batch, so the global
     batch (and hence the math) is the same whatever the world size.
     """
-    perm = epoch_permutation(n, seed, epoch, device)
-    per_rank = batch_size // world_size
-    for b in range(n // batch_size):
-        idx = perm[b * batch_size + rank * per_rank : b * batch_size + (rank + 1) * per_rank]
-        params = view_params(seed, epoch, b, batch_size, aug, hw)[rank * per_rank : (rank + 1) * per_rank]
-        yield b, idx, params.to(device, non_blocking=True)
+    layout = BatchLayout.of(n, batch_size, n_unlabeled, ratio)
+    rows = layout.rows(rank, world_size)
+    if not n_unlabeled:
+        order = epoch_permutation(n, seed, epoch, device)
+    else:
+        g_l, g_u = (torch.Generator().manual_seed(_mix(seed, epoch, k)) for k in (-1, -2))
+        steps = layout.steps
+        lab = _stream(n, steps * layout.labeled, g_l).view(steps, layout.labeled)
+        unl = n + _stream(n_unlabeled, steps * layout.unlabeled, g_u).view(steps, layout.unlabeled)
+        order = torch.cat([lab, unl], 1).flatten().to(device)
+    on = rows if isinstance(rows, slice) else rows.to(order.device)
+    for b in range(layout.steps):
+        params = view_params(seed, epoch, b, batch_size, aug, hw)[rows]
+        yield b, order[b * batch_size : (b + 1) * batch_size][on], params.to(device, non_blocking=True)
+
+
+def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: torch.device | str, rank: int = 0, world: int = 1):
+    """epoch_batches for a trial's train split: the one call the trial loop and the teacher cache
+    share, so the cache holds exactly the views a trial trains on."""
+    ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
+    return epoch_batches(splits.n_labeled, cfg.train.batch_size, cfg.seed, epoch, resolved_augment(cfg), splits.input_shape[1:], device,
+                         rank, world, splits.n_unlabeled, ratio)
+
+
+def layout(splits: DataSplits, cfg: "TrialConfig") -> BatchLayout:
+    return BatchLayout.of(splits.n_labeled, cfg.train.batch_size, splits.n_unlabeled,
+                          cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None)
+
+
+def resolved_augment(cfg: "TrialConfig"):
+    """The trial's augmentation: its dataset's, else that dataset's default."""
+    from trainables.config import AugmentConfig
+
+    return cfg.dataset.augment or AugmentConfig(**DEFAULT_AUGMENT.get(cfg.dataset.name, {}))
 
 
 def place(splits: DataSplits, ds: "DatasetConfig", device: torch.device | str) -> tuple[DataSplits, bool]:

@@ -192,6 +192,49 @@ def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels
     return RawData(train_x, train_y, test_x, test_y, val_x, val_y, classes, meta["skipped"], decode_s)
 
 
+def decode_unlabeled(root: str | Path, cache: str | Path, image_size: int, channels: int, workers: int | None = None) -> tuple[Tensor, list[str]]:
+    """`dataset.unlabeled.root`: every image under a folder with no class sub-folders, decoded once
+    (as decode_folder does, keyed by files, sizes, mtimes and the shape) to uint8 (N, C, S, S).
+    Returns the images and the files skipped as undecodable."""
+    root = Path(root).expanduser()
+    field = "dataset.unlabeled.root"
+    if not root.is_dir():
+        raise ConfigError(f"`{field}` must be an existing folder of images, but got {field}={str(root)!r}: fix the path")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
+    classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    if len(classes) > 1:
+        raise ConfigError(f"`{field}` has sub-folders {classes[:3]}{' ...' if len(classes) > 3 else ''}, as a labelled ImageFolder has: "
+                          "unlabelled data are one folder of images without class sub-folders (move them up, or use labels_kept)")
+    if not files:
+        raise ConfigError(f"`{field}` {root} holds no files: point it at a folder of images")
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "channels": channels}, sort_keys=True).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    out = Path(cache) / "folders" / f"{root.name}-unlabeled-{h.hexdigest()[:20]}.npy"
+    skipped_file = out.with_suffix(".skipped.json")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        workers = workers or min(8, os.cpu_count() or 1)
+        with ProcessPoolExecutor(workers) as pool:
+            decoded = list(pool.map(_decode, [(str(f), image_size, channels) for f in files], chunksize=max(1, len(files) // (4 * workers))))
+        images = [r for r in decoded if not isinstance(r, str)]
+        skipped = [f"{f.relative_to(root)} ({r})" for f, r in zip(files, decoded) if isinstance(r, str)]
+        if not images:
+            raise ConfigError(f"`{field}` {root} has no decodable images ({len(files)} files, none an image): point it at a folder of images")
+        with atomic_path(skipped_file) as tmp:
+            tmp.write_text(json.dumps(skipped))
+        with atomic_path(out) as tmp:  # written last: its presence means complete
+            with open(tmp, "wb") as f:
+                np.save(f, np.stack(images))
+        log.info("decoded %s: %d unlabelled images -> %s", root, len(images), out)
+    skipped = json.loads(skipped_file.read_text())
+    if skipped and str(out) not in _warned:
+        _warned.add(str(out))
+        log.warning("%s %s: skipped %d file(s) that are not decodable images: %s", field, root, len(skipped), ", ".join(skipped[:SHOW]))
+    return torch.from_numpy(np.load(out, mmap_mode="c")), skipped
+
+
 def read_arrays(path: str | Path) -> RawData:
     """A .npz, .pt (weights_only) or .safetensors file: `train_x` (uint8, NCHW or NHWC), `train_y`
     (integer labels), optional `val_x`/`val_y` and `test_x`/`test_y`; checked with one-line errors."""

@@ -13,7 +13,9 @@ w(epoch) = min(epoch / warmup_epochs, 1) is mdistiller's linear warm-up of the d
 with epochs counted from 1 (the first epoch trains with 1/warmup of it); 1 when warmup_epochs=0.
 
 Every loss is an nn.Module called as `loss(s_logits, t_logits, y, s_feats, t_feats)` and returns
-`(total, parts)` where parts holds the detached, unweighted "kd" and "ce" terms for logging. Teacher
+`(total, parts)`; an unlabelled example (dataset.unlabeled) has y = -100, PyTorch's ignore_index,
+so CE leaves it out and only the distillation term sees it (a loss that needs its class, as dkd
+does, takes the teacher's). `parts` parts holds the detached, unweighted "kd" and "ce" terms for logging. Teacher
 inputs are detached inside, so gradients reach only the student (and a loss's own parameters, e.g.
 hint regressors, which the trial loop hands to the optimizer). The trial loop calls
 `set_epoch(epoch, epochs)` before each epoch: the warm-up, and `schedule` (alpha and the temperature
@@ -235,6 +237,7 @@ class dkd(DistillLoss):
         if self.standardize_logits:  # as kd's (logit-standardization-KD's dkd_loss)
             s, tt = standardize(s), standardize(tt)
         s, tt = s / t, tt / t
+        y = torch.where(y >= 0, y, tt.argmax(1))  # an unlabelled example (data.UNLABELED): the teacher's class
         gt = F.one_hot(y, s.shape[1]).bool()
         log_b_s, log_b_t = _binary_log_probs(s, gt), _binary_log_probs(tt, gt)
         tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * t * t
