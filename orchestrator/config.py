@@ -73,6 +73,21 @@ class TeacherSpec(TrainConfig):
         return self
 
 
+class Ensemble(Strict):
+    """How the members of a `teacher:` list make one target (trainables.models.ensemble)."""
+
+    combine: Literal["probs", "logits"] = Field("probs", description="probs: the weighted mean of the members' softened probabilities "
+                                                                        "(at each trial's temperature); logits: of their logits")
+    weights: list[float] | None = Field(None, description="one per member, > 0 (normalized to sum 1); null: equal")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(w > 0 for w in v):
+            raise ValueError(f"`ensemble.weights` must all be > 0, but got {v}")
+        return v
+
+
 class SweepTrain(TrainConfig):
     """The sweep's `train:` section: every trial's TrainConfig plus sweep-wide switches."""
 
@@ -168,7 +183,8 @@ class SweepConfig(Strict):
     plugins: list[str] = Field(default_factory=list, description="modules registering models/losses/datasets (see trainables/plugins.py)")
     seed: int = 0
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    teacher: TeacherSpec | list[TeacherSpec] = Field(default_factory=TeacherSpec, description="one teacher, or a list: an ensemble")
+    ensemble: Ensemble = Field(default_factory=Ensemble, description="with a teacher list: how the members combine")
     students: list[ModelName] = Field(min_length=1)
     student_weights: dict[str, WeightsFile] = Field(default_factory=dict, description="student -> state_dict file to start from (head replaced when needed)")
     normalize: Normalize = Field("auto", description="the students' input statistics: auto (ImageNet for torchvision weights, else the data's)")
@@ -191,6 +207,20 @@ class SweepConfig(Strict):
             data = {**data, "search": {k: v for k, v in data["search"].items() if k != "objectives"}, "objectives": data["search"]["objectives"]}
         return data
 
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _members(cls, v: Any) -> Any:
+        """Each member validated as a teacher, its errors named by its place (`teacher[1].arch`)."""
+        try:
+            if isinstance(v, list):
+                if not v:
+                    raise ConfigError("`teacher` is an empty list: give one teacher, or two or more for an ensemble")
+                members = [validate(TeacherSpec, m, prefix=f"teacher[{i}].") for i, m in enumerate(v)]
+                return members[0] if len(members) == 1 else members
+            return v if isinstance(v, TeacherSpec) else validate(TeacherSpec, v if v is not None else {}, prefix="teacher.")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
     @field_validator("objectives")
     @classmethod
     def _known_objectives(cls, v: list[str]) -> list[str]:
@@ -207,6 +237,8 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
+        if self.ensemble.weights is not None and len(self.ensemble.weights) != len(self.members):
+            raise ValueError(f"`ensemble.weights` needs one weight per teacher ({len(self.members)}), but got {len(self.ensemble.weights)}")
         for field, keys in (("student_weights", self.student_weights), ("loss.student_layers", self.loss.student_layers)):
             extra = [k for k in (keys if isinstance(keys, dict) else {}) if k not in self.students]
             if extra:
@@ -216,6 +248,10 @@ class SweepConfig(Strict):
             raise ValueError("`search.loss.name` searches the method: it must be a categorical of loss names, e.g. "
                              "{type: categorical, choices: [kd, dkd, dist]}")
         methods = list(names.choices) if names is not None else [self.loss.name]
+        featured = [m for m in methods if m in LOSSES.names() and LOSSES.get(m).needs_teacher_features]
+        if self.is_ensemble and featured:
+            raise ValueError(f"`loss.name` {featured[0]!r} distils one teacher's stages, but `teacher` is an ensemble of {len(self.members)}: "
+                             "use kd, dkd or dist (they distil the ensemble's outputs), or keep one teacher")
         search: dict[str, SearchParam] = {}
         for key, p in self.search.items():
             path = canonical(key)
@@ -264,6 +300,29 @@ class SweepConfig(Strict):
     # --- derived values ---------------------------------------------------------------------
 
     @property
+    def members(self) -> list[TeacherSpec]:
+        """The teachers: one, or an ensemble's members."""
+        return self.teacher if isinstance(self.teacher, list) else [self.teacher]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.teacher, list)
+
+    def member(self, i: int) -> "SweepConfig":
+        """This config with member i as its only teacher: every single-teacher step (its folder,
+        its training, its checks) applies to it unchanged."""
+        return self.model_copy(update={"teacher": self.members[i]})
+
+    @property
+    def teacher_name(self) -> str:
+        """The teacher's architecture, or an ensemble's members' (`ensemble(cnn_small+resnet8x4)`)."""
+        return f"ensemble({'+'.join(t.arch for t in self.members)})" if self.is_ensemble else self.teacher.arch
+
+    @property
+    def ensemble_weights(self) -> list[float]:
+        return list(self.ensemble.weights or [1.0] * len(self.members))
+
+    @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
 
@@ -287,7 +346,13 @@ class SweepConfig(Strict):
         return Path(storage if "://" not in storage else os.path.abspath("runs")) / self.name
 
     def teacher_dir(self) -> Path:
-        """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>."""
+        """Explicit path, or teachers/<dataset>-<arch>-<hash of everything that shapes the teacher>;
+        an ensemble's: teachers/<dataset>-ensemble-<hash of its members' folders, weights, combination>."""
+        if self.is_ensemble:
+            spec = {"members": [str(self.member(i).teacher_dir().resolve()) for i in range(len(self.members))],
+                    "weights": self.ensemble_weights, "combine": self.ensemble.combine}
+            digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+            return Path("teachers") / f"{self.dataset.name}-ensemble-{digest}"
         if self.teacher.path:
             return Path(self.teacher.path)
         dataset = self.dataset.model_dump(exclude={"root", "cache", "placement", "device_share", "unlabeled"})
@@ -300,7 +365,10 @@ class SweepConfig(Strict):
 
     def teacher_trial(self) -> TrialConfig:
         """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own, with its
-        own augmentation; from a weights file it is fine-tuned (finetune's epochs and lr)."""
+        own augmentation; from a weights file it is fine-tuned (finetune's epochs and lr). One
+        teacher's: an ensemble's members train one by one (`member(i).teacher_trial()`)."""
+        if self.is_ensemble:
+            raise ValueError("an ensemble trains member by member: call member(i).teacher_trial()")
         t = self.teacher
         train = _train_fields(t)
         if t.weights:

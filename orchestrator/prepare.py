@@ -12,7 +12,8 @@ from trainables.data import DataSplits, load_splits
 from trainables.data.normalize import model_stats
 from trainables.models import create_model
 from trainables.registry import ConfigError
-from trainables.models.teacher import CARD, WEIGHTS, load_teacher, read_card, save_teacher
+from trainables.models.ensemble import is_ensemble
+from trainables.models.teacher import CARD, WEIGHTS, load_teacher, read_card, save_ensemble, save_teacher
 from trainables.models.weights import load_weights, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,31 @@ def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> Non
         load_weights(model, path, f"student_weights.{student}", new_head_ok=True)
 
 
+def _as_member(i: int, e: ConfigError) -> ConfigError:
+    """A single teacher's message about an ensemble's member i: its fields named `teacher[i].`."""
+    return ConfigError(str(e).replace("`teacher.", f"`teacher[{i}]."))
+
+
 def check_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = False) -> Path | None:
     """Verify an existing teacher against the data, and every weights file; None when the teacher
-    is still to be trained (or fine-tuned).
+    is still to be trained (or fine-tuned). An ensemble: every member (each error names its
+    member), then its own folder.
 
     A teacher.path the user named must exist unless we are asked to train into it
     (`kdsweep teacher`); the automatic teachers/ cache is filled on demand.
     """
+    if cfg.is_ensemble:
+        found = []
+        for i in range(len(cfg.members)):
+            try:
+                found.append(check_teacher(cfg.member(i), info, train_missing))
+            except ConfigError as e:
+                raise _as_member(i, e) from None
+        path = cfg.teacher_dir()
+        if all(found) and is_ensemble(path):
+            load_teacher(path, info.num_classes, info.input_shape, cfg.dataset.name)
+            return path
+        return None
     path = cfg.teacher_dir()
     missing = not (path / CARD).exists() and not (path / WEIGHTS).exists()
     check_weights(cfg, info, teacher=missing)
@@ -78,6 +97,8 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
     path = check_teacher(cfg, info, train_missing)
     if path is not None:
         return path
+    if cfg.is_ensemble:
+        return ensure_ensemble(cfg, info, train_missing, on_ray)
     path, t = cfg.teacher_dir(), cfg.teacher
     card = {"arch": t.arch, "arch_kwargs": t.arch_kwargs, "dataset": cfg.dataset.name,
             "num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes)}
@@ -105,6 +126,33 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
     card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
     saved = save_teacher(model, path, card)  # a trainables.card.TeacherCard: a missing field fails here
     log.info("teacher val_acc=%.4f saved to %s", saved.val_acc, path)
+    return path
+
+
+def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ray: bool) -> Path:
+    """Each member found or trained (as a single teacher is), then the ensemble's card written
+    beside them, with the ensemble's own val accuracy (each member's is on its own card)."""
+    import contextlib
+
+    from trainables.eval.inference import predict
+    from trainables.eval.metrics import classification_metrics
+    from trainables.models.ensemble import EnsembleTeacher
+
+    members = []
+    for i in range(len(cfg.members)):
+        try:
+            members.append(ensure_teacher(cfg.member(i), info, train_missing, on_ray).resolve())
+        except ConfigError as e:
+            raise _as_member(i, e) from None
+    loaded = [load_teacher(m) for m in members]
+    model = EnsembleTeacher([net for net, _ in loaded], [card.stats for _, card in loaded], cfg.ensemble_weights, cfg.ensemble.combine)
+    s = load_splits(cfg.dataset)
+    logits = predict(model, s.val_x, lambda x: x.float() / 255.0, 1024, contextlib.nullcontext, False)
+    val_acc = classification_metrics(logits, s.val_y)["val_acc"]
+    path = cfg.teacher_dir()
+    save_ensemble(path, members, cfg.ensemble_weights, cfg.ensemble.combine, val_acc)
+    log.info("teacher ensemble %s (%s): val_acc=%.4f (members %s) -> %s", cfg.teacher_name, cfg.ensemble.combine, val_acc,
+             ", ".join(f"{card.val_acc:.4f}" for _, card in loaded), path)
     return path
 
 

@@ -137,7 +137,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     methods = md_table(GAINS_BY_METHOD, gains_by_method(searched)) if len({r["loss"] for r in searched}) > 1 else None
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",
-        f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher.arch}`, loss `{cfg.loss.name}`, {len(searched)} search trials "
+        f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher_name}`, loss `{cfg.loss.name}`, {len(searched)} search trials "
         f"({sum(r['status'] in USABLE for r in searched)} usable) and {len(rows) - len(searched)} confirmation trials, mode `{cfg.mode}`. "
         f"Tracking: `{saved.tracking_uri}`, parent run `{parent_id}`.",
         "## Confirmation: the finalists on several seeds, each beside its alpha=0 control at the same settings and seeds (val split)",

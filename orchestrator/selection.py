@@ -153,10 +153,11 @@ def load_student(tracker: SweepTracker, run_id: str) -> "Normalized":
     return Normalized(model, card.mean, card.std).eval()
 
 
-def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normalized | None", s) -> dict[str, dict[str, float]]:
+def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normalized | None", s,
+                     members: list[tuple[str, "Normalized"]] = ()) -> dict[str, dict[str, float]]:
     """The once-only look at the test split: clean metrics and the corruption suite, for the winner
-    and for its teacher, so "student vs teacher" is one table. Both take raw pixels (their own
-    normalization inside)."""
+    and for its teacher (and an ensemble's `members`, by name), so "student vs teacher" is one
+    table. All take raw pixels (their own normalization inside)."""
     from trainables.eval.corruptions import robustness
     from trainables.eval.inference import predict
     from trainables.eval.metrics import classification_metrics
@@ -164,7 +165,7 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
     raw = lambda x: x.float()  # noqa: E731
     out = {}
     t_logits = predict(teacher, s.test_x, raw, 2048, contextlib.nullcontext, False) if teacher is not None else None
-    for who, model in (("student", student), ("teacher", teacher)):
+    for who, model in (("student", student), ("teacher", teacher), *members):
         if model is None:
             continue
         logits = t_logits if who == "teacher" else predict(model, s.test_x, raw, 2048, contextlib.nullcontext, False)
@@ -172,8 +173,23 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
         fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
         summary, _ = robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"])
         m.update({f"test_{k}": v for k, v in summary.items()})
+        if who not in ("student", "teacher"):
+            m["params"] = sum(p.numel() for p in model.parameters())
         out[who] = m
     return out
+
+
+def teacher_models(path: str | Path) -> tuple["Normalized", list[tuple[str, "Normalized"]]]:
+    """The teacher as it takes raw pixels, and an ensemble's members each alone (`teacher[i] arch`)."""
+    from trainables.models.ensemble import EnsembleTeacher
+    from trainables.models.teacher import load_teacher
+
+    net, card = load_teacher(path)
+    members = []
+    if isinstance(net, EnsembleTeacher):
+        for i, (m, spec) in enumerate(zip(net.members, card.members)):
+            members.append((f"teacher[{i}] {spec.arch}", Normalized(m, net.mean[i].flatten().tolist(), net.std[i].flatten().tolist()).eval()))
+    return Normalized(net, *card.stats).eval(), members
 
 
 def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits) -> int:
@@ -210,14 +226,15 @@ def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any]
     """Markdown table: the winner beside its teacher on the test split, with compression ratios."""
     lines = ["| | " + " | ".join(label for _, label in VS_KEYS) + " | params | compression (params) | speedup (CPU, batch 1) |",
              "|---" * (len(VS_KEYS) + 4) + "|"]
-    for who in ("teacher", "student"):
+    for who in ("teacher", *sorted(k for k in test if k.startswith("teacher[")), "student"):
         if who not in test:
             continue
         m = test[who]
-        params = winner.get("teacher_params") if who == "teacher" else winner.get("size_params")
-        ratio = "1.00x" if who == "teacher" else f"{winner.get('compression_params', float('nan')):.2f}x"
-        speed = "1.00x" if who == "teacher" else f"{winner.get('speedup_latency_cpu_b1', float('nan')):.2f}x"
-        name = "teacher" if who == "teacher" else f"champion ({winner['student']})"
+        member = who.startswith("teacher[")
+        params = m.get("params") if member else winner.get("teacher_params") if who == "teacher" else winner.get("size_params")
+        ratio = "-" if member else "1.00x" if who == "teacher" else f"{winner.get('compression_params', float('nan')):.2f}x"
+        speed = "-" if member else "1.00x" if who == "teacher" else f"{winner.get('speedup_latency_cpu_b1', float('nan')):.2f}x"
+        name = f"{who} (member)" if member else "teacher" if who == "teacher" else f"champion ({winner['student']})"
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k, _ in VS_KEYS)
                      + f" | {params if params is None else int(params)} | {ratio} | {speed} |")
     return "\n".join(lines) + "\n"
@@ -266,19 +283,18 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         with tempfile.TemporaryDirectory() as d:
             test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
     else:
-        from trainables.models.teacher import load_teacher
-
-        teacher = None
+        teacher, members = None, []
         if teacher_path or cfg.teacher_dir().exists():
-            net, card = load_teacher(teacher_path or cfg.teacher_dir())
-            teacher = Normalized(net, *card.stats).eval()
-        test = evaluate_on_test(cfg, model, teacher, splits)
+            teacher, members = teacher_models(teacher_path or cfg.teacher_dir())
+        test = evaluate_on_test(cfg, model, teacher, splits, members)
         tracker.log_metrics(winner["run_id"], test["student"], step=0)
         client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
         client.set_tag(winner["run_id"], Tag.TEST_EVALUATED, "true")
     table = student_vs_teacher(test, winner)
     tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], **{f"champion_{k}": v for k, v in test["student"].items()},
-                                    **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}, **confirmed_metrics(winner)}, step=0)
+                                    **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}, **confirmed_metrics(winner),
+                                    **{f"teacher_member{who[8:who.index(']')]}_test_acc": m["test_acc"] for who, m in test.items()
+                                       if who.startswith("teacher[")}}, step=0)
     client.set_tag(parent_id, Tag.CHAMPION, winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
     version = register(tracker, cfg, winner["run_id"], model, splits)

@@ -260,6 +260,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # an ensemble's teachers: teacher.1.arch (MLflow keys take no [])
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
         else:
             out[key] = v
     return out

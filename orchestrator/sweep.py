@@ -24,6 +24,7 @@ from orchestrator.config import SweepConfig
 from orchestrator.confirm import cap as confirm_cap
 from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
+from trainables.models.teacher import teacher_card_file
 from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, wait_for_cluster
 from orchestrator.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points,
                                  objectives, scheduler, searcher, trial_budget)
@@ -341,6 +342,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
+        tracker.client.log_artifact(parent, str(teacher_card_file(teacher)), "teacher")  # an ensemble's records every member
         profiles.add_teacher(teacher)
         cache, forwards = ensure_cache(cfg, teacher, sweep_dir)
         if forwards:
@@ -389,7 +391,7 @@ def _trials(cfg: SweepConfig, info: DataInfo, sizes: dict[str, dict[str, float]]
     resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, run=run, constants=constants), resources)
     model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
-                  "sizes": sizes, "fixed_params": {"dataset": cfg.dataset.name, "teacher": cfg.teacher.arch}}
+                  "sizes": sizes, "fixed_params": {"dataset": cfg.dataset.name, "teacher": cfg.teacher_name}}
     callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
     if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
         callbacks.append(PlacementGroupReaper())

@@ -33,6 +33,10 @@ BAD = [
         (["budget.confirm.seeds=1"], "`budget.confirm.seeds`"),
         (["budget.confirm.top=-1"], "`budget.confirm.top`"),
         (["loss.schedule.temperature.end=0"], "`loss.schedule.temperature.end` must be > 0"),
+        (["dataset.unlabeled.root=/no/such/dir"], "`dataset.unlabeled.root` must be an existing folder"),
+        (["dataset.unlabeled.labels_kept=1.5"], "`dataset.unlabeled.labels_kept`"),
+        (["dataset.unlabeled.ratio=0.5"], "`dataset.unlabeled` needs `root`"),
+        (["ensemble.weights=[1, 2]"], "`ensemble.weights` needs one weight per teacher (1)"),
 ]
 # `kdsweep teacher` trains into a teacher.path that does not exist yet, so that case is distill-only.
 CASES = [(c, s, n) for c in ("distill", "teacher") for s, n in BAD if not (c == "teacher" and s[0].startswith("teacher.path"))]

@@ -167,3 +167,19 @@ def test_the_cache_holds_the_unlabelled_views_too(tmp_path, digits_teacher):
             assert torch.allclose(cache.batch(1, b, idx, rows, "cpu"), expected, rtol=1e-3, atol=2e-3)
     cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
     assert cached.metrics["teacher_targets"] == "cache" and cached.metrics["teacher_forward_images"] == 0
+
+
+def test_a_labelled_folder_as_unlabelled_data_fails_the_cli_in_one_line_with_nothing_written(tmp_path, capsys, monkeypatch):
+    import os
+
+    from orchestrator.cli import main
+
+    _pngs(tmp_path / "data" / "cat", 2)
+    _pngs(tmp_path / "data" / "dog", 2)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["run", "--set", f"dataset.unlabeled.root={tmp_path / 'data'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`dataset.unlabeled.root` has sub-folders ['cat', 'dog']" in err, err
+    assert os.listdir(work) == []

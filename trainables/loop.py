@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,8 +36,7 @@ from trainables.models.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
-from trainables.models.teacher import WEIGHTS as TEACHER_WEIGHTS
-from trainables.models.teacher import load_teacher
+from trainables.models.teacher import load_teacher, weights_mtime
 from trainables.data import resolved_augment
 from trainables.models.weights import freeze_backbone, load_weights
 
@@ -128,7 +126,7 @@ def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device:
     are tapped for a feature loss: tapping changes the module)."""
     args = (cfg.teacher_path, num_classes, tuple(shape), cfg.dataset.name, str(device), channels_last)
     if warm and not cfg.loss.teacher_layers:
-        return _warm_teacher((Path(cfg.teacher_path) / TEACHER_WEIGHTS).stat().st_mtime_ns, *args)
+        return _warm_teacher(weights_mtime(cfg.teacher_path), *args)
     return _load_teacher(*args)
 
 
@@ -240,7 +238,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     t_stats = card.stats if card is not None else (mean, std)  # each model its own statistics (the teacher's: its card's)
     t_norm = normalizer(*t_stats, device)
     targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, splits.train_x, splits.val_x,
-                              lambda x: predict(teacher, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
+                              lambda model, x: predict(model, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     phase("targets")
     rows = batches.rows(rank, world)
@@ -275,7 +273,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, t.rows)
+                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, t.rows, loss_fn.temperature)
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)

@@ -18,6 +18,7 @@ from trainables.card import TeacherCard
 from trainables.config import TrialConfig
 from trainables.registry import ConfigError
 from trainables.data import resolved_augment
+from trainables.models.ensemble import EnsembleTeacher, combine_targets, members_of, target_model
 from trainables.teacher_cache import TeacherCache
 
 Source = Literal["cache", "precomputed", "online", "none"]
@@ -35,33 +36,38 @@ class TeacherTargets:
     channels_last: bool = False
     cache: TeacherCache | None = None
     train_logits: Tensor | None = None
-    forwards: int = 0  # teacher image forwards run by this trial
+    forwards: int = 0  # teacher image forwards run by this trial (an ensemble's: one per member and image)
+    weights: Tensor | None = None  # an ensemble's member weights: its targets are mixed at the loss's temperature
+    members: int = 1
 
-    def batch(self, raw: Tensor, x: Tensor, epoch: int, b: int, idx: Tensor, rows: slice | Tensor) -> tuple[Tensor | None, list | None]:
+    def batch(self, raw: Tensor, x: Tensor, epoch: int, b: int, idx: Tensor, rows: slice | Tensor,
+              temperature: float) -> tuple[Tensor | None, list | None]:
         """Targets for one batch: `raw` is the augmented batch (0..255), `x` the student's input,
-        `rows` this rank's positions in the global batch (data.BatchLayout.rows)."""
+        `rows` this rank's positions in the global batch (data.BatchLayout.rows); an ensemble's
+        members are mixed at `temperature`, the loss's now."""
         if self.source == "cache":
-            return self.cache.batch(epoch, b, idx, rows, x.device), None
+            return combine_targets(self.cache.batch(epoch, b, idx, rows, x.device), self.weights, temperature), None
         if self.source == "precomputed":
-            return self.train_logits[idx], None
+            return combine_targets(self.train_logits[idx], self.weights, temperature), None
         if self.source == "online":
-            self.forwards += len(idx)
+            self.forwards += len(idx) * self.members
             if self.norm is not None:
                 x = self.norm(raw)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 out = self.teacher(x, with_features=self.features)
-            return out if self.features else (out, None)
+            return out if self.features else (combine_targets(out, self.weights, temperature), None)
         return None, None
 
 
 def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCard | None, needs_features: bool, train_x: Tensor,
-                    val_x: Tensor, predict: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor] | None,
+                    val_x: Tensor, predict: Callable[[nn.Module, Tensor], Tensor], norm: Callable[[Tensor], Tensor] | None,
                     channels_last: bool) -> TeacherTargets:
     """Decide the source for this trial. `teacher` is None when there is none to load; it still
-    gives val logits (agreement, KL) to a no-KD control. `predict(x)` runs the teacher's eval
-    forwards; `norm` is its input normalization (from its card), None when it equals the student's."""
+    gives val logits (agreement, KL) to a no-KD control. `predict(model, x)` runs eval forwards
+    with the teacher's inputs; `norm` is its input normalization (from its card), None when it
+    equals the student's."""
     static = resolved_augment(cfg).static
     if cfg.train.teacher_targets == "precomputed" and not static:
         raise ConfigError("`train.teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
@@ -70,14 +76,18 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
     cache = None
     if not needs_features and cfg.train.teacher_targets != "online":
         cache = TeacherCache.open(cfg.teacher_cache, cfg, card)
+    members = members_of(teacher)
     if cache is not None:
         val, forwards = cache.val(val_x.device), 0
     else:
-        val, forwards = predict(val_x), len(val_x)
+        val, forwards = predict(teacher, val_x), len(val_x) * members
     if not cfg.loss.distills:
         return TeacherTargets("none", None, False, val, forwards=forwards)
+    ensemble = {"weights": teacher.weights, "members": members} if isinstance(teacher, EnsembleTeacher) else {}
     if cache is not None:
-        return TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards)
+        return TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards, **ensemble)
     if static and not needs_features and cfg.train.teacher_targets != "online":
-        return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(train_x), forwards=forwards + len(train_x))
-    return TeacherTargets("online", teacher, needs_features, val, norm=norm, channels_last=channels_last, forwards=forwards)
+        return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(target_model(teacher), train_x),
+                              forwards=forwards + len(train_x) * members, **ensemble)
+    return TeacherTargets("online", target_model(teacher) if not needs_features else teacher, needs_features, val, norm=norm,
+                          channels_last=channels_last, forwards=forwards, **ensemble)

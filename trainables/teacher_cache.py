@@ -23,6 +23,7 @@ from trainables.card import TeacherCard
 from trainables.config import TrialConfig
 from trainables.data import augment, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import normalizer
+from trainables.models.ensemble import members_of, target_model
 
 META = "meta.json"
 
@@ -49,7 +50,7 @@ def _save(t: Tensor, path: Path) -> None:
 def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: TeacherCard, root: str | Path,
                         epochs: int, device: torch.device | str = "cpu") -> tuple[Path, int]:
     """Compute (or find) the cache for `cfg`'s views; returns its folder and the teacher image
-    forwards this call ran (0 when the cache was already complete)."""
+    forwards this call ran (an ensemble's: one per member and image; 0 when the cache was already complete)."""
     key = cache_key(cfg, card)
     out = Path(root) / key_digest(key)
     if (out / META).exists():
@@ -62,10 +63,14 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: Teache
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     batch = 2048  # images per teacher forward: training batches' views are gathered up to this
 
-    def logits(x_u8_or_float: Tensor) -> Tensor:
+    train_model, members = target_model(teacher), members_of(teacher)
+
+    def logits(x_u8_or_float: Tensor, model: torch.nn.Module = train_model) -> Tensor:
+        """A training view's target (an ensemble's: every member's logits, or their mean), or with
+        `model=teacher` the teacher's own logits (val)."""
         x = norm(x_u8_or_float.to(device, non_blocking=True))
         with ctx():
-            return teacher(x.contiguous(memory_format=torch.channels_last) if cuda else x).half()
+            return model(x.contiguous(memory_format=torch.channels_last) if cuda else x).half()
 
     def chunked(views) -> Tensor:
         """Logits of a stream of training batches' views, forwarded `batch` images at a time."""
@@ -81,18 +86,18 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: Teache
         return torch.cat(parts)
 
     forwards = 0
-    _save(torch.cat([logits(s.val_x[i : i + batch]) for i in range(0, len(s.val_y), batch)]), out / "val.pt")
-    forwards += len(s.val_y)
+    _save(torch.cat([logits(s.val_x[i : i + batch], teacher) for i in range(0, len(s.val_y), batch)]), out / "val.pt")
+    forwards += len(s.val_y) * members
     aug = resolved_augment(cfg)
     if aug.static:
         _save(torch.cat([logits(s.train_x[i : i + batch]) for i in range(0, len(s.train_y), batch)]), out / "static.pt")
-        forwards += len(s.train_y)
+        forwards += len(s.train_y) * members
     else:
         for epoch in range(epochs):
             batches = train_batches(s, cfg, epoch, device if on_device else "cpu")
             views = chunked(augment(x, view, aug) for _, _, x, _, view in device_batches(s.train_x, s.train_y, batches, device, on_device))
             _save(views, out / f"epoch_{epoch}.pt")
-            forwards += len(views)
+            forwards += len(views) * members
     (out / META).write_text(json.dumps({"key": key, "epochs": epochs, "forward_images": forwards}, indent=2, sort_keys=True))
     return out, forwards
 

@@ -1,6 +1,9 @@
-"""Teachers on disk: safetensors weights + a JSON card; loaded with checks, never unpickled."""
+"""Teachers on disk: safetensors weights + a JSON card; loaded with checks, never unpickled. An
+ensemble's folder holds ensemble.json, naming its members' folders (trainables.models.ensemble)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard, build, read, write
+from trainables.models.ensemble import ENSEMBLE, EnsembleCard, EnsembleTeacher, is_ensemble
 from trainables.models import check_model, create_model
 from trainables.registry import ConfigError
 from trainables.models.weights import file_sha256
@@ -43,11 +47,63 @@ def read_card(path: str | Path) -> TeacherCard:
     return read(TeacherCard, p / CARD, "teacher.path")
 
 
+def save_ensemble(out_dir: str | Path, members: list[str | Path], weights: list[float], combine: str, val_acc: float) -> EnsembleCard:
+    """Write an ensemble's card over saved member teachers (each loaded and checked here)."""
+    cards = [load_teacher(m)[1] for m in members]
+    first = cards[0]
+    digest = hashlib.sha256(json.dumps([[c.sha256 for c in cards], weights, combine]).encode()).hexdigest()
+    card = build(EnsembleCard, {
+        "arch": "ensemble", "arch_kwargs": {}, "num_classes": first.num_classes, "input_shape": first.input_shape, "classes": first.classes,
+        "mean": [0.0] * first.input_shape[0], "std": [1.0] * first.input_shape[0], "dataset": first.dataset, "sha256": digest,
+        "val_acc": val_acc, "epochs": 0, "normalize": "auto", "combine": combine,
+        "members": [{"path": str(Path(m).resolve()), "sha256": c.sha256, "arch": c.arch, "weight": w, "val_acc": c.val_acc}
+                    for m, c, w in zip(members, cards, weights)],
+    })
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write(card, Path(out_dir) / ENSEMBLE)
+    return card
+
+
+def load_ensemble(path: str | Path, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
+                  dataset: str | None = None, device: torch.device | str = "cpu") -> tuple[EnsembleTeacher, EnsembleCard]:
+    """An ensemble in eval mode: every member loaded with load_teacher's checks, and each still the
+    one the card recorded (its weights hash)."""
+    card = read(EnsembleCard, Path(path) / ENSEMBLE, "teacher")
+    models, stats = [], []
+    for i, m in enumerate(card.members):
+        try:
+            model, member = load_teacher(m.path, num_classes or card.num_classes, input_shape or tuple(card.input_shape), dataset, device)
+        except ConfigError as e:
+            raise ConfigError(f"`teacher[{i}]` (ensemble member {m.path}): {e}") from None
+        if member.sha256 != m.sha256:
+            raise ConfigError(f"`teacher[{i}]` (ensemble member {m.path}) is not the teacher {path} was made from (its weights changed): "
+                              f"delete {path} and run again")
+        models.append(model)
+        stats.append(member.stats)
+    model = EnsembleTeacher(models, stats, [m.weight for m in card.members], card.combine)
+    return model.to(device).eval(), card
+
+
+def teacher_card_file(path: str | Path) -> Path:
+    """The card of a teacher folder: teacher.json, or an ensemble's ensemble.json."""
+    return Path(path) / (ENSEMBLE if is_ensemble(path) else CARD)
+
+
+def weights_mtime(path: str | Path) -> int:
+    """When a teacher folder last changed (its weights, or an ensemble's card): a warm process
+    reloads a rewritten one."""
+    p = Path(path)
+    return ((p / ENSEMBLE) if is_ensemble(p) else (p / WEIGHTS)).stat().st_mtime_ns
+
+
 def load_teacher(
     path: str | Path, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None,
     dataset: str | None = None, device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, TeacherCard]:
-    """Load a teacher in eval mode, checking card, hash, architecture, class count and input shape."""
+    """Load a teacher (or an ensemble of them) in eval mode, checking card, hash, architecture,
+    class count and input shape."""
+    if is_ensemble(path):
+        return load_ensemble(path, num_classes, input_shape, dataset, device)
     card = read_card(path)
     p = Path(path)
     try:
