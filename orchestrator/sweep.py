@@ -36,7 +36,7 @@ from trainables.config import validate
 from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
-from trainables.data import resolved_augment
+from trainables.data import BatchLayout, resolved_augment
 from trainables.trial import TrialRun, tune_trial
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     largest = max([cfg.train.batch_size, *(max(p_.extremes()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
         raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} labelled train images, but got up to {largest:g}: lower it")
+    if info.n_unlabeled and cfg.resources.num_workers > 1:  # each DDP rank the same number of each kind, before Ray starts
+        ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
+        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
     if address is None:
         check_local(cfg.resources)
     r = cfg.resources
@@ -416,6 +419,9 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         log.info("sweep %s: its top %d finalist(s) already ran on %d seeds: nothing to confirm", cfg.name, top, seeds)
         return 0
     info = check_data(cfg)
+    if info.n_unlabeled and cfg.resources.num_workers > 1:  # each DDP rank the same number of each kind, before Ray starts
+        ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
+        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
     if address is None:
         check_local(cfg.resources)
     base = Path(cfg.ray_storage()) if "://" not in cfg.ray_storage() else None

@@ -1,5 +1,7 @@
 """Unlabelled transfer data (dataset.unlabeled): the mixed batches, CE blind to unlabelled
 examples and the distillation term seeing them, the teacher cache covering them, bad folders."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,16 @@ def test_a_labelled_folder_as_unlabelled_data_fails_the_cli_in_one_line_with_not
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "`dataset.unlabeled.root` has sub-folders ['cat', 'dog']" in err, err
     assert os.listdir(work) == []
+
+
+def test_a_ratio_that_does_not_divide_over_ddp_workers_fails_the_plan(tmp_path, capsys, monkeypatch):
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--dry-run", "--set", "dataset.unlabeled.labels_kept=0.5", "--set", "dataset.unlabeled.ratio=0.3",
+            "--set", "resources.num_workers=2", "--set", "train.batch_size=64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`dataset.unlabeled.ratio` splits each batch of 64 into 45 labelled and 19 unlabelled" in err, err
+    assert main(args[:-4] + ["--set", "dataset.unlabeled.ratio=0.25"]) == 0  # 48 + 16: halves
+    assert re.search(r"data: \d+ train \+ \d+ unlabelled \(the distillation term only", capsys.readouterr().out)
