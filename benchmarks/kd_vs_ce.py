@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--alpha", type=float, default=None, help="KD alpha (default: the config's)")
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--kd-only", action="store_true", help="only the KD student (its no-KD row measured before)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -56,8 +57,10 @@ def main() -> None:
     kd = {"loss.alpha": args.alpha if args.alpha is not None else cfg.loss.alpha,
           "loss.temperature": args.temperature if args.temperature is not None else cfg.loss.temperature}
     rows = {}
-    unlabeled = f" + {splits.n_unlabeled} unlabelled" if splits.n_unlabeled else ""
-    for label, overrides in (("no-KD (alpha=0)", {"loss.alpha": 0.0}), (f"KD (T={kd['loss.temperature']}, alpha={kd['loss.alpha']}){unlabeled}", kd)):
+    mixed = splits.n_unlabeled and (ds.unlabeled.ratio is None or ds.unlabeled.ratio > 0)  # ratio 0: KD on the labelled alone
+    unlabeled = f" + {splits.n_unlabeled} unlabelled" if mixed else ""
+    arms = (("no-KD (alpha=0)", {"loss.alpha": 0.0}), (f"KD (T={kd['loss.temperature']}, alpha={kd['loss.alpha']}){unlabeled}", kd))
+    for label, overrides in arms[1:] if args.kd_only else arms:
         runs = []
         for seed in args.seeds:
             trial = cfg.trial(student, {**overrides, "seed": seed, "train.robust_samples": 0}, teacher_path=teacher_dir, profile=False)
@@ -83,7 +86,7 @@ def main() -> None:
         return f"{statistics.mean(vals):.{digits}f} +- {(statistics.stdev(vals) if len(vals) > 1 else 0):.{digits}f}"
 
     print(f"\n{ds.name}: teacher {card.arch} (val {100 * card.val_acc:.2f}%), student {student}, "
-          f"{cfg.train.epochs} epochs, seeds {args.seeds}; {splits.n_labeled} labelled train images{unlabeled}; "
+          f"{cfg.train.epochs} epochs, seeds {args.seeds}; {splits.n_labeled} labelled train images{unlabeled or ' (no unlabelled)'}; "
           "test split, mean +- std over seeds\n")
     print("| model | diverged | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -37,6 +37,7 @@ from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
 from trainables.data import BatchLayout, resolved_augment
+from trainables.teacher_cache import bytes_per_view
 from trainables.trial import TrialRun, tune_trial
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Plan:
     confirm: tuple[int, int]  # (top, seeds)
     random_views: bool  # augmentation draws new views per seed: a confirmation seed's are not in the teacher cache
     notes: list[str]  # what will not take full effect (a loss's warm-up longer than the trials)
+    cache: str  # what the teacher cache holds and costs
 
     def describe(self) -> str:
         total = sum(n for _, _, n in self.studies)
@@ -78,6 +80,7 @@ class Plan:
             + f" / {self.data.n_val} val / {self.data.n_test} test, {self.data.num_classes} classes, input {self.data.input_shape}"
             + (f", {len(self.data.skipped)} undecodable file(s) skipped" if self.data.skipped else ""),
             f"  teacher: {self.teacher}",
+            f"  teacher cache: {self.cache}",
             f"  resources per trial: {self.trial_resources}",
             f"  storage: {self.storage}",
             f"  tracking: {self.tracking_uri} (experiment {self.experiment!r})",
@@ -98,6 +101,9 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     largest = max([cfg.train.batch_size, *(max(p_.extremes()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
         raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} labelled train images, but got up to {largest:g}: lower it")
+    k = cfg.train.teacher_topk
+    if k is not None and k > info.num_classes:
+        raise ConfigError(f"`train.teacher_topk` must be <= the {info.num_classes} classes, but got train.teacher_topk={k}: lower it (or null: all)")
     if info.n_unlabeled and cfg.resources.num_workers > 1:  # each DDP rank the same number of each kind, before Ray starts
         ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
         BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
@@ -108,8 +114,22 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
                 len(control_points(cfg, cfg.students)), cfg.methods, (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
-                not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static, warmup_notes(cfg))
+                not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static, warmup_notes(cfg), cache_line(cfg, info))
     return plan, info
+
+
+def cache_line(cfg: SweepConfig, info: DataInfo) -> str:
+    """The plan's line on the teacher cache: what a view costs, what an epoch costs, when it is built."""
+    if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online":
+        return "off (every KD trial runs the teacher)"
+    members = len(cfg.members) if cfg.is_ensemble and cfg.ensemble.combine == "probs" else 1
+    per_view = bytes_per_view(info.num_classes, cfg.train.teacher_topk, members)
+    views = info.n_train + info.n_unlabeled
+    what = f"top-{cfg.train.teacher_topk} of {info.num_classes} logits" if cfg.train.teacher_topk else f"all {info.num_classes} logits"
+    static = resolved_augment(cfg.trial(cfg.students[0], distill=False)).static
+    when = ("fixed views: built once before the trials" if static else
+            "random views: each epoch built by the first trial that needs it (the others wait for it, then read it)")
+    return f"{what}, {per_view} bytes a view{' (every member)' if members > 1 else ''}, {per_view * views / 2**20:.1f} MiB an epoch; {when}"
 
 
 def warmup_notes(cfg: SweepConfig) -> list[str]:
@@ -219,7 +239,8 @@ def _reap(procs: list, raylets: set[str], grace_s: float = 10.0) -> None:
 
 
 def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str | None, int]:
-    """Teacher forwards per sweep do not grow with trials: the teacher sees each view once, here."""
+    """Teacher forwards per sweep do not grow with trials: the teacher sees each view once, here (val,
+    fixed views) or in the first trial that needs an augmented epoch."""
     from trainables.losses import LOSSES
     from trainables.teacher_cache import cache_task
 
@@ -230,7 +251,7 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str |
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=1 if r.gpus_per_trial > 0 else 0)(cache_task)
     trial = cfg.trial(cfg.students[0], teacher_path=teacher)
-    path, forwards = ray.get(task.remote(trial, str(sweep_dir / "teacher_cache"), cfg.train.epochs))
+    path, forwards = ray.get(task.remote(trial, str(sweep_dir / "teacher_cache")))
     log.info("teacher cache: %s (%d teacher image forwards%s)", path, forwards, " now" if forwards else ", already built")
     return path, forwards
 
@@ -419,6 +440,9 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         log.info("sweep %s: its top %d finalist(s) already ran on %d seeds: nothing to confirm", cfg.name, top, seeds)
         return 0
     info = check_data(cfg)
+    k = cfg.train.teacher_topk
+    if k is not None and k > info.num_classes:
+        raise ConfigError(f"`train.teacher_topk` must be <= the {info.num_classes} classes, but got train.teacher_topk={k}: lower it (or null: all)")
     if info.n_unlabeled and cfg.resources.num_workers > 1:  # each DDP rank the same number of each kind, before Ray starts
         ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
         BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)

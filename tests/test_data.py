@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainables.config import AugmentConfig, DatasetConfig
-from trainables.data import augment, epoch_batches, load_dataset, load_splits, view_params
+from trainables.data import augment, epoch_batches, epoch_views, load_dataset, load_splits
 from trainables.registry import ConfigError
 
 
@@ -42,7 +42,7 @@ def test_augment_crop_and_flip():
     shifted = torch.zeros(4, 4, dtype=torch.uint8)
     shifted[1:, :3] = x[1, 0, :3, 1:]  # moved up-left by (dy-1, dx-1) = (-1, +1)
     assert torch.equal(out[1, 0], shifted.flip(1))
-    p = view_params(0, 0, 0, 8, AugmentConfig(crop_pad=4, flip=True), (8, 8))
+    p = epoch_views(8, 0, 0, AugmentConfig(crop_pad=4, flip=True), (8, 8))
     assert p.shape == (8, 3) and p[:, :2].max() <= 8 and set(p[:, 2].tolist()) <= {0, 1}
 
 

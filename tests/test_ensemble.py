@@ -18,7 +18,7 @@ from trainables.data.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.models.ensemble import combine_targets, soft_target
 from trainables.models.teacher import load_teacher, save_ensemble
-from trainables.teacher_cache import TeacherCache, build_teacher_cache
+from trainables.teacher_cache import Builder, TeacherCache, build_teacher_cache
 from tests.conftest import sweep_yaml, trial_dict
 
 
@@ -60,19 +60,20 @@ def test_the_cache_holds_one_target_per_view_and_the_trial_mixes_it_at_its_tempe
     save_ensemble(ens, [digits_teacher, mlp_teacher], [1.0, 3.0], combine, val_acc=0.0)
     c = _trial(ens)
     teacher, card = load_teacher(ens)
-    path, forwards = build_teacher_cache(c, teacher, card, tmp_path / "cache", epochs=2)
+    path, forwards = build_teacher_cache(c, teacher, card, tmp_path / "cache")
     s = load_splits(c.dataset)
-    views = 2 * (len(s.train_y) // 64) * 64
-    assert forwards == 2 * (views + len(s.val_y))  # each member sees each view once
+    assert forwards == 2 * len(s.val_y)  # each member, each val image; the epochs' views are built by the first trial
     cache = TeacherCache.open(path, c, card)
+    build = Builder(c, teacher, card, s, True, "cpu")
+    cache.build = build.train
     members = [load_teacher(p) for p in (digits_teacher, mlp_teacher)]
     w = torch.tensor([0.25, 0.75])
     aug = resolved_augment(c)
-    for b, idx, x, _, view in device_batches(s.train_x, s.train_y, train_batches(s, c, 1, "cpu"), "cpu", True):
+    for _, idx, x, _, view in device_batches(s.train_x, s.train_y, train_batches(s, c, 1, "cpu"), "cpu", True):
         raw = augment(x, view, aug)
         with torch.no_grad():
             z = torch.stack([net(normalizer(*mc.stats, "cpu")(raw)) for net, mc in members], 1)
-        got = cache.batch(1, b, idx, slice(0, 64), "cpu")
+        got = cache.batch(1, idx, "cpu")
         assert got.shape == ((64, 2, 10) if combine == "probs" else (64, 10))
         t_logits = combine_targets(got, w, 3.0)
         if combine == "probs":
@@ -80,10 +81,12 @@ def test_the_cache_holds_one_target_per_view_and_the_trial_mixes_it_at_its_tempe
             assert torch.allclose(F.softmax(t_logits / 3.0, -1), expected, atol=2e-3)  # fp16 storage
         else:
             assert torch.allclose(t_logits, (w.view(1, -1, 1) * z).sum(1), rtol=1e-3, atol=2e-2)
+    assert build.forwards == 2 * len(s.train_y)  # each member sees each example's view once
     cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
     online = train_student(c.model_copy(update={"train": c.train.model_copy(update={"teacher_targets": "online"})}),
                            LocalReporter(None, log_epochs=False))
-    assert cached.metrics["teacher_targets"] == "cache" and cached.metrics["teacher_forward_images"] == 0
+    assert cached.metrics["teacher_targets"] == "cache" and cached.metrics["teacher_forward_images"] == 2 * len(s.train_y)  # epoch 0
+    views = 2 * (len(s.train_y) // 64) * 64
     assert online.metrics["teacher_forward_images"] == 2 * (views + len(s.val_y))
     assert abs(online.metrics["train_kd"] - cached.metrics["train_kd"]) <= 0.01 * online.metrics["train_kd"]
 

@@ -178,11 +178,11 @@ def test_host_and_device_placement_give_the_same_batches_and_weights(tmp_path):
 
 def test_resized_crop_views_are_torchvision_like_and_repeatable():
     from trainables.config import AugmentConfig
-    from trainables.data import augment, view_params
+    from trainables.data import augment, epoch_views
 
     aug = AugmentConfig(resized_crop={"scale": [0.25, 0.5], "ratio": [0.5, 2.0]})
-    p = view_params(3, 2, 1, 512, aug, (32, 48))
-    assert torch.equal(p, view_params(3, 2, 1, 512, aug, (32, 48)))
+    p = epoch_views(512, 3, 2, aug, (32, 48))
+    assert torch.equal(p, epoch_views(512, 3, 2, aug, (32, 48)))
     y0, x0, h, w = p[:, 3:].T
     assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 32).all() and (x0 + w <= 48).all()
     share = (h * w).float() / (32 * 48)
@@ -197,7 +197,7 @@ def test_resized_crop_views_are_torchvision_like_and_repeatable():
         ref = resized_crop(x[i].float(), int(y0[i]), int(x0[i]), int(h[i]), int(w[i]), [32, 48], antialias=False)
         assert torch.allclose(out[i, :, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-3), (out[i] - ref)[:, 1:-1, 1:-1].abs().max()
     whole = AugmentConfig(resized_crop={"scale": [1.0, 1.0], "ratio": [1.5, 1.5]})
-    assert torch.allclose(augment(x[:4], view_params(0, 0, 0, 4, whole, (32, 48)), whole), x[:4].float(), atol=1e-3)
+    assert torch.allclose(augment(x[:4], epoch_views(4, 0, 0, whole, (32, 48)), whole), x[:4].float(), atol=1e-3)
     with pytest.raises(ValueError, match="exclude each other"):
         AugmentConfig(crop_pad=2, resized_crop={})
 

@@ -1,13 +1,21 @@
-"""The sweep's teacher cache returns the teacher's own logits for the same views, and a trial that
-reads it trains exactly as one that runs the teacher online."""
+"""The sweep's teacher cache returns the teacher's own logits for the same views, whatever the
+batch size; epochs are built lazily, once, by the first trial that needs them; top-k targets keep
+the largest logits and the remaining mass; a trial that reads the cache trains as one that runs the
+teacher online."""
+import math
+import threading
+import time
+
+import pytest
 import torch
+import torch.nn.functional as F
 
 from trainables.config import AugmentConfig, TrialConfig
-from trainables.data import augment, epoch_batches, load_dataset
+from trainables.data import augment, epoch_batches, load_dataset, place
 from trainables.data.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.models.teacher import load_teacher
-from trainables.teacher_cache import TeacherCache, build_teacher_cache
+from trainables.teacher_cache import Builder, TeacherCache, build_teacher_cache, bytes_per_view, dense, sparse
 from tests.conftest import trial_dict
 
 
@@ -18,32 +26,130 @@ def cfg(teacher, **kw):
     return TrialConfig.model_validate(trial_dict(**base))
 
 
-def test_cache_holds_the_teachers_logits_for_each_view(tmp_path, digits_teacher):
+def builder(c, teacher, card):
+    s, on_device = place(load_dataset("digits", val_fraction=0.2), c.dataset, "cpu")
+    return Builder(c, teacher, card, s, on_device, "cpu")
+
+
+def test_cache_holds_the_teachers_logits_for_each_view_whatever_the_batch_size(tmp_path, digits_teacher):
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
-    path, forwards = build_teacher_cache(c, teacher, card, tmp_path, epochs=2)
+    path, forwards = build_teacher_cache(c, teacher, card, tmp_path)
     s = load_dataset("digits", val_fraction=0.2)
-    assert forwards == 2 * (len(s.train_y) // 64) * 64 + len(s.val_y)
-    assert build_teacher_cache(c, teacher, card, tmp_path, epochs=2) == (path, 0)  # built once
-    cache = TeacherCache.open(path, c, card)
+    assert forwards == len(s.val_y)  # random views: epochs are built by the trials
+    assert build_teacher_cache(c, teacher, card, tmp_path) == (path, 0)  # created once
     norm = normalizer(s.mean, s.std, "cpu")
     aug = AugmentConfig(crop_pad=1, flip=True)
-    for b, idx, view in epoch_batches(len(s.train_y), 64, c.seed, 1, aug, (8, 8)):
-        with torch.no_grad():
-            expected = teacher(norm(augment(s.train_x[idx], view, aug)))
-        got = cache.batch(1, b, idx, slice(0, 64), "cpu")
-        assert torch.allclose(got, expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
+    for batch_size in (64, 32):  # another (searched) batch size reads the same cache
+        cache = TeacherCache.open(path, cfg(digits_teacher, batch_size=batch_size), card)
+        build = builder(c, teacher, card)
+        cache.build = build.train
+        for b, idx, view in epoch_batches(len(s.train_y), batch_size, c.seed, 1, aug, (8, 8)):
+            with torch.no_grad():
+                expected = teacher(norm(augment(s.train_x[idx], view, aug)))
+            assert torch.allclose(cache.batch(1, idx, "cpu"), expected, rtol=1e-3, atol=2e-3)  # fp16 rounding
+        assert build.forwards == (len(s.train_y) if batch_size == 64 else 0)  # epoch 1 built once, by the first reader
+    assert sorted(p.name for p in path.glob("epoch_*.pt")) == ["epoch_1.pt"]
     assert TeacherCache.open(path, cfg(digits_teacher, seed=1), card) is None  # other views: go online
-    assert TeacherCache.open(path, cfg(digits_teacher, batch_size=32), card) is None
 
 
-def test_cached_trial_matches_online_trial_and_runs_no_teacher(tmp_path, digits_teacher):
+def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leaves_nothing(tmp_path, digits_teacher):
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
-    path, _ = build_teacher_cache(c, teacher, card, tmp_path, epochs=2)
+    path, _ = build_teacher_cache(c, teacher, card, tmp_path)
+    real = builder(c, teacher, card).train
+    builds = []
+
+    def failing(epoch):
+        raise RuntimeError("killed mid-build")
+
+    cache = TeacherCache.open(path, c, card)
+    cache.build = failing
+    with pytest.raises(RuntimeError):
+        cache.for_epoch(0, "cpu")
+    assert not list(path.glob("epoch_0.pt*")) and not list(path.glob(".*epoch_0*"))
+
+    def slow(epoch):
+        builds.append(epoch)
+        time.sleep(0.5)
+        return real(epoch)
+
+    readers = [TeacherCache.open(path, c, card) for _ in range(3)]
+    for r in readers:
+        r.build = slow
+    got = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, readers[i].for_epoch(0, "cpu"))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == [0] and all(torch.equal(g, got[0]) for g in got)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_targets_keep_the_largest_logits_and_the_remaining_mass(k):
+    torch.manual_seed(0)
+    z = torch.randn(64, 10) * 4
+    z[0] = torch.tensor([30.0] + [-30.0] * 9)  # a confident teacher: the rest has almost no mass
+    got = dense(sparse(z, k), 10)
+    top = z.topk(k, dim=1)
+    assert torch.allclose(got.gather(1, top.indices), top.values, atol=2e-2)  # fp16
+    p, q = F.softmax(z, 1), F.softmax(got, 1)
+    assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=2e-3)  # T=1: the top-k mass kept
+    rest = torch.ones_like(p, dtype=torch.bool).scatter(1, top.indices, False)
+    assert torch.allclose((q * rest).sum(1), (p * rest).sum(1), atol=2e-3)  # and the rest's, spread evenly
+    if k < 10:
+        assert torch.allclose(q[rest].view(64, 10 - k).std(1), torch.zeros(64), atol=1e-6)
+    else:
+        assert torch.equal(got, z.half().float())  # k = classes: the dense target exactly
+    assert bytes_per_view(10, k) == 4 * k + 2 and bytes_per_view(1000, 10) * 47 < bytes_per_view(1000, None)
+
+
+def test_a_topk_cache_trains_as_the_dense_one_at_k_equal_classes(tmp_path, digits_teacher):
+    runs = {}
+    for k in (None, 10, 3):
+        c = cfg(digits_teacher, teacher_topk=k)
+        teacher, card = load_teacher(digits_teacher)
+        path, _ = build_teacher_cache(c, teacher, card, tmp_path / str(k))
+        runs[k] = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False)).metrics
+        assert runs[k]["teacher_targets"] == "cache"
+    assert runs[10]["train_kd"] == pytest.approx(runs[None]["train_kd"], rel=1e-5)
+    assert runs[10]["val_acc"] == runs[None]["val_acc"]
+    assert math.isfinite(runs[3]["train_kd"]) and runs[3]["train_kd"] != runs[None]["train_kd"]
+
+
+def test_cached_trial_matches_online_trial_and_only_the_first_runs_the_teacher(tmp_path, digits_teacher):
+    c = cfg(digits_teacher)
+    teacher, card = load_teacher(digits_teacher)
+    path, _ = build_teacher_cache(c, teacher, card, tmp_path)
+    n = len(load_dataset("digits", val_fraction=0.2).train_y)
     online = train_student(c.model_copy(update={"train": c.train.model_copy(update={"teacher_targets": "online"})}), LocalReporter(None, log_epochs=False))
-    cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
-    assert online.metrics["teacher_targets"] == "online" and cached.metrics["teacher_targets"] == "cache"
-    assert cached.metrics["teacher_forward_images"] == 0 and online.metrics["teacher_forward_images"] > 0
-    assert abs(online.metrics["val_acc"] - cached.metrics["val_acc"]) <= 0.02
-    assert abs(online.metrics["train_kd"] - cached.metrics["train_kd"]) <= 0.01 * online.metrics["train_kd"]
+    first = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
+    second = train_student(c.model_copy(update={"teacher_cache": str(path), "train": c.train.model_copy(update={"batch_size": 32})}),
+                           LocalReporter(None, log_epochs=False))
+    assert online.metrics["teacher_targets"] == "online" and first.metrics["teacher_targets"] == second.metrics["teacher_targets"] == "cache"
+    assert first.metrics["teacher_forward_images"] == 2 * n  # it built both epochs (every example's view)
+    assert second.metrics["teacher_forward_images"] == 0  # another batch size, the same views: read
+    assert abs(online.metrics["val_acc"] - first.metrics["val_acc"]) <= 0.02
+    assert abs(online.metrics["train_kd"] - first.metrics["train_kd"]) <= 0.01 * online.metrics["train_kd"]
+
+
+def _fkd_recover_soft_label(label, n_classes):
+    """FKD's marginal smoothing (szq0214/FKD @ afd5294, FKD/utils_FKD.py, Recover_soft_label,
+    label_type 'marginal_smoothing_k5'), verbatim: label is (N, 2, 5), row 0 indices, row 1 probabilities."""
+    index = label[:,0,:].to(dtype=int)
+    value = label[:,1,:]
+    minor_value = (torch.ones(label.size(0),1) - torch.sum(value, dim=1, keepdim=True))/(n_classes-5)
+    minor_value = minor_value.reshape(-1,1).repeat_interleave(n_classes, dim=1)
+    soft_label = (minor_value * torch.ones(index.size(0), n_classes)).scatter_(1, index, value)
+    return soft_label
+
+
+def test_topk_targets_at_t1_are_fkds_marginal_smoothing():
+    torch.manual_seed(1)
+    z = torch.randn(32, 100) * 3
+    p = F.softmax(z, 1)  # FKD stores the softmax at T=1 (its --temp 1.0)
+    order = torch.argsort(p, dim=1, descending=True)[:, :5]
+    label = torch.stack([order.float(), p.gather(1, order)], 1)
+    ours = F.softmax(dense(sparse(z, 5), 100), 1)
+    assert torch.allclose(ours, _fkd_recover_soft_label(label, 100), atol=1e-3)  # fp16 storage

@@ -143,32 +143,40 @@ def test_kd_trials_train_on_mixed_batches_and_controls_on_the_labelled_alone(dig
     monkeypatch.setattr(loop, "build_loss", spy)
     kd = train_student(_trial(digits_teacher), LocalReporter(None, log_epochs=False))
     control = train_student(_trial(digits_teacher, loss={"alpha": 0.0}), LocalReporter(None, log_epochs=False))
+    alone = _trial(digits_teacher, loss={"alpha": 0.5})  # ratio 0: KD on the labelled alone, the same labels kept
+    alone = alone.model_copy(update={"dataset": alone.dataset.model_copy(update={"unlabeled": alone.dataset.unlabeled.model_copy(update={"ratio": 0.0})})})
+    train_student(alone, LocalReporter(None, log_epochs=False))
     s = load_splits(_trial(digits_teacher).dataset)
     assert all(((y == UNLABELED).sum() == 16) and (y[:16] >= 0).all() for y in seen["0.7"])
     assert len(seen["0.7"]) == len(s.train_y) // 32
     assert all((y >= 0).all() for y in seen["0.0"]) and len(seen["0.0"]) == s.n_labeled // 32
+    assert all((y >= 0).all() for y in seen["0.5"]) and len(seen["0.5"]) == s.n_labeled // 32
     assert kd.metrics["train_kd"] > 0 and control.metrics["train_kd"] == 0
 
 
 def test_the_cache_holds_the_unlabelled_views_too(tmp_path, digits_teacher):
     from trainables.data import augment, device_batches, train_batches
     from trainables.data.normalize import normalizer
+    from trainables.teacher_cache import Builder
 
     c = _trial(digits_teacher, epochs=2)
     teacher, card = load_teacher(digits_teacher)
-    path, forwards = build_teacher_cache(c, teacher, card, tmp_path, epochs=2)
+    path, forwards = build_teacher_cache(c, teacher, card, tmp_path)
     s = load_splits(c.dataset)
-    assert forwards == 2 * (len(s.train_y) // 32) * 32 + len(s.val_y)
+    assert forwards == len(s.val_y)
     cache = TeacherCache.open(path, c, card)
+    build = Builder(c, teacher, card, s, True, "cpu")
+    cache.build = build.train
     norm = normalizer(s.mean, s.std, "cpu")
     for rank in (0, 1):  # each DDP rank reads its own share of the global batch
-        rows = BatchLayout.of(s.n_labeled, 32, s.n_unlabeled, 0.5).rows(rank, 2)
-        for b, idx, x, _, view in device_batches(s.train_x, s.train_y, train_batches(s, c, 1, "cpu", rank, 2), "cpu", True):
+        for _, idx, x, _, view in device_batches(s.train_x, s.train_y, train_batches(s, c, 1, "cpu", rank, 2), "cpu", True):
             with torch.no_grad():
                 expected = teacher(norm(augment(x, view, AUG)))
-            assert torch.allclose(cache.batch(1, b, idx, rows, "cpu"), expected, rtol=1e-3, atol=2e-3)
+            assert torch.allclose(cache.batch(1, idx, "cpu"), expected, rtol=1e-3, atol=2e-3)
+            assert (idx >= s.n_labeled).any()
+    assert build.forwards == len(s.train_y)  # every example's view, labelled and unlabelled, once
     cached = train_student(c.model_copy(update={"teacher_cache": str(path)}), LocalReporter(None, log_epochs=False))
-    assert cached.metrics["teacher_targets"] == "cache" and cached.metrics["teacher_forward_images"] == 0
+    assert cached.metrics["teacher_targets"] == "cache" and cached.metrics["teacher_forward_images"] == len(s.train_y)  # built epoch 0
 
 
 def test_a_labelled_folder_as_unlabelled_data_fails_the_cli_in_one_line_with_nothing_written(tmp_path, capsys, monkeypatch):

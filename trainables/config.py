@@ -97,7 +97,8 @@ class UnlabeledConfig(Strict):
     root: str | None = Field(None, description="a folder of images with no class sub-folders, decoded once to the train split's shape")
     labels_kept: float | None = Field(None, gt=0.0, lt=1.0, description="keep the labels of this share of the train split (stratified), "
                                                                           "the rest become unlabelled (the semi-supervised protocol)")
-    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="the unlabelled share of every batch; null: their share of the data")
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="the unlabelled share of every batch (0: none, KD on the labelled "
+                                                                  "alone with the same labels kept); null: their share of the data")
 
     @model_validator(mode="after")
     def _some(self) -> "UnlabeledConfig":
@@ -264,6 +265,8 @@ class TrainConfig(Strict):
     teacher_targets: Literal["auto", "online", "precomputed"] = Field(
         "auto", description="precomputed: teacher logits once per trial when views never change"
     )
+    teacher_topk: int | None = Field(None, ge=1, description="the sweep's cache keeps each view's k largest teacher logits "
+                                                               "(the other classes share the remaining mass); null: all")
     robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
     checkpoint_every: int | str = Field(1, description="checkpoint every N epochs, or every '<seconds>s' (e.g. '120s'); the last epoch always")
 

@@ -156,7 +156,6 @@ class Trial:
     targets: Any
     size: dict[str, float]
     setup: dict[str, float]  # seconds per set-up phase, reported with the run's first epoch
-    rows: slice | Tensor  # this rank's positions in every global batch (data.BatchLayout.rows)
     steps: int  # batches an epoch
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -180,9 +179,11 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.train.amp) else contextlib.nullcontext
     channels_last = cuda and cfg.train.channels_last
 
-    splits, on_device = _splits(cfg.dataset, device, reporter.warm)  # images on the device, or batches copied from the host
-    if not cfg.loss.distills:  # CE alone (a control, a teacher): unlabelled examples would add nothing but steps
-        splits = splits.labeled()
+    every, on_device = _splits(cfg.dataset, device, reporter.warm)  # images on the device, or batches copied from the host
+    unlabeled = cfg.dataset.unlabeled
+    splits = every
+    if not cfg.loss.distills or (unlabeled is not None and unlabeled.ratio == 0):  # CE alone (a control, a teacher), or asked
+        splits = every.labeled()  # to leave them out: unlabelled examples would add nothing but steps
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
@@ -237,14 +238,12 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
 
     t_stats = card.stats if card is not None else (mean, std)  # each model its own statistics (the teacher's: its card's)
     t_norm = normalizer(*t_stats, device)
-    targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, splits.train_x, splits.val_x,
+    targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, every, on_device,  # the cache covers every example
                               lambda model, x: predict(model, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     phase("targets")
-    rows = batches.rows(rank, world)
     return Trial(cfg, rank, world, device, autocast, channels_last, splits, on_device, resolved_augment(cfg), mean, std, norm, student,
-                 step_model, loss_fn, params, opt, sched, targets, size, setup, rows if isinstance(rows, slice) else rows.to(device),
-                 batches.steps, start_epoch, history)
+                 step_model, loss_fn, params, opt, sched, targets, size, setup, batches.steps, start_epoch, history)
 
 
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:
@@ -265,7 +264,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=t.device)
         batches = train_batches(splits, cfg, epoch, t.device if t.on_device else "cpu", t.rank, t.world)
-        for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, t.device, t.on_device):
+        for _, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, t.device, t.on_device):
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
             raw = augment(images, view, t.aug)
@@ -273,7 +272,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, b, idx, t.rows, loss_fn.temperature)
+                t_logits, t_feats = targets.batch(raw, x, epoch, idx, loss_fn.temperature)
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)

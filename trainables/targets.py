@@ -17,9 +17,9 @@ from torch import Tensor
 from trainables.card import TeacherCard
 from trainables.config import TrialConfig
 from trainables.registry import ConfigError
-from trainables.data import resolved_augment
+from trainables.data import DataSplits, resolved_augment
 from trainables.models.ensemble import EnsembleTeacher, combine_targets, members_of, target_model
-from trainables.teacher_cache import TeacherCache
+from trainables.teacher_cache import Builder, TeacherCache
 
 Source = Literal["cache", "precomputed", "online", "none"]
 
@@ -40,13 +40,11 @@ class TeacherTargets:
     weights: Tensor | None = None  # an ensemble's member weights: its targets are mixed at the loss's temperature
     members: int = 1
 
-    def batch(self, raw: Tensor, x: Tensor, epoch: int, b: int, idx: Tensor, rows: slice | Tensor,
-              temperature: float) -> tuple[Tensor | None, list | None]:
-        """Targets for one batch: `raw` is the augmented batch (0..255), `x` the student's input,
-        `rows` this rank's positions in the global batch (data.BatchLayout.rows); an ensemble's
-        members are mixed at `temperature`, the loss's now."""
+    def batch(self, raw: Tensor, x: Tensor, epoch: int, idx: Tensor, temperature: float) -> tuple[Tensor | None, list | None]:
+        """Targets for one batch of examples `idx`: `raw` is the augmented batch (0..255), `x` the
+        student's input; an ensemble's members are mixed at `temperature`, the loss's now."""
         if self.source == "cache":
-            return combine_targets(self.cache.batch(epoch, b, idx, rows, x.device), self.weights, temperature), None
+            return combine_targets(self.cache.batch(epoch, idx, x.device), self.weights, temperature), None
         if self.source == "precomputed":
             return combine_targets(self.train_logits[idx], self.weights, temperature), None
         if self.source == "online":
@@ -61,13 +59,14 @@ class TeacherTargets:
         return None, None
 
 
-def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCard | None, needs_features: bool, train_x: Tensor,
-                    val_x: Tensor, predict: Callable[[nn.Module, Tensor], Tensor], norm: Callable[[Tensor], Tensor] | None,
+def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCard | None, needs_features: bool, splits: DataSplits,
+                    on_device: bool, predict: Callable[[nn.Module, Tensor], Tensor], norm: Callable[[Tensor], Tensor] | None,
                     channels_last: bool) -> TeacherTargets:
     """Decide the source for this trial. `teacher` is None when there is none to load; it still
     gives val logits (agreement, KL) to a no-KD control. `predict(model, x)` runs eval forwards
     with the teacher's inputs; `norm` is its input normalization (from its card), None when it
-    equals the student's."""
+    equals the student's. An epoch missing from the sweep's cache is built by this trial's teacher."""
+    train_x, val_x = splits.train_x, splits.val_x
     static = resolved_augment(cfg).static
     if cfg.train.teacher_targets == "precomputed" and not static:
         raise ConfigError("`train.teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
@@ -85,7 +84,17 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
         return TeacherTargets("none", None, False, val, forwards=forwards)
     ensemble = {"weights": teacher.weights, "members": members} if isinstance(teacher, EnsembleTeacher) else {}
     if cache is not None:
-        return TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards, **ensemble)
+        targets = TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards, **ensemble)
+        device = next(teacher.parameters()).device
+
+        def build(epoch: int):
+            builder = Builder(cfg, teacher, card, splits, on_device, device)
+            stored = builder.train(epoch)
+            targets.forwards += builder.forwards
+            return stored
+
+        cache.build = build
+        return targets
     if static and not needs_features and cfg.train.teacher_targets != "online":
         return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(target_model(teacher), train_x),
                               forwards=forwards + len(train_x) * members, **ensemble)

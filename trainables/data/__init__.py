@@ -2,8 +2,8 @@
 
 No DataLoader in the hot loop: a whole split lives on the training device, batches are slices of a
 seeded permutation, and crop/flip run batched on the device. Every random choice of an epoch is a pure
-function of (seed, epoch, batch index), so the same view can be re-created anywhere (teacher caching,
-exact resume) without saving RNG state.
+function of (seed, epoch) and the example, so the same view can be re-created anywhere (teacher
+caching, exact resume) without saving RNG state, whatever the batch size.
 """
 from __future__ import annotations
 
@@ -368,11 +368,11 @@ def synthetic(
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches and augmentation: pure functions of (seed, epoch, batch index)
+# Batches and augmentation: pure functions of (seed, epoch) and the example
 
 
-def _mix(seed: int, epoch: int, batch_idx: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + batch_idx) % (2**63 - 1)
+def _mix(seed: int, epoch: int, stream: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + stream) % (2**63 - 1)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> Tensor:
@@ -380,17 +380,19 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str 
     return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, -1))).to(device)
 
 
-def view_params(seed: int, epoch: int, batch_idx: int, batch_size: int, aug, hw: tuple[int, int]) -> Tensor:
-    """Per-image (dy, dx, flip[, y0, x0, h, w]) of one batch, int64 on CPU: the whole randomness of
-    an augmented view. `aug` is an AugmentConfig; the crop box columns exist with `resized_crop`,
-    sampled as torchvision's RandomResizedCrop does (10 tries at a scale and log-ratio, else the
-    whole image), from the same generator after the shifts and flips."""
-    g = torch.Generator().manual_seed(_mix(seed, epoch, batch_idx))
-    shifts = torch.randint(0, 2 * aug.crop_pad + 1, (batch_size, 2), generator=g)
-    flips = torch.randint(0, 2, (batch_size, 1), generator=g) if aug.flip else torch.zeros(batch_size, 1, dtype=torch.long)
+def epoch_views(n: int, seed: int, epoch: int, aug, hw: tuple[int, int]) -> Tensor:
+    """Per-example (dy, dx, flip[, y0, x0, h, w]) for one epoch, int64 on CPU: row i is the whole
+    randomness of example i's view, whatever the batch size, the batch it lands in or the worker
+    that trains it (so a searched batch size still reads the teacher cache). `aug` is an
+    AugmentConfig; the crop box columns exist with `resized_crop`, sampled as torchvision's
+    RandomResizedCrop does (10 tries at a scale and log-ratio, else the whole image), from the same
+    generator after the shifts and flips."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, -3))
+    shifts = torch.randint(0, 2 * aug.crop_pad + 1, (n, 2), generator=g)
+    flips = torch.randint(0, 2, (n, 1), generator=g) if aug.flip else torch.zeros(n, 1, dtype=torch.long)
     cols = [shifts, flips]
     if aug.resized_crop is not None:
-        cols.append(_crop_boxes(g, batch_size, hw, aug.resized_crop.scale, aug.resized_crop.ratio))
+        cols.append(_crop_boxes(g, n, hw, aug.resized_crop.scale, aug.resized_crop.ratio))
     return torch.cat(cols, dim=1)
 
 
@@ -491,7 +493,8 @@ def epoch_batches(
     rank: int = 0, world_size: int = 1, n_unlabeled: int = 0, ratio: float | None = None,
 ):
     """Yield (batch_idx, indices, view params) for one epoch, both on `device`: `n` labelled
-    examples, then `n_unlabeled` unlabelled ones (indices n..), mixed as BatchLayout says.
+    examples, then `n_unlabeled` unlabelled ones (indices n..), mixed as BatchLayout says; each
+    example's view is its row of epoch_views.
 
     With several DDP workers each rank takes its own share of every global batch, so the global
     batch (and hence the math) is the same whatever the world size.
@@ -507,9 +510,11 @@ def epoch_batches(
         unl = n + _stream(n_unlabeled, steps * layout.unlabeled, g_u).view(steps, layout.unlabeled)
         order = torch.cat([lab, unl], 1).flatten().to(device)
     on = rows if isinstance(rows, slice) else rows.to(order.device)
+    views = None if aug.static else epoch_views(n + n_unlabeled, seed, epoch, aug, hw).to(device)
+    still = torch.zeros(batch_size // world_size, 3, dtype=torch.long, device=device)  # fixed views: augment reads nothing
     for b in range(layout.steps):
-        params = view_params(seed, epoch, b, batch_size, aug, hw)[rows]
-        yield b, order[b * batch_size : (b + 1) * batch_size][on], params.to(device, non_blocking=True)
+        idx = order[b * batch_size : (b + 1) * batch_size][on]
+        yield b, idx, still if views is None else views[idx]
 
 
 def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: torch.device | str, rank: int = 0, world: int = 1):
