@@ -28,6 +28,7 @@ from trainables.models.profile import size_metrics
 from trainables.loop import train_student
 from trainables.reporters import LocalReporter
 from trainables.models.teacher import load_teacher
+from trainables.teacher_cache import build_teacher_cache
 
 log = logging.getLogger("kdsweep.bench")
 
@@ -64,6 +65,10 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             trial = cfg.trial(student, {**overrides, "seed": seed, "train.robust_samples": 0}, teacher_path=teacher_dir, profile=False)
+            if trial.loss.distills and cfg.train.teacher_cache:  # as in a sweep: the targets from its cache (train.teacher_topk applies)
+                raw_teacher, raw_card = load_teacher(teacher_dir)
+                path, _ = build_teacher_cache(trial, raw_teacher, raw_card, cfg.sweep_dir() / "teacher_cache")
+                trial = trial.model_copy(update={"teacher_cache": str(path)})
             t0 = time.perf_counter()
             r = train_student(trial, LocalReporter(None, log_epochs=False))
             if r.metrics["status"] == "diverged":  # NaN/inf loss: reported as such, kept out of the means
@@ -85,7 +90,8 @@ def main() -> None:
             return "diverged"
         return f"{statistics.mean(vals):.{digits}f} +- {(statistics.stdev(vals) if len(vals) > 1 else 0):.{digits}f}"
 
-    print(f"\n{ds.name}: teacher {card.arch} (val {100 * card.val_acc:.2f}%), student {student}, "
+    topk = f", teacher targets top-{cfg.train.teacher_topk} of {splits.num_classes}" if cfg.train.teacher_topk else ""
+    print(f"\n{ds.name}: teacher {card.arch} (val {100 * card.val_acc:.2f}%), student {student}{topk}, "
           f"{cfg.train.epochs} epochs, seeds {args.seeds}; {splits.n_labeled} labelled train images{unlabeled or ' (no unlabelled)'}; "
           "test split, mean +- std over seeds\n")
     print("| model | diverged | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")

@@ -101,12 +101,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     largest = max([cfg.train.batch_size, *(max(p_.extremes()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
         raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} labelled train images, but got up to {largest:g}: lower it")
-    k = cfg.train.teacher_topk
-    if k is not None and k > info.num_classes:
-        raise ConfigError(f"`train.teacher_topk` must be <= the {info.num_classes} classes, but got train.teacher_topk={k}: lower it (or null: all)")
-    if info.n_unlabeled and cfg.resources.num_workers > 1:  # each DDP rank the same number of each kind, before Ray starts
-        ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
-        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
+    check_against_data(cfg, info)
     if address is None:
         check_local(cfg.resources)
     r = cfg.resources
@@ -130,6 +125,17 @@ def cache_line(cfg: SweepConfig, info: DataInfo) -> str:
     when = ("fixed views: built once before the trials" if static else
             "random views: each epoch built by the first trial that needs it (the others wait for it, then read it)")
     return f"{what}, {per_view} bytes a view{' (every member)' if members > 1 else ''}, {per_view * views / 2**20:.1f} MiB an epoch; {when}"
+
+
+def check_against_data(cfg: SweepConfig, info: DataInfo) -> None:
+    """What only the data can tell, before Ray starts: top-k within the class count, an unlabelled
+    mix that divides over a trial's DDP workers (each rank the same number of each kind)."""
+    k = cfg.train.teacher_topk
+    if k is not None and k > info.num_classes:
+        raise ConfigError(f"`train.teacher_topk` must be <= the {info.num_classes} classes, but got train.teacher_topk={k}: lower it (or null: all)")
+    if info.n_unlabeled and cfg.resources.num_workers > 1:
+        ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
+        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
 
 
 def warmup_notes(cfg: SweepConfig) -> list[str]:
@@ -440,12 +446,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         log.info("sweep %s: its top %d finalist(s) already ran on %d seeds: nothing to confirm", cfg.name, top, seeds)
         return 0
     info = check_data(cfg)
-    k = cfg.train.teacher_topk
-    if k is not None and k > info.num_classes:
-        raise ConfigError(f"`train.teacher_topk` must be <= the {info.num_classes} classes, but got train.teacher_topk={k}: lower it (or null: all)")
-    if info.n_unlabeled and cfg.resources.num_workers > 1:  # each DDP rank the same number of each kind, before Ray starts
-        ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
-        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
+    check_against_data(cfg, info)
     if address is None:
         check_local(cfg.resources)
     base = Path(cfg.ray_storage()) if "://" not in cfg.ray_storage() else None

@@ -84,7 +84,7 @@ def test_distill_runs_and_prints_epochs(capsys, in_tmp, digits_teacher):
     (["resources.cpus_per_trial=64"], "`resources.cpus_per_trial` asks for 64 CPUs per worker, but this machine has at most"),
     (["resources.num_workers=64"], "`resources.num_workers` asks for 64 workers"),
     (["resources.gpus_per_trial=1"], "`resources.gpus_per_trial` asks for 1 GPU per worker, but this machine has no GPU"),
-    (["train.batch_size=5000"], "`train.batch_size` must be <= the 1150 train images"),
+    (["train.batch_size=5000"], "`train.batch_size` must be <= the 1150 labelled train images"),
 ])
 def test_run_with_resources_this_machine_lacks_exits_2_before_anything(sets, needle, capsys, in_tmp):
     """On a local Ray, a trial that could never be placed would stay PENDING forever."""

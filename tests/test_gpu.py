@@ -78,22 +78,27 @@ def test_bf16_reaches_float32_accuracy():
 def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(tmp_path, digits_teacher):
     from trainables.config import trial_from_dict
     from trainables.models.teacher import load_teacher
-    from trainables.teacher_cache import build_teacher_cache
+    from trainables.data import load_splits, place
+    from trainables.teacher_cache import Builder, TeacherCache, build_teacher_cache
 
     cfg = trial_from_dict(trial(teacher_path=str(digits_teacher), loss={"alpha": 0.9, "temperature": 4.0},
                                 dataset={"name": "digits", "val_fraction": 0.2, "augment": {"crop_pad": 1, "flip": True}}))
     teacher, card = load_teacher(digits_teacher)
-    gpu_dir, gpu_forwards = build_teacher_cache(cfg, teacher, card, tmp_path / "gpu", cfg.train.epochs, "cuda")
-    cpu_dir, _ = build_teacher_cache(cfg, teacher, card, tmp_path / "cpu", cfg.train.epochs, "cpu")
-    assert gpu_forwards > 0
-    for name in ("val.pt", "epoch_0.pt", f"epoch_{cfg.train.epochs - 1}.pt"):
-        g = torch.load(gpu_dir / name, weights_only=True).float()
-        c = torch.load(cpu_dir / name, weights_only=True).float()
+    dirs = {}
+    for device in ("cuda", "cpu"):
+        dirs[device], forwards = build_teacher_cache(cfg, teacher, card, tmp_path / device, device)
+        assert forwards > 0
+        cache = TeacherCache.open(dirs[device], cfg, card)
+        cache.build = Builder(cfg, teacher.to(device), card, *place(load_splits(cfg.dataset), cfg.dataset, device), device).train
+        cache.for_epoch(0, device)  # as the first trial needing it builds it, on its device
+    for name in ("val.pt", "epoch_0.pt"):
+        g = torch.load(dirs["cuda"] / name, weights_only=True).float()
+        c = torch.load(dirs["cpu"] / name, weights_only=True).float()
         assert g.device.type == "cpu" and g.shape == c.shape
         assert (g - c).norm() / c.norm() < 2e-2  # bf16 autocast on the GPU vs float32 on the CPU
         assert (g.argmax(1) == c.argmax(1)).float().mean() > 0.97
-    cached = train_student(cfg.model_copy(update={"teacher_cache": str(gpu_dir)}), LocalReporter(None, log_epochs=False)).metrics
-    assert cached["teacher_targets"] == "cache" and cached["teacher_forward_images"] == 0
+    cached = train_student(cfg.model_copy(update={"teacher_cache": str(dirs["cuda"])}), LocalReporter(None, log_epochs=False)).metrics
+    assert cached["teacher_targets"] == "cache"  # the later epochs built by the trial itself, on the GPU
 
 
 def test_gpu_latency_is_measured_and_positive():

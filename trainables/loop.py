@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -257,6 +258,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     batch_size, steps_per_epoch = cfg.train.batch_size, t.steps
     norm, autocast, channels_last, step_model = t.norm, t.autocast, t.channels_last, t.step_model
     history, metrics = t.history, {}
+    process = psutil.Process()
     last_checkpoint = time.monotonic()
     for epoch in range(t.start_epoch, cfg.train.epochs):
         student.train()
@@ -300,6 +302,8 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.forwards,
             "teacher_targets": targets.source,
+            "process_rss_mb": process.memory_info().rss / 2**20,
+            "trial_pid": process.pid,
             **loss_fn.now(),
             **t.size,
             **(t.setup if epoch == t.start_epoch else {}),

@@ -52,6 +52,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     # the first epoch of a (resumed) run: where its set-up went (train_student's phases, seconds)
     Metric("setup_data_s", "epoch", False, fmt="{:.2f}"), Metric("setup_models_s", "epoch", False, fmt="{:.2f}"),
     Metric("setup_targets_s", "epoch", False, fmt="{:.2f}"),
+    # the process that ran the loop (a reused Tune actor runs many trials; DDP: rank 0) and its resident memory
+    Metric("process_rss_mb", "epoch", None, fmt="{:.0f}"), Metric("trial_pid", "text", fmt="{}"),
     # the final epoch's corruption suite (per severity: eval/corruptions.csv)
     Metric("robust_acc", "final", True), Metric("relative_robustness", "final", True),
     *(Metric(f"corr_{n}", "final", True) for n in CORRUPTIONS.names()),
