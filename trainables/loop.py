@@ -27,7 +27,7 @@ from trainables.card import TeacherCard
 from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.corruptions import robustness
 from trainables.eval.inference import predict
-from trainables.data import DataSplits, augment, device_batches, layout, load_splits, place, train_batches
+from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss
 from trainables.eval.metrics import classification_metrics, per_class
@@ -38,7 +38,6 @@ from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
 from trainables.models.teacher import load_teacher, weights_mtime
-from trainables.data import resolved_augment
 from trainables.models.weights import freeze_backbone, load_weights
 
 log = logging.getLogger(__name__)
@@ -193,8 +192,8 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
         raise ConfigError(
             f"`train.batch_size` must be <= the {n_train} train images and divisible by {world} workers, but got train.batch_size={cfg.train.batch_size}"
         )
-    batches = layout(splits, cfg)
-    batches.check_world(world)
+    batching = batch_layout(splits, cfg)  # batches an epoch, and each one's labelled/unlabelled mix
+    batching.check_world(world)
 
     # The teacher trains the student only when the distill term has weight; with alpha=0 (the control) it is still
     # loaded, when given, so the control reports agreement and compression against it too.
@@ -225,7 +224,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
 
     params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]  # hint regressors train with the student
     opt = make_optimizer(cfg.train.optimizer, params)
-    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, batches.steps)
+    sched = make_schedule(opt, cfg.train.schedule, cfg.train.epochs, batching.steps)
     start_epoch, history = 0, []
     if (state := reporter.restore()) is not None:
         start_epoch, history = restore(state, student, loss_fn, opt, sched)
@@ -244,7 +243,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     phase("targets")
     return Trial(cfg, rank, world, device, autocast, channels_last, splits, on_device, resolved_augment(cfg), mean, std, norm, student,
-                 step_model, loss_fn, params, opt, sched, targets, size, setup, batches.steps, start_epoch, history)
+                 step_model, loss_fn, params, opt, sched, targets, size, setup, batching.steps, start_epoch, history)
 
 
 def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) -> TrialResult:

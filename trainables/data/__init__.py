@@ -525,7 +525,8 @@ def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: to
                          rank, world, splits.n_unlabeled, ratio)
 
 
-def layout(splits: DataSplits, cfg: "TrialConfig") -> BatchLayout:
+def batch_layout(splits: DataSplits, cfg: "TrialConfig") -> BatchLayout:
+    """A trial's BatchLayout over its train split."""
     return BatchLayout.of(splits.n_labeled, cfg.train.batch_size, splits.n_unlabeled,
                           cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None)
 
