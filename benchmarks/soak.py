@@ -82,9 +82,12 @@ def main() -> None:
         print(f"| actor {pid} | {len(rs)} | {a:.0f} | {b:.0f} | {100 * (b - a) / a:+.1f} % |")
     ended = sorted((r.info.end_time or 0) / 1000 for r in runs)
     if len(ended) >= args.after and samples:
-        at = min(samples, key=lambda s: abs(s[0] - ended[args.after - 1]))[1]
-        last = samples[-1][1]
+        def rss_at(t: float) -> float:
+            return min(samples, key=lambda s: abs(s[0] - t))[1]
+
+        at, last = rss_at(ended[args.after - 1]), rss_at(ended[-1])
         print(f"| driver | {len(runs)} | {at:.0f} | {last:.0f} | {100 * (last - at) / at:+.1f} % |")
+        print(f"| driver, at exit (after selection: the test split, the registered model) | | | {samples[-1][1]:.0f} | |")
     print(f"\nchild runs: {len(runs)} (" + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ")")
     lines = out.splitlines()
     print(f"console: {len(lines)} lines, the longest {max(map(len, lines))} characters; its last lines:\n")
