@@ -188,7 +188,7 @@ def _with_unlabeled(x: Tensor, y: Tensor, unlabeled: "UnlabeledConfig", cache: s
         parts.append(decode_unlabeled(unlabeled.root, cache_dir(cache), h, c)[0])
     n = sum(len(p) for p in parts)
     if n == 0:
-        raise ConfigError("`dataset.unlabeled` gave no unlabelled examples: raise labels_kept's complement or add images to root")
+        raise ConfigError("`dataset.unlabeled` gave no unlabelled examples: lower labels_kept or add images to root")
     return torch.cat([x, *parts]), torch.cat([y, torch.full((n,), UNLABELED, dtype=y.dtype)]), n
 
 
