@@ -167,6 +167,7 @@ class SweepTracker:
         orphans = self.trial_runs(parent_id, running=True)
         for r in orphans:
             if not self.client.get_metric_history(r.info.run_id, "val_acc"):
+                self.client.set_terminated(r.info.run_id, "KILLED")  # a deleted run keeps its status: not RUNNING
                 self.client.delete_run(r.info.run_id)
                 continue
             self.client.set_tag(r.info.run_id, Tag.STATUS, "orphaned")
