@@ -134,8 +134,7 @@ def check_against_data(cfg: SweepConfig, info: DataInfo) -> None:
     if k is not None and k > info.num_classes:
         raise ConfigError(f"`train.teacher_topk` must be <= the {info.num_classes} classes, but got train.teacher_topk={k}: lower it (or null: all)")
     if info.n_unlabeled and cfg.resources.num_workers > 1:
-        ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
-        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, ratio).check_world(cfg.resources.num_workers)
+        BatchLayout.of(info.n_train, cfg.train.batch_size, info.n_unlabeled, cfg.dataset.unlabeled_ratio).check_world(cfg.resources.num_workers)
 
 
 def warmup_notes(cfg: SweepConfig) -> list[str]:

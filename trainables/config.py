@@ -125,6 +125,11 @@ class DatasetConfig(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     unlabeled: UnlabeledConfig | None = Field(None, description="transfer data without labels, for the distillation term only")
 
+    @property
+    def unlabeled_ratio(self) -> float | None:
+        """The unlabelled share of every batch (None: their share of the data, or no unlabelled data)."""
+        return self.unlabeled.ratio if self.unlabeled is not None else None
+
     def resolved(self) -> "DatasetConfig":
         """Paths made absolute, environment defaults applied: the one place that reads
         KD_DATA_ROOT and KDSWEEP_CACHE, on the driver, so workers on any node need neither."""

@@ -520,15 +520,13 @@ def epoch_batches(
 def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: torch.device | str, rank: int = 0, world: int = 1):
     """epoch_batches for a trial's train split: the one call the trial loop and the teacher cache
     share, so the cache holds exactly the views a trial trains on."""
-    ratio = cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None
     return epoch_batches(splits.n_labeled, cfg.train.batch_size, cfg.seed, epoch, resolved_augment(cfg), splits.input_shape[1:], device,
-                         rank, world, splits.n_unlabeled, ratio)
+                         rank, world, splits.n_unlabeled, cfg.dataset.unlabeled_ratio)
 
 
 def batch_layout(splits: DataSplits, cfg: "TrialConfig") -> BatchLayout:
     """A trial's BatchLayout over its train split."""
-    return BatchLayout.of(splits.n_labeled, cfg.train.batch_size, splits.n_unlabeled,
-                          cfg.dataset.unlabeled.ratio if cfg.dataset.unlabeled else None)
+    return BatchLayout.of(splits.n_labeled, cfg.train.batch_size, splits.n_unlabeled, cfg.dataset.unlabeled_ratio)
 
 
 def resolved_augment(cfg: "TrialConfig"):
