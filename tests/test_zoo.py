@@ -16,7 +16,7 @@ SYNTH = {"name": "synthetic", "val_fraction": 0.25, "kwargs": {"n_train": 96, "n
 
 
 def test_every_torchvision_classifier_is_a_model_name():
-    names = zoo_names()
+    names = zoo_names("torchvision.")
     assert {"torchvision.resnet18", "torchvision.mobilenet_v3_small", "torchvision.efficientnet_b0"} <= set(names)
     m = create_model("torchvision.mobilenet_v3_small", 7, (1, 16, 16))
     assert isinstance(m, ZooModel) and m(torch.zeros(2, 1, 16, 16)).shape == (2, 7)  # grey in, 3-channel net

@@ -18,17 +18,23 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def model_stats(normalize: str, pretrained: bool, arch: str, splits: "DataSplits") -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) a model's inputs are normalized with: ImageNet's for torchvision weights
-    (`auto` with a weights file on a torchvision.<name> model, or `imagenet`), else the train
-    split's. Grey images get ImageNet's channel means (the network sees three equal channels)."""
-    from trainables.models import ZOO
+    """The (mean, std) a model's inputs are normalized with: with `auto` and a weights file on a
+    library's model, what that library's weights expect (ImageNet's for torchvision.<name>, the
+    model's own pretrained_cfg for timm.<name>); ImageNet's for `imagenet`; else the train split's.
+    Grey images get the channel means (the network sees three equal channels)."""
+    from trainables.models import zoo_of
 
-    if normalize == "imagenet" or (normalize == "auto" and pretrained and arch.startswith(ZOO)):
-        c = splits.input_shape[0]
-        if c == 3:
-            return IMAGENET_MEAN, IMAGENET_STD
-        return (sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c
-    return splits.mean, splits.std
+    zoo = zoo_of(arch)
+    if normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif normalize == "auto" and pretrained and zoo is not None and zoo.stats is not None:
+        mean, std = zoo.stats(arch.removeprefix(zoo.prefix))
+    else:
+        return splits.mean, splits.std
+    c = splits.input_shape[0]
+    if c == len(mean):
+        return tuple(mean), tuple(std)
+    return (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
 
 
 class Normalize(nn.Module):

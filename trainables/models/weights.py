@@ -86,17 +86,30 @@ def read_weights(path: str | Path, field: str) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def head_name(model: nn.Module) -> str:
-    """The classifier head: the last nn.Linear (torchvision's fc, classifier.N, heads.head...)."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """The classifier head(s), which a file of another class count leaves new: the modules a timm
+    model's pretrained_cfg names as its classifier (`fc`, `head.fc`, `classifier`, `head`; `head` and
+    `head_dist` for distilled ViTs, whose last Linear alone is not the head), else the last nn.Linear
+    (torchvision's fc, classifier.N, heads.head...)."""
+    modules = dict(model.named_modules())
+    for prefix, m in modules.items():  # the model itself, or the timm network inside a TimmModel
+        cfg = getattr(m, "pretrained_cfg", None)
+        named = cfg.get("classifier") if isinstance(cfg, dict) else None
+        if named:
+            heads = [f"{prefix}.{h}" if prefix else h for h in ((named,) if isinstance(named, str) else named)]
+            heads = [h for h in heads if h in modules and any(True for _ in modules[h].parameters())]
+            if heads:
+                return tuple(heads)
+            break
+    linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear head: its weights cannot be given a new head")
-    return linears[-1]
+    return (linears[-1],)
 
 
 def _target(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
-    """The module the file was saved from: the model itself, or the torchvision network inside a
-    ZooModel (files from torchvision name `fc.weight`, ours `net.fc.weight`)."""
+    """The module the file was saved from: the model itself, or the library's network inside a
+    ZooModel or TimmModel (files from torchvision or timm name `fc.weight`, ours `net.fc.weight`)."""
     inner = model.tap_root() if hasattr(model, "tap_root") else model
     overlap = lambda m: len(state.keys() & m.state_dict().keys())  # noqa: E731
     return inner if overlap(inner) > overlap(model) else model
@@ -120,16 +133,17 @@ def load_weights(model: nn.Module, path: str | Path, field: str, new_head_ok: bo
                                      f"unexpected {_some(unexpected)}" if unexpected else "") if p)
         raise ConfigError(f"`{field}` {str(path)!r} does not fit this architecture ({what}): use weights saved from the same architecture")
     shapes = {k for k in own.keys() & state.keys() if own[k].shape != state[k].shape}
-    head = head_name(target)
-    head_keys = {f"{head}.weight", f"{head}.bias"}
+    heads = head_names(target)
+    head_keys = {k for k in own if k.startswith(tuple(h + "." for h in heads))}
     if shapes - head_keys:
         bad = sorted(shapes - head_keys)
         detail = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:SHOW])
         raise ConfigError(f"`{field}` {str(path)!r} has tensors of other shapes ({detail}{', ...' if len(bad) > SHOW else ''}): "
                           "use weights saved from the same architecture and input channels")
     if shapes and not new_head_ok:
-        raise ConfigError(f"`{field}` {str(path)!r} has a head of another class count ({head}.weight "
-                          f"{tuple(state[head + '.weight'].shape)}, the dataset needs {tuple(own[head + '.weight'].shape)})")
+        key = min(shapes, key=lambda k: (not k.endswith(".weight"), k))
+        raise ConfigError(f"`{field}` {str(path)!r} has a head of another class count ({key} "
+                          f"{tuple(state[key].shape)}, the dataset needs {tuple(own[key].shape)})")
     target.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=not shapes)
     return bool(shapes)
 
@@ -138,8 +152,7 @@ def freeze_backbone(model: nn.Module) -> list[str]:
     """Train only the head: every other parameter gets requires_grad=False. Returns the trainable names.
     BatchNorm statistics still adapt to the new data (the modules stay in train mode)."""
     target = model.tap_root() if hasattr(model, "tap_root") else model
-    head = target.get_submodule(head_name(target))
-    trainable = {id(p) for p in head.parameters()}
+    trainable = {id(p) for h in head_names(target) for p in target.get_submodule(h).parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     return [n for n, p in model.named_parameters() if p.requires_grad]
