@@ -12,8 +12,8 @@ import optuna
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, Strict, TrainConfig, TrialConfig,
-                               WeightsFile, set_dotted, validate, with_overrides)
+from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, StudentWeights, Strict, TrainConfig,
+                               TrialConfig, WeightsFile, set_dotted, validate, with_overrides)
 from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
 from trainables.losses import LOSSES
 from trainables.plugins import load_plugins
@@ -70,7 +70,20 @@ class TeacherSpec(TrainConfig):
     def _one_source(self) -> "TeacherSpec":
         if self.path and self.weights:
             raise ValueError("`teacher.path` (a saved kdsweep teacher) and `teacher.weights` (a file to start from) exclude each other: keep one")
+        if self.weights and Path(self.weights).is_dir():  # a Hugging Face checkpoint folder: its own architecture
+            if "arch" in self.model_fields_set and self.arch != "hf":
+                raise ValueError(f"`teacher.arch` must be hf for a Hugging Face checkpoint folder (teacher.weights), but got {self.arch!r}")
+            from trainables.models.hf import config_dict
+
+            self.arch = "hf"
+            self.arch_kwargs = {"config": config_dict(self.weights), **self.arch_kwargs}
         return self
+
+    @property
+    def checkpoint(self) -> str | None:
+        """teacher.weights when it is a Hugging Face checkpoint folder (its tokenizer is the text's
+        default; a saved text teacher's folder holds its tokenizer too)."""
+        return self.weights if self.weights and Path(self.weights).is_dir() else None
 
 
 class Ensemble(Strict):
@@ -186,7 +199,8 @@ class SweepConfig(Strict):
     teacher: TeacherSpec | list[TeacherSpec] = Field(default_factory=TeacherSpec, description="one teacher, or a list: an ensemble")
     ensemble: Ensemble = Field(default_factory=Ensemble, description="with a teacher list: how the members combine")
     students: list[ModelName] = Field(min_length=1)
-    student_weights: dict[str, WeightsFile] = Field(default_factory=dict, description="student -> state_dict file to start from (head replaced when needed)")
+    student_weights: dict[str, StudentWeights] = Field(default_factory=dict, description="student -> state_dict file or checkpoint folder "
+                                                       "to start from (head replaced when needed); `teacher`: an hf student from the teacher's layers")
     normalize: Normalize = Field("auto", description="the students' input statistics: auto (ImageNet for torchvision weights, else the data's)")
     loss: LossConfig = Field(default_factory=LossConfig)
     train: SweepTrain = Field(default_factory=SweepTrain)
@@ -237,6 +251,10 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
+        checkpoint = next((t.checkpoint for t in self.members if t.checkpoint), None) or next(
+            (t.path for t in self.members if t.path and (Path(t.path) / "tokenizer_config.json").is_file()), None)
+        if self.dataset.name == "text" and self.dataset.tokenizer is None and checkpoint:
+            self.dataset = self.dataset.model_copy(update={"tokenizer": checkpoint})
         if self.ensemble.weights is not None and len(self.ensemble.weights) != len(self.members):
             raise ValueError(f"`ensemble.weights` needs one weight per teacher ({len(self.members)}), but got {len(self.ensemble.weights)}")
         for field, keys in (("student_weights", self.student_weights), ("loss.student_layers", self.loss.student_layers)):
@@ -363,6 +381,12 @@ class SweepConfig(Strict):
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"
 
+    def student_kwargs(self, student: str) -> dict[str, Any]:
+        """What a student is built with beyond its name: an hf.<family> student, the data's tokenizer."""
+        from trainables.models.hf import PREFIX
+
+        return {"tokenizer": self.dataset.resolved().tokenizer} if student.startswith(PREFIX) else {}
+
     def teacher_trial(self) -> TrialConfig:
         """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own, with its
         own augmentation; from a weights file it is fine-tuned (finetune's epochs and lr). One
@@ -399,6 +423,7 @@ class SweepConfig(Strict):
             "train": _train_fields(self.train), "dataset": self.dataset.resolved(), "student": student, "loss": loss,
             "seed": self.seed, "teacher_path": teacher, "teacher_cache": teacher_cache, "checkpoint_dir": checkpoint_dir,
             "profile": profile, "plugins": self.plugins, "student_weights": self.student_weights.get(student), "normalize": self.normalize,
+            "student_kwargs": self.student_kwargs(student),
         }, prefix="trial.")
         return with_overrides(base, overrides)
 

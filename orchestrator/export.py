@@ -5,6 +5,7 @@ kept; the file and the check's max abs logit difference are logged to the studen
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
     model = load_student(tracker, run_id)
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if splits.is_text:
+        return export_text(model.model, splits, tracker, run_id, fmt, out_dir)
     example = splits.test_x[:256].float()
     with torch.no_grad():
         expected = model(example)
@@ -80,4 +83,61 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test images: try --format torchscript")
     tracker.log_metrics(run_id, {f"export_{fmt}_max_abs_diff": diff}, step=0)
     tracker.client.log_artifact(run_id, str(path), "export")
+    return path
+
+
+class TokensIn(torch.nn.Module):
+    """A Hugging Face student as transformers' own exports take it: input_ids and attention_mask
+    (int64, (batch, sequence)) in, logits out."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.net = model.net
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_text(model, splits, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
+    """A text student to ONNX (dynamic batch and sequence axes) with its tokenizer's files beside
+    it, checked with onnxruntime against PyTorch on test examples; or its safetensors and card."""
+    from trainables.data.text import load_tokenizer
+
+    card = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
+                shown_as=f"runs:/{run_id}/student/student.json")
+    tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
+    tokenizer.save_pretrained(str(out_dir))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = out_dir / "student.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        write(build(StudentCard, {**card.model_dump(), "arch_kwargs": {**card.arch_kwargs, "tokenizer": "."},
+                                  "input": "token ids (N, L) from the tokenizer beside this file, right-padded"}), out_dir / "student.json")
+    elif fmt == "onnx":
+        ids = splits.test_x[:256].long()
+        mask = (ids != tokenizer.pad_token_id).long()
+        wrapped = TokensIn(model).eval()
+        with torch.no_grad():
+            expected = wrapped(ids, mask)
+        path = out_dir / "student.onnx"
+        batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=getattr(model.config, "max_position_embeddings", ids.shape[1]))
+        torch.onnx.export(wrapped, (ids[:2], mask[:2]), str(path), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, dynamo=True,
+                          external_data=False, verbose=False)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        diff = (got - expected).abs().max().item()
+        bound = TOLERANCE * max(1.0, expected.abs().max().item())
+        log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test texts = %.3g (bound %.3g)", run_id, path, len(ids), diff, bound)
+        if not diff <= bound:
+            raise ConfigError(f"`--format onnx` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test texts")
+        tracker.log_metrics(run_id, {"export_onnx_max_abs_diff": diff}, step=0)
+    else:
+        raise ConfigError("`--format torchscript` is for image students: export a text student with --format onnx or safetensors")
+    for f in [path, *(out_dir / n for n in os.listdir(out_dir) if n.startswith(("tokenizer", "vocab", "special_tokens", "merges")))]:
+        tracker.client.log_artifact(run_id, str(f), "export")
+    log.info("exported %s to %s (tokenizer files beside it)", run_id, path)
     return path

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
+from trainables.config import TEACHER_LAYERS
 from trainables.data import DataSplits, load_splits
 from trainables.data.normalize import model_stats
 from trainables.models import create_model
@@ -36,7 +37,53 @@ def check_data(cfg: SweepConfig) -> DataInfo:
     """Load the dataset once on the driver: a missing root fails here, not inside a worker, and an
     image folder is decoded here, before Ray starts, for every later load to memory-map."""
     s = load_splits(cfg.dataset)
-    return DataInfo(s.num_classes, s.input_shape, s.n_labeled, len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s, s.n_unlabeled)
+    info = DataInfo(s.num_classes, s.input_shape, s.n_labeled, len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s, s.n_unlabeled)
+    check_models_fit(cfg, info)
+    return info
+
+
+def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
+    """Every model against the kind of data: hf models take text, the others images; an hf
+    model's vocabulary and positions hold the data's tokens; a student taking the teacher's layers
+    has the teacher's sizes. From configs only, before anything is built."""
+    from trainables.models.hf import PREFIX, _config, check_fit, check_layers_fit, family_config
+
+    text = len(info.input_shape) == 1
+    named = [(f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", t.arch) for i, t in enumerate(cfg.members) if not t.path]
+    for field, arch in named + [("students", s) for s in cfg.students]:
+        if (arch == "hf" or arch.startswith(PREFIX)) != text:
+            kind = "text (token ids)" if text else "images"
+            raise ConfigError(f"`{field}` {arch} does not take {kind}: use hf.<family> models with text data (dataset.name: text), "
+                              "image models with images")
+    from trainables.losses import LOSSES
+    from trainables.losses.text import TextLoss
+
+    for method in cfg.methods:
+        cls = LOSSES.get(method)
+        if (issubclass(cls, TextLoss) and not text) or (text and cls.needs_teacher_features and not issubclass(cls, TextLoss)):
+            raise ConfigError(f"`loss.name` {method} distils {'transformer hidden states' if not text else 'convolutional stage features'}, "
+                              f"which {'image' if not text else 'text'} models lack: use "
+                              f"{'at or hint (or kd, dkd, dist)' if not text else 'tinybert or cosine (or kd, dkd, dist)'}")
+    if not text:
+        return
+    from trainables.data.text import tokenizer_info
+
+    vocab = tokenizer_info(cfg.dataset.resolved().tokenizer)["vocab_size"]
+    teacher = None
+    for i, t in enumerate(cfg.members):
+        if t.arch == "hf" and not t.path:
+            teacher = _config(t.arch_kwargs["config"])
+            check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.weights", info.input_shape[0], vocab)
+        elif t.path and (Path(t.path) / CARD).is_file():
+            teacher = _config(read_card(t.path).arch_kwargs["config"])
+    for s in cfg.students:
+        config = family_config(s, cfg.dataset.resolved().tokenizer)
+        check_fit(config, f"students {s}", info.input_shape[0], vocab)
+        if cfg.student_weights.get(s) == TEACHER_LAYERS and teacher is not None:
+            check_layers_fit(config, teacher, s)
+        if "cosine" in cfg.methods and teacher is not None and config.hidden_size != teacher.hidden_size:
+            raise ConfigError(f"`loss.name` cosine compares hidden states of the teacher's width ({teacher.hidden_size}), but student {s} "
+                              f"has {config.hidden_size}: use tinybert (it learns a projection) or students of width {teacher.hidden_size}")
 
 
 def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> None:
@@ -50,7 +97,9 @@ def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> Non
             raise ConfigError(f"`teacher.finetune.epochs` must be >= 1: teacher.weights has a head of another class count than the "
                               f"dataset's {info.num_classes}, and the new head must be trained")
     for student, path in cfg.student_weights.items():
-        model = create_model(student, info.num_classes, info.input_shape)
+        if path == TEACHER_LAYERS:  # the teacher's layers: checked against the teacher once it exists (check_text_models)
+            continue
+        model = create_model(student, info.num_classes, info.input_shape, **cfg.student_kwargs(student))
         load_weights(model, path, f"student_weights.{student}", new_head_ok=True)
 
 
@@ -125,6 +174,10 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
         card.update(val_acc=metrics["val_acc"], epochs=metrics["epoch"])
     card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
     saved = save_teacher(model, path, card)  # a trainables.card.TeacherCard: a missing field fails here
+    if len(info.input_shape) == 1:  # text: the tokenizer beside the weights, so the folder is a teacher.path on its own
+        from trainables.data.text import load_tokenizer
+
+        load_tokenizer(cfg.dataset.resolved().tokenizer).save_pretrained(str(path))
     log.info("teacher val_acc=%.4f saved to %s", saved.val_acc, path)
     return path
 

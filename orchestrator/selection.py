@@ -170,9 +170,10 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
             continue
         logits = t_logits if who == "teacher" else predict(model, s.test_x, raw, 2048, contextlib.nullcontext, False)
         m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
-        fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
-        summary, _ = robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"])
-        m.update({f"test_{k}": v for k, v in summary.items()})
+        if not s.is_text:  # image corruptions
+            fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
+            summary, _ = robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"])
+            m.update({f"test_{k}": v for k, v in summary.items()})
         if who not in ("student", "teacher"):
             m["params"] = sum(p.numel() for p in model.parameters())
         out[who] = m
@@ -206,13 +207,14 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normal
     if current is not None and current.run_id == run_id:
         return int(current.version)
 
-    example = splits.val_x[:2].float().numpy().astype(np.float32)
+    example = splits.val_x[:2].long().numpy() if splits.is_text else splits.val_x[:2].float().numpy().astype(np.float32)
+    feed = "token ids (N, L) int64, right-padded with the tokenizer's pad id" if splits.is_text else "raw 0..255 pixels, (N, C, H, W)"
     with mlflow.start_run(run_id=run_id):
         # The model is saved as a torch.export program (MLflow's default): it needs torch alone. Named
         # here, MLflow does not infer requirements by loading the model in a subprocess (5 s on CPU).
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=cfg.registered_model,
                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                                        metadata={"classes": list(splits.classes), "input": "raw 0..255 pixels, (N, C, H, W)"})
+                                        metadata={"classes": list(splits.classes), "input": feed})
     version = int(info.registered_model_version)
     tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
     return version

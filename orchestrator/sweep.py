@@ -275,8 +275,8 @@ class Profiles:
         r = cfg.resources
         self.plugins = cfg.plugins
         self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
-        self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins)
-                         for s in cfg.students}
+        self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
+                                             arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
         self.teacher = None
 
     def add_teacher(self, path: str) -> None:

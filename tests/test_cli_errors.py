@@ -37,6 +37,8 @@ BAD = [
         (["dataset.unlabeled.labels_kept=1.5"], "`dataset.unlabeled.labels_kept`"),
         (["dataset.unlabeled.ratio=0.5"], "`dataset.unlabeled` needs `root`"),
         (["ensemble.weights=[1, 2]"], "`ensemble.weights` needs one weight per teacher (1)"),
+        (["loss.name=tinybert"], "`loss.name` tinybert distils transformer hidden states, which image models lack"),
+        (["students=[hf.bert-L2-H64-A2]"], "`students` hf.bert-L2-H64-A2 does not take images"),
 ]
 # `kdsweep teacher` trains into a teacher.path that does not exist yet, so that case is distill-only.
 CASES = [(c, s, n) for c in ("distill", "teacher") for s, n in BAD if not (c == "teacher" and s[0].startswith("teacher.path"))]

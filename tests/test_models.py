@@ -12,7 +12,7 @@ def test_crd_resnet_parameter_counts(name, millions):
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if n != "hf"])  # hf: token ids (tests/test_text.py)
 def test_every_model_gives_logits_and_stage_features(name):
     shape = (1, 28, 28) if name.startswith(("mlp", "cnn")) else (3, 32, 32)
     model = create_model(name, 7, shape).eval()

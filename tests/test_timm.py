@@ -30,7 +30,7 @@ def test_timm_names_are_checked_against_timms_lists():
     assert {"timm.resnet10t", "timm.mobilenetv3_small_050"} <= set(zoo_names("timm."))
     with pytest.raises(ValueError, match=r"must be one of the \d+ timm models .*e\.g\. timm\.resnet18.*\(closest: timm\.resnet10t.*but got 'timm\.resnet10'"):
         check_model("timm.resnet10")
-    with pytest.raises(ValueError, match=r"or torchvision\.<name> .*, timm\.<name> for a model of timm, but got 'resnet10t'"):
+    with pytest.raises(ValueError, match=r"or torchvision\.<name> .*, timm\.<name> for a model of timm, hf\.<name> .*, but got 'resnet10t'"):
         check_model("resnet10t")
     with pytest.raises(ConfigError, match=r"`model` must be one of the \d+ timm models"):
         create_model("timm.no_such_net", 5, (3, 32, 32))

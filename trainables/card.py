@@ -29,13 +29,14 @@ class ModelCard(Strict):
     num_classes: int = Field(ge=1)
     input_shape: list[int] = Field(min_length=1)
     classes: list[str]
-    mean: list[float] = Field(min_length=1, description="per-channel input mean, 0..1 pixel scale")
-    std: list[float] = Field(min_length=1, description="per-channel input std, 0..1 pixel scale")
+    mean: list[float] = Field(description="per-channel input mean, 0..1 pixel scale; [] for token ids")
+    std: list[float] = Field(description="per-channel input std, 0..1 pixel scale; [] for token ids")
 
     @model_validator(mode="after")
     def _stats(self) -> "ModelCard":
-        if not len(self.mean) == len(self.std) == self.input_shape[0]:
-            raise ValueError(f"`mean` and `std` must have one value per input channel ({self.input_shape[0]}), "
+        channels = self.input_shape[0] if len(self.input_shape) == 3 else 0  # (C, H, W) images; (L,) token ids take no statistics
+        if not len(self.mean) == len(self.std) == channels:
+            raise ValueError(f"`mean` and `std` must have one value per input channel ({channels}), "
                              f"but got {len(self.mean)} and {len(self.std)}")
         if not all(s > 0 for s in self.std):
             raise ValueError(f"`std` must be > 0 for every channel, but got std={self.std}")

@@ -34,6 +34,14 @@ def _weights_file(path: str) -> str:
     return check_weights_path(path)
 
 
+#: `student_weights: teacher`: a Hugging Face student starts from its teacher's layers (trainables.models.hf.init_from_teacher).
+TEACHER_LAYERS = "teacher"
+
+
+def _student_weights(path: str) -> str:
+    return path if path == TEACHER_LAYERS else _weights_file(path)
+
+
 def _dataset_name(name: str) -> str:
     from trainables.data import DATASETS
 
@@ -46,8 +54,10 @@ def _dataset_name(name: str) -> str:
 
 #: A registered model or torchvision.<name>: one rule wherever a config names an architecture.
 ModelName = Annotated[str, AfterValidator(_model_name)]
-#: An existing .pth/.pt/.safetensors file, made absolute.
+#: An existing .pth/.pt/.safetensors file or Hugging Face checkpoint folder, made absolute.
 WeightsFile = Annotated[str, AfterValidator(_weights_file)]
+#: A WeightsFile, or `teacher` (an hf student initialised from its teacher's layers).
+StudentWeights = Annotated[str, AfterValidator(_student_weights)]
 
 
 class ResizedCrop(Strict):
@@ -117,6 +127,8 @@ class DatasetConfig(Strict):
     split_seed: int = 0
     image_size: int = Field(32, ge=1, description="image_folder: shorter side resized to this, centre-cropped square")
     channels: Literal[1, 3] = Field(3, description="image_folder: 1 (greyscale) or 3 (RGB)")
+    tokenizer: str | None = Field(None, description="text: a folder with the tokenizer's files; null: the Hugging Face teacher's checkpoint folder")
+    max_length: int = Field(128, ge=2, description="text: tokens per example (truncated, padded on the right)")
     placement: Literal["auto", "device", "host"] = Field(
         "auto", description="device: splits on the training device; host: in host memory, batches copied ahead; auto: device when they fit")
     device_share: float = Field(0.5, gt=0.0, le=1.0, description="auto: the share of free device memory the splits may take")
@@ -135,13 +147,16 @@ class DatasetConfig(Strict):
         KD_DATA_ROOT and KDSWEEP_CACHE, on the driver, so workers on any node need neither."""
         root = self.root or os.environ.get("KD_DATA_ROOT")
         cache = self.cache or os.environ.get("KDSWEEP_CACHE") or str(DEFAULT_CACHE)
-        unlabeled = self.unlabeled
+        unlabeled, tokenizer = self.unlabeled, self.tokenizer
+        if tokenizer and Path(tokenizer).expanduser().exists():
+            tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         if unlabeled is not None and unlabeled.root:
             unlabeled = unlabeled.model_copy(update={"root": os.path.abspath(os.path.expanduser(unlabeled.root))})
         return self.model_copy(update={
             "root": os.path.abspath(os.path.expanduser(root)) if root else None,
             "cache": os.path.abspath(os.path.expanduser(cache)),
             "unlabeled": unlabeled,
+            "tokenizer": tokenizer,
         })
 
 
@@ -307,7 +322,9 @@ class TrialConfig(Strict):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     student: ModelName = "cnn_tiny"
     student_kwargs: dict[str, Any] = Field(default_factory=dict)
-    student_weights: WeightsFile | None = Field(None, description="initial weights (.pth state_dict or .safetensors); a head of another class count is replaced")
+    student_weights: StudentWeights | None = Field(None, description="initial weights (.pth state_dict, .safetensors, a Hugging Face "
+                                                   "checkpoint folder, or `teacher`: an hf student from its teacher's layers); a head of "
+                                                   "another class count is replaced")
     freeze_backbone: bool = Field(False, description="train only the classifier head (fine-tuning pretrained weights)")
     normalize: Normalize = Field("auto", description="input statistics: auto (ImageNet for torchvision weights, else the data's), dataset, imagenet")
     teacher_path: str | None = Field(None, description="folder with teacher.safetensors + teacher.json")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
-from trainables.config import TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
+from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.corruptions import robustness
 from trainables.eval.inference import predict
 from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
@@ -37,6 +37,7 @@ from trainables.models.profile import size_metrics, size_report
 from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
+from trainables.models.hf import init_from_teacher
 from trainables.models.teacher import load_teacher, weights_mtime
 from trainables.models.weights import freeze_backbone, load_weights
 
@@ -177,9 +178,8 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     rank, world, device = _placement(cfg, reporter.in_worker_group)
     cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.train.amp) else contextlib.nullcontext
-    channels_last = cuda and cfg.train.channels_last
-
     every, on_device = _splits(cfg.dataset, device, reporter.warm)  # images on the device, or batches copied from the host
+    channels_last = cuda and cfg.train.channels_last and not every.is_text
     unlabeled = cfg.dataset.unlabeled
     splits = every
     if not cfg.loss.distills or (unlabeled is not None and unlabeled.ratio == 0):  # CE alone (a control, a teacher), or asked
@@ -206,7 +206,9 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     # must not move the student's initialization.
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs)
-    if cfg.student_weights:
+    if cfg.student_weights == TEACHER_LAYERS:
+        init_from_teacher(student, teacher)
+    elif cfg.student_weights:
         load_weights(student, cfg.student_weights, "student_weights", new_head_ok=True)
     if cfg.freeze_backbone:
         freeze_backbone(student)
@@ -313,7 +315,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         tables = {}
         if final and t.rank == 0:
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
-            if cfg.train.robust_samples:
+            if cfg.train.robust_samples and not splits.is_text:  # image corruptions
                 n = min(cfg.train.robust_samples, len(splits.val_y))
                 summary, tables["corruptions"] = robustness(lambda xc: t.evaluate(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
                                                             cfg.train.eval_batch_size)

@@ -112,7 +112,7 @@ class Builder:
         x = self.norm(x.to(self.device, non_blocking=True))
         self.forwards += len(x) * self.members
         with self.ctx():
-            return model(x.contiguous(memory_format=torch.channels_last) if self.cuda else x).float()
+            return model(x.contiguous(memory_format=torch.channels_last) if self.cuda and x.dim() == 4 else x).float()
 
     def val(self) -> Tensor:
         x = self.splits.val_x

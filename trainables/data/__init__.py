@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from trainables.data.images import RawData, decode_folder, decode_unlabeled, read_arrays, stratified_split
+from trainables.data.text import tokenize_text
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ UNLABELED = -100
 
 # name -> loader(root, download, cache, **kwargs) -> (train_x, train_y, test_x, test_y, num_classes) or RawData
 # (RawData: own val split, class names, skipped files). A loader that takes `image_size` / `channels`
-# gets the dataset config's; one that takes all of CARVES carves its own absent splits with the
+# (`tokenizer` / `max_length`) gets the dataset config's; one that takes all of CARVES carves its own absent splits with the
 # config's values (digits' own `test_fraction` keeps its meaning: it takes only that one).
 Loader = Callable[..., "tuple[Tensor, Tensor, Tensor, Tensor, int] | RawData"]
 DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
@@ -52,7 +53,8 @@ def cache_dir(cache: str | None) -> Path:
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Train/val/test images (uint8, NCHW) and labels (int64); val is carved from the official train.
+    """Train/val/test inputs and labels (int64); val is carved from the official train. Inputs are
+    images (uint8, NCHW) or token ids (int32, (N, max_length), right-padded: trainables.data.text).
     The last `n_unlabeled` train examples have no label (UNLABELED): transfer data for the
     distillation term (dataset.unlabeled)."""
 
@@ -64,7 +66,7 @@ class DataSplits:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
-    mean: tuple[float, ...]
+    mean: tuple[float, ...]  # per channel, 0..1 scale; () for token ids
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()  # files the loader could not decode (image folders)
@@ -82,8 +84,13 @@ class DataSplits:
         return replace(self, train_x=self.train_x[: self.n_labeled], train_y=self.train_y[: self.n_labeled], n_unlabeled=0)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) for images, (max_length,) for token ids."""
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def is_text(self) -> bool:
+        return self.train_x.dim() == 2
 
     def to(self, device: torch.device | str, images: bool = True) -> "DataSplits":
         """Labels (and, unless images=False, the images) on `device`."""
@@ -105,6 +112,8 @@ def load_dataset(
     image_size: int = 32,
     channels: int = 3,
     unlabeled: "UnlabeledConfig | None" = None,
+    tokenizer: str | None = None,
+    max_length: int = 128,
     **kwargs,
 ) -> DataSplits:
     """Load a registered dataset; carve what it lacks from its train split: the test split
@@ -121,7 +130,8 @@ def load_dataset(
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
     loader = DATASETS.get(name)
     params = inspect.signature(loader).parameters
-    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if k in params}
+    extra = {k: v for k, v in (("image_size", image_size), ("channels", channels), ("tokenizer", tokenizer), ("max_length", max_length))
+             if k in params}
     if CARVES.issubset(params):  # a loader that carves its own splits (image_folder: into its decode cache)
         extra.update(val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
     try:
@@ -155,7 +165,7 @@ def load_dataset(
     n_unlabeled = 0
     if unlabeled is not None:
         train_x, train_y, n_unlabeled = _with_unlabeled(train_x, train_y, unlabeled, cache, split_seed)
-    mean, std = channel_stats(train_x)
+    mean, std = channel_stats(train_x) if train_x.dim() == 4 else ((), ())
     return DataSplits(
         name=name,
         train_x=train_x.contiguous(),
@@ -182,6 +192,8 @@ def _with_unlabeled(x: Tensor, y: Tensor, unlabeled: "UnlabeledConfig", cache: s
         parts.append(x[dropped])
         x, y = x[kept], y[kept]
     if unlabeled.root:
+        if x.dim() != 4:
+            raise ConfigError("`dataset.unlabeled.root` is a folder of images, but this dataset is text: use labels_kept")
         c, h, w = x.shape[1:]
         if h != w:
             raise ConfigError(f"`dataset.unlabeled.root` images are decoded square, but the train images are {h}x{w}: use square images")
@@ -211,7 +223,7 @@ def load_splits(ds: "DatasetConfig") -> DataSplits:
     """`load_dataset` for a validated dataset config (the form every caller holds)."""
     ds = ds.resolved()
     return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, ds.cache, ds.test_fraction, ds.image_size,
-                        ds.channels, ds.unlabeled, **ds.kwargs)
+                        ds.channels, ds.unlabeled, ds.tokenizer, ds.max_length, **ds.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +358,20 @@ def arrays(root: str | None = None, download: bool = False, cache: str | None = 
     if not root:
         raise ConfigError("`dataset.root` is required for arrays: set it to the .npz, .pt or .safetensors file")
     return read_arrays(Path(root).expanduser())
+
+
+@DATASETS.register
+def text(root: str | None = None, download: bool = False, cache: str | None = None, tokenizer: str | None = None, max_length: int = 128,
+         text_column: str = "text", label_column: str = "label"):
+    """Your text: a .csv/.tsv/.jsonl file (or train/val/test ones in a folder), class folders of .txt
+    files, or a `datasets.save_to_disk` folder; tokenized once with `dataset.tokenizer` into the
+    cache (trainables/data/text.py)."""
+    if not root:
+        raise ConfigError("`dataset.root` is required for text: set it to a .csv/.tsv/.jsonl file or a folder of text")
+    if not tokenizer:
+        raise ConfigError("`dataset.tokenizer` is required for text: set it to a folder with tokenizer files (a sweep with a Hugging Face "
+                          "teacher uses the teacher's checkpoint folder)")
+    return tokenize_text(root, cache_dir(cache), tokenizer, max_length, text_column, label_column)
 
 
 @DATASETS.register

@@ -24,6 +24,8 @@ def model_stats(normalize: str, pretrained: bool, arch: str, splits: "DataSplits
     Grey images get the channel means (the network sees three equal channels)."""
     from trainables.models import zoo_of
 
+    if splits.is_text:
+        return (), ()  # token ids take no statistics
     zoo = zoo_of(arch)
     if normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -38,20 +40,26 @@ def model_stats(normalize: str, pretrained: bool, arch: str, splits: "DataSplits
 
 
 class Normalize(nn.Module):
-    """uint8 (or float 0..255) images -> float, normalized with channel statistics on the 0..1 scale."""
+    """uint8 (or float 0..255) images -> float, normalized with channel statistics on the 0..1 scale.
+    No statistics (token ids): the input as it is."""
 
     def __init__(self, mean, std) -> None:
         super().__init__()
+        self.identity = len(mean) == 0
         self.register_buffer("offset", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("scale", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.identity:
+            return x
         return (x.float() - self.offset) * self.scale
 
 
 def normalizer(mean, std, device: torch.device | str) -> Callable[[Tensor], Tensor]:
     """`Normalize`'s operation on `device`, as a plain function: the loop calls it every batch,
     without nn.Module's call machinery."""
+    if len(mean) == 0:
+        return lambda x: x
     return Normalize(mean, std).to(device).forward
 
 

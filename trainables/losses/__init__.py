@@ -409,15 +409,29 @@ def build_loss(
     name: str, params: dict, student: nn.Module | None = None, teacher: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> DistillLoss:
-    """Create a registered loss; feature losses get the stage shapes of student and teacher."""
+    """Create a registered loss; feature losses get the stage shapes of student and teacher (the
+    transformer losses their sizes, from the models' configs, and attention maps when they use them)."""
+    from trainables.losses.text import TextLoss, is_text_model, text_shapes  # registered at the bottom of this module
+
     cls = LOSSES.get(name)
     params = dict(params)
+    if issubclass(cls, TextLoss):
+        params.update(text_shapes(name, student, teacher))
+    elif cls.needs_teacher_features and (is_text_model(student) or is_text_model(teacher)):
+        raise ConfigError(f"`loss.name={name}` distils convolutional stage features, but the models are transformers (hf): "
+                          "use loss.name=tinybert or cosine (or a logit loss: kd, dkd, dist)")
     if name == "hint":
         if student is None or teacher is None or input_shape is None:
             raise ConfigError("`loss.name=hint` needs a teacher: set teacher.path or train one first")
         params["s_shapes"] = _feature_shapes(student, input_shape)
         params["t_shapes"] = _feature_shapes(teacher, input_shape)
     try:
-        return cls(**params)
+        loss = cls(**params)
     except TypeError as e:
         raise ConfigError(f"`loss` has a parameter that loss.name={name!r} does not take ({e}): remove it") from e
+    if isinstance(loss, TextLoss):
+        loss.prepare(student, teacher)
+    return loss
+
+
+import trainables.losses.text  # noqa: E402,F401  registers the transformer losses

@@ -184,6 +184,7 @@ class StagedNet(FeatureTaps, nn.Module):
 import trainables.models.builtin  # noqa: E402,F401  registers the built-ins (they build on StagedNet above)
 from trainables.models.zoo import TIMM, TORCHVISION  # noqa: E402  (they build on FeatureTaps and Zoo above)
 
+from trainables.models.hf import HF  # noqa: E402  (registers `hf`, a checkpoint's own architecture)
 
-#: The model libraries by name prefix: `torchvision.resnet18`, `timm.resnet10t`.
-ZOOS: dict[str, Zoo] = {zoo.prefix: zoo for zoo in (TORCHVISION, TIMM)}
+#: The model libraries by name prefix: `torchvision.resnet18`, `timm.resnet10t`, `hf.bert-L4-H256-A4`.
+ZOOS: dict[str, Zoo] = {zoo.prefix: zoo for zoo in (TORCHVISION, TIMM, HF)}

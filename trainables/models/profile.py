@@ -19,11 +19,19 @@ def serialized_bytes(model: nn.Module) -> int:
     return len(st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
+def example_input(input_shape: tuple[int, ...], batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch a model takes: normalized images (N, C, H, W), or token ids (N, L) with no padding
+    (id 1: in every vocabulary, and never a pad id 0), so attention runs over the full length."""
+    if len(input_shape) == 1:
+        return torch.ones(batch, *input_shape, dtype=torch.long, device=device)
+    return torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+
 @torch.no_grad()
 def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Forward FLOPs for one image (torch.utils.flop_counter; a multiply-add counts as 2)."""
+    """Forward FLOPs for one example (torch.utils.flop_counter; a multiply-add counts as 2)."""
     p = next(model.parameters())
-    x = torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype)
+    x = example_input(input_shape, 1, p.device, p.dtype)
     with FlopCounterMode(display=False) as fc:
         model(x)
     return int(fc.get_total_flops())
@@ -37,7 +45,7 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, devic
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch.utils.benchmark as benchmark
 
-    x = torch.randn(batch, *input_shape, device=device)
+    x = example_input(input_shape, batch, device)
     timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
@@ -72,7 +80,7 @@ def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> 
 
 
 def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
-                 teacher_path: str | None = None, plugins: list[str] = ()) -> dict[str, float]:
+                 teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
     """Ray task body (orchestrator.sweep.Profiles): size metrics of one architecture,
     freshly built, or of the saved teacher."""
     from trainables.plugins import load_plugins
@@ -86,5 +94,5 @@ def profile_task(arch: str | None = None, shape: list[int] | None = None, num_cl
     else:
         from trainables.models import create_model
 
-        model = create_model(arch, num_classes, shape)
+        model = create_model(arch, num_classes, shape, **(arch_kwargs or {}))
     return size_metrics(model, tuple(shape))

@@ -38,15 +38,27 @@ def _cached_sha(path: str, size: int, mtime_ns: int) -> str:
 
 
 def weights_sha256(path: str | Path) -> str:
-    """The file's sha256, computed once per (path, size, mtime) in this process (cache keys ask often)."""
+    """The file's sha256, computed once per (path, size, mtime) in this process (cache keys ask often).
+    A Hugging Face checkpoint folder's: of its config and safetensors files' hashes."""
+    if os.path.isdir(path):
+        parts = [f"{f.name}:{weights_sha256(f)}" for f in sorted(Path(path).iterdir()) if f.suffix == ".safetensors" or f.name == "config.json"]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
     st = os.stat(path)
     return _cached_sha(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 def check_weights_path(path: str) -> str:
     """ValueError (for pydantic, which names the field) unless `path` is an existing file with a
-    weights suffix; returns it absolute."""
+    weights suffix, or a Hugging Face checkpoint folder; returns it absolute. Nothing is downloaded:
+    a hub name says how to point at a local copy."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        from trainables.models.hf import check_checkpoint
+
+        return check_checkpoint(path)
+    if not p.exists() and p.suffix not in SUFFIXES and not p.is_absolute() and path.count("/") <= 1:
+        raise ValueError(f"{path!r} is no file or folder here (a Hugging Face hub name?): nothing is downloaded; save the model with "
+                         "save_pretrained(DIR) where you have it, copy DIR here and point at it")
     if p.suffix not in SUFFIXES:
         raise ValueError(f"must be a state_dict file ({', '.join(SUFFIXES)}), but got {path!r}")
     if not p.is_file():
@@ -123,6 +135,10 @@ def _some(keys) -> str:
 def load_weights(model: nn.Module, path: str | Path, field: str, new_head_ok: bool) -> bool:
     """Load `path` into `model`; returns True when the head was left new because its shape differs.
     Missing, unexpected or mismatched keys elsewhere: a ConfigError listing the first few."""
+    if os.path.isdir(path):
+        from trainables.models.hf import load_checkpoint
+
+        return load_checkpoint(model, path, field, new_head_ok)
     state = read_weights(path, field)
     target = _target(model, state)
     own = target.state_dict()

@@ -1,0 +1,253 @@
+"""Your own text: a CSV/TSV/JSONL file (or one per split), a folder of `.txt` files per class, or a
+Hugging Face `datasets` folder (`save_to_disk`), tokenized once.
+
+Tokenized on the first load (the driver's data check, before Ray starts) into the cache under a key
+of the source files (names, sizes, mtimes), the tokenizer's files and `max_length`; every later
+load (the teacher, the teacher cache, every trial, the next sweep) memory-maps the token ids. Ids
+are int32 (N, max_length), padded on the right with the tokenizer's pad id: a model's attention
+mask is `ids != pad_id` (trainables.models.hf), so nothing else is stored.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables.atomic import atomic_path
+from trainables.data.images import SPLITS, RawData
+from trainables.registry import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when tokenization changes: old caches are then ignored
+TABLES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
+#: Files a split may be given as in a folder: train.csv, val.tsv, validation.jsonl, test.csv ...
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test": ("test",)}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """A Hugging Face model folder (`save_pretrained`): it has config.json."""
+    return (Path(path) / "config.json").is_file()
+
+
+def check_local_dir(path: str, field: str, what: str) -> Path:
+    """`path` as an existing folder; a name that is no folder here (a hub id such as
+    `bert-base-uncased`) is a one-line ConfigError saying how to point at a local copy."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if not p.exists() and not p.is_absolute() and path.count("/") <= 1 and not path.startswith("."):
+        raise ConfigError(f"`{field}` {path!r} is not a folder here (a Hugging Face hub name?): nothing is downloaded; save the {what} "
+                          f"with save_pretrained(DIR) where you have it, copy DIR here and set {field}=DIR")
+    raise ConfigError(f"`{field}` must be an existing folder ({what}), but got {field}={path!r}: fix the path")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str, mtime_ns: int):
+    from transformers import AutoTokenizer
+
+    from trainables.models.hf import quiet
+
+    quiet()
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def load_tokenizer(path: str, field: str = "dataset.tokenizer"):
+    """A tokenizer from a local folder (never downloaded, never remote code), one per folder per process."""
+    p = check_local_dir(path, field, "tokenizer")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"`{field}` {str(p)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save one there with "
+                          "tokenizer.save_pretrained(DIR), or set dataset.tokenizer to a folder that has one")
+    try:
+        tok = _tokenizer(str(p), max((p / f).stat().st_mtime_ns for f in os.listdir(p)))
+    except Exception as e:  # transformers raises many types for foreign files
+        raise ConfigError(f"`{field}` {str(p)!r} cannot be loaded as a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if tok.pad_token_id is None:
+        raise ConfigError(f"`{field}` {str(p)!r} tokenizer has no pad token: set one (tokenizer.pad_token = ...) and save it again")
+    return tok
+
+
+def tokenizer_info(path: str) -> dict[str, Any]:
+    """What a model built for this tokenizer needs: its vocabulary size (with added tokens) and pad id."""
+    tok = load_tokenizer(path)
+    return {"vocab_size": len(tok), "pad_token_id": int(tok.pad_token_id)}
+
+
+def _files_digest(paths: list[Path], h) -> None:
+    for f in sorted(paths):
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+
+
+def _source(root: Path) -> tuple[str, dict[str, Any], list[Path]]:
+    """(kind, split -> where, files to key the cache on) for what `dataset.root` holds."""
+    if root.is_file():
+        if root.suffix not in TABLES:
+            raise ConfigError(f"`dataset.root` must be a .csv, .tsv or .jsonl file (or a folder), but got {root.name!r}")
+        return "table", {"train": root}, [root]
+    if not root.is_dir():
+        raise ConfigError(f"`dataset.root` must be an existing file or folder of text, but got dataset.root={str(root)!r}: fix the path")
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return "datasets", {}, [f for f in root.rglob("*") if f.is_file()]
+    tables = {}
+    for split, names in SPLIT_NAMES.items():
+        for name in names:
+            for suffix in TABLES:
+                if (root / f"{name}{suffix}").is_file():
+                    tables.setdefault(split, root / f"{name}{suffix}")
+    if tables:
+        if "train" not in tables:
+            raise ConfigError(f"`dataset.root` {root} has {sorted(tables)} files but no train.csv/.tsv/.jsonl: add the train split")
+        return "table", tables, list(tables.values())
+    base = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"`dataset.root` {root} holds no train.csv/.tsv/.jsonl, no save_to_disk dataset and no class folders of .txt "
+                          "files: see docs/data.md#text")
+    splits = {"train": base} if base == root else {s: root / s for s in SPLITS if (root / s).is_dir()}
+    return "folders", splits, [f for d in splits.values() for f in d.rglob("*.txt")]
+
+
+def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+    rows: list[dict[str, Any]] = []
+    if TABLES[path.suffix] is None:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"`dataset.root` {path.name} line {n} is not JSON ({e.msg}): one JSON object per line") from None
+        columns = sorted({k for r in rows for k in r}) if rows else []
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter=TABLES[path.suffix])
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    if not rows:
+        raise ConfigError(f"`dataset.root` {path} has no examples: give it a header row and one row per example")
+    for key, col in (("text_column", text_column), ("label_column", label_column)):
+        if col not in columns:
+            raise ConfigError(f"`dataset.kwargs.{key}` {col!r} is not a column of {path.name} (columns: {columns}): set dataset.kwargs.{key}")
+    texts = [r.get(text_column) for r in rows]
+    if any(not isinstance(t, str) for t in texts):
+        n = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+        raise ConfigError(f"`dataset.kwargs.text_column` {text_column!r} of {path.name} row {n + 1} is not text ({texts[n]!r})")
+    return texts, [r.get(label_column) for r in rows]
+
+
+def _read_folders(split_dir: Path) -> tuple[list[str], list[Any]]:
+    texts, labels = [], []
+    for c in sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for f in sorted(c.rglob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            labels.append(c.name)
+    return texts, labels
+
+
+def _read_datasets(root: Path, text_column: str, label_column: str) -> tuple[dict[str, tuple[list[str], list[Any]]], list[str] | None]:
+    """A `save_to_disk` folder: a DatasetDict (train / validation / test) or one Dataset (train).
+    Class names from a ClassLabel feature, when the labels have one."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(root))
+    except Exception as e:
+        raise ConfigError(f"`dataset.root` {root} cannot be read by datasets.load_from_disk ({type(e).__name__}): save it with save_to_disk") from None
+    parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+    out, names = {}, None
+    for split, aliases in SPLIT_NAMES.items():
+        d = next((parts[a] for a in aliases if a in parts), None)
+        if d is None:
+            continue
+        for key, col in (("text_column", text_column), ("label_column", label_column)):
+            if col not in d.column_names:
+                raise ConfigError(f"`dataset.kwargs.{key}` {col!r} is not a column of the {split} split (columns: {d.column_names}): "
+                                  f"set dataset.kwargs.{key}")
+        feature = d.features[label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        out[split] = (list(d[text_column]), list(d[label_column]))
+    if "train" not in out:
+        raise ConfigError(f"`dataset.root` {root} has splits {sorted(parts)} but no train split: save a DatasetDict with a train split")
+    return out, names
+
+
+def _classes(splits: dict[str, tuple[list[str], list[Any]]], names: list[str] | None) -> tuple[list[str], dict[str, list[int]]]:
+    """Class names (sorted; numbers numerically, or a ClassLabel's names) and each split's label indices."""
+    if names is not None:
+        return names, {s: [int(v) for v in labels] for s, (_, labels) in splits.items()}
+    train = {str(v) for v in splits["train"][1] if v is not None and str(v) != ""}
+    numeric = all(v.lstrip("-").isdigit() for v in train)
+    classes = sorted(train, key=int if numeric else str)
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split, (_, labels) in splits.items():
+        missing = next((v for v in labels if str(v) not in index), None) if split != "train" else None
+        if split == "train" and any(v is None or str(v) == "" for v in labels):
+            raise ConfigError("`dataset.kwargs.label_column` has empty labels in the train split: give every example a label")
+        if missing is not None:
+            raise ConfigError(f"`dataset.root` {split} split has label {missing!r} that train lacks: every val/test label must occur in train")
+        out[split] = [index[str(v)] for v in labels]
+    return classes, out
+
+
+def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_length: int, text_column: str = "text",
+                  label_column: str = "label") -> RawData:
+    """The text at `root` as RawData of int32 token ids (N, max_length), tokenized at most once per
+    (files, tokenizer, max_length, columns); absent val/test splits are carved by load_dataset."""
+    root = Path(root).expanduser()
+    kind, where, files = _source(root)
+    tok_dir = Path(tokenizer)
+    tok = load_tokenizer(tokenizer)
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "max_length": max_length, "text": text_column, "label": label_column,
+                                   "root": str(root.resolve())}, sort_keys=True).encode())
+    _files_digest(files, h)
+    _files_digest([f for f in tok_dir.iterdir() if f.is_file()], h)
+    out_dir = Path(cache) / "text" / f"{root.stem}-{h.hexdigest()[:20]}"
+    t0 = time.perf_counter()
+    if not (out_dir / "meta.json").exists():
+        names = None
+        if kind == "datasets":
+            splits, names = _read_datasets(root, text_column, label_column)
+        elif kind == "table":
+            splits = {s: _read_table(p, text_column, label_column) for s, p in where.items()}
+        else:
+            splits = {s: _read_folders(d) for s, d in where.items()}
+        if not splits["train"][0]:
+            raise ConfigError(f"`dataset.root` {root} has no train examples")
+        classes, labels = _classes(splits, names)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for split, (texts, _) in splits.items():
+            enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
+            ids = np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(texts), max_length)
+            for name, arr in (("x", ids), ("y", np.asarray(labels[split], dtype=np.int64))):
+                with atomic_path(out_dir / f"{split}_{name}.npy") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, arr)
+        with atomic_path(out_dir / "meta.json") as tmp:  # written last: its presence means complete
+            tmp.write_text(json.dumps({"classes": classes, "splits": list(splits), "root": str(root), "tokenizer": str(tok_dir),
+                                       "max_length": max_length, "pad_token_id": tok.pad_token_id}, indent=2))
+        decode_s = time.perf_counter() - t0
+        log.info("tokenized %s: %d texts in %.1f s -> %s", root, sum(len(t) for t, _ in splits.values()), decode_s, out_dir)
+    else:
+        decode_s = 0.0
+    meta = json.loads((out_dir / "meta.json").read_text())
+
+    def load(split: str):
+        if split not in meta["splits"]:
+            return None, None
+        return torch.from_numpy(np.load(out_dir / f"{split}_x.npy", mmap_mode="c")), torch.from_numpy(np.load(out_dir / f"{split}_y.npy"))
+
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (load(s) for s in SPLITS)
+    return RawData(train_x, train_y, test_x, test_y, val_x, val_y, tuple(meta["classes"]), [], decode_s)
