@@ -382,10 +382,21 @@ class SweepConfig(Strict):
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"
 
     def student_kwargs(self, student: str) -> dict[str, Any]:
-        """What a student is built with beyond its name: an hf.<family> student, the data's tokenizer."""
+        """What a student is built with beyond its name: an hf.<family> student, its tokenizer (the
+        one saved with its student_weights checkpoint, else the data's)."""
+        from trainables.data.text import has_tokenizer
         from trainables.models.hf import PREFIX
 
-        return {"tokenizer": self.dataset.resolved().tokenizer} if student.startswith(PREFIX) else {}
+        if not student.startswith(PREFIX):
+            return {}
+        own = self.student_weights.get(student)
+        return {"tokenizer": own if own and has_tokenizer(own) else self.dataset.resolved().tokenizer}
+
+    def student_dataset(self, student: str) -> DatasetConfig:
+        """The dataset as this student reads it: tokenized with its own tokenizer (text), resolved."""
+        ds = self.dataset.resolved()
+        own = self.student_kwargs(student).get("tokenizer")
+        return ds.model_copy(update={"tokenizer": own}) if own and own != ds.tokenizer else ds
 
     def teacher_trial(self) -> TrialConfig:
         """The teacher is trained by the same loop: CE only (alpha=0), no teacher of its own, with its

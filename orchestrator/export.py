@@ -45,7 +45,7 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     if splits.is_text:
-        return export_text(model.model, splits, tracker, run_id, fmt, out_dir)
+        return export_text(model.model, saved.config.dataset, tracker, run_id, fmt, out_dir)
     example = splits.test_x[:256].float()
     with torch.no_grad():
         expected = model(example)
@@ -98,14 +98,16 @@ class TokensIn(torch.nn.Module):
         return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def export_text(model, splits, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
+def export_text(model, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
     """A text student to ONNX (dynamic batch and sequence axes) with its tokenizer's files beside
-    it, checked with onnxruntime against PyTorch on test examples; or its safetensors and card."""
+    it, checked with onnxruntime against PyTorch on test examples (tokenized with the student's
+    tokenizer, its card's); or its safetensors and card."""
     from trainables.data.text import load_tokenizer
 
     card = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
                 shown_as=f"runs:/{run_id}/student/student.json")
     tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
+    splits = load_splits(dataset.resolved().model_copy(update={"tokenizer": card.arch_kwargs["tokenizer"]}))
     tokenizer.save_pretrained(str(out_dir))
     if fmt == "safetensors":
         from safetensors.torch import save_file

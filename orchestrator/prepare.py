@@ -77,8 +77,14 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
         elif t.path and (Path(t.path) / CARD).is_file():
             teacher = _config(read_card(t.path).arch_kwargs["config"])
     for s in cfg.students:
-        config = family_config(s, cfg.dataset.resolved().tokenizer)
-        check_fit(config, f"students {s}", info.input_shape[0], vocab)
+        own = cfg.student_kwargs(s)["tokenizer"]
+        if own != cfg.dataset.resolved().tokenizer:  # its own tokenizer: the text tokenized for it too, once, here
+            load_splits(cfg.student_dataset(s))
+            if any(LOSSES.get(m).needs_teacher_features for m in cfg.methods) or cfg.train.teacher_targets == "online":
+                raise ConfigError(f"`student_weights.{s}` brings its own tokenizer, so its tokens are not the teacher's: distil it from "
+                                  "cached logits (loss kd, dkd or dist; train.teacher_targets auto), not token-aligned features")
+        config = family_config(s, own)
+        check_fit(config, f"students {s}", info.input_shape[0], tokenizer_info(own)["vocab_size"])
         if cfg.student_weights.get(s) == TEACHER_LAYERS and teacher is not None:
             check_layers_fit(config, teacher, s)
         if "cosine" in cfg.methods and teacher is not None and config.hidden_size != teacher.hidden_size:

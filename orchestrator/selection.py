@@ -154,10 +154,11 @@ def load_student(tracker: SweepTracker, run_id: str) -> "Normalized":
 
 
 def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normalized | None", s,
-                     members: list[tuple[str, "Normalized"]] = ()) -> dict[str, dict[str, float]]:
+                     members: list[tuple[str, "Normalized"]] = (), student_splits=None) -> dict[str, dict[str, float]]:
     """The once-only look at the test split: clean metrics and the corruption suite, for the winner
     and for its teacher (and an ensemble's `members`, by name), so "student vs teacher" is one
-    table. All take raw pixels (their own normalization inside)."""
+    table. All take raw pixels (their own normalization inside) or token ids: the student those of
+    `student_splits` when it has its own tokenizer (the same examples in the same order)."""
     from trainables.eval.corruptions import robustness
     from trainables.eval.inference import predict
     from trainables.eval.metrics import classification_metrics
@@ -168,7 +169,8 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
     for who, model in (("student", student), ("teacher", teacher), *members):
         if model is None:
             continue
-        logits = t_logits if who == "teacher" else predict(model, s.test_x, raw, 2048, contextlib.nullcontext, False)
+        x = student_splits.test_x if who == "student" and student_splits is not None else s.test_x
+        logits = t_logits if who == "teacher" else predict(model, x, raw, 2048, contextlib.nullcontext, False)
         m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
         if not s.is_text:  # image corruptions
             fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
@@ -278,7 +280,8 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
                         "(`kdsweep best %s --confirm-seeds N --confirm-top K` confirms more finalists)", cfg.name)
     if winner is None:
         winner = choose(searched, objs[0], minimum, maximum)
-    splits = load_splits(cfg.dataset)
+    splits = load_splits(cfg.dataset)  # the teacher's inputs
+    own = load_splits(cfg.student_dataset(winner["student"]))  # the champion's (text: its own tokenizer's ids)
     model = load_student(tracker, winner["run_id"])
     tags = client.get_run(winner["run_id"]).data.tags
     if tags.get(Tag.TEST_EVALUATED) == "true":  # touch the test split once per model
@@ -288,7 +291,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         teacher, members = None, []
         if teacher_path or cfg.teacher_dir().exists():
             teacher, members = teacher_models(teacher_path or cfg.teacher_dir())
-        test = evaluate_on_test(cfg, model, teacher, splits, members)
+        test = evaluate_on_test(cfg, model, teacher, splits, members, own)
         tracker.log_metrics(winner["run_id"], test["student"], step=0)
         client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
         client.set_tag(winner["run_id"], Tag.TEST_EVALUATED, "true")
@@ -299,7 +302,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
                                        if who.startswith("teacher[")}}, step=0)
     client.set_tag(parent_id, Tag.CHAMPION, winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
-    version = register(tracker, cfg, winner["run_id"], model, splits)
+    version = register(tracker, cfg, winner["run_id"], model, own)
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
     log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
              f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")

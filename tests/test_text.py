@@ -44,17 +44,18 @@ def write_texts(path: Path, n: int = 400, seed: int = 0, sep: str = ",") -> Path
     return path
 
 
-def make_checkpoint(out: Path, layers: int = 2, hidden: int = 32, positions: int = 64, vocab_extra: int = 0) -> Path:
-    """A tiny BERT sequence classifier and its tokenizer, saved as a Hugging Face checkpoint folder."""
+def make_checkpoint(out: Path, layers: int = 2, hidden: int = 32, positions: int = 64, vocab_extra: int = 0, intermediate: int = 64,
+                    words: list[str] | None = None) -> Path:
+    """A tiny BERT sequence classifier and its tokenizer (`words` in this order), saved as a Hugging Face checkpoint folder."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(GOOD + BAD + FILL))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (words or sorted(set(GOOD + BAD + FILL)))
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(str(out / "vocab.txt"), do_lower_case=True).save_pretrained(str(out))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab) + vocab_extra, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=positions, num_labels=2)
+                     intermediate_size=intermediate, max_position_embeddings=positions, num_labels=2)
     BertForSequenceClassification(cfg).save_pretrained(str(out))
     return out
 
@@ -152,6 +153,41 @@ def test_student_from_family_and_teacher_layers(text_case):
     assert torch.allclose(student.eval()(x), student(x[:, :4]), atol=1e-5)
 
 
+def test_a_student_with_its_own_tokenizer_reads_its_own_ids(text_case, tmp_path, monkeypatch):
+    """A student checkpoint whose tokenizer numbers the words the other way round (and has 5 more):
+    it trains and is tested on its own ids while the teacher's cached logits come from the
+    teacher's ids, example by example. Pure distillation (alpha=1): had either side read the other's
+    ids, the student would learn nothing the teacher knows."""
+    from orchestrator.config import load_config
+    from orchestrator.prepare import check_data, ensure_teacher
+    from trainables.data import load_splits
+    from trainables.eval.inference import predict
+    from trainables.loop import train_student
+    from trainables.models.teacher import load_teacher
+    from trainables.teacher_cache import build_teacher_cache
+
+    ckpt, table = text_case
+    monkeypatch.chdir(tmp_path)
+    words = sorted(set(GOOD + BAD + FILL), reverse=True) + [f"extra{i}" for i in range(5)]
+    own = make_checkpoint(tmp_path / "student-ckpt", layers=1, hidden=32, positions=512, intermediate=64, words=words)
+    student = "hf.bert-L1-H32-A2-I64"
+    cfg = load_config(str(text_yaml(tmp_path, ckpt, table, students=[student], student_weights={student: str(own)}, search={},
+                                    **{"loss.alpha": 1.0, "train.epochs": 6})), [])
+    assert cfg.student_kwargs(student) == {"tokenizer": str(own)}
+    teacher_dir = ensure_teacher(cfg, check_data(cfg))
+    trial = cfg.trial(student, {"seed": 0}, teacher_path=teacher_dir)
+    teacher, card = load_teacher(teacher_dir)
+    path, _ = build_teacher_cache(trial, teacher, card, tmp_path / "cache")
+    result = train_student(trial.model_copy(update={"teacher_cache": str(path)}))
+    assert result.metrics["teacher_targets"] == "cache" and result.metrics["teacher_forward_images"] == 0
+
+    theirs, mine = load_splits(cfg.dataset), load_splits(cfg.student_dataset(student))
+    assert torch.equal(theirs.val_y, mine.val_y) and not torch.equal(theirs.val_x, mine.val_x)
+    acc = lambda x: (predict(result.model, x, lambda v: v, 256, __import__("contextlib").nullcontext, False).argmax(1) == mine.val_y).float().mean()  # noqa: E731
+    assert result.metrics["val_acc"] > 0.9 and acc(mine.val_x) > 0.9
+    assert acc(theirs.val_x) < 0.8  # the teacher's ids mean other words to this student
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: one line, exit 2, nothing written, before Ray starts
 
@@ -198,6 +234,7 @@ def _bad_cases(root: Path, ckpt: Path, table: Path) -> list[tuple[dict, str]]:
     torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     big_vocab = make_checkpoint(root / "other-vocab", vocab_extra=-10)  # a model with fewer embeddings than the tokenizer's tokens
+    own = make_checkpoint(root / "own-tokenizer", layers=1, positions=512, words=sorted(set(GOOD + BAD + FILL), reverse=True))
     return [
         ({"dataset.kwargs": {"text_column": "review"}}, "`dataset.kwargs.text_column` 'review' is not a column"),
         ({"dataset.root": str(root / "nolabel")}, "val split has label 'meh' that train lacks"),
@@ -212,6 +249,8 @@ def _bad_cases(root: Path, ckpt: Path, table: Path) -> list[tuple[dict, str]]:
         ({"student_weights": {"hf.bert-L1-H32-A2-I32": "teacher"}}, "`student_weights.hf.bert-L1-H32-A2-I32: teacher` copies the teacher's layers"),
         ({"students": ["hf.bert-L1-H16-A2"], "student_weights": {}}, "`loss.name` cosine compares hidden states of the teacher's width (32)"),
         ({"students": ["hf.nosuchfamily-L1"], "student_weights": {}}, "names no transformers model type 'nosuchfamily'"),
+        ({"students": ["hf.bert-L1-H32-A2-I64"], "student_weights": {"hf.bert-L1-H32-A2-I64": str(own)}},
+         "`student_weights.hf.bert-L1-H32-A2-I64` brings its own tokenizer, so its tokens are not the teacher's"),
     ]
 
 
@@ -221,6 +260,7 @@ def test_bad_text_inputs_exit_2_with_one_line(text_case, tmp_path, capsys, monke
     monkeypatch.setattr(orchestrator.sweep, "init_ray", lambda *a, **k: pytest.fail("Ray started"))  # (a shared Ray may be up already)
     ckpt, table = text_case
     cases = _bad_cases(tmp_path / "inputs", *text_case) if (tmp_path / "inputs").mkdir() is None else []
+    capsys.readouterr()  # (save_pretrained's own progress bars)
     for i, (over, needle) in enumerate(cases):
         work = tmp_path / f"case{i}"
         work.mkdir()

@@ -182,6 +182,9 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     channels_last = cuda and cfg.train.channels_last and not every.is_text
     unlabeled = cfg.dataset.unlabeled
     splits = every
+    own = cfg.student_kwargs.get("tokenizer")
+    if every.is_text and own and own != cfg.dataset.tokenizer:  # a student with its own tokenizer: its own ids, example by
+        splits, _ = _splits(cfg.dataset.model_copy(update={"tokenizer": own}), device, reporter.warm)  # example the teacher's
     if not cfg.loss.distills or (unlabeled is not None and unlabeled.ratio == 0):  # CE alone (a control, a teacher), or asked
         splits = every.labeled()  # to leave them out: unlabelled examples would add nothing but steps
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
@@ -240,6 +243,9 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
 
     t_stats = card.stats if card is not None else (mean, std)  # each model its own statistics (the teacher's: its card's)
     t_norm = normalizer(*t_stats, device)
+    if splits.train_x is not every.train_x and (loss_fn.needs_teacher_features or cfg.train.teacher_targets == "online"):
+        raise ConfigError("`student_weights` gives this student its own tokenizer: its tokens are not the teacher's, so it distils "
+                          "from cached logits only (loss kd, dkd or dist; train.teacher_targets auto)")
     targets = teacher_targets(cfg, teacher, card, loss_fn.needs_teacher_features, every, on_device,  # the cache covers every example
                               lambda model, x: predict(model, x, t_norm, cfg.train.eval_batch_size, autocast, channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)

@@ -62,6 +62,11 @@ def _tokenizer(path: str, mtime_ns: int):
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """A folder with a tokenizer's files (a checkpoint saved with its tokenizer)."""
+    return Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str, field: str = "dataset.tokenizer"):
     """A tokenizer from a local folder (never downloaded, never remote code), one per folder per process."""
     p = check_local_dir(path, field, "tokenizer")
