@@ -153,8 +153,9 @@ def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, trial, m
 
 
 def corruption_csv(table: dict[str, list[float]]) -> str:
-    """robustness()'s table (corruption -> accuracies at severities 1..5) as CSV with the mean."""
-    rows = ["corruption,s1,s2,s3,s4,s5,mean"]
+    """robustness()'s table (corruption -> accuracies at severities 1..5; text's 1..3) as CSV with the mean."""
+    severities = max((len(a) for a in table.values()), default=5)
+    rows = ["corruption," + ",".join(f"s{i}" for i in range(1, severities + 1)) + ",mean"]
     for name, accs in sorted(table.items()):
         rows.append(",".join([name, *(f"{a:.6f}" for a in accs), f"{sum(accs) / len(accs):.6f}"]))
     return "\n".join(rows) + "\n"

@@ -86,6 +86,11 @@ def test_tokenized_once_and_every_format_reads_the_same(text_case, tmp_path):
     n = len(first.train_y) + len(first.val_y) + len(first.test_y)
     assert n == 400
 
+    # The val and test strings ride along, in the splits' order (the text corruption suite perturbs them).
+    retok = __import__("transformers").AutoTokenizer.from_pretrained(str(ckpt))(
+        list(first.test_text), truncation=True, max_length=16, padding="max_length")["input_ids"]
+    assert len(first.val_text) == len(first.val_y) and torch.equal(torch.tensor(retok, dtype=torch.int32), first.test_x)
+
     rows = list(csv.DictReader(open(table)))
     tok = __import__("transformers").AutoTokenizer.from_pretrained(str(ckpt))
     assert first.train_x[0][0].item() == tok.cls_token_id and (first.train_x == tok.pad_token_id).any()
@@ -123,6 +128,28 @@ def test_given_splits_and_labels_not_in_train(text_case, tmp_path):
         f.write("a strange review,meh\n")
     with pytest.raises(ConfigError, match="test split has label 'meh' that train lacks"):
         load_dataset("text", str(tmp_path), cache=str(tmp_path / "c"), tokenizer=str(ckpt), max_length=16)
+
+
+def test_text_corruptions_are_seeded_and_grow_with_severity():
+    from trainables.eval.text_corruptions import TEXT_CORRUPTIONS, corrupt_texts
+
+    texts = [" ".join(f"word{i}x{j}" for j in range(20)) for i in range(200)]
+
+    def touched(name: str, severity: int) -> int:
+        """Words changed: moved (swap), or gone from / new in the text (drop, typo)."""
+        out = corrupt_texts(texts, name, severity, seed=0)
+        if name == "word_swap":
+            return sum(a != b for t, c in zip(texts, out) for a, b in zip(t.split(), c.split()))
+        return sum(len(set(t.split()) ^ set(c.split())) for t, c in zip(texts, out))
+
+    for name in TEXT_CORRUPTIONS.names():
+        assert corrupt_texts(texts, name, 2, seed=0) == corrupt_texts(texts, name, 2, seed=0)
+        assert corrupt_texts(texts, name, 2, seed=0) != corrupt_texts(texts, name, 2, seed=1)
+        assert touched(name, 1) < touched(name, 2) < touched(name, 3), name
+    dropped = corrupt_texts(["one two"] * 500, "word_drop", 3, 0)
+    assert all(d for d in dropped) and {len(d.split()) for d in dropped} == {1, 2}
+    typo = corrupt_texts(["abcdef"] * 300, "char_typo", 1, 0)
+    assert 0.05 < sum(t != "abcdef" for t in typo) / 300 < 0.2  # about 10% of the words at severity 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +325,9 @@ def test_text_sweep_end_to_end(text_case, tmp_path, ray_address, monkeypatch):
     assert set(losses) == {"kd", "cosine", "tinybert"} and losses["kd"] == 0 and losses["cosine"] > 0 and losses["tinybert"] > 0, losses
     test_acc = count_rows(db, "select count(*) from metrics where key='champion_test_acc' and value > 0.8")
     assert test_acc >= 1
+    # The text corruption suite: on each finished trial's val split, and once on the champion's test split.
+    assert count_rows(db, "select count(*) from metrics where key='corr_word_drop'") >= 2
+    assert count_rows(db, "select count(*) from metrics where key='champion_test_robust_acc' and value > 0.5") == 1
 
     # Out: ONNX with dynamic batch and sequence axes, its tokenizer beside it, run on raw strings.
     import numpy as np

@@ -26,6 +26,7 @@ from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.corruptions import robustness
+from trainables.eval.text_corruptions import text_robustness
 from trainables.eval.inference import predict
 from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import model_stats, normalizer
@@ -321,8 +322,13 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         tables = {}
         if final and t.rank == 0:
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
-            if cfg.train.robust_samples and not splits.is_text:  # image corruptions
-                n = min(cfg.train.robust_samples, len(splits.val_y))
+            n = min(cfg.train.robust_samples, len(splits.val_y))
+            if n and splits.is_text:  # typos, dropped and swapped words, tokenized again with the student's tokenizer
+                clean = float((logits[:n].argmax(1) == splits.val_y[:n]).float().mean())
+                summary, tables["corruptions"] = text_robustness(lambda ids: t.evaluate(student, ids), splits.val_text[:n], splits.val_y[:n],
+                                                                 splits.tokenizer, splits.input_shape[0], cfg.seed, clean)
+                metrics.update(summary)
+            elif n:
                 summary, tables["corruptions"] = robustness(lambda xc: t.evaluate(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
                                                             cfg.train.eval_batch_size)
                 metrics.update(summary)

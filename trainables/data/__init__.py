@@ -72,6 +72,9 @@ class DataSplits:
     skipped: tuple[str, ...] = ()  # files the loader could not decode (image folders)
     decode_s: float = 0.0  # seconds this load spent decoding (0: read from the decode-once cache)
     n_unlabeled: int = 0
+    tokenizer: str | None = None  # text: the tokenizer the ids come from
+    val_text: tuple[str, ...] = ()  # text: the val and test strings, in the splits' order
+    test_text: tuple[str, ...] = ()
 
     @property
     def n_labeled(self) -> int:
@@ -181,6 +184,9 @@ def load_dataset(
         skipped=tuple(raw.skipped) if raw else (),
         decode_s=raw.decode_s if raw else 0.0,
         n_unlabeled=n_unlabeled,
+        tokenizer=tokenizer if train_x.dim() == 2 else None,
+        val_text=tuple(raw.texts.get("val", ())) if raw else (),
+        test_text=tuple(raw.texts.get("test", ())) if raw else (),
     )
 
 
@@ -362,7 +368,7 @@ def arrays(root: str | None = None, download: bool = False, cache: str | None = 
 
 @DATASETS.register
 def text(root: str | None = None, download: bool = False, cache: str | None = None, tokenizer: str | None = None, max_length: int = 128,
-         text_column: str = "text", label_column: str = "label"):
+         text_column: str = "text", label_column: str = "label", val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0):
     """Your text: a .csv/.tsv/.jsonl file (or train/val/test ones in a folder), class folders of .txt
     files, or a `datasets.save_to_disk` folder; tokenized once with `dataset.tokenizer` into the
     cache (trainables/data/text.py)."""
@@ -371,7 +377,7 @@ def text(root: str | None = None, download: bool = False, cache: str | None = No
     if not tokenizer:
         raise ConfigError("`dataset.tokenizer` is required for text: set it to a folder with tokenizer files (a sweep with a Hugging Face "
                           "teacher uses the teacher's checkpoint folder)")
-    return tokenize_text(root, cache_dir(cache), tokenizer, max_length, text_column, label_column)
+    return tokenize_text(root, cache_dir(cache), tokenizer, max_length, text_column, label_column, val_fraction, test_fraction, split_seed)
 
 
 @DATASETS.register

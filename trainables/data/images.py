@@ -51,6 +51,7 @@ class RawData:
     classes: tuple[str, ...] = ()
     skipped: list[str] = field(default_factory=list)
     decode_s: float = 0.0  # seconds spent decoding in this call (0: read from the cache)
+    texts: dict[str, list[str]] = field(default_factory=dict)  # text: the val and test strings (the text corruption suite)
 
     @property
     def num_classes(self) -> int:

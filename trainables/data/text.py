@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from trainables.atomic import atomic_path
-from trainables.data.images import SPLITS, RawData
+from trainables.data.images import SPLITS, RawData, stratified_split
 from trainables.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -208,15 +208,19 @@ def _classes(splits: dict[str, tuple[list[str], list[Any]]], names: list[str] | 
 
 
 def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_length: int, text_column: str = "text",
-                  label_column: str = "label") -> RawData:
+                  label_column: str = "label", val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0) -> RawData:
     """The text at `root` as RawData of int32 token ids (N, max_length), tokenized at most once per
-    (files, tokenizer, max_length, columns); absent val/test splits are carved by load_dataset."""
+    (files, tokenizer, max_length, columns, carve). Absent val/test splits are carved here, as
+    load_dataset carves arrays (stratified: test with split_seed, then val with split_seed + 1), so
+    every split is memory-mapped; the val and test texts are kept too (the text corruption suite
+    perturbs strings)."""
     root = Path(root).expanduser()
     kind, where, files = _source(root)
     tok_dir = Path(tokenizer)
     tok = load_tokenizer(tokenizer)
+    carve = {"val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": split_seed}
     h = hashlib.sha256(json.dumps({"format": FORMAT, "max_length": max_length, "text": text_column, "label": label_column,
-                                   "root": str(root.resolve())}, sort_keys=True).encode())
+                                   "root": str(root.resolve()), "carve": carve}, sort_keys=True).encode())
     _files_digest(files, h)
     _files_digest([f for f in tok_dir.iterdir() if f.is_file()], h)
     out_dir = Path(cache) / "text" / f"{root.stem}-{h.hexdigest()[:20]}"
@@ -232,19 +236,29 @@ def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_lengt
         if not splits["train"][0]:
             raise ConfigError(f"`dataset.root` {root} has no train examples")
         classes, labels = _classes(splits, names)
+        texts = {s: t for s, (t, _) in splits.items()}
+        for split, fraction, seed in (("test", test_fraction, split_seed), ("val", val_fraction, split_seed + 1)):
+            if split not in texts and fraction:
+                kept, held = stratified_split(torch.tensor(labels["train"]), fraction, seed)
+                for part in (texts, labels):
+                    part[split] = [part["train"][i] for i in held.tolist()]
+                    part["train"] = [part["train"][i] for i in kept.tolist()]
         out_dir.mkdir(parents=True, exist_ok=True)
-        for split, (texts, _) in splits.items():
-            enc = tok(texts, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
-            ids = np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(texts), max_length)
+        for split, strings in texts.items():
+            enc = tok(strings, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
+            ids = np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(strings), max_length)
             for name, arr in (("x", ids), ("y", np.asarray(labels[split], dtype=np.int64))):
                 with atomic_path(out_dir / f"{split}_{name}.npy") as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, arr)
+            if split != "train":
+                with atomic_path(out_dir / f"{split}_text.json") as tmp:
+                    tmp.write_text(json.dumps(strings))
         with atomic_path(out_dir / "meta.json") as tmp:  # written last: its presence means complete
-            tmp.write_text(json.dumps({"classes": classes, "splits": list(splits), "root": str(root), "tokenizer": str(tok_dir),
+            tmp.write_text(json.dumps({"classes": classes, "splits": list(texts), "root": str(root), "tokenizer": str(tok_dir),
                                        "max_length": max_length, "pad_token_id": tok.pad_token_id}, indent=2))
         decode_s = time.perf_counter() - t0
-        log.info("tokenized %s: %d texts in %.1f s -> %s", root, sum(len(t) for t, _ in splits.values()), decode_s, out_dir)
+        log.info("tokenized %s: %d texts in %.1f s -> %s", root, sum(len(t) for t in texts.values()), decode_s, out_dir)
     else:
         decode_s = 0.0
     meta = json.loads((out_dir / "meta.json").read_text())
@@ -255,4 +269,5 @@ def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_lengt
         return torch.from_numpy(np.load(out_dir / f"{split}_x.npy", mmap_mode="c")), torch.from_numpy(np.load(out_dir / f"{split}_y.npy"))
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (load(s) for s in SPLITS)
-    return RawData(train_x, train_y, test_x, test_y, val_x, val_y, tuple(meta["classes"]), [], decode_s)
+    strings = {s: json.loads((out_dir / f"{s}_text.json").read_text()) for s in ("val", "test") if (out_dir / f"{s}_text.json").is_file()}
+    return RawData(train_x, train_y, test_x, test_y, val_x, val_y, tuple(meta["classes"]), [], decode_s, texts=strings)

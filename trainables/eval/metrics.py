@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.eval.corruptions import CORRUPTIONS
+from trainables.eval.text_corruptions import TEXT_CORRUPTIONS
 from trainables.registry import ConfigError
 
 #: epoch: every epoch (MLflow step = the epoch); final: with the last epoch; text: a string every
@@ -56,7 +57,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("process_rss_mb", "epoch", None, fmt="{:.0f}"), Metric("trial_pid", "text", fmt="{}"),
     # the final epoch's corruption suite (per severity: eval/corruptions.csv)
     Metric("robust_acc", "final", True), Metric("relative_robustness", "final", True),
-    *(Metric(f"corr_{n}", "final", True) for n in CORRUPTIONS.names()),
+    *(Metric(f"corr_{n}", "final", True) for n in (*CORRUPTIONS.names(), *TEXT_CORRUPTIONS.names())),
     # node_id: the Ray node that ran the trial's loop (its rank 0 for DDP)
     Metric("status", "text", fmt="{}"), Metric("teacher_targets", "text", fmt="{}"), Metric("node_id", "text", fmt="{}"),
     *(Metric(f"size_{k}", "size", False, *_SIZE.get(k, (None, "{:.3f}"))) for k in SIZE_KEYS),
