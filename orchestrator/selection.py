@@ -213,14 +213,42 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normal
     if current is not None and current.run_id == run_id:
         return int(current.version)
 
-    example = splits.val_x[:2].long().numpy() if splits.is_text else splits.val_x[:2].float().numpy().astype(np.float32)
-    feed = "token ids (N, L) int64, right-padded with the tokenizer's pad id" if splits.is_text else "raw 0..255 pixels, (N, C, H, W)"
+    if splits.is_text:
+        return _register_text(tracker, cfg, run_id, model.model, splits)
+    example = splits.val_x[:2].float().numpy().astype(np.float32)
     with mlflow.start_run(run_id=run_id):
         # The model is saved as a torch.export program (MLflow's default): it needs torch alone. Named
         # here, MLflow does not infer requirements by loading the model in a subprocess (5 s on CPU).
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=cfg.registered_model,
                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                                        metadata={"classes": list(splits.classes), "input": feed})
+                                        metadata={"classes": list(splits.classes), "input": "raw 0..255 pixels, (N, C, H, W)"})
+    version = int(info.registered_model_version)
+    tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
+    return version
+
+
+def _register_text(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model, splits) -> int:
+    """A text champion as an MLflow model that takes strings (orchestrator/text_model.py, logged as
+    code): the student saved with save_pretrained beside its tokenizer, needing transformers alone."""
+    import mlflow.pyfunc
+
+    from trainables.data.text import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "student"
+        net = model.net
+        net.config.id2label = dict(enumerate(splits.classes))
+        net.config.label2id = {c: i for i, c in enumerate(splits.classes)}
+        net.save_pretrained(str(folder))
+        load_tokenizer(splits.tokenizer).save_pretrained(str(folder))
+        (folder / "kdsweep.json").write_text(json.dumps({"classes": list(splits.classes), "max_length": splits.input_shape[0]}))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("text_model.py")), artifacts={"student": str(folder)},
+                input_example=list(splits.test_text[:2]), registered_model_name=cfg.registered_model,
+                pip_requirements=[f"torch=={__import__('torch').__version__.split('+')[0]}", f"transformers=={__import__('transformers').__version__}",
+                                  "tokenizers", "pandas", f"mlflow=={mlflow.__version__}"],
+                metadata={"classes": list(splits.classes), "input": "strings (a list, or a DataFrame's first column)"})
     version = int(info.registered_model_version)
     tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
     return version

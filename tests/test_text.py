@@ -329,6 +329,13 @@ def test_text_sweep_end_to_end(text_case, tmp_path, ray_address, monkeypatch):
     assert count_rows(db, "select count(*) from metrics where key='corr_word_drop'") >= 2
     assert count_rows(db, "select count(*) from metrics where key='champion_test_robust_acc' and value > 0.5") == 1
 
+    # The registered champion takes strings (its tokenizer inside; loading it needs no kdsweep).
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    served = mlflow.pyfunc.load_model("models:/kdsweep-text@champion").predict(["a superb and moving film", "awful"])
+    assert list(served["label"]) == ["pos", "neg"] and list(served.columns) == ["label", "p_neg", "p_pos"]
+
     # Out: ONNX with dynamic batch and sequence axes, its tokenizer beside it, run on raw strings.
     import numpy as np
     import onnxruntime
