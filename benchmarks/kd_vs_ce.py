@@ -82,7 +82,7 @@ def main() -> None:
                          "robust_acc": test.get("test_robust_acc"), "ece": test["test_ece"], "agreement": test["test_agreement"],
                          "params_ratio": t_size["params"] / size["params"],
                          "latency_ratio": t_size["latency_cpu_b1_ms"] / size["latency_cpu_b1_ms"], "seconds": time.perf_counter() - t0})
-            log.info("%s seed=%d: %s", label, seed, " ".join(f"{k}={v:.4f}" for k, v in runs[-1].items()))
+            log.info("%s seed=%d: %s", label, seed, " ".join(f"{k}={v:.4f}" for k, v in runs[-1].items() if v is not None))
         rows[label] = runs
 
     def ms(runs, key, scale=100.0, digits=2):

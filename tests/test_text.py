@@ -175,9 +175,31 @@ def test_student_from_family_and_teacher_layers(text_case):
         assert torch.equal(s[key.format(j)], t[key.format(i)])
     assert not torch.equal(s["bert.encoder.layer.1.output.dense.weight"], t["bert.encoder.layer.1.output.dense.weight"])
     assert torch.equal(s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"])
-    # The mask comes from the pad id: padding changes nothing.
-    x = torch.tensor([[2, 20, 21, 3, 0, 0, 0, 0]])
-    assert torch.allclose(student.eval()(x), student(x[:, :4]), atol=1e-5)
+    # The mask comes from the pad id, and padding every row has is cut: the transformer's own output with the full padding.
+    x = torch.tensor([[2, 20, 21, 3, 0, 0, 0, 0], [2, 22, 3, 0, 0, 0, 0, 0]])
+    full = student.eval().net(input_ids=x, attention_mask=(x != 0).long()).logits
+    assert student._trimmed(x).shape == (2, 4) and torch.allclose(student(x), full, atol=1e-5)
+
+
+def test_batches_group_similar_lengths():
+    from trainables.config import AugmentConfig
+    from trainables.data import epoch_batches, epoch_permutation
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 48, (1000,), generator=g)
+    none = AugmentConfig()
+
+    def batches(epoch, lengths=lengths):
+        return [idx for _, idx, _ in epoch_batches(1000, 32, 0, epoch, none, (1, 1), lengths=lengths)]
+
+    first = batches(1)
+    assert len(first) == 1000 // 32 and all(torch.equal(a, b) for a, b in zip(first, batches(1)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, batches(2)))
+    used = torch.cat(first)  # each text once an epoch, but the permutation's last 1000 % 32 (as without grouping)
+    assert sorted(used.tolist() + epoch_permutation(1000, 0, 1)[len(used):].tolist()) == list(range(1000))
+    spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in first]).mean()
+    plain = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in batches(1, None)]).mean()
+    assert spread < 0.25 * plain, (spread, plain)  # padding to a batch's longest text is mostly gone
 
 
 def test_a_student_with_its_own_tokenizer_reads_its_own_ids(text_case, tmp_path, monkeypatch):

@@ -73,6 +73,7 @@ class DataSplits:
     decode_s: float = 0.0  # seconds this load spent decoding (0: read from the decode-once cache)
     n_unlabeled: int = 0
     tokenizer: str | None = None  # text: the tokenizer the ids come from
+    pad_id: int | None = None  # text: its pad id (the ids are right-padded with it)
     val_text: tuple[str, ...] = ()  # text: the val and test strings, in the splits' order
     test_text: tuple[str, ...] = ()
 
@@ -185,6 +186,7 @@ def load_dataset(
         decode_s=raw.decode_s if raw else 0.0,
         n_unlabeled=n_unlabeled,
         tokenizer=tokenizer if train_x.dim() == 2 else None,
+        pad_id=raw.pad_id if raw else None,
         val_text=tuple(raw.texts.get("val", ())) if raw else (),
         test_text=tuple(raw.texts.get("test", ())) if raw else (),
     )
@@ -520,20 +522,35 @@ def _stream(n: int, count: int, g: torch.Generator) -> Tensor:
     return torch.cat(perms)[:count] if perms else torch.zeros(0, dtype=torch.long)
 
 
+def by_length(order: Tensor, lengths: Tensor, batch_size: int, g: torch.Generator, chunk: int = 50) -> Tensor:
+    """The permutation regrouped so each batch holds texts of similar length (a model then computes
+    little padding): every run of `chunk` batches' worth of it sorted by length, cut into batches,
+    and the batches shuffled. Still a pure function of the permutation and the generator."""
+    full = len(order) // batch_size * batch_size
+    span = chunk * batch_size
+    runs = [order[i : min(i + span, full)] for i in range(0, full, span)]
+    grouped = torch.cat([r[lengths[r].argsort(stable=True)] for r in runs]).view(-1, batch_size) if full else order[:0].view(0, batch_size)
+    return torch.cat([grouped[torch.randperm(len(grouped), generator=g)].flatten(), order[full:]])
+
+
 def epoch_batches(
     n: int, batch_size: int, seed: int, epoch: int, aug, hw: tuple[int, int], device: torch.device | str = "cpu",
-    rank: int = 0, world_size: int = 1, n_unlabeled: int = 0, ratio: float | None = None,
+    rank: int = 0, world_size: int = 1, n_unlabeled: int = 0, ratio: float | None = None, lengths: Tensor | None = None,
 ):
     """Yield (batch_idx, indices, view params) for one epoch, both on `device`: `n` labelled
     examples, then `n_unlabeled` unlabelled ones (indices n..), mixed as BatchLayout says; each
-    example's view is its row of epoch_views.
+    example's view is its row of epoch_views. `lengths` (text, CPU): batches of similar lengths
+    (by_length).
 
     With several DDP workers each rank takes its own share of every global batch, so the global
     batch (and hence the math) is the same whatever the world size.
     """
     layout = BatchLayout.of(n, batch_size, n_unlabeled, ratio)
     rows = layout.rows(rank, world_size)
-    if not n_unlabeled:
+    if not n_unlabeled and lengths is not None:
+        g = torch.Generator().manual_seed(_mix(seed, epoch, -4))
+        order = by_length(epoch_permutation(n, seed, epoch), lengths, batch_size, g).to(device)
+    elif not n_unlabeled:
         order = epoch_permutation(n, seed, epoch, device)
     else:
         g_l, g_u = (torch.Generator().manual_seed(_mix(seed, epoch, k)) for k in (-1, -2))
@@ -553,7 +570,14 @@ def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: to
     """epoch_batches for a trial's train split: the one call the trial loop and the teacher cache
     share, so the cache holds exactly the views a trial trains on."""
     return epoch_batches(splits.n_labeled, cfg.train.batch_size, cfg.seed, epoch, resolved_augment(cfg), splits.input_shape[1:], device,
-                         rank, world, splits.n_unlabeled, cfg.dataset.unlabeled_ratio)
+                         rank, world, splits.n_unlabeled, cfg.dataset.unlabeled_ratio, text_lengths(splits))
+
+
+def text_lengths(splits: DataSplits) -> Tensor | None:
+    """Each train text's token count (CPU), when the splits are text: its batches group similar lengths."""
+    if not splits.is_text or splits.pad_id is None:
+        return None
+    return (splits.train_x != splits.pad_id).sum(1).cpu()
 
 
 def batch_layout(splits: DataSplits, cfg: "TrialConfig") -> BatchLayout:

@@ -52,6 +52,7 @@ class RawData:
     skipped: list[str] = field(default_factory=list)
     decode_s: float = 0.0  # seconds spent decoding in this call (0: read from the cache)
     texts: dict[str, list[str]] = field(default_factory=dict)  # text: the val and test strings (the text corruption suite)
+    pad_id: int | None = None  # text: the tokenizer's pad id (the ids are right-padded with it)
 
     @property
     def num_classes(self) -> int:

@@ -270,4 +270,5 @@ def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_lengt
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (load(s) for s in SPLITS)
     strings = {s: json.loads((out_dir / f"{s}_text.json").read_text()) for s in ("val", "test") if (out_dir / f"{s}_text.json").is_file()}
-    return RawData(train_x, train_y, test_x, test_y, val_x, val_y, tuple(meta["classes"]), [], decode_s, texts=strings)
+    return RawData(train_x, train_y, test_x, test_y, val_x, val_y, tuple(meta["classes"]), [], decode_s, texts=strings,
+                   pad_id=int(meta["pad_token_id"]))

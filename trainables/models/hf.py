@@ -135,8 +135,16 @@ class HFClassifier(FeatureTaps, nn.Module):
     def tap_root(self) -> nn.Module:
         return self.net
 
-    def _logits(self, x: Tensor) -> Tensor:
+    def _trimmed(self, x: Tensor) -> Tensor:
+        """The ids without the padding columns every row of the batch has (right-padded: the
+        outputs at the real tokens are the same; batches of similar lengths then skip most
+        padding). Reads the batch's longest length: a host sync on CUDA, one per forward."""
         ids = x.long()
+        width = int((ids != self.pad_id).sum(1).max()) if len(ids) else ids.shape[1]
+        return ids[:, : max(width, 1)]
+
+    def _logits(self, x: Tensor) -> Tensor:
+        ids = self._trimmed(x)
         return self.net(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits
 
     def forward(self, x: Tensor, with_features: bool = False):
@@ -144,7 +152,7 @@ class HFClassifier(FeatureTaps, nn.Module):
             return self._logits(x)
         if self.feature_layers:
             return self.tapped(x, self._logits)
-        ids = x.long()
+        ids = self._trimmed(x)
         mask = (ids != self.pad_id).long()
         out = self.net(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=self.attentions)
         return out.logits, TextFeatures(tuple(out.hidden_states), tuple(out.attentions or ()), mask)
