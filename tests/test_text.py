@@ -232,9 +232,13 @@ def test_a_student_with_its_own_tokenizer_reads_its_own_ids(text_case, tmp_path,
 
     theirs, mine = load_splits(cfg.dataset), load_splits(cfg.student_dataset(student))
     assert torch.equal(theirs.val_y, mine.val_y) and not torch.equal(theirs.val_x, mine.val_x)
-    acc = lambda x: (predict(result.model, x, lambda v: v, 256, __import__("contextlib").nullcontext, False).argmax(1) == mine.val_y).float().mean()  # noqa: E731
-    assert result.metrics["val_acc"] > 0.9 and acc(mine.val_x) > 0.9
-    assert acc(theirs.val_x) < 0.8  # the teacher's ids mean other words to this student
+    def acc(model, x):
+        return (predict(model, x, lambda v: v, 256, __import__("contextlib").nullcontext, False).argmax(1) == mine.val_y).float().mean()
+
+    assert result.metrics["val_acc"] > 0.9 and acc(result.model, mine.val_x) > 0.9
+    assert acc(result.model, theirs.val_x) < 0.8  # the teacher's ids mean other words to this student
+    control = train_student(cfg.trial(student, {"seed": 0, "loss.alpha": 0.0}, teacher_path=teacher_dir))  # its alpha=0 control
+    assert acc(control.model, mine.val_x) > 0.9 and acc(control.model, theirs.val_x) < 0.8  # trained on its own ids too
 
 
 # ---------------------------------------------------------------------------------------------

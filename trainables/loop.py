@@ -187,7 +187,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     if every.is_text and own and own != cfg.dataset.tokenizer:  # a student with its own tokenizer: its own ids, example by
         splits, _ = _splits(cfg.dataset.model_copy(update={"tokenizer": own}), device, reporter.warm)  # example the teacher's
     if not cfg.loss.distills or (unlabeled is not None and unlabeled.ratio == 0):  # CE alone (a control, a teacher), or asked
-        splits = every.labeled()  # to leave them out: unlabelled examples would add nothing but steps
+        splits = splits.labeled()  # to leave them out: unlabelled examples would add nothing but steps
     mean, std = model_stats(cfg.normalize, cfg.student_weights is not None, cfg.student, splits)
     norm = normalizer(mean, std, device)
     n_train, shape = len(splits.train_y), splits.input_shape
