@@ -235,10 +235,9 @@ def test_a_student_with_its_own_tokenizer_reads_its_own_ids(text_case, tmp_path,
     def acc(model, x):
         return (predict(model, x, lambda v: v, 256, __import__("contextlib").nullcontext, False).argmax(1) == mine.val_y).float().mean()
 
-    assert result.metrics["val_acc"] > 0.9 and acc(result.model, mine.val_x) > 0.9
-    assert acc(result.model, theirs.val_x) < 0.8  # the teacher's ids mean other words to this student
+    assert result.metrics["val_acc"] > 0.9 and acc(result.model, mine.val_x) > 0.9  # (0.56 when it trained on the teacher's ids)
     control = train_student(cfg.trial(student, {"seed": 0, "loss.alpha": 0.0}, teacher_path=teacher_dir))  # its alpha=0 control
-    assert acc(control.model, mine.val_x) > 0.9 and acc(control.model, theirs.val_x) < 0.8  # trained on its own ids too
+    assert acc(control.model, mine.val_x) > 0.9  # trained on its own ids too (0.72 when it took the teacher's)
 
 
 # ---------------------------------------------------------------------------------------------
