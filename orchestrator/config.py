@@ -392,6 +392,10 @@ class SweepConfig(Strict):
         own = self.student_weights.get(student)
         return {"tokenizer": own if own and has_tokenizer(own) else self.dataset.resolved().tokenizer}
 
+    def teacher_kwargs(self) -> dict[str, Any]:
+        """What the (one) teacher is built with: its arch_kwargs, and an hf.<family> teacher the data's tokenizer."""
+        return {**self.student_kwargs(self.teacher.arch), **self.teacher.arch_kwargs}
+
     def student_dataset(self, student: str) -> DatasetConfig:
         """The dataset as this student reads it: tokenized with its own tokenizer (text), resolved."""
         ds = self.dataset.resolved()
@@ -406,13 +410,14 @@ class SweepConfig(Strict):
             raise ValueError("an ensemble trains member by member: call member(i).teacher_trial()")
         t = self.teacher
         train = _train_fields(t)
+        kwargs = self.teacher_kwargs()
         if t.weights:
             train = train.model_copy(update={"epochs": t.finetune.epochs, "optimizer": t.optimizer.model_copy(update={"lr": t.finetune.lr})})
         dataset = self.dataset.resolved()
         if t.augment is not None:
             dataset = dataset.model_copy(update={"augment": t.augment})
         return validate(TrialConfig, {
-            "train": train, "dataset": dataset, "student": t.arch, "student_kwargs": t.arch_kwargs, "student_weights": t.weights,
+            "train": train, "dataset": dataset, "student": t.arch, "student_kwargs": kwargs, "student_weights": t.weights,
             "freeze_backbone": t.finetune.freeze_backbone, "normalize": t.normalize,
             "loss": LossConfig(name="kd", alpha=0.0), "seed": t.seed, "profile": False, "plugins": self.plugins,
         }, prefix="teacher.")

@@ -74,6 +74,9 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
         if t.arch == "hf" and not t.path:
             teacher = _config(t.arch_kwargs["config"])
             check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.weights", info.input_shape[0], vocab)
+        elif t.arch.startswith(PREFIX) and not t.path:  # built from a config, trained here: the data's tokenizer
+            teacher = family_config(t.arch, cfg.dataset.resolved().tokenizer, **t.arch_kwargs)
+            check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", info.input_shape[0], vocab)
         elif t.path and (Path(t.path) / CARD).is_file():
             teacher = _config(read_card(t.path).arch_kwargs["config"])
     for s in cfg.students:
@@ -97,7 +100,7 @@ def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> Non
     shapes or a file that holds no tensors fail here with the keys named, never in a worker."""
     if teacher and cfg.teacher.weights:
         t = cfg.teacher
-        model = create_model(t.arch, info.num_classes, info.input_shape, **t.arch_kwargs)
+        model = create_model(t.arch, info.num_classes, info.input_shape, **cfg.teacher_kwargs())
         new_head = load_weights(model, t.weights, "teacher.weights", new_head_ok=True)
         if new_head and t.finetune.epochs == 0:
             raise ConfigError(f"`teacher.finetune.epochs` must be >= 1: teacher.weights has a head of another class count than the "
@@ -155,7 +158,7 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
     if cfg.is_ensemble:
         return ensure_ensemble(cfg, info, train_missing, on_ray)
     path, t = cfg.teacher_dir(), cfg.teacher
-    card = {"arch": t.arch, "arch_kwargs": t.arch_kwargs, "dataset": cfg.dataset.name,
+    card = {"arch": t.arch, "arch_kwargs": cfg.teacher_kwargs(), "dataset": cfg.dataset.name,
             "num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes)}
     if t.weights:
         card.update(weights=t.weights, weights_sha256=weights_sha256(t.weights), finetune=t.finetune.model_dump())
@@ -168,7 +171,7 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
         log.info("training teacher %s on %s (%s) -> %s", t.arch, cfg.dataset.name, how, path)
         if on_ray:
             out = train_on_ray(cfg)
-            model = create_model(t.arch, info.num_classes, info.input_shape, **t.arch_kwargs)
+            model = create_model(t.arch, info.num_classes, info.input_shape, **cfg.teacher_kwargs())
             model.load_state_dict(out["state"])
             metrics, preprocess = out["metrics"], out["preprocess"]
             card.update(node_id=out["node_id"])
@@ -249,7 +252,7 @@ def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):
     from trainables.eval.metrics import classification_metrics
 
     t = cfg.teacher
-    model = create_model(t.arch, splits.num_classes, splits.input_shape, **t.arch_kwargs)
+    model = create_model(t.arch, splits.num_classes, splits.input_shape, **cfg.teacher_kwargs())
     load_weights(model, t.weights, "teacher.weights", new_head_ok=False)
     mean, std = model_stats(t.normalize, True, t.arch, splits)
     logits = predict(model, splits.val_x, normalizer(mean, std, "cpu"), t.eval_batch_size, contextlib.nullcontext, False)

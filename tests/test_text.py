@@ -240,6 +240,36 @@ def test_a_student_with_its_own_tokenizer_reads_its_own_ids(text_case, tmp_path,
     assert acc(control.model, mine.val_x) > 0.9  # trained on its own ids too (0.72 when it took the teacher's)
 
 
+def test_a_teacher_from_a_config_with_a_wordpiece_tokenizer_trained_on_the_data(text_case, tmp_path, monkeypatch):
+    """No checkpoint, no tokenizer: a WordPiece vocabulary learnt from the train split (once), a
+    BERT teacher trained from scratch on it, and a student distilled from it."""
+    import yaml
+
+    from orchestrator.config import load_config
+    from orchestrator.prepare import check_data, ensure_teacher
+    from trainables.loop import train_student
+    from trainables.models.teacher import load_teacher
+
+    _, table = text_case
+    monkeypatch.chdir(tmp_path)
+    path = text_yaml(tmp_path, Path("unused"), table, students=["hf.bert-L1-H16-A2"], student_weights={}, search={})
+    raw = yaml.safe_load(path.read_text())
+    raw["dataset"]["tokenizer"] = {"vocab_size": 250}
+    raw["teacher"] = {"arch": "hf.bert-L2-H32-A2-I64", "epochs": 8, "batch_size": 32,
+                      "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0}, "schedule": {"name": "constant"}}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(path), [])
+    folder = cfg.dataset.resolved().tokenizer
+    assert Path(folder, "vocab.txt").is_file() and cfg.dataset.resolved().tokenizer == folder  # trained once, then found
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    assert len(tok) <= 250 and tok.tokenize("superb") == ["superb"]  # the data's words are in it
+    teacher_dir = ensure_teacher(cfg, check_data(cfg))
+    teacher, card = load_teacher(teacher_dir)
+    assert card.arch == "hf.bert-L2-H32-A2-I64" and card.arch_kwargs == {"tokenizer": folder} and card.val_acc > 0.9
+    result = train_student(cfg.trial("hf.bert-L1-H16-A2", {"seed": 0}, teacher_path=teacher_dir))
+    assert result.metrics["val_acc"] > 0.9
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: one line, exit 2, nothing written, before Ray starts
 

@@ -118,6 +118,13 @@ class UnlabeledConfig(Strict):
         return self
 
 
+class WordPiece(Strict):
+    """A WordPiece tokenizer trained on the train split (text whose model comes with none)."""
+
+    vocab_size: int = Field(8000, ge=100, description="tokens in the vocabulary, the five special ones included")
+    lowercase: bool = True
+
+
 class DatasetConfig(Strict):
     name: Annotated[str, AfterValidator(_dataset_name)] = "digits"
     root: str | None = Field(None, description="local data folder; $KD_DATA_ROOT when unset")
@@ -127,7 +134,8 @@ class DatasetConfig(Strict):
     split_seed: int = 0
     image_size: int = Field(32, ge=1, description="image_folder: shorter side resized to this, centre-cropped square")
     channels: Literal[1, 3] = Field(3, description="image_folder: 1 (greyscale) or 3 (RGB)")
-    tokenizer: str | None = Field(None, description="text: a folder with the tokenizer's files; null: the Hugging Face teacher's checkpoint folder")
+    tokenizer: str | WordPiece | None = Field(None, description="text: a folder with the tokenizer's files, or {vocab_size, lowercase}: a "
+                                                                 "WordPiece tokenizer trained on the train split; null: the Hugging Face teacher's checkpoint folder")
     max_length: int = Field(128, ge=2, description="text: tokens per example (truncated, padded on the right)")
     placement: Literal["auto", "device", "host"] = Field(
         "auto", description="device: splits on the training device; host: in host memory, batches copied ahead; auto: device when they fit")
@@ -148,7 +156,12 @@ class DatasetConfig(Strict):
         root = self.root or os.environ.get("KD_DATA_ROOT")
         cache = self.cache or os.environ.get("KDSWEEP_CACHE") or str(DEFAULT_CACHE)
         unlabeled, tokenizer = self.unlabeled, self.tokenizer
-        if tokenizer and Path(tokenizer).expanduser().exists():
+        if isinstance(tokenizer, WordPiece) and root:  # trained once (cached by the files and the settings): its folder
+            from trainables.data.text import wordpiece_tokenizer
+
+            tokenizer = wordpiece_tokenizer(os.path.expanduser(root), os.path.expanduser(cache), tokenizer.vocab_size, tokenizer.lowercase,
+                                            **{k: v for k, v in self.kwargs.items() if k in ("text_column", "label_column")})
+        elif tokenizer and Path(tokenizer).expanduser().exists():
             tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         if unlabeled is not None and unlabeled.root:
             unlabeled = unlabeled.model_copy(update={"root": os.path.abspath(os.path.expanduser(unlabeled.root))})

@@ -378,7 +378,7 @@ def text(root: str | None = None, download: bool = False, cache: str | None = No
         raise ConfigError("`dataset.root` is required for text: set it to a .csv/.tsv/.jsonl file or a folder of text")
     if not tokenizer:
         raise ConfigError("`dataset.tokenizer` is required for text: set it to a folder with tokenizer files (a sweep with a Hugging Face "
-                          "teacher uses the teacher's checkpoint folder)")
+                          "teacher uses the teacher's checkpoint folder), or to {vocab_size: 8000} to train a WordPiece tokenizer on the train split")
     return tokenize_text(root, cache_dir(cache), tokenizer, max_length, text_column, label_column, val_fraction, test_fraction, split_seed)
 
 

@@ -188,6 +188,42 @@ def _read_datasets(root: Path, text_column: str, label_column: str) -> tuple[dic
     return out, names
 
 
+def wordpiece_tokenizer(root: str | Path, cache: str | Path, vocab_size: int, lowercase: bool = True, text_column: str = "text",
+                        label_column: str = "label") -> str:
+    """A BERT WordPiece tokenizer trained on the train texts at `root`, saved (save_pretrained) in the
+    cache under a key of the files and the settings; trained once, its folder returned after."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    root = Path(root).expanduser()
+    kind, where, files = _source(root)
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "vocab_size": vocab_size, "lowercase": lowercase, "text": text_column,
+                                   "root": str(root.resolve())}, sort_keys=True).encode())
+    _files_digest(files, h)
+    out = Path(cache) / "data" / "tokenizers" / f"{root.stem}-wordpiece-{h.hexdigest()[:20]}"
+    if not (out / "tokenizer.json").is_file():
+        if kind == "datasets":
+            texts = _read_datasets(root, text_column, label_column)[0]["train"][0]
+        elif kind == "table":
+            texts = _read_table(where["train"], text_column, label_column)[0]
+        else:
+            texts = _read_folders(where["train"])[0]
+        wp = BertWordPieceTokenizer(lowercase=lowercase)
+        wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        wp.save_model(str(tmp))
+        BertTokenizerFast(str(tmp / "vocab.txt"), do_lower_case=lowercase).save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, out)  # a reader sees the whole folder or none
+        except OSError:  # another process put it in place first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("trained a WordPiece tokenizer (%d tokens) on %d texts of %s -> %s", vocab_size, len(texts), root, out)
+    return str(out)
+
+
 def _classes(splits: dict[str, tuple[list[str], list[Any]]], names: list[str] | None) -> tuple[list[str], dict[str, list[int]]]:
     """Class names (sorted; numbers numerically, or a ClassLabel's names) and each split's label indices."""
     if names is not None:
