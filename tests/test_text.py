@@ -380,6 +380,8 @@ def test_text_sweep_end_to_end(text_case, tmp_path, ray_address, monkeypatch):
     assert set(losses) == {"kd", "cosine", "tinybert"} and losses["kd"] == 0 and losses["cosine"] > 0 and losses["tinybert"] > 0, losses
     test_acc = count_rows(db, "select count(*) from metrics where key='champion_test_acc' and value > 0.8")
     assert test_acc >= 1
+    # Latency per sequence length, beside the full length's.
+    assert count_rows(db, "select count(*) from metrics where key='size_latency_cpu_b1_len25_ms' and value > 0") >= 2
     # The text corruption suite: on each finished trial's val split, and once on the champion's test split.
     assert count_rows(db, "select count(*) from metrics where key='corr_word_drop'") >= 2
     assert count_rows(db, "select count(*) from metrics where key='champion_test_robust_acc' and value > 0.5") == 1

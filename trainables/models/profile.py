@@ -60,10 +60,13 @@ def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64
         "latency_cpu_b1_ms": latency_ms(m, input_shape, 1, "cpu"),
         f"latency_cpu_b{batch}_ms": latency_ms(m, input_shape, batch, "cpu"),
     }
+    shorter = {f"len{p}": (max(2, input_shape[0] * p // 100),) for p in (25, 50)} if len(input_shape) == 1 else {}  # text: per length
+    out.update({f"latency_cpu_b1_{k}_ms": latency_ms(m, s, 1, "cpu") for k, s in shorter.items()})
     if (torch.cuda.is_available() if gpu is None else gpu):
         g = m.cuda()
         out["latency_gpu_b1_ms"] = latency_ms(g, input_shape, 1, "cuda")
         out[f"latency_gpu_b{batch}_ms"] = latency_ms(g, input_shape, batch, "cuda")
+        out.update({f"latency_gpu_b1_{k}_ms": latency_ms(g, s, 1, "cuda") for k, s in shorter.items()})
     return out
 
 
