@@ -35,11 +35,6 @@ SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "dev"), "test":
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-def is_checkpoint_dir(path: str | Path) -> bool:
-    """A Hugging Face model folder (`save_pretrained`): it has config.json."""
-    return (Path(path) / "config.json").is_file()
-
-
 def check_local_dir(path: str, field: str, what: str) -> Path:
     """`path` as an existing folder; a name that is no folder here (a hub id such as
     `bert-base-uncased`) is a one-line ConfigError saying how to point at a local copy."""
