@@ -384,6 +384,7 @@ def test_text_sweep_end_to_end(text_case, tmp_path, ray_address, monkeypatch):
     assert count_rows(db, "select count(*) from metrics where key='size_latency_cpu_b1_len25_ms' and value > 0") >= 2
     # The text corruption suite: on each finished trial's val split, and once on the champion's test split.
     assert count_rows(db, "select count(*) from metrics where key='corr_word_drop'") >= 2
+    assert count_rows(db, "select count(*) from metrics where key='corr_gaussian_noise'") == 0  # (the image suite's)
     assert count_rows(db, "select count(*) from metrics where key='champion_test_robust_acc' and value > 0.5") == 1
 
     # The registered champion takes strings (its tokenizer inside; loading it needs no kdsweep).
