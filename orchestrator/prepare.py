@@ -46,7 +46,7 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
     """Every model against the kind of data: hf models take text, the others images; an hf
     model's vocabulary and positions hold the data's tokens; a student taking the teacher's layers
     has the teacher's sizes. From configs only, before anything is built."""
-    from trainables.models.hf import PREFIX, _config, check_fit, check_layers_fit, family_config
+    from trainables.models.hf import PREFIX, card_config, check_fit, check_layers_fit, family_config, model_config
 
     text = len(info.input_shape) == 1
     named = [(f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", t.arch) for i, t in enumerate(cfg.members) if not t.path]
@@ -72,13 +72,14 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
     teacher = None
     for i, t in enumerate(cfg.members):
         if t.arch == "hf" and not t.path:
-            teacher = _config(t.arch_kwargs["config"])
+            teacher = model_config(t.arch_kwargs["config"])
             check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.weights", info.input_shape[0], vocab)
         elif t.arch.startswith(PREFIX) and not t.path:  # built from a config, trained here: the data's tokenizer
             teacher = family_config(t.arch, cfg.dataset.resolved().tokenizer, **t.arch_kwargs)
             check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", info.input_shape[0], vocab)
         elif t.path and (Path(t.path) / CARD).is_file():
-            teacher = _config(read_card(t.path).arch_kwargs["config"])
+            card = read_card(t.path)
+            teacher = card_config(card.arch, card.arch_kwargs)
     for s in cfg.students:
         own = cfg.student_kwargs(s)["tokenizer"]
         if own != cfg.dataset.resolved().tokenizer:  # its own tokenizer: the text tokenized for it too, once, here
@@ -106,7 +107,7 @@ def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> Non
             raise ConfigError(f"`teacher.finetune.epochs` must be >= 1: teacher.weights has a head of another class count than the "
                               f"dataset's {info.num_classes}, and the new head must be trained")
     for student, path in cfg.student_weights.items():
-        if path == TEACHER_LAYERS:  # the teacher's layers: checked against the teacher once it exists (check_text_models)
+        if path == TEACHER_LAYERS:  # the teacher's layers: checked against the teacher's config (check_models_fit)
             continue
         model = create_model(student, info.num_classes, info.input_shape, **cfg.student_kwargs(student))
         load_weights(model, path, f"student_weights.{student}", new_head_ok=True)

@@ -268,6 +268,8 @@ def test_a_teacher_from_a_config_with_a_wordpiece_tokenizer_trained_on_the_data(
     assert card.arch == "hf.bert-L2-H32-A2-I64" and card.arch_kwargs == {"tokenizer": folder} and card.val_acc > 0.9
     result = train_student(cfg.trial("hf.bert-L1-H16-A2", {"seed": 0}, teacher_path=teacher_dir))
     assert result.metrics["val_acc"] > 0.9
+    saved = load_config(str(path), [f"teacher.path={teacher_dir}"])  # the saved teacher, named: its card describes its config
+    assert check_data(saved).input_shape == (16,)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ def check_checkpoint(path: str) -> str:
     return str(p.resolve())
 
 
-def _config(config: dict[str, Any] | str):
+def model_config(config: dict[str, Any] | str):
+    """A transformers config from a checkpoint folder or from its recorded dict (a teacher card's)."""
     from transformers import AutoConfig
 
     if isinstance(config, dict):
@@ -81,7 +82,7 @@ def _config(config: dict[str, Any] | str):
 
 def config_dict(path: str) -> dict[str, Any]:
     """A checkpoint folder's config as plain data (what a teacher card records)."""
-    cfg = _config(path)
+    cfg = model_config(path)
     out = cfg.to_dict()
     for k in ("transformers_version", "_name_or_path", "architectures", "id2label", "label2id", "torch_dtype", "dtype"):
         out.pop(k, None)
@@ -161,7 +162,7 @@ class HFClassifier(FeatureTaps, nn.Module):
 @MODELS.register(name="hf")
 def from_checkpoint_config(num_classes: int, input_shape: tuple[int, ...], config: dict[str, Any] | str) -> HFClassifier:
     """`hf`: the architecture a checkpoint folder (or its recorded config) describes, head for `num_classes`."""
-    return HFClassifier(_config(config), num_classes, input_shape)
+    return HFClassifier(model_config(config), num_classes, input_shape)
 
 
 def family_config(name: str, tokenizer: str | None, **overrides):
@@ -202,6 +203,11 @@ def check_fit(config, field: str, max_length: int, vocab: int) -> None:
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and max_length > positions:
         raise ConfigError(f"`dataset.max_length` {max_length} is more than {field}'s {positions} positions: set dataset.max_length <= {positions}")
+
+
+def card_config(arch: str, arch_kwargs: dict[str, Any]):
+    """The transformers config a teacher card describes: `hf` records the config, hf.<family> the tokenizer."""
+    return model_config(arch_kwargs["config"]) if arch == "hf" else family_config(arch, **arch_kwargs)
 
 
 def check_layers_fit(student, teacher, name: str) -> None:
