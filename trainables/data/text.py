@@ -41,7 +41,9 @@ def check_local_dir(path: str, field: str, what: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p.resolve()
-    if not p.exists() and not p.is_absolute() and path.count("/") <= 1 and not path.startswith("."):
+    from trainables.models.hf import hub_name
+
+    if hub_name(path):
         raise ConfigError(f"`{field}` {path!r} is not a folder here (a Hugging Face hub name?): nothing is downloaded; save the {what} "
                           f"with save_pretrained(DIR) where you have it, copy DIR here and set {field}=DIR")
     raise ConfigError(f"`{field}` must be an existing folder ({what}), but got {field}={path!r}: fix the path")

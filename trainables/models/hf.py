@@ -56,6 +56,13 @@ def parse_name(name: str) -> tuple[str, dict[str, int]]:
     return family, sizes
 
 
+def hub_name(path: str) -> bool:
+    """A name that is no path here but has a hub id's shape (`bert-base-uncased`, `org/model`):
+    what a user means who expects a download."""
+    p = Path(path).expanduser()
+    return not p.exists() and not p.is_absolute() and path.count("/") <= 1 and not path.startswith(".")
+
+
 def check_checkpoint(path: str) -> str:
     """ValueError (for pydantic, which names the field) unless `path` is a Hugging Face checkpoint
     folder with safetensors weights; returns it absolute."""

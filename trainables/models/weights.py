@@ -56,7 +56,9 @@ def check_weights_path(path: str) -> str:
         from trainables.models.hf import check_checkpoint
 
         return check_checkpoint(path)
-    if not p.exists() and p.suffix not in SUFFIXES and not p.is_absolute() and path.count("/") <= 1:
+    from trainables.models.hf import hub_name
+
+    if p.suffix not in SUFFIXES and hub_name(path):
         raise ValueError(f"{path!r} is no file or folder here (a Hugging Face hub name?): nothing is downloaded; save the model with "
                          "save_pretrained(DIR) where you have it, copy DIR here and point at it")
     if p.suffix not in SUFFIXES:
