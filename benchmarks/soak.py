@@ -46,9 +46,11 @@ def main() -> None:
         def sample() -> None:
             while proc.poll() is None:
                 try:
-                    samples.append((time.time(), driver.memory_info().rss / 2**20))
+                    rss = driver.memory_info().rss / 2**20
                 except psutil.Error:
                     return
+                if rss:  # 0 once the process has exited
+                    samples.append((time.time(), rss))
                 time.sleep(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -82,12 +84,15 @@ def main() -> None:
         print(f"| actor {pid} | {len(rs)} | {a:.0f} | {b:.0f} | {100 * (b - a) / a:+.1f} % |")
     ended = sorted((r.info.end_time or 0) / 1000 for r in runs)
     if len(ended) >= args.after and samples:
-        def rss_at(t: float) -> float:
-            return min(samples, key=lambda s: abs(s[0] - t))[1]
+        def rss_at(t: float) -> float:  # the last sample taken by then (Tune's result grid is built right after the last trial)
+            return max((s for s in samples if s[0] <= t), default=samples[0])[1]
 
         at, last = rss_at(ended[args.after - 1]), rss_at(ended[-1])
         print(f"| driver | {len(runs)} | {at:.0f} | {last:.0f} | {100 * (last - at) / at:+.1f} % |")
-        print(f"| driver, at exit (after selection: the test split, the registered model) | | | {samples[-1][1]:.0f} | |")
+        after = [rss for t, rss in samples if t > ended[-1]]
+        print(f"| driver, after the trials (Tune's result grid, Optuna's export and plots, selection) | | | {max(after, default=last):.0f} (peak) | |")
+        marks = sorted({n for n in (args.after, len(ended) // 4, len(ended) // 2, 3 * len(ended) // 4, len(ended)) if n >= 1})
+        print("\ndriver RSS (MiB) after trial " + ", ".join(f"{n}: {rss_at(ended[n - 1]):.0f}" for n in marks))
     print(f"\nchild runs: {len(runs)} (" + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ")")
     lines = out.splitlines()
     print(f"console: {len(lines)} lines, the longest {max(map(len, lines))} characters; its last lines:\n")

@@ -1,6 +1,7 @@
 """Tune's experiment state, kept restorable: a last-good copy swapped in atomically (driver side)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,36 +18,45 @@ class TuneStateBackup(Callback):
     """Keeps a last-good copy of Tune's experiment state, swapped in atomically.
 
     Tune writes its experiment_state JSON in place, so a driver killed mid-write leaves an empty
-    file and Tune would silently restart the whole study. After every step in which a trial
-    changed, the state files are copied aside, validated, and swapped in with one rename; `resume`
-    falls back to this copy when the live state does not parse.
+    file and Tune would silently restart the whole study. After a step in which Tune rewrote its
+    state files (it does so every ~10 s, not every step), they are copied aside, validated, and
+    swapped in with one rename; `resume` falls back to this copy when the live state does not parse.
+    The files grow with the trials, so copying them every step made a long sweep's driver quadratic.
     """
 
     def __init__(self) -> None:
         self.experiment_dir: Path | None = None
-        self._dirty = False
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._dirty = True
-
-    on_trial_result = on_trial_complete = on_trial_error = on_trial_start  # type: ignore[assignment]
+        self._saved: tuple | None = None  # the files' (name, size, mtime) when last copied
 
     def on_step_end(self, iteration, trials, **info):
-        if self._dirty and self.experiment_dir is not None and _snapshot(self.experiment_dir):
-            self._dirty = False
+        if self.experiment_dir is None:
+            return
+        now = _signature(self.experiment_dir)
+        if now and now != self._saved and _snapshot(self.experiment_dir):
+            self._saved = now
 
 
 BACKUP = ".kdsweep-state-backup"
 
 
+def _signature(experiment_dir: Path) -> tuple:
+    """Tune's state files as they stand: a change means Tune wrote them since."""
+    with contextlib.suppress(OSError):
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in experiment_dir.iterdir()
+                            if f.is_file() and (st := f.stat())))
+    return ()
+
+
 def _pickle_is_complete(data: bytes) -> bool:
     """Walk a pickle's opcodes without executing any (no imports, no __setstate__, no network):
     a write cut short has no final STOP."""
+    last = None
     try:
-        ops = list(pickletools.genops(data))
+        for last, _, _ in pickletools.genops(data):
+            pass
     except Exception:  # genops raises ValueError (and others) on a truncated or foreign stream
         return False
-    return bool(ops) and ops[-1][0].name == "STOP"
+    return last is not None and last.name == "STOP"
 
 
 def _state_is_valid(files: list[Path]) -> bool:

@@ -2,7 +2,7 @@
 import json
 import pickle
 
-from orchestrator.tune_state import BACKUP, _snapshot, _state_is_valid, repair_state
+from orchestrator.tune_state import BACKUP, TuneStateBackup, _snapshot, _state_is_valid, repair_state
 
 
 def make_state(d, n_trials):
@@ -47,6 +47,24 @@ def test_valid_live_state_is_left_alone(tmp_path):
     make_state(tmp_path, 5)
     repair_state(tmp_path)
     assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2, 3, 4]}
+
+
+def test_the_callback_copies_only_what_tune_rewrote(tmp_path):
+    """Tune rewrites its state every ~10 s or when a trial's checkpoints force it, not every step:
+    a step with nothing rewritten copies nothing (the files grow with the trials)."""
+    cb = TuneStateBackup()
+    cb.experiment_dir = tmp_path
+    make_state(tmp_path, 2)
+    cb.on_step_end(iteration=1, trials=[])
+    copy = tmp_path / BACKUP / "experiment_state-2026.json"
+    assert json.loads(copy.read_text()) == {"trial_data": [0, 1]}
+    copy.write_text("marker")  # a second copy would overwrite it
+    for i in range(3):
+        cb.on_step_end(iteration=2 + i, trials=[])
+    assert copy.read_text() == "marker"
+    make_state(tmp_path, 3)
+    cb.on_step_end(iteration=5, trials=[])
+    assert json.loads(copy.read_text()) == {"trial_data": [0, 1, 2]}
 
 
 CALLS = []
