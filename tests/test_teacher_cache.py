@@ -60,7 +60,7 @@ def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leav
     real = builder(c, teacher, card).train
     builds = []
 
-    def failing(epoch):
+    def failing(epoch, beat):
         raise RuntimeError("killed mid-build")
 
     cache = TeacherCache.open(path, c, card)
@@ -69,10 +69,10 @@ def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leav
         cache.for_epoch(0, "cpu")
     assert not list(path.glob("epoch_0.pt*")) and not list(path.glob(".*epoch_0*"))
 
-    def slow(epoch):
+    def slow(epoch, beat):
         builds.append(epoch)
         time.sleep(0.5)
-        return real(epoch)
+        return real(epoch, beat)
 
     readers = [TeacherCache.open(path, c, card) for _ in range(3)]
     for r in readers:
@@ -84,6 +84,54 @@ def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leav
     for t in threads:
         t.join()
     assert builds == [0] and all(torch.equal(g, got[0]) for g in got)
+
+
+def test_a_hung_builder_is_taken_over_and_a_slow_one_is_waited_for(tmp_path, digits_teacher, monkeypatch):
+    """The lock's holder touches it after every chunk of teacher forwards: one that goes quiet for
+    STALE_S is taken as hung and a waiting trial builds the epoch itself; one that keeps beating is
+    waited for however long it takes, and nothing is built twice."""
+    import fcntl
+
+    import trainables.teacher_cache as tc
+
+    monkeypatch.setattr(tc, "STALE_S", 0.6)
+    c = cfg(digits_teacher)
+    teacher, card = load_teacher(digits_teacher)
+    path, _ = build_teacher_cache(c, teacher, card, tmp_path)
+    real = builder(c, teacher, card).train
+    builds = []
+
+    def counted(epoch, beat):
+        builds.append(epoch)
+        return real(epoch, beat)
+
+    def holder(epoch, beats, release):  # another trial's builder: holds the lock, beats `beats` times, 0.2 s apart
+        with open(path / f"epoch_{epoch}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            for _ in range(beats):
+                (path / f"epoch_{epoch}.lock").touch()
+                time.sleep(0.2)
+            if beats:  # a live builder finishes its file before it lets go
+                tc._save(real(epoch), path / f"epoch_{epoch}.pt")
+            release.wait()
+
+    for epoch, beats, built_here in ((1, 0, [1]), (2, 8, [])):  # hung; alive for 1.6 s > STALE_S
+        held, release = threading.Event(), threading.Event()
+        other = threading.Thread(target=holder, args=(epoch, beats, release))
+        other.start()
+        held.wait()
+        cache = TeacherCache.open(path, c, card)
+        cache.build = counted
+        builds.clear()
+        started = time.monotonic()
+        got = cache.for_epoch(epoch, "cpu")
+        assert builds == built_here
+        assert torch.equal(dense(got, 10), dense(real(epoch), 10))
+        if not beats:
+            assert time.monotonic() - started < 5  # taken over soon after STALE_S, not when the holder lets go
+        release.set()
+        other.join()
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])

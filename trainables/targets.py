@@ -87,9 +87,9 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
         targets = TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards, **ensemble)
         device = next(teacher.parameters()).device
 
-        def build(epoch: int):
+        def build(epoch: int, beat: Callable[[], None]):
             builder = Builder(cfg, teacher, card, splits, on_device, device)
-            stored = builder.train(epoch)
+            stored = builder.train(epoch, beat)
             targets.forwards += builder.forwards
             return stored
 

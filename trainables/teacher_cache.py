@@ -7,7 +7,9 @@ The sweep builds val (and static) before the trials; each augmented epoch is bui
 trial that needs it (one builder at a time, under a file lock: the others wait, then read it), so
 trials start at once, teacher forwards stay one per view whatever the trial count, and epochs that
 ASHA stops every trial before are never computed. Files are written atomically: a killed builder
-leaves no half-written epoch, and the next trial to need it builds it.
+leaves no half-written epoch, and the next trial to need it builds it. A builder that stops making
+progress (no chunk of teacher forwards done for STALE_S) is taken as hung: a waiting trial says so
+in its log and builds the epoch itself.
 
 Targets are fp16 logits (what the bf16/fp32 loss would see, to within fp16 rounding), or with
 `train.teacher_topk: k` only each target's k largest logits, their class indices and one fill
@@ -25,7 +27,10 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,9 +44,12 @@ from trainables.data import DataSplits, augment, epoch_views, load_splits, place
 from trainables.data.normalize import normalizer
 from trainables.models.ensemble import members_of, target_model
 
+log = logging.getLogger(__name__)
+
 META = "meta.json"
 FORMAT = 2  # 2: targets per example (views independent of the batch size), lazy epochs, top-k
 CHUNK = 2048  # images per teacher forward
+STALE_S = 300.0  # an epoch's builder with no chunk done for this long is taken as hung (a GPU chunk takes seconds)
 
 
 def cache_key(cfg: TrialConfig, card: TeacherCard) -> dict:
@@ -118,8 +126,9 @@ class Builder:
         x = self.splits.val_x
         return torch.cat([self._forward(self.teacher, x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)]).half()
 
-    def train(self, epoch: int | None) -> Tensor | dict[str, Tensor]:
-        """Every train example's target for `epoch`'s views (None: the fixed views)."""
+    def train(self, epoch: int | None, beat: Callable[[], None] | None = None) -> Tensor | dict[str, Tensor]:
+        """Every train example's target for `epoch`'s views (None: the fixed views); `beat()` after
+        each chunk tells the trials waiting for this epoch that its builder is alive."""
         x_all, aug, parts = self.splits.train_x, resolved_augment(self.cfg), []
         views = None if epoch is None else epoch_views(len(x_all), self.cfg.seed, epoch, aug, self.splits.input_shape[1:])
         for i in range(0, len(x_all), CHUNK):
@@ -127,6 +136,8 @@ class Builder:
             if views is not None:
                 x = augment(x, views[i : i + CHUNK], aug)
             parts.append(sparse(self._forward(self.train_model, x), self.cfg.train.teacher_topk))
+            if beat is not None:
+                beat()
         return _cat(parts)
 
 
@@ -159,12 +170,12 @@ def bytes_per_view(num_classes: int, topk: int | None, members: int = 1) -> int:
 
 class TeacherCache:
     """Read side: one epoch's targets on the training device, rows by example. A missing augmented
-    epoch is built here by `build(epoch)` (the trial's teacher), one builder at a time."""
+    epoch is built here by `build(epoch, beat)` (the trial's teacher), one builder at a time."""
 
     def __init__(self, path: Path, static: bool, num_classes: int) -> None:
         self.path, self.static, self.num_classes = path, static, num_classes
         self._epoch, self._stored = None, None
-        self.build: Callable[[int], Tensor | dict[str, Tensor]] | None = None
+        self.build: Callable[[int, Callable[[], None]], Tensor | dict[str, Tensor]] | None = None  # (epoch, beat)
 
     @classmethod
     def open(cls, path: str | Path | None, cfg: TrialConfig, card: TeacherCard) -> "TeacherCache | None":
@@ -181,14 +192,41 @@ class TeacherCache:
 
     def _epoch_file(self, epoch: int) -> Path:
         """epoch_<e>.pt, built under the epoch's lock when missing: the first trial to get the lock
-        builds it, the others wait for the lock and then find the file."""
+        builds it, touching the lock file after each chunk; the others wait for the lock and then
+        find the file, unless the lock file goes STALE_S without a touch (a hung builder: a killed
+        one frees the lock), when they build it themselves (writes are atomic: two builders of the
+        same views write the same file)."""
         path = self.path / f"epoch_{epoch}.pt"
         if path.exists() or self.build is None:
             return path
-        with open(self.path / f"epoch_{epoch}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock_path = self.path / f"epoch_{epoch}.lock"
+
+        def beat() -> None:
+            with contextlib.suppress(OSError):
+                os.utime(lock_path)
+
+        with open(lock_path, "a") as lock:
+            since = time.monotonic()
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if path.exists():
+                        return path
+                    quiet = time.time() - lock_path.stat().st_mtime
+                    if quiet > STALE_S:
+                        log.warning("teacher cache: epoch %d's builder has done no teacher forward for %.0f s (hung?): building it here",
+                                    epoch, quiet)
+                        _save(self.build(epoch, lambda: None), path)
+                        return path
+                    if time.monotonic() - since > 60:
+                        log.info("teacher cache: waiting for another trial to build epoch %d's targets", epoch)
+                        since = time.monotonic()
+                    time.sleep(0.2)
             if not path.exists():
-                _save(self.build(epoch), path)
+                beat()
+                _save(self.build(epoch, beat), path)
         return path
 
     def for_epoch(self, epoch: int, device):
