@@ -213,7 +213,7 @@ def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ra
     logits = predict(model, s.val_x, lambda x: x.float() / 255.0, 1024, contextlib.nullcontext, False)
     val_acc = classification_metrics(logits, s.val_y)["val_acc"]
     path = cfg.teacher_dir()
-    save_ensemble(path, members, cfg.ensemble_weights, cfg.ensemble.combine, val_acc)
+    save_ensemble(path, members, cfg.ensemble_weights, cfg.ensemble.combine, val_acc, [card for _, card in loaded])  # checked above
     log.info("teacher ensemble %s (%s): val_acc=%.4f (members %s) -> %s", cfg.teacher_name, cfg.ensemble.combine, val_acc,
              ", ".join(f"{card.val_acc:.4f}" for _, card in loaded), path)
     return path

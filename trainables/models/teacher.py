@@ -47,9 +47,11 @@ def read_card(path: str | Path) -> TeacherCard:
     return read(TeacherCard, p / CARD, "teacher.path")
 
 
-def save_ensemble(out_dir: str | Path, members: list[str | Path], weights: list[float], combine: str, val_acc: float) -> EnsembleCard:
-    """Write an ensemble's card over saved member teachers (each loaded and checked here)."""
-    cards = [load_teacher(m)[1] for m in members]
+def save_ensemble(out_dir: str | Path, members: list[str | Path], weights: list[float], combine: str, val_acc: float,
+                  cards: list[TeacherCard] | None = None) -> EnsembleCard:
+    """Write an ensemble's card over saved member teachers: `cards`, their cards as the caller's
+    load_teacher just checked them, or None to load and check each here."""
+    cards = cards if cards is not None else [load_teacher(m)[1] for m in members]
     first = cards[0]
     digest = hashlib.sha256(json.dumps([[c.sha256 for c in cards], weights, combine]).encode()).hexdigest()
     card = build(EnsembleCard, {
