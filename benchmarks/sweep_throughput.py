@@ -181,6 +181,7 @@ def sweep_process(config: Path) -> None:
     print(json.dumps({"overhead_s": statistics.median(startup), "startup_s": startup,
                       "teacher_forwards": int(parent.get("teacher_cache_forward_images", 0) + trial_forwards),
                       "best_val_acc": max(r.data.metrics.get("final_val_acc", 0.0) for r in runs), "runs": len(runs)}))
+    h["plots"].result()  # drawn beside the queries above; the process's exit waits for them either way
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ def main() -> None:
                 cfg = validate(SweepConfig, sweep(args.root, out, seed, warm, args.trials, args.epochs), "quality")
                 ensure_teacher(cfg, check_data(cfg))
                 h = run_sweep(cfg)
+                h["plots"].result()
                 runs = h["tracker"].trial_runs(h["parent_run_id"])
                 runs.sort(key=lambda r: r.info.start_time)
                 accs[warm] = [(r.data.params["temperature"], r.data.params["alpha"], r.data.params["lr"], r.data.metrics["val_acc"]) for r in runs]

@@ -9,11 +9,15 @@ User errors raise trainables.registry.ConfigError (the CLI prints it as one line
 """
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepConfig, load_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def run_sweep_from(config: str | Path | dict | None = None, overrides: list[str]
 
     cfg = load_config(config, overrides)
     handles = run_sweep(cfg, address, tracking_uri, verbose=verbose)
-    return _selected(cfg, handles["tracker"], handles["parent_run_id"], handles["teacher"], objectives, minimum, maximum)
+    return _selected(cfg, handles["tracker"], handles["parent_run_id"], handles["teacher"], objectives, minimum, maximum, handles["plots"])
 
 
 def resume_sweep(name: str, storage: str | None = None, *, address: str | None = None, tracking_uri: str | None = None,
@@ -70,7 +74,8 @@ def resume_sweep(name: str, storage: str | None = None, *, address: str | None =
 
     saved = load_sweep(name, storage)
     handles = run_sweep(saved.config, address, tracking_uri or saved.tracking_uri, restore=True, verbose=verbose)
-    return _selected(saved.config, handles["tracker"], handles["parent_run_id"], handles["teacher"], objectives, minimum, maximum)
+    return _selected(saved.config, handles["tracker"], handles["parent_run_id"], handles["teacher"], objectives, minimum, maximum,
+                     handles["plots"])
 
 
 def best_of(name: str, storage: str | None = None, tracking_uri: str | None = None, *, objectives: list[str] | None = None,
@@ -93,13 +98,21 @@ def best_of(name: str, storage: str | None = None, tracking_uri: str | None = No
     return _selected(saved.config, tracker, parent, saved.teacher, objectives, minimum, maximum)
 
 
-def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objectives, minimum, maximum) -> SweepResult:
+def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objectives, minimum, maximum, plots: Future | None = None) -> SweepResult:
+    """Select (and register) the champion; `plots`, the sweep's Optuna plots still being drawn, are
+    waited for after it (they are drawn beside it)."""
     from orchestrator.selection import confirmed_metrics, select
     from trainables.eval.metrics import metric
 
     minimum = {metric(k).name: float(v) for k, v in (minimum or {}).items()}  # aliases (params, latency_ms) as on the CLI
     maximum = {metric(k).name: float(v) for k, v in (maximum or {}).items()}
-    won = select(cfg, tracker, parent_id, objectives, minimum, maximum, teacher_path=teacher)
+    try:
+        won = select(cfg, tracker, parent_id, objectives, minimum, maximum, teacher_path=teacher)
+    finally:
+        if plots is not None:
+            wait([plots])
+    if plots is not None and plots.exception() is not None:  # the champion is registered: say so, do not fail for a plot
+        log.warning("Optuna's plots were not logged to the sweep's run: %s", plots.exception())
     confirmed = None
     if won.get("confirmed"):
         confirmed = {k.removeprefix("champion_").removeprefix("confirmed_"): v for k, v in confirmed_metrics(won).items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.config import SweepConfig
 from trainables.config import TEACHER_LAYERS
@@ -149,15 +150,17 @@ def check_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = False)
     return path
 
 
-def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True, on_ray: bool = False) -> Path:
+def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True, on_ray: bool = False,
+                   beside: Callable[[], None] | None = None) -> Path:
     """Return a verified teacher folder, training (and caching) one when it is missing: in this
     process, or with `on_ray` (a sweep: Ray is up) in a Ray task holding one trial's resources, so
-    with --address it trains on a node where trials train, not on the head's CPU."""
+    with --address it trains on a node where trials train, not on the head's CPU. `beside()` is
+    called once that task is queued: what should run beside it queues behind it, not before."""
     path = check_teacher(cfg, info, train_missing)
     if path is not None:
         return path
     if cfg.is_ensemble:
-        return ensure_ensemble(cfg, info, train_missing, on_ray)
+        return ensure_ensemble(cfg, info, train_missing, on_ray, beside)
     path, t = cfg.teacher_dir(), cfg.teacher
     card = {"arch": t.arch, "arch_kwargs": cfg.teacher_kwargs(), "dataset": cfg.dataset.name,
             "num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes)}
@@ -171,7 +174,7 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
         how = f"fine-tuning {t.weights} for {t.finetune.epochs} epochs" if t.weights else f"{t.epochs} epochs"
         log.info("training teacher %s on %s (%s) -> %s", t.arch, cfg.dataset.name, how, path)
         if on_ray:
-            out = train_on_ray(cfg)
+            out = train_on_ray(cfg, beside)
             model = create_model(t.arch, info.num_classes, info.input_shape, **cfg.teacher_kwargs())
             model.load_state_dict(out["state"])
             metrics, preprocess = out["metrics"], out["preprocess"]
@@ -192,7 +195,7 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
     return path
 
 
-def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ray: bool) -> Path:
+def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ray: bool, beside: Callable[[], None] | None = None) -> Path:
     """Each member found or trained (as a single teacher is), then the ensemble's card written
     beside them, with the ensemble's own val accuracy (each member's is on its own card)."""
     import contextlib
@@ -204,7 +207,7 @@ def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ra
     members = []
     for i in range(len(cfg.members)):
         try:
-            members.append(ensure_teacher(cfg.member(i), info, train_missing, on_ray).resolve())
+            members.append(ensure_teacher(cfg.member(i), info, train_missing, on_ray, beside).resolve())
         except ConfigError as e:
             raise _as_member(i, e) from None
     loaded = [load_teacher(m) for m in members]
@@ -219,9 +222,10 @@ def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ra
     return path
 
 
-def train_on_ray(cfg: SweepConfig) -> dict:
+def train_on_ray(cfg: SweepConfig, beside: Callable[[], None] | None = None) -> dict:
     """The teacher's training as a Ray task with one trial's resources (a streaming generator: its
-    epochs are logged here as they finish). Returns trainables.trial.teacher_task's result."""
+    epochs are logged here as they finish), `beside()` called once it is queued. Returns
+    trainables.trial.teacher_task's result."""
     import ray
 
     from trainables.eval.metrics import format_epoch
@@ -230,8 +234,11 @@ def train_on_ray(cfg: SweepConfig) -> dict:
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=cfg.budget.max_failures,
                       num_returns="streaming")(teacher_task)
+    epochs = task.remote(cfg.teacher_trial())
+    if beside is not None:
+        beside()
     try:
-        for ref in task.remote(cfg.teacher_trial()):
+        for ref in epochs:
             item = ray.get(ref)
             if "epoch" in item:
                 log.info("teacher %s", format_epoch(item["epoch"]))

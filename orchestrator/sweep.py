@@ -243,20 +243,26 @@ def _reap(procs: list, raylets: set[str], grace_s: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str | None, int]:
+def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, beside: Callable[[], None] | None = None) -> tuple[str | None, int]:
     """Teacher forwards per sweep do not grow with trials: the teacher sees each view once, here (val,
-    fixed views) or in the first trial that needs an augmented epoch."""
+    fixed views) or in the first trial that needs an augmented epoch. `beside()` is called once the
+    cache's task is queued (or at once when there is none)."""
     from trainables.losses import LOSSES
     from trainables.teacher_cache import cache_task
 
     if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
+        if beside is not None:
+            beside()
         return None, 0
     import ray
 
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=1 if r.gpus_per_trial > 0 else 0)(cache_task)
     trial = cfg.trial(cfg.students[0], teacher_path=teacher)
-    path, forwards = ray.get(task.remote(trial, str(sweep_dir / "teacher_cache")))
+    built = task.remote(trial, str(sweep_dir / "teacher_cache"))
+    if beside is not None:
+        beside()
+    path, forwards = ray.get(built)
     log.info("teacher cache: %s (%d teacher image forwards%s)", path, forwards, " now" if forwards else ", already built")
     return path, forwards
 
@@ -264,8 +270,8 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path) -> tuple[str |
 class Profiles:
     """Size and latency, once per architecture per sweep, in Ray tasks holding one trial's
     resources (the trial's kind of device), not inside every trial while others compete for it.
-    The students' tasks start with the sweep, beside the teacher's training; the teacher's once it
-    exists, beside the cache build; `reports()` waits for them."""
+    The students' tasks queue behind the teacher's training, the teacher's behind the cache build
+    (those are what the first trial waits for); `reports()` waits for them."""
 
     def __init__(self, cfg: SweepConfig, info: DataInfo) -> None:
         import ray
@@ -273,14 +279,19 @@ class Profiles:
         from trainables.models.profile import profile_task
 
         r = cfg.resources
-        self.plugins = cfg.plugins
+        self.cfg, self.info = cfg, info
         self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
-        self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
-                                             arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
+        self.students: dict[str, Any] = {}
         self.teacher = None
 
-    def add_teacher(self, path: str) -> None:
-        self.teacher = self.task.remote(teacher_path=path, plugins=self.plugins)
+    def start(self, teacher: str | None = None) -> None:
+        """Queue the students' tasks, and the teacher's once given (each once)."""
+        cfg, info = self.cfg, self.info
+        if not self.students:
+            self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
+                                                 arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
+        if teacher is not None and self.teacher is None:
+            self.teacher = self.task.remote(teacher_path=teacher, plugins=cfg.plugins)
 
     def reports(self) -> dict[str, dict[str, float]]:
         import ray
@@ -349,7 +360,8 @@ def _run_config(cfg: SweepConfig, name: str, callbacks: list, verbose: bool):
 
 def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | None = None, restore: bool = False,
               verbose: bool = False) -> dict[str, Any]:
-    """Validate, prepare the teacher, run every study, close orphans. Returns the tracking handles.
+    """Validate, prepare the teacher, run every study, close orphans. Returns the tracking handles,
+    and `plots`: a future of Optuna's plots, still being drawn and logged (its result() waits).
 
     Nothing is written until every check has passed, the cluster's resources included. `verbose`
     shows Tune's own progress output instead of kdsweep's table."""
@@ -364,16 +376,16 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     with ray_session(address):
         if address is not None:
             wait_for_cluster(cfg.resources, address)
-        profiles = Profiles(cfg, info)  # the students' tasks run beside the teacher's training
-        teacher = str(ensure_teacher(cfg, info, on_ray=True).resolve())
+        profiles = Profiles(cfg, info)  # the students' tasks run beside the teacher's training, queued behind it
+        teacher = str(ensure_teacher(cfg, info, on_ray=True, beside=profiles.start).resolve())
+        profiles.start()  # the teacher was there: no training to queue behind
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
         tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
         tracker.client.log_artifact(parent, str(teacher_card_file(teacher)), "teacher")  # an ensemble's records every member
-        profiles.add_teacher(teacher)
-        cache, forwards = ensure_cache(cfg, teacher, sweep_dir)
+        cache, forwards = ensure_cache(cfg, teacher, sweep_dir, beside=lambda: profiles.start(teacher))
         if forwards:
             tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
         tracker.log_metrics(parent, {"data_skipped_files": len(info.skipped), "data_decode_s": info.decode_s}, step=0)
@@ -384,11 +396,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         server_down = False
         try:
             results = list(_tuner(cfg, trainable, callbacks, restore, verbose, build).fit())
-            for study, students, _ in plan.studies:
-                mine = [r for r in results if (r.config or {}).get("student") in students]
-                exported = export_study(cfg, study, students, mine, sweep_dir)
-                for png in plot_study(exported, sweep_dir / "optuna"):
-                    tracker.client.log_artifact(parent, str(png), "optuna")
+            studies = [export_study(cfg, study, students, [r for r in results if (r.config or {}).get("student") in students], sweep_dir)
+                       for study, students, _ in plan.studies]
+            plots = _in_background(_log_plots, tracker, parent, studies, sweep_dir / "optuna")
         except Exception as e:
             # The tracking server gone past MLflow's retries (the callbacks' writes): nothing more can be written.
             server_down = unreachable(e)
@@ -401,7 +411,16 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                 if closed:
                     log.info("closed %d orphaned trial run(s)", closed)
         tracker.client.set_terminated(parent, "FINISHED")
-    return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info)}
+    return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info), "plots": plots}
+
+
+def _log_plots(tracker: SweepTracker, parent: str, studies: list, out_dir: Path) -> list[Path]:
+    """Optuna's plots of every study, logged to the sweep's run. In a thread of their own (run_sweep's
+    `plots`), beside Ray's shutdown and the selection: they take seconds of imports and drawing."""
+    pngs = [png for study in studies for png in plot_study(study, out_dir)]
+    for png in pngs:
+        tracker.client.log_artifact(parent, str(png), "optuna")
+    return pngs
 
 
 def _trials(cfg: SweepConfig, info: DataInfo, sizes: dict[str, dict[str, float]], tracker: SweepTracker, parent: str, total: int,
@@ -454,8 +473,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         if address is not None:
             wait_for_cluster(cfg.resources, address)
         profiles = Profiles(cfg, info)
-        profiles.add_teacher(saved.teacher)
-        cache, _ = ensure_cache(cfg, saved.teacher, saved.directory)
+        cache, _ = ensure_cache(cfg, saved.teacher, saved.directory, beside=lambda: profiles.start(saved.teacher))
         build = TrialBuilder(cfg, teacher_path=saved.teacher, teacher_cache=cache, profile=False)
         trainable, callbacks = _trials(cfg, info, profiles.reports(), tracker, parent, 0, verbose)
         _tune_output(verbose)

@@ -130,6 +130,7 @@ def test_four_trials_share_one_gpu_at_once(tmp_path, digits_teacher, monkeypatch
                          "train.robust_samples": 0})
     cfg = load_config(str(path), [])
     handles = run_sweep(cfg)
+    assert handles["plots"].result()  # Optuna's plots, drawn beside the rest
     client = handles["tracker"].client
     runs = handles["tracker"].find_runs(f"tags.mlflow.parentRunId = '{handles['parent_run_id']}'")
     assert len(runs) == 4

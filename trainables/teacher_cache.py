@@ -9,7 +9,7 @@ trials start at once, teacher forwards stay one per view whatever the trial coun
 ASHA stops every trial before are never computed. Files are written atomically: a killed builder
 leaves no half-written epoch, and the next trial to need it builds it. A builder that stops making
 progress (no chunk of teacher forwards done for STALE_S) is taken as hung: a waiting trial says so
-in its log and builds the epoch itself.
+in its log and builds the epoch itself, beating as a builder does (the other waiters wait for it).
 
 Targets are fp16 logits (what the bf16/fp32 loss would see, to within fp16 rounding), or with
 `train.teacher_topk: k` only each target's k largest logits, their class indices and one fill
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 FORMAT = 2  # 2: targets per example (views independent of the batch size), lazy epochs, top-k
 CHUNK = 2048  # images per teacher forward
-STALE_S = 300.0  # an epoch's builder with no chunk done for this long is taken as hung (a GPU chunk takes seconds)
+STALE_S = 900.0  # an epoch's builder with no chunk done for this long is taken as hung (a GPU chunk takes seconds)
 
 
 def cache_key(cfg: TrialConfig, card: TeacherCard) -> dict:
@@ -206,7 +206,7 @@ class TeacherCache:
                 os.utime(lock_path)
 
         with open(lock_path, "a") as lock:
-            since = time.monotonic()
+            since, waiting = time.monotonic(), time.time()
             while True:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -214,11 +214,12 @@ class TeacherCache:
                 except BlockingIOError:
                     if path.exists():
                         return path
-                    quiet = time.time() - lock_path.stat().st_mtime
+                    quiet = time.time() - max(lock_path.stat().st_mtime, waiting)  # a touch from before this wait says nothing
                     if quiet > STALE_S:
                         log.warning("teacher cache: epoch %d's builder has done no teacher forward for %.0f s (hung?): building it here",
                                     epoch, quiet)
-                        _save(self.build(epoch, lambda: None), path)
+                        beat()  # the other waiters now see this build's progress, and wait for it
+                        _save(self.build(epoch, beat), path)
                         return path
                     if time.monotonic() - since > 60:
                         log.info("teacher cache: waiting for another trial to build epoch %d's targets", epoch)
