@@ -65,9 +65,12 @@ def main() -> None:
         client = mlflow.tracking.MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
         exp = client.get_experiment_by_name("soak")
         runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000) if r.data.tags.get("kdsweep.role") == "trial"]
+        # When the driver logged each trial's last epoch (a run's end_time can move later: the selection
+        # writes to the champion's run after the sweep).
+        last_epoch = {r.info.run_id: max(m.timestamp for m in client.get_metric_history(r.info.run_id, "val_acc")) / 1000 for r in runs}
 
     by_actor: dict[str, list] = defaultdict(list)
-    for r in sorted(runs, key=lambda r: r.info.end_time or 0):
+    for r in sorted(runs, key=lambda r: last_epoch[r.info.run_id]):
         by_actor[r.data.tags.get("kdsweep.trial_pid", "?")].append(r)
     statuses: dict[str, int] = defaultdict(int)
     for r in runs:
@@ -82,7 +85,7 @@ def main() -> None:
             continue
         a, b = rs[args.after - 1].data.metrics["process_rss_mb"], rs[-1].data.metrics["process_rss_mb"]
         print(f"| actor {pid} | {len(rs)} | {a:.0f} | {b:.0f} | {100 * (b - a) / a:+.1f} % |")
-    ended = sorted((r.info.end_time or 0) / 1000 for r in runs)
+    ended = sorted(last_epoch.values())
     if len(ended) >= args.after and samples:
         def rss_at(t: float) -> float:  # the last sample taken by then (Tune's result grid is built right after the last trial)
             return max((s for s in samples if s[0] <= t), default=samples[0])[1]

@@ -7,6 +7,7 @@ import logging
 import os
 import pickletools
 import shutil
+import time
 from pathlib import Path
 
 from ray.tune import Callback
@@ -19,21 +20,38 @@ class TuneStateBackup(Callback):
 
     Tune writes its experiment_state JSON in place, so a driver killed mid-write leaves an empty
     file and Tune would silently restart the whole study. After a step in which Tune rewrote its
-    state files (it does so every ~10 s, not every step), they are copied aside, validated, and
-    swapped in with one rename; `resume` falls back to this copy when the live state does not parse.
-    The files grow with the trials, so copying them every step made a long sweep's driver quadratic.
+    state files, they are copied aside, validated, and swapped in with one rename; `resume` falls
+    back to this copy when the live state does not parse. The files grow with the trials and Tune
+    rewrites them every step (TUNE_GLOBAL_CHECKPOINT_S=0), so copies are spaced: at least
+    MIN_INTERVAL_S apart and 20 times as long as the last one took (at most ~5 % of the driver's
+    time), and once more when the run ends. Copying every step made a long sweep's driver quadratic.
     """
+
+    MIN_INTERVAL_S = 2.0
 
     def __init__(self) -> None:
         self.experiment_dir: Path | None = None
         self._saved: tuple | None = None  # the files' (name, size, mtime) when last copied
+        self._next = 0.0  # monotonic time of the next copy allowed
 
     def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() >= self._next:
+            self._copy()
+
+    def on_experiment_end(self, trials, **info):
+        self._copy()
+
+    def _copy(self) -> None:
         if self.experiment_dir is None:
             return
         now = _signature(self.experiment_dir)
-        if now and now != self._saved and _snapshot(self.experiment_dir):
+        if not now or now == self._saved:
+            return
+        started = time.monotonic()
+        if _snapshot(self.experiment_dir):
             self._saved = now
+            took = time.monotonic() - started
+            self._next = time.monotonic() + max(self.MIN_INTERVAL_S, 20 * took)
 
 
 BACKUP = ".kdsweep-state-backup"

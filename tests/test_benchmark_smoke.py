@@ -18,16 +18,15 @@ def test_throughput_smoke(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_throughput.py"), "--smoke", "--floor", "--out", str(tmp_path / "b"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_throughput.py"), "--smoke", "--out", str(tmp_path / "b"),
                            "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| trial-epochs per hour (whole process) |" in proc.stdout and "speed-up" in proc.stdout and "| wall / floor wall |" in proc.stdout
+    assert "| trial-epochs per hour (whole process) |" in proc.stdout and "speed-up" in proc.stdout
     res = json.loads(out.read_text())
     assert res["peer"]["runs"] == 2 and res["kdsweep"]["runs"] == 2
     # the teacher sees each view once per sweep: n_train views + the val split, not trials x epochs x n_train
     assert res["kdsweep"]["teacher_forwards"] < res["peer"]["teacher_forwards"]
     assert res["kdsweep"]["overhead_s"] > 0 and res["kdsweep"]["trial_epochs_per_hour"] > 0
-    assert res["floor"]["wall_s"] > 0 and res["floor"]["trials_x_epochs"] == "2 x 1"
 
 
 def test_kd_vs_ce_reports_diverged_runs_instead_of_crashing(tmp_path, digits_teacher):

@@ -1,6 +1,7 @@
 """A driver killed while Tune writes its state leaves an unreadable file: resume uses the last good copy."""
 import json
 import pickle
+import time
 
 from orchestrator.tune_state import BACKUP, TuneStateBackup, _snapshot, _state_is_valid, repair_state
 
@@ -49,22 +50,29 @@ def test_valid_live_state_is_left_alone(tmp_path):
     assert json.loads((tmp_path / "experiment_state-2026.json").read_text()) == {"trial_data": [0, 1, 2, 3, 4]}
 
 
-def test_the_callback_copies_only_what_tune_rewrote(tmp_path):
-    """Tune rewrites its state every ~10 s or when a trial's checkpoints force it, not every step:
-    a step with nothing rewritten copies nothing (the files grow with the trials)."""
+def test_the_callback_copies_what_tune_rewrote_spaced_out_and_at_the_end(tmp_path, monkeypatch):
+    """The state files grow with the trials and Tune rewrites them every step: a step with nothing
+    rewritten copies nothing, copies are spaced MIN_INTERVAL_S apart, and the run's end copies the last."""
+    monkeypatch.setattr(TuneStateBackup, "MIN_INTERVAL_S", 0.5)
     cb = TuneStateBackup()
     cb.experiment_dir = tmp_path
     make_state(tmp_path, 2)
     cb.on_step_end(iteration=1, trials=[])
     copy = tmp_path / BACKUP / "experiment_state-2026.json"
     assert json.loads(copy.read_text()) == {"trial_data": [0, 1]}
-    copy.write_text("marker")  # a second copy would overwrite it
-    for i in range(3):
-        cb.on_step_end(iteration=2 + i, trials=[])
-    assert copy.read_text() == "marker"
     make_state(tmp_path, 3)
-    cb.on_step_end(iteration=5, trials=[])
+    cb.on_step_end(iteration=2, trials=[])  # rewritten, but too soon after the last copy
+    assert json.loads(copy.read_text()) == {"trial_data": [0, 1]}
+    time.sleep(0.6)
+    cb.on_step_end(iteration=3, trials=[])
     assert json.loads(copy.read_text()) == {"trial_data": [0, 1, 2]}
+    copy.write_text("marker")  # a second copy would overwrite it
+    time.sleep(0.6)
+    cb.on_step_end(iteration=4, trials=[])  # nothing rewritten since
+    assert copy.read_text() == "marker"
+    make_state(tmp_path, 4)
+    cb.on_experiment_end(trials=[])  # the last state, whenever the run ends
+    assert json.loads(copy.read_text()) == {"trial_data": [0, 1, 2, 3]}
 
 
 CALLS = []
