@@ -243,17 +243,19 @@ def _reap(procs: list, raylets: set[str], grace_s: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, beside: Callable[[], None] | None = None) -> tuple[str | None, int]:
+def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path,
+                 beside: Callable[[], None] | None = None) -> tuple[str | None, int, dict[str, float] | None]:
     """Teacher forwards per sweep do not grow with trials: the teacher sees each view once, here (val,
     fixed views) or in the first trial that needs an augmented epoch. `beside()` is called once the
-    cache's task is queued (or at once when there is none)."""
+    cache's task is queued (or at once when there is none). Returns the cache's folder, the forwards
+    run now and, with top-k targets, the share of the teacher's mass they keep (teacher_cache.topk_mass)."""
     from trainables.losses import LOSSES
     from trainables.teacher_cache import cache_task
 
     if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
         if beside is not None:
             beside()
-        return None, 0
+        return None, 0, None
     import ray
 
     r = cfg.resources
@@ -262,9 +264,13 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, beside: Callab
     built = task.remote(trial, str(sweep_dir / "teacher_cache"))
     if beside is not None:
         beside()
-    path, forwards = ray.get(built)
+    path, forwards, mass = ray.get(built)
     log.info("teacher cache: %s (%d teacher image forwards%s)", path, forwards, " now" if forwards else ", already built")
-    return path, forwards
+    if mass:
+        log.info("teacher cache: the top-%d classes hold %s of the teacher's softened probabilities on val at T = %s; top-k spreads "
+                 "the rest evenly, so where they hold less the teacher's structure is lost (docs/benchmarks.md: top-k)",
+                 cfg.train.teacher_topk, ", ".join(f"{100 * v:.1f} %" for v in mass.values()), ", ".join(mass))
+    return path, forwards, mass
 
 
 class Profiles:
@@ -385,9 +391,11 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
         tracker.client.log_artifact(parent, str(teacher_card_file(teacher)), "teacher")  # an ensemble's records every member
-        cache, forwards = ensure_cache(cfg, teacher, sweep_dir, beside=lambda: profiles.start(teacher))
+        cache, forwards, mass = ensure_cache(cfg, teacher, sweep_dir, beside=lambda: profiles.start(teacher))
         if forwards:
             tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
+        if mass:
+            tracker.log_metrics(parent, {f"teacher_topk_mass_t{t}": v for t, v in mass.items()}, step=0)
         tracker.log_metrics(parent, {"data_skipped_files": len(info.skipped), "data_decode_s": info.decode_s}, step=0)
         if info.skipped:
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
@@ -473,7 +481,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         if address is not None:
             wait_for_cluster(cfg.resources, address)
         profiles = Profiles(cfg, info)
-        cache, _ = ensure_cache(cfg, saved.teacher, saved.directory, beside=lambda: profiles.start(saved.teacher))
+        cache, _, _ = ensure_cache(cfg, saved.teacher, saved.directory, beside=lambda: profiles.start(saved.teacher))
         build = TrialBuilder(cfg, teacher_path=saved.teacher, teacher_cache=cache, profile=False)
         trainable, callbacks = _trials(cfg, info, profiles.reports(), tracker, parent, 0, verbose)
         _tune_output(verbose)

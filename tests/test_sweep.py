@@ -690,8 +690,8 @@ def test_sweep_from_a_dict_returns_its_champion_leaderboard_and_mlflow_ids(tmp_p
     monkeypatch.chdir(tmp_path)
     data = yaml.safe_load(sweep_yaml(tmp_path, digits_teacher, "api").read_text())
     before = yaml.safe_dump(data)
-    result = run_sweep_from(data, {"budget.num_samples": 3, "epochs": 2, "search": {"alpha": {"type": "float", "low": 0.0, "high": 1.0}}},
-                            address=ray_address, maximum={"params": 5000})
+    result = run_sweep_from(data, {"budget.num_samples": 3, "epochs": 2, "search": {"alpha": {"type": "float", "low": 0.0, "high": 1.0}},
+                                   "train.teacher_topk": 4}, address=ray_address, maximum={"params": 5000})
     assert yaml.safe_dump(data) == before  # the caller's dict is not changed
     assert result.config.train.epochs == 2 and list(result.config.search) == ["loss.alpha"]
     assert len(result.leaderboard) == 3 and result.champion.run_id in {r["run_id"] for r in result.leaderboard}
@@ -700,6 +700,8 @@ def test_sweep_from_a_dict_returns_its_champion_leaderboard_and_mlflow_ids(tmp_p
     client = mlflow.tracking.MlflowClient(result.tracking_uri)
     assert client.get_run(result.parent_run_id).info.experiment_id == result.experiment_id
     assert client.get_run(result.parent_run_id).data.tags["kdsweep.champion_run_id"] == result.champion.run_id
+    mass = [client.get_run(result.parent_run_id).data.metrics[f"teacher_topk_mass_t{t}"] for t in (1, 2, 4, 8)]  # top-4 of 10
+    assert 1 >= mass[0] >= mass[1] >= mass[2] >= mass[3] >= 0.4  # k of n classes hold at least k/n
     assert client.get_model_version_by_alias(result.config.registered_model, "champion").run_id == result.champion.run_id
     again = best_of("api", str(tmp_path / "runs"))  # the CLI's `kdsweep best`: same champion, not tested or registered again
     assert again.champion.run_id == result.champion.run_id and again.champion.version == result.champion.version

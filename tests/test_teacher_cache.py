@@ -153,6 +153,30 @@ def test_topk_targets_keep_the_largest_logits_and_the_remaining_mass(k):
     assert bytes_per_view(10, k) == 4 * k + 2 and bytes_per_view(1000, 10) * 47 < bytes_per_view(1000, None)
 
 
+def test_a_topk_cache_records_the_share_of_the_teachers_mass_its_classes_keep(tmp_path, digits_teacher):
+    """What the plan says of top-k: the mean share of the softened teacher probabilities on val in
+    each example's k largest classes, at T = 1, 2, 4, 8 (all of it at k = classes)."""
+    import json
+
+    from trainables.teacher_cache import META
+
+    teacher, card = load_teacher(digits_teacher)
+    s = load_dataset("digits", val_fraction=0.2)
+    with torch.no_grad():
+        z = teacher(normalizer(s.mean, s.std, "cpu")(s.val_x)).half().float()  # as the cache keeps val: fp16
+    for k in (2, 10):
+        path, _ = build_teacher_cache(cfg(digits_teacher, teacher_topk=k), teacher, card, tmp_path / str(k))
+        mass = json.loads((path / META).read_text())["topk_mass"]
+        assert list(mass) == ["1", "2", "4", "8"]
+        for t, share in mass.items():
+            expected = F.softmax(z / float(t), -1).sort(-1, descending=True).values[:, :k].sum(-1).mean()
+            assert share == pytest.approx(float(expected), abs=1e-5)
+        assert mass["1"] >= mass["2"] >= mass["4"] >= mass["8"]
+        if k == 10:
+            assert all(v == pytest.approx(1.0) for v in mass.values())
+    assert "topk_mass" not in json.loads((build_teacher_cache(cfg(digits_teacher), teacher, card, tmp_path / "dense")[0] / META).read_text())
+
+
 def test_a_topk_cache_trains_as_the_dense_one_at_k_equal_classes(tmp_path, digits_teacher):
     runs = {}
     for k in (None, 10, 3):

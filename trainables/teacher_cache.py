@@ -154,12 +154,27 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: Teache
     s, on_device = place(load_splits(cfg.dataset), cfg.dataset, device)
     build = Builder(cfg, teacher.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format),
                     card, s, on_device, device)
-    _save(build.val(), out / "val.pt")
+    val = build.val()
+    _save(val, out / "val.pt")
     if resolved_augment(cfg).static:
         _save(build.train(None), out / "static.pt")
+    meta = {"key": key, "forward_images": build.forwards, "num_classes": s.num_classes}
+    if cfg.train.teacher_topk:
+        meta["topk_mass"] = topk_mass(val, cfg.train.teacher_topk)
     with atomic_path(out / META) as tmp:  # last: its presence means val (and static) are there
-        tmp.write_text(json.dumps({"key": key, "forward_images": build.forwards, "num_classes": s.num_classes}, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out, build.forwards
+
+
+MASS_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+
+
+def topk_mass(logits: Tensor, k: int) -> dict[str, float]:
+    """The mean share of an example's softened teacher probabilities in its k largest classes, at
+    each of MASS_TEMPERATURES: what top-k targets keep as the teacher gave it (the rest of the mass
+    is spread evenly over the other classes, their structure lost)."""
+    z = logits.float()
+    return {f"{t:g}": float(torch.softmax(z / t, -1).topk(k, -1).values.sum(-1).mean()) for t in MASS_TEMPERATURES}
 
 
 def bytes_per_view(num_classes: int, topk: int | None, members: int = 1) -> int:
@@ -244,8 +259,9 @@ class TeacherCache:
         return dense(_rows(self.for_epoch(epoch, device), idx), self.num_classes)
 
 
-def cache_task(cfg: TrialConfig, root: str) -> tuple[str, int]:
-    """Ray task body (orchestrator.sweep.ensure_cache): create the sweep's cache, on a GPU if given one."""
+def cache_task(cfg: TrialConfig, root: str) -> tuple[str, int, dict[str, float] | None]:
+    """Ray task body (orchestrator.sweep.ensure_cache): create the sweep's cache, on a GPU if given
+    one. Returns its folder, the teacher forwards run now and, with top-k, topk_mass on val."""
     from trainables.models.teacher import load_teacher
     from trainables.plugins import load_plugins
 
@@ -253,4 +269,4 @@ def cache_task(cfg: TrialConfig, root: str) -> tuple[str, int]:
     teacher, card = load_teacher(cfg.teacher_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path, forwards = build_teacher_cache(cfg, teacher, card, root, device)
-    return str(path), forwards
+    return str(path), forwards, json.loads((path / META).read_text()).get("topk_mass")
