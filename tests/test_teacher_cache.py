@@ -31,6 +31,15 @@ def builder(c, teacher, card):
     return Builder(c, teacher, card, s, on_device, "cpu")
 
 
+def epoch_cache(root, teacher_dir):
+    """A sweep's cache (val built, epochs still to build), its trial config and teacher card, and the
+    teacher's real epoch builder."""
+    c = cfg(teacher_dir)
+    teacher, card = load_teacher(teacher_dir)
+    path, _ = build_teacher_cache(c, teacher, card, root)
+    return c, card, path, builder(c, teacher, card).train
+
+
 def test_cache_holds_the_teachers_logits_for_each_view_whatever_the_batch_size(tmp_path, digits_teacher):
     c = cfg(digits_teacher)
     teacher, card = load_teacher(digits_teacher)
@@ -54,10 +63,7 @@ def test_cache_holds_the_teachers_logits_for_each_view_whatever_the_batch_size(t
 
 
 def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leaves_nothing(tmp_path, digits_teacher):
-    c = cfg(digits_teacher)
-    teacher, card = load_teacher(digits_teacher)
-    path, _ = build_teacher_cache(c, teacher, card, tmp_path)
-    real = builder(c, teacher, card).train
+    c, card, path, real = epoch_cache(tmp_path, digits_teacher)
     builds = []
 
     def failing(epoch, beat):
@@ -95,10 +101,7 @@ def test_a_hung_builder_is_taken_over_and_a_slow_one_is_waited_for(tmp_path, dig
     import trainables.teacher_cache as tc
 
     monkeypatch.setattr(tc, "STALE_S", 1.0)
-    c = cfg(digits_teacher)
-    teacher, card = load_teacher(digits_teacher)
-    path, _ = build_teacher_cache(c, teacher, card, tmp_path)
-    real = builder(c, teacher, card).train
+    c, card, path, real = epoch_cache(tmp_path, digits_teacher)
     builds = []
 
     def counted(epoch, beat):
