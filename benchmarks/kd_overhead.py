@@ -1,8 +1,9 @@
 """What KD itself costs per epoch: the same student, the same epochs, in one process, trained with
 alpha=0 (CE alone), with KD from the sweep's teacher cache (dense), and with KD from a top-k cache;
 the cache's epochs built before timing (as the first trial of a sweep builds them), each arm run in
-turn `--repeats` times. Also what the sweep does before its first trial: the cache's preparation,
-which no longer depends on the epoch count (augmented epochs are built by the trials, lazily).
+turn `--repeats` times. Also what a sweep's first trial adds before its first epoch: the val
+split's targets, whatever the epoch count (the driver only writes the cache's key; augmented epochs
+are built by the trials that reach them).
 
   python benchmarks/kd_overhead.py                      # CIFAR-100-shaped random images, CPU
   python benchmarks/kd_overhead.py --device cuda --n-train 50000 --student resnet8x4
@@ -66,7 +67,7 @@ def main() -> None:
             path, _ = build_teacher_cache(c, teacher, card, root / "cache", args.device)
             prepare[topk] = time.perf_counter() - t0
             opened = TeacherCache.open(path, c, card)
-            opened.build = Builder(c, teacher, card, *place(s, c.dataset, args.device), args.device).train
+            opened.builder = Builder(c, teacher, card, *place(s, c.dataset, args.device), args.device)
             for epoch in range(args.epochs):  # what the first trial of a sweep would build
                 opened.for_epoch(epoch, "cpu")
             caches[topk] = str(path)
@@ -89,7 +90,7 @@ def main() -> None:
     for name, t in times.items():
         per_view = "-" if name.startswith("alpha=0") else bytes_per_view(args.classes, args.topk if "top-" in name else None)
         print(f"| {name} | {statistics.median(t):.3f} | {statistics.median(t) / base:.3f}x | {per_view} |")
-    print(f"\nbefore the first trial, the sweep's cache preparation (val split only; epochs are built by the trials): "
+    print(f"\nthe val split's targets, built by a sweep's first trial before its first epoch (the driver only keys the cache): "
           f"{prepare[None]:.2f} s dense, {prepare[args.topk]:.2f} s top-{args.topk}, whatever the epoch count")
 
 

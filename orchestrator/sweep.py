@@ -120,9 +120,10 @@ def cache_line(cfg: SweepConfig, info: DataInfo) -> str:
     members = len(cfg.members) if cfg.is_ensemble and cfg.ensemble.combine == "probs" else 1
     per_view = bytes_per_view(info.num_classes, cfg.train.teacher_topk, members)
     views = info.n_train + info.n_unlabeled
-    what = f"top-{cfg.train.teacher_topk} of {info.num_classes} logits" if cfg.train.teacher_topk else f"all {info.num_classes} logits"
+    what = (f"top-{cfg.train.teacher_topk} of {info.num_classes} logits (the rest: {cfg.train.teacher_topk_rest})" if cfg.train.teacher_topk
+            else f"all {info.num_classes} logits")
     static = resolved_augment(cfg.trial(cfg.students[0], distill=False)).static
-    when = ("fixed views: built once before the trials" if static else
+    when = ("fixed views: built once, by the first trial (the others wait for it, then read it)" if static else
             "random views: each epoch built by the first trial that needs it (the others wait for it, then read it)")
     return f"{what}, {per_view} bytes a view{' (every member)' if members > 1 else ''}, {per_view * views / 2**20:.1f} MiB an epoch; {when}"
 
@@ -243,41 +244,42 @@ def _reap(procs: list, raylets: set[str], grace_s: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path,
-                 beside: Callable[[], None] | None = None) -> tuple[str | None, int, dict[str, float] | None]:
-    """Teacher forwards per sweep do not grow with trials: the teacher sees each view once, here (val,
-    fixed views) or in the first trial that needs an augmented epoch. `beside()` is called once the
-    cache's task is queued (or at once when there is none). Returns the cache's folder, the forwards
-    run now and, with top-k targets, the share of the teacher's mass they keep (teacher_cache.topk_mass)."""
+def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, num_classes: int) -> str | None:
+    """The sweep's teacher cache: keyed here, built by the trials (val, and each set of views, by the
+    first trial that needs it), so teacher forwards per sweep do not grow with trials and no trial
+    waits for views it will not reach. None when no trial would read it."""
     from trainables.losses import LOSSES
-    from trainables.teacher_cache import cache_task
+    from trainables.models.teacher import read_teacher_card
+    from trainables.teacher_cache import create_cache
 
     if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
-        if beside is not None:
-            beside()
-        return None, 0, None
-    import ray
+        return None
+    path = create_cache(cfg.trial(cfg.students[0], teacher_path=teacher), read_teacher_card(teacher), sweep_dir / "teacher_cache", num_classes)
+    log.info("teacher cache: %s", path)
+    return str(path)
 
-    r = cfg.resources
-    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=1 if r.gpus_per_trial > 0 else 0)(cache_task)
-    trial = cfg.trial(cfg.students[0], teacher_path=teacher)
-    built = task.remote(trial, str(sweep_dir / "teacher_cache"))
-    if beside is not None:
-        beside()
-    path, forwards, mass = ray.get(built)
-    log.info("teacher cache: %s (%d teacher image forwards%s)", path, forwards, " now" if forwards else ", already built")
-    if mass:
-        log.info("teacher cache: the top-%d classes hold %s of the teacher's softened probabilities on val at T = %s; top-k spreads "
-                 "the rest evenly, so where they hold less the teacher's structure is lost (docs/benchmarks.md: top-k)",
-                 cfg.train.teacher_topk, ", ".join(f"{100 * v:.1f} %" for v in mass.values()), ", ".join(mass))
-    return path, forwards, mass
+
+def log_topk_mass(cfg: SweepConfig, cache: str | None, tracker: SweepTracker, parent: str) -> None:
+    """With top-k targets, the share of the teacher's softened mass they keep (teacher_cache.topk_mass,
+    recorded by the trial that built val): said, and logged to the sweep's run."""
+    from trainables.teacher_cache import read_topk_mass
+
+    mass = read_topk_mass(cache) if cache and cfg.train.teacher_topk else None
+    if not mass:
+        return
+    log.info("teacher cache: the top-%d classes hold %s of the teacher's softened probabilities on val at T = %s; the shape of "
+             "the rest is not kept, so where they hold less more of the teacher's structure is lost (docs/benchmarks.md: top-k)",
+             cfg.train.teacher_topk, ", ".join(f"{100 * v:.1f} %" for v in mass.values()), ", ".join(mass))
+    tracker.log_metrics(parent, {f"teacher_topk_mass_t{t}": v for t, v in mass.items()}, step=0)
 
 
 class Profiles:
     """Size and latency, once per architecture per sweep, in Ray tasks holding one trial's
     resources (the trial's kind of device), not inside every trial while others compete for it.
-    The students' tasks queue behind the teacher's training, the teacher's behind the cache build
-    (those are what the first trial waits for); `reports()` waits for them."""
+    They must not hold what the first trials need: the students' tasks run beside the teacher's
+    training when there is one, the rest are queued once the first trial has started (on CPUs or
+    devices it left free, else after the trials, on an idle machine). Unless an objective needs
+    them, no trial waits for them: `ready()` says whether they are in, `reports()` waits for them."""
 
     def __init__(self, cfg: SweepConfig, info: DataInfo) -> None:
         import ray
@@ -289,23 +291,35 @@ class Profiles:
         self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
         self.students: dict[str, Any] = {}
         self.teacher = None
+        self.teacher_path: str | None = None  # the teacher's task is queued once this is known
 
-    def start(self, teacher: str | None = None) -> None:
-        """Queue the students' tasks, and the teacher's once given (each once)."""
+    def start(self) -> None:
+        """Queue the tasks not queued yet: the students', and the teacher's once teacher_path is set."""
         cfg, info = self.cfg, self.info
         if not self.students:
             self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
                                                  arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
-        if teacher is not None and self.teacher is None:
-            self.teacher = self.task.remote(teacher_path=teacher, plugins=cfg.plugins)
+        if self.teacher_path is not None and self.teacher is None:
+            self.teacher = self.task.remote(teacher_path=self.teacher_path, plugins=cfg.plugins)
 
     def reports(self) -> dict[str, dict[str, float]]:
+        """Each student's size_report, waiting for the tasks (queued now if they were not)."""
         import ray
 
         from trainables.models.profile import size_report
 
+        self.start()
         teacher_size = ray.get(self.teacher)
         return {name: size_report(ray.get(f), teacher_size) for name, f in self.students.items()}
+
+    def ready(self) -> dict[str, dict[str, float]] | None:
+        """reports() once every task is done, else None at once."""
+        import ray
+
+        refs = [self.teacher, *self.students.values()]
+        if self.teacher is None or len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+            return None
+        return self.reports()
 
 
 def _tune_output(verbose: bool) -> None:
@@ -384,26 +398,23 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
             wait_for_cluster(cfg.resources, address)
         profiles = Profiles(cfg, info)  # the students' tasks run beside the teacher's training, queued behind it
         teacher = str(ensure_teacher(cfg, info, on_ray=True, beside=profiles.start).resolve())
-        profiles.start()  # the teacher was there: no training to queue behind
+        profiles.teacher_path = teacher  # the rest are queued when the first trial starts (MlflowTrialCallback)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
         tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
         tracker.client.log_artifact(parent, str(teacher_card_file(teacher)), "teacher")  # an ensemble's records every member
-        cache, forwards, mass = ensure_cache(cfg, teacher, sweep_dir, beside=lambda: profiles.start(teacher))
-        if forwards:
-            tracker.log_metrics(parent, {"teacher_cache_forward_images": forwards}, step=0)
-        if mass:
-            tracker.log_metrics(parent, {f"teacher_topk_mass_t{t}": v for t, v in mass.items()}, step=0)
+        cache = ensure_cache(cfg, teacher, sweep_dir, info.num_classes)
         tracker.log_metrics(parent, {"data_skipped_files": len(info.skipped), "data_decode_s": info.decode_s}, step=0)
         if info.skipped:
             tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         build = TrialBuilder(cfg, teacher_path=teacher, teacher_cache=cache, profile=False)
-        trainable, callbacks = _trials(cfg, info, profiles.reports(), tracker, parent, sum(n for _, _, n in plan.studies), verbose)
+        trainable, callbacks = _trials(cfg, info, profiles, tracker, parent, sum(n for _, _, n in plan.studies), verbose)
         server_down = False
         try:
             results = list(_tuner(cfg, trainable, callbacks, restore, verbose, build).fit())
+            log_topk_mass(cfg, cache, tracker, parent)
             studies = [export_study(cfg, study, students, [r for r in results if (r.config or {}).get("student") in students], sweep_dir)
                        for study, students, _ in plan.studies]
             plots = _in_background(_log_plots, tracker, parent, studies, sweep_dir / "optuna")
@@ -431,7 +442,7 @@ def _log_plots(tracker: SweepTracker, parent: str, studies: list, out_dir: Path)
     return pngs
 
 
-def _trials(cfg: SweepConfig, info: DataInfo, sizes: dict[str, dict[str, float]], tracker: SweepTracker, parent: str, total: int,
+def _trials(cfg: SweepConfig, info: DataInfo, profiles: Profiles, tracker: SweepTracker, parent: str, total: int,
             verbose: bool) -> tuple[Any, list]:
     """The trainable every trial of the sweep runs (in a reused Tune actor, or a Ray Train worker
     group) and the driver's callbacks that track and show them: one set-up for the search with its
@@ -439,6 +450,7 @@ def _trials(cfg: SweepConfig, info: DataInfo, sizes: dict[str, dict[str, float]]
     from ray import tune
 
     size_objectives = [m for m in objectives(cfg)[0] if metric(m).kind == "size"]
+    sizes = profiles.reports() if size_objectives else {}  # Optuna reads them from each report: wait for them
     constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
     r = cfg.resources
     run = TrialRun(r.num_workers, r.cpus_per_trial, r.gpus_per_trial, cfg.budget.max_failures, f"{cfg.ray_storage()}/train", r.warm)
@@ -447,8 +459,8 @@ def _trials(cfg: SweepConfig, info: DataInfo, sizes: dict[str, dict[str, float]]
     resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, run=run, constants=constants), resources)
     model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
-                  "sizes": sizes, "fixed_params": {"dataset": cfg.dataset.name, "teacher": cfg.teacher_name}}
-    callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info), TuneStateBackup()]
+                  "fixed_params": {"dataset": cfg.dataset.name, "teacher": cfg.teacher_name}}
+    callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info, profiles), TuneStateBackup()]
     if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
         callbacks.append(PlacementGroupReaper())
     if not verbose:
@@ -481,9 +493,10 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         if address is not None:
             wait_for_cluster(cfg.resources, address)
         profiles = Profiles(cfg, info)
-        cache, _, _ = ensure_cache(cfg, saved.teacher, saved.directory, beside=lambda: profiles.start(saved.teacher))
+        profiles.teacher_path = saved.teacher
+        cache = ensure_cache(cfg, saved.teacher, saved.directory, info.num_classes)
         build = TrialBuilder(cfg, teacher_path=saved.teacher, teacher_cache=cache, profile=False)
-        trainable, callbacks = _trials(cfg, info, profiles.reports(), tracker, parent, 0, verbose)
+        trainable, callbacks = _trials(cfg, info, profiles, tracker, parent, 0, verbose)
         _tune_output(verbose)
         log.info("sweep %s: confirming its top %d finalist(s) on %d seeds: %d trial(s)", cfg.name, top, seeds, todo)
         tuner = tune.Tuner(

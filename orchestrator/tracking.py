@@ -26,12 +26,17 @@ class MlflowTrialCallback(Callback):
 
     Each trial's config (built once by the driver, in Tune's trial config) is logged whole, so a
     run records exactly what its trial trained with; `model_info` carries the data's shape and
-    classes and each architecture's size metrics (profiled once per sweep)."""
+    classes. `sizes` gives each architecture's size metrics (profiled once per sweep, in tasks
+    queued by `start()` when the first trial starts, so that they never hold what it needs):
+    `ready()` without waiting, None until all are in, or `reports()`. A run created before they are
+    in gets them later: at a trial's report, at the latest when the experiment ends (Tune has
+    released the trials' resources by then)."""
 
-    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any]) -> None:
+    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any], sizes) -> None:
         self.tracker, self.parent_id, self.sweep = tracker, parent_id, sweep
-        self.model_info = model_info
+        self.model_info, self.sizes = model_info, sizes
         self._runs: dict[str, tuple[str, int]] = {}  # trial_id -> (run_id, last logged epoch); a cache only
+        self._unsized: list[tuple[str, str]] = []  # (run_id, student) still without its size metrics
 
     def __getstate__(self):  # pickled into Tune's state; `kdsweep resume` hands in a live one
         return {"sweep": self.sweep}
@@ -59,14 +64,27 @@ class MlflowTrialCallback(Callback):
             t.log_params(run_id, {**searched, "trial_id": trial.trial_id, "loss": cfg.loss.name, "control": not cfg.loss.distills, "seed": cfg.seed,
                                   **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
             t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
-            t.log_metrics(run_id, self.model_info["sizes"].get(cfg.student, {}), step=0)
+            self._unsized.append((run_id, cfg.student))
+            self._log_sizes()
         self._runs[trial.trial_id] = (run_id, last)
         return run_id, last
 
+    def _log_sizes(self, wait: bool = False) -> None:
+        if not self._unsized:
+            return
+        sizes = self.sizes.reports() if wait else self.sizes.ready()
+        if sizes is None:
+            return
+        for run_id, student in self._unsized:
+            self.tracker.log_metrics(run_id, sizes.get(student, {}), step=0)
+        self._unsized.clear()
+
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.sizes.start()
         self.run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._log_sizes()
         run_id, last = self.run_for(trial)
         epoch = int(result.get("epoch", 0))
         if epoch <= last:  # a resumed trial re-reporting an epoch we already hold
@@ -93,6 +111,9 @@ class MlflowTrialCallback(Callback):
                 t.client.set_tag(run_id, Tag.text(key), str(last[key]))
         t.client.set_tag(run_id, Tag.STATUS, status)
         t.client.set_terminated(run_id, "FINISHED")
+
+    def on_experiment_end(self, trials, **info):
+        self._log_sizes(wait=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         """The trial's error, where a user looks first: its last line as tag kdsweep.error, the

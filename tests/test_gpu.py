@@ -89,7 +89,7 @@ def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(t
         dirs[device], forwards = build_teacher_cache(cfg, teacher, card, tmp_path / device, device)
         assert forwards > 0
         cache = TeacherCache.open(dirs[device], cfg, card)
-        cache.build = Builder(cfg, teacher.to(device), card, *place(load_splits(cfg.dataset), cfg.dataset, device), device).train
+        cache.builder = Builder(cfg, teacher.to(device), card, *place(load_splits(cfg.dataset), cfg.dataset, device), device)
         cache.for_epoch(0, device)  # as the first trial needing it builds it, on its device
     for name in ("val.pt", "epoch_0.pt"):
         g = torch.load(dirs["cuda"] / name, weights_only=True).float()

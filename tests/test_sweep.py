@@ -220,6 +220,57 @@ def browse(folder, uri: str, report_html, run_names: list[str]) -> None:
     assert "KD gain over each student" in report_dom and "optimization_history" in report_dom
 
 
+def test_runs_created_before_the_profiles_finish_get_their_sizes_when_they_do(tmp_path):
+    """The profiling tasks are queued when the first trial starts, and no trial waits for them: a run
+    made before the sizes are in gets them at a later report, at the latest when the experiment
+    ends, once, at step 0."""
+    from types import SimpleNamespace
+
+    from orchestrator.config import load_config
+    from orchestrator.search import TrialBuilder
+    from orchestrator.store import SweepTracker
+    from orchestrator.tracking import MlflowTrialCallback
+    from trainables.config import TRIAL_CONFIG
+
+    class Sizes:
+        def __init__(self):
+            self.done, self.started = False, 0
+
+        def start(self):
+            self.started += 1
+
+        def reports(self):
+            self.done = True
+            return {"mlp_32": {"size_params": 123.0}, "cnn_tiny": {"size_params": 456.0}}
+
+        def ready(self):
+            return self.reports() if self.done else None
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "sizes")
+    parent = tracker.parent_run("sizes", {})
+    sizes = Sizes()
+    callback = MlflowTrialCallback(tracker, parent, "sizes", {"fixed_params": {}}, sizes)
+    build = TrialBuilder(load_config(None, ["teacher.path=/tmp/t"]), profile=False)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"student": s, TRIAL_CONFIG: build({"student": s})})
+              for i, s in enumerate(["mlp_32", "cnn_tiny", "mlp_32"])]
+    assert not sizes.started  # queued once the first trial has its resources, not before
+    callback.on_trial_start(0, trials, trials[0])
+    callback.on_trial_start(0, trials, trials[1])
+    assert sizes.started
+    callback.on_trial_result(0, trials, trials[0], {"epoch": 1, "val_acc": 0.5})
+    runs = {r.data.params["student"]: r for r in tracker.trial_runs(parent)}
+    assert all("size_params" not in r.data.metrics for r in runs.values())  # not in yet: nothing waited for
+    sizes.done = True
+    callback.on_trial_result(0, trials, trials[1], {"epoch": 1, "val_acc": 0.5})
+    callback.on_trial_start(0, trials, trials[2])
+    callback.on_experiment_end(trials)
+    client = tracker.client
+    got = sorted((r.data.params["student"], [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "size_params")])
+                 for r in tracker.trial_runs(parent))
+    assert got == [("cnn_tiny", [(0, 456.0)]), ("mlp_32", [(0, 123.0)]), ("mlp_32", [(0, 123.0)])]
+
+
 def test_a_lucky_seed_wins_the_search_and_loses_the_confirmation(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
     """lottery_mlp sees the whole image for seed 0 (the search's) and 3% of it for seed 1: it wins
     the single-seed search (about 0.93 against 0.82), and the confirmation on two seeds (its mean

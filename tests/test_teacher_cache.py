@@ -5,6 +5,7 @@ teacher online."""
 import math
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_cache_holds_the_teachers_logits_for_each_view_whatever_the_batch_size(t
     for batch_size in (64, 32):  # another (searched) batch size reads the same cache
         cache = TeacherCache.open(path, cfg(digits_teacher, batch_size=batch_size), card)
         build = builder(c, teacher, card)
-        cache.build = build.train
+        cache.builder = build
         for b, idx, view in epoch_batches(len(s.train_y), batch_size, c.seed, 1, aug, (8, 8)):
             with torch.no_grad():
                 expected = teacher(norm(augment(s.train_x[idx], view, aug)))
@@ -70,7 +71,7 @@ def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leav
         raise RuntimeError("killed mid-build")
 
     cache = TeacherCache.open(path, c, card)
-    cache.build = failing
+    cache.builder = SimpleNamespace(train=failing)
     with pytest.raises(RuntimeError):
         cache.for_epoch(0, "cpu")
     assert not list(path.glob("epoch_0.pt*")) and not list(path.glob(".*epoch_0*"))
@@ -82,7 +83,7 @@ def test_an_epoch_is_built_once_while_other_readers_wait_and_a_failed_build_leav
 
     readers = [TeacherCache.open(path, c, card) for _ in range(3)]
     for r in readers:
-        r.build = slow
+        r.builder = SimpleNamespace(train=slow)
     got = [None] * 3
     threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, readers[i].for_epoch(0, "cpu"))) for i in range(3)]
     for t in threads:
@@ -125,7 +126,7 @@ def test_a_hung_builder_is_taken_over_and_a_slow_one_is_waited_for(tmp_path, dig
         other.start()
         assert held.wait(30)
         cache = TeacherCache.open(path, c, card)
-        cache.build = counted
+        cache.builder = SimpleNamespace(train=counted)
         builds.clear()
         started = time.monotonic()
         got = cache.for_epoch(epoch, "cpu")
@@ -142,26 +143,94 @@ def test_topk_targets_keep_the_largest_logits_and_the_remaining_mass(k):
     torch.manual_seed(0)
     z = torch.randn(64, 10) * 4
     z[0] = torch.tensor([30.0] + [-30.0] * 9)  # a confident teacher: the rest has almost no mass
-    got = dense(sparse(z, k), 10)
     top = z.topk(k, dim=1)
-    assert torch.allclose(got.gather(1, top.indices), top.values, atol=2e-2)  # fp16
-    p, q = F.softmax(z, 1), F.softmax(got, 1)
-    assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=2e-3)  # T=1: the top-k mass kept
-    rest = torch.ones_like(p, dtype=torch.bool).scatter(1, top.indices, False)
-    assert torch.allclose((q * rest).sum(1), (p * rest).sum(1), atol=2e-3)  # and the rest's, spread evenly
+    rest = torch.ones_like(z, dtype=torch.bool).scatter(1, top.indices, False)
+    stored = sparse(z, k)
+    for t in (0.5, 1.0, 2.0, 4.0, 8.0):  # the temperatures the fill is stored at: the rest's mass exactly (to fp16)
+        got = dense(stored, 10, t)
+        assert torch.allclose(got.gather(1, top.indices), top.values, atol=2e-2)  # fp16
+        p, q = F.softmax(z / t, 1), F.softmax(got / t, 1)
+        assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=3e-3)  # the top-k's mass kept
+        assert torch.allclose((q * rest).sum(1), (p * rest).sum(1), atol=3e-3)  # and the rest's, spread evenly
+        if k < 10:
+            assert torch.allclose(q[rest].view(64, 10 - k).std(1), torch.zeros(64), atol=1e-6)
+        else:
+            assert torch.equal(got, z.half().float())  # k = classes: the dense target exactly
     if k < 10:
-        assert torch.allclose(q[rest].view(64, 10 - k).std(1), torch.zeros(64), atol=1e-6)
-    else:
-        assert torch.equal(got, z.half().float())  # k = classes: the dense target exactly
-    assert bytes_per_view(10, k) == 4 * k + 2 and bytes_per_view(1000, 10) * 47 < bytes_per_view(1000, None)
+        for t in (1.4, 3.0, 6.0, 20.0):  # between them: interpolated, close
+            p, q = F.softmax(z / t, 1), F.softmax(dense(stored, 10, t) / t, 1)
+            assert torch.allclose((q * rest).sum(1), (p * rest).sum(1), atol=0.05)
+        flat = dense(stored, 10, 1.0)  # FKD's fill, the T=1 one, at T=4: far more mass on the rest than it has
+        p, q = F.softmax(z / 4, 1), F.softmax(flat / 4, 1)
+        assert ((q * rest).sum(1) - (p * rest).sum(1)).max() > 0.05
+    assert bytes_per_view(10, k) == 4 * k + 12 and bytes_per_view(1000, 10) * 38 < bytes_per_view(1000, None)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_bucket_targets_make_the_kl_the_one_over_the_top_k_and_the_rest_as_one_class(k):
+    """With the student's logits the other classes take the student's own shape: KL over all
+    classes equals (values and gradients) the KL between the (k + 1)-way distributions, the top k
+    and the rest summed, with the teacher's true rest mass at each stored temperature."""
+    from trainables.losses import kd_kl
+
+    torch.manual_seed(k)
+    z, n = torch.randn(16, 10) * 3, 10
+    z[0] = torch.tensor([30.0] + [-30.0] * 9)
+    stored = sparse(z, k)
+    top = z.topk(k, 1).indices
+    rest = torch.ones_like(z, dtype=torch.bool).scatter(1, top, False)
+
+    def k_plus_1(logits, t):
+        p = F.softmax(logits / t, 1)
+        return torch.cat([p.gather(1, top), (p * rest).sum(1, keepdim=True)], 1)
+
+    for t in (1.0, 2.0, 4.0, 8.0):
+        s = (torch.randn(16, 10) * 2).requires_grad_()
+        target = dense(stored, n, t, s)
+        ours = kd_kl(s, target, t)
+        (g_ours,) = torch.autograd.grad(ours, s)
+        p, q = k_plus_1(z, t), k_plus_1(s, t)
+        ref = (p * (p.log() - q.log())).sum(1).mean() * t * t
+        (g_ref,) = torch.autograd.grad(ref, s)
+        assert ours.item() == pytest.approx(ref.item(), rel=2e-3, abs=2e-4)
+        assert torch.allclose(g_ours, g_ref, rtol=1e-2, atol=1e-4)
+        shape = F.softmax(target / t, 1)[rest].view(16, n - k) / F.softmax(s / t, 1)[rest].view(16, n - k)
+        assert torch.allclose(shape, shape[:, :1].expand_as(shape), rtol=1e-3)  # the rest: the student's shape, rescaled
+        assert not target.requires_grad
+    members = sparse(torch.stack([z, z.flip(1)], 1), k)  # an ensemble's (batch, member, class) rows
+    got = dense(members, n, 4.0, s)
+    assert got.shape == (16, 2, n) and torch.equal(got[:, 0], dense(stored, n, 4.0, s))
+    assert torch.equal(dense(sparse(z, n), n, 4.0, s), z.half().float())  # k = classes: no rest to shape
+
+
+def test_a_trial_reads_topk_targets_for_its_losss_temperature_and_its_own_logits(tmp_path, digits_teacher):
+    from trainables.targets import TeacherTargets
+
+    c = cfg(digits_teacher, teacher_topk=3)
+    teacher, card = load_teacher(digits_teacher)
+    path, _ = build_teacher_cache(c, teacher, card, tmp_path)
+    cache = TeacherCache.open(path, c, card)
+    cache.builder = builder(c, teacher, card)
+    targets = TeacherTargets("cache", teacher, False, None, cache=cache)
+    idx = torch.arange(0, 40, 3)
+    x = torch.zeros(len(idx), 1, 8, 8)
+    stored = {k: v[idx] for k, v in cache.for_epoch(0, "cpu").items()}
+    student = torch.randn(len(idx), 10)
+    for t in (1.0, 4.0):
+        got, _ = targets.batch(x, x, 0, idx, t)
+        assert torch.equal(got, dense(stored, 10, t))
+        got, _ = targets.batch(x, x, 0, idx, t, student)  # train.teacher_topk_rest: bucket, the default
+        assert torch.equal(got, dense(stored, 10, t, student))
+    assert not torch.equal(dense(stored, 10, 1.0), dense(stored, 10, 4.0))
+    spread = TeacherCache.open(path, cfg(digits_teacher, teacher_topk=3, loss={"alpha": 0.9}).model_copy(
+        update={"train": c.train.model_copy(update={"teacher_topk_rest": "spread"})}), card)
+    assert torch.equal(spread.batch(0, idx, "cpu", 4.0, student), dense(stored, 10, 4.0))  # FKD's even spread, whatever the student
 
 
 def test_a_topk_cache_records_the_share_of_the_teachers_mass_its_classes_keep(tmp_path, digits_teacher):
     """What the plan says of top-k: the mean share of the softened teacher probabilities on val in
     each example's k largest classes, at T = 1, 2, 4, 8 (all of it at k = classes)."""
-    import json
-
-    from trainables.teacher_cache import META
+    from trainables.teacher_cache import read_topk_mass
 
     teacher, card = load_teacher(digits_teacher)
     s = load_dataset("digits", val_fraction=0.2)
@@ -169,7 +238,7 @@ def test_a_topk_cache_records_the_share_of_the_teachers_mass_its_classes_keep(tm
         z = teacher(normalizer(s.mean, s.std, "cpu")(s.val_x)).half().float()  # as the cache keeps val: fp16
     for k in (2, 10):
         path, _ = build_teacher_cache(cfg(digits_teacher, teacher_topk=k), teacher, card, tmp_path / str(k))
-        mass = json.loads((path / META).read_text())["topk_mass"]
+        mass = read_topk_mass(path)
         assert list(mass) == ["1", "2", "4", "8"]
         for t, share in mass.items():
             expected = F.softmax(z / float(t), -1).sort(-1, descending=True).values[:, :k].sum(-1).mean()
@@ -177,7 +246,7 @@ def test_a_topk_cache_records_the_share_of_the_teachers_mass_its_classes_keep(tm
         assert mass["1"] >= mass["2"] >= mass["4"] >= mass["8"]
         if k == 10:
             assert all(v == pytest.approx(1.0) for v in mass.values())
-    assert "topk_mass" not in json.loads((build_teacher_cache(cfg(digits_teacher), teacher, card, tmp_path / "dense")[0] / META).read_text())
+    assert read_topk_mass(build_teacher_cache(cfg(digits_teacher), teacher, card, tmp_path / "dense")[0]) is None
 
 
 def test_a_topk_cache_trains_as_the_dense_one_at_k_equal_classes(tmp_path, digits_teacher):

@@ -166,7 +166,7 @@ def test_the_cache_holds_the_unlabelled_views_too(tmp_path, digits_teacher):
     assert forwards == len(s.val_y)
     cache = TeacherCache.open(path, c, card)
     build = Builder(c, teacher, card, s, True, "cpu")
-    cache.build = build.train
+    cache.builder = build
     norm = normalizer(s.mean, s.std, "cpu")
     for rank in (0, 1):  # each DDP rank reads its own share of the global batch
         for _, idx, x, _, view in device_batches(s.train_x, s.train_y, train_batches(s, c, 1, "cpu", rank, 2), "cpu", True):

@@ -300,6 +300,9 @@ class TrainConfig(Strict):
     )
     teacher_topk: int | None = Field(None, ge=1, description="the sweep's cache keeps each view's k largest teacher logits "
                                                                "(the other classes share the remaining mass); null: all")
+    teacher_topk_rest: Literal["bucket", "spread"] = Field(
+        "bucket", description="how top-k targets give the other classes their mass: as one class, shaped as the student's own "
+                              "(bucket), or evenly (spread: FKD's marginal smoothing)")
     robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
     checkpoint_every: int | str = Field(1, description="checkpoint every N epochs, or every '<seconds>s' (e.g. '120s'); the last epoch always")
 

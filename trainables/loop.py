@@ -282,9 +282,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                t_logits, t_feats = targets.batch(raw, x, epoch, idx, loss_fn.temperature)
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
+                t_logits, t_feats = targets.batch(raw, x, epoch, idx, loss_fn.temperature, s_logits)
                 loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -308,7 +308,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "images_per_s": steps_per_epoch * batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
-            "teacher_forward_images": targets.forwards,
+            "teacher_forward_images": targets.teacher_forwards,
             "teacher_targets": targets.source,
             "process_rss_mb": process.memory_info().rss / 2**20,
             "trial_pid": process.pid,

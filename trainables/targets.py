@@ -36,15 +36,22 @@ class TeacherTargets:
     channels_last: bool = False
     cache: TeacherCache | None = None
     train_logits: Tensor | None = None
-    forwards: int = 0  # teacher image forwards run by this trial (an ensemble's: one per member and image)
+    forwards: int = 0  # teacher image forwards run outside the cache (an ensemble's: one per member and image)
     weights: Tensor | None = None  # an ensemble's member weights: its targets are mixed at the loss's temperature
     members: int = 1
 
-    def batch(self, raw: Tensor, x: Tensor, epoch: int, idx: Tensor, temperature: float) -> tuple[Tensor | None, list | None]:
+    @property
+    def teacher_forwards(self) -> int:
+        """Teacher image forwards run by this trial, the cache files it built included."""
+        return self.forwards + (self.cache.builder.forwards if self.cache is not None and self.cache.builder is not None else 0)
+
+    def batch(self, raw: Tensor, x: Tensor, epoch: int, idx: Tensor, temperature: float,
+              student: Tensor | None = None) -> tuple[Tensor | None, list | None]:
         """Targets for one batch of examples `idx`: `raw` is the augmented batch (0..255), `x` the
-        student's input; an ensemble's members are mixed at `temperature`, the loss's now."""
+        student's input; an ensemble's members are mixed at `temperature`, the loss's now. `student`,
+        the student's logits on the batch, shapes the classes a top-k cache left out (`bucket`)."""
         if self.source == "cache":
-            return combine_targets(self.cache.batch(epoch, idx, x.device), self.weights, temperature), None
+            return combine_targets(self.cache.batch(epoch, idx, x.device, temperature, student), self.weights, temperature), None
         if self.source == "precomputed":
             return combine_targets(self.train_logits[idx], self.weights, temperature), None
         if self.source == "online":
@@ -65,7 +72,7 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
     """Decide the source for this trial. `teacher` is None when there is none to load; it still
     gives val logits (agreement, KL) to a no-KD control. `predict(model, x)` runs eval forwards
     with the teacher's inputs; `norm` is its input normalization (from its card), None when it
-    equals the student's. An epoch missing from the sweep's cache is built by this trial's teacher."""
+    equals the student's. A file missing from the sweep's cache (val, an epoch) is built by this trial's teacher."""
     train_x, val_x = splits.train_x, splits.val_x
     static = resolved_augment(cfg).static
     if cfg.train.teacher_targets == "precomputed" and not static:
@@ -77,24 +84,15 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
         cache = TeacherCache.open(cfg.teacher_cache, cfg, card)
     members = members_of(teacher)
     if cache is not None:
+        cache.builder = Builder(cfg, teacher, card, splits, on_device, next(teacher.parameters()).device)
         val, forwards = cache.val(val_x.device), 0
     else:
         val, forwards = predict(teacher, val_x), len(val_x) * members
     if not cfg.loss.distills:
-        return TeacherTargets("none", None, False, val, forwards=forwards)
+        return TeacherTargets("none", None, False, val, forwards=forwards, cache=cache)
     ensemble = {"weights": teacher.weights, "members": members} if isinstance(teacher, EnsembleTeacher) else {}
     if cache is not None:
-        targets = TeacherTargets("cache", teacher, False, val, cache=cache, forwards=forwards, **ensemble)
-        device = next(teacher.parameters()).device
-
-        def build(epoch: int, beat: Callable[[], None]):
-            builder = Builder(cfg, teacher, card, splits, on_device, device)
-            stored = builder.train(epoch, beat)
-            targets.forwards += builder.forwards
-            return stored
-
-        cache.build = build
-        return targets
+        return TeacherTargets("cache", teacher, False, val, cache=cache, **ensemble)
     if static and not needs_features and cfg.train.teacher_targets != "online":
         return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(target_model(teacher), train_x),
                               forwards=forwards + len(train_x) * members, **ensemble)

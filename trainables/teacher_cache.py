@@ -3,22 +3,29 @@
 Each example's view is a pure function of (seed, epoch, example) (data.epoch_views), whatever the
 batch size or the worker, so targets are stored per example: `static.pt` when views never change,
 else one `epoch_<e>.pt` per epoch, plus `val.pt` (the val split's logits, for the agreement metrics).
-The sweep builds val (and static) before the trials; each augmented epoch is built by the first
-trial that needs it (one builder at a time, under a file lock: the others wait, then read it), so
-trials start at once, teacher forwards stay one per view whatever the trial count, and epochs that
-ASHA stops every trial before are never computed. Files are written atomically: a killed builder
-leaves no half-written epoch, and the next trial to need it builds it. A builder that stops making
-progress (no chunk of teacher forwards done for STALE_S) is taken as hung: a waiting trial says so
-in its log and builds the epoch itself, beating as a builder does (the other waiters wait for it).
+The sweep's driver only writes the cache's key (meta.json); every file is built by the first trial
+that needs it (one builder at a time, under a file lock: the others wait, then read it), so trials
+start at once, teacher forwards stay one per view whatever the trial count, and epochs that ASHA
+stops every trial before are never computed. Files are written atomically: a killed builder leaves
+no half-written file, and the next trial to need it builds it. A builder that stops making progress
+(no chunk of teacher forwards done for STALE_S) is taken as hung: a waiting trial says so in its log
+and builds the file itself, beating as a builder does (the other waiters wait for it).
 
 Targets are fp16 logits (what the bf16/fp32 loss would see, to within fp16 rounding), or with
-`train.teacher_topk: k` only each target's k largest logits, their class indices and one fill
-logit for the other classes, chosen so they share the remaining probability mass (at T=1) evenly,
-as FKD's marginal smoothing does (Shen & Xing, ECCV 2022): k x 4 + 2 bytes a view instead of
-2 x classes. With k = classes it is the dense target exactly.
+`train.teacher_topk: k` only each target's k largest logits, their class indices and the fill logit
+of the other classes, which gives them the remaining probability mass. FKD (Shen & Xing, ECCV 2022)
+keeps that mass at T=1 only; softened at T=4 a T=1 fill gives the other classes far too much of it
+(100 classes, top-10: half the mass left on the top 10 instead of two thirds), so the fill is
+stored at FILL_TEMPERATURES and read at the loss's temperature (linear in 1/T between them): the
+top k and the rest keep their true shares at any T. The rest's shape is not stored: `spread` spreads
+its mass evenly (FKD's marginal smoothing, the same at T=1), `bucket` (the default) as the student
+spreads its own, so the KL is the one over the top k and the rest as one class and the student's
+tail is left free (docs/benchmarks.md: 2.8 val points lost to the even spread on 100 classes, none
+to the bucket). k x 4 + 12 bytes a view instead of 2 x classes; with k = classes it is the dense
+target exactly.
 
 The cache is keyed by the teacher's weights hash and input statistics, the dataset and split, the
-augmentation, top-k, and the seed when views are random; a trial whose key differs (a confirmation
+augmentation, top-k (not how its rest is read), and the seed when views are random; a trial whose key differs (a confirmation
 seed with random views) runs the teacher online.
 """
 from __future__ import annotations
@@ -47,7 +54,7 @@ from trainables.models.ensemble import members_of, target_model
 log = logging.getLogger(__name__)
 
 META = "meta.json"
-FORMAT = 2  # 2: targets per example (views independent of the batch size), lazy epochs, top-k
+FORMAT = 3  # 2: targets per example (views independent of the batch size), lazy epochs, top-k; 3: the fill per temperature
 CHUNK = 2048  # images per teacher forward
 STALE_S = 900.0  # an epoch's builder with no chunk done for this long is taken as hung (a GPU chunk takes seconds)
 
@@ -67,25 +74,56 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+FILL_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)  # inf: the rest's mean logit, the limit as T grows
+
+
 def sparse(logits: Tensor, k: int | None) -> Tensor | dict[str, Tensor]:
-    """Targets as stored: fp16 logits, or their top-k (values, indices) and the fill logit of the
-    other classes, log(sum of their exp) - log(their count): they keep their mass at T=1, spread evenly."""
+    """Targets as stored: fp16 logits, or their top-k (values, indices) and, at each of
+    FILL_TEMPERATURES, the fill logit that gives the other classes their true mass spread evenly:
+    T * (log(sum of exp(z / T) over them) - log(their count))."""
     if k is None:
         return logits.half()
     z = logits.float()
     values, indices = z.topk(k, dim=-1)
-    rest = z.scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True) - math.log(max(1, z.shape[-1] - k))
+    n = max(1, z.shape[-1] - k)
+    rest = z.scatter(-1, indices, float("-inf"))
+    fill = [t * ((rest / t).logsumexp(-1) - math.log(n)) for t in FILL_TEMPERATURES[:-1]]
+    fill.append((z.sum(-1) - values.sum(-1)) / n if z.shape[-1] > k else fill[-1])  # the mean (k = classes: no rest, -inf)
     return {"values": values.half(), "indices": indices.to(torch.int16 if z.shape[-1] <= 32767 else torch.int32),
-            "fill": rest.clamp_min(-6e4).half()}  # fp16's range: a fill below it spreads no mass anyway
+            "fill": torch.stack(fill, -1).clamp_min(-6e4).half()}  # fp16's range: a fill below it spreads no mass anyway
 
 
-def dense(stored: Tensor | dict[str, Tensor], num_classes: int) -> Tensor:
-    """Stored targets (rows of `sparse`) as float logits."""
+def fill_at(fill: Tensor, temperature: float) -> Tensor:
+    """The fill logit for softening at `temperature`: linear in 1/T between FILL_TEMPERATURES
+    (the lowest one's below it, where the rest holds the least mass)."""
+    u, grid = 1.0 / temperature, [1.0 / t for t in FILL_TEMPERATURES]
+    if u >= grid[0]:
+        return fill[..., :1]
+    a = next(i for i in range(len(grid) - 1) if grid[i + 1] <= u)
+    w = (u - grid[a + 1]) / (grid[a] - grid[a + 1])
+    return w * fill[..., a : a + 1] + (1 - w) * fill[..., a + 1 : a + 2]
+
+
+def dense(stored: Tensor | dict[str, Tensor], num_classes: int, temperature: float = 1.0, student: Tensor | None = None) -> Tensor:
+    """Stored targets (rows of `sparse`) as float logits, for softening at `temperature`. Top-k
+    rows: the other classes hold the teacher's mass for them at `temperature` (FILL_TEMPERATURES),
+    spread evenly, or with `student` (the student's logits on the same examples) spread as the
+    student spreads its own: the KL over all classes is then the KL over k + 1 (the top k, and the
+    rest as one class), and the teacher's targets say nothing of the rest's shape, which they do not know."""
     if not isinstance(stored, dict):
         return stored.float()
-    values = stored["values"].float()
-    out = stored["fill"].float().expand(*values.shape[:-1], num_classes).clone()
-    return out.scatter_(-1, stored["indices"].long(), values)
+    values, indices = stored["values"].float(), stored["indices"].long()
+    fill = fill_at(stored["fill"].float(), temperature)
+    rest = num_classes - values.shape[-1]
+    if student is None or not rest:
+        out = fill.expand(*values.shape[:-1], num_classes).clone()
+    else:
+        s = student.detach().float()
+        if values.dim() == s.dim() + 1:  # an ensemble's members (batch, member, class): each member's rest alike
+            s = s.unsqueeze(-2).expand(*values.shape[:-1], num_classes)
+        others = (s / temperature).scatter(-1, indices, float("-inf")).logsumexp(-1, keepdim=True)
+        out = s + fill + temperature * (math.log(rest) - others)
+    return out.scatter_(-1, indices, values)
 
 
 def _rows(stored: Tensor | dict[str, Tensor], idx: Tensor) -> Tensor | dict[str, Tensor]:
@@ -102,8 +140,8 @@ def _save(stored, path: Path) -> None:
 
 
 class Builder:
-    """Computes cache files with a loaded teacher: the sweep's task (val, static) and any trial
-    that first needs an epoch (trainables.targets)."""
+    """Computes cache files with a loaded teacher: in the trial that first needs one
+    (trainables.targets), or up front in build_teacher_cache."""
 
     def __init__(self, cfg: TrialConfig, teacher: torch.nn.Module, card: TeacherCard, splits: DataSplits, on_device: bool,
                  device: torch.device | str) -> None:
@@ -122,9 +160,14 @@ class Builder:
         with self.ctx():
             return model(x.contiguous(memory_format=torch.channels_last) if self.cuda and x.dim() == 4 else x).float()
 
-    def val(self) -> Tensor:
-        x = self.splits.val_x
-        return torch.cat([self._forward(self.teacher, x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)]).half()
+    def val(self, beat: Callable[[], None] | None = None) -> Tensor:
+        """The val split's logits (an ensemble's combined), fp16."""
+        x, parts = self.splits.val_x, []
+        for i in range(0, len(x), CHUNK):
+            parts.append(self._forward(self.teacher, x[i : i + CHUNK]).half())
+            if beat is not None:
+                beat()
+        return torch.cat(parts)
 
     def train(self, epoch: int | None, beat: Callable[[], None] | None = None) -> Tensor | dict[str, Tensor]:
         """Every train example's target for `epoch`'s views (None: the fixed views); `beat()` after
@@ -141,29 +184,32 @@ class Builder:
         return _cat(parts)
 
 
-def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: TeacherCard, root: str | Path,
-                        device: torch.device | str = "cpu") -> tuple[Path, int]:
-    """Create (or find) the cache for `cfg`'s views, with what every trial needs first: val, and the
-    static targets when views never change (augmented epochs: built by the trials, lazily).
-    Returns its folder and the teacher image forwards this call ran (0 when it existed)."""
+def create_cache(cfg: TrialConfig, card: TeacherCard, root: str | Path, num_classes: int) -> Path:
+    """The sweep's cache folder for `cfg`'s views, keyed (meta.json) but empty: the trials build
+    its files. Cheap, on the driver; the folder is found again when it exists."""
     key = cache_key(cfg, card)
     out = Path(root) / key_digest(key)
-    if (out / META).exists():
-        return out, 0
-    out.mkdir(parents=True, exist_ok=True)
+    if not (out / META).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / META) as tmp:
+            tmp.write_text(json.dumps({"key": key, "num_classes": num_classes}, indent=2, sort_keys=True))
+    return out
+
+
+def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: TeacherCard, root: str | Path,
+                        device: torch.device | str = "cpu") -> tuple[Path, int]:
+    """Create (or find) the cache and build now, with `teacher`, what every trial reads first: val,
+    and the static targets when views never change (augmented epochs are left to the trials). For
+    benchmarks and tests that train outside a sweep. Returns its folder and the teacher image
+    forwards run now (0 when those files existed)."""
     s, on_device = place(load_splits(cfg.dataset), cfg.dataset, device)
-    build = Builder(cfg, teacher.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format),
-                    card, s, on_device, device)
-    val = build.val()
-    _save(val, out / "val.pt")
-    if resolved_augment(cfg).static:
-        _save(build.train(None), out / "static.pt")
-    meta = {"key": key, "forward_images": build.forwards, "num_classes": s.num_classes}
-    if cfg.train.teacher_topk:
-        meta["topk_mass"] = topk_mass(val, cfg.train.teacher_topk)
-    with atomic_path(out / META) as tmp:  # last: its presence means val (and static) are there
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out, build.forwards
+    cache = TeacherCache.open(create_cache(cfg, card, root, s.num_classes), cfg, card)
+    cache.builder = Builder(cfg, teacher.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format),
+                            card, s, on_device, device)
+    cache.val(device)
+    if cache.static:
+        cache.for_epoch(0, device)
+    return cache.path, cache.builder.forwards
 
 
 MASS_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -172,7 +218,7 @@ MASS_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 def topk_mass(logits: Tensor, k: int) -> dict[str, float]:
     """The mean share of an example's softened teacher probabilities in its k largest classes, at
     each of MASS_TEMPERATURES: what top-k targets keep as the teacher gave it (the rest of the mass
-    is spread evenly over the other classes, their structure lost)."""
+    is spread evenly over the other classes, their structure lost: the less the top k keep, the more is lost)."""
     z = logits.float()
     return {f"{t:g}": float(torch.softmax(z / t, -1).topk(k, -1).values.sum(-1).mean()) for t in MASS_TEMPERATURES}
 
@@ -180,17 +226,26 @@ def topk_mass(logits: Tensor, k: int) -> dict[str, float]:
 def bytes_per_view(num_classes: int, topk: int | None, members: int = 1) -> int:
     """What one view's target takes in the cache (the plan prints it)."""
     index = 2 if num_classes <= 32767 else 4
-    return members * (2 * num_classes if topk is None else topk * (2 + index) + 2)
+    return members * (2 * num_classes if topk is None else topk * (2 + index) + 2 * len(FILL_TEMPERATURES))
+
+
+TOPK_MASS = "val_topk_mass.json"
+
+
+def read_topk_mass(path: str | Path) -> dict[str, float] | None:
+    """topk_mass on val, as the trial that built val.pt recorded it (None: dense, or not built yet)."""
+    f = Path(path) / TOPK_MASS
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 class TeacherCache:
-    """Read side: one epoch's targets on the training device, rows by example. A missing augmented
-    epoch is built here by `build(epoch, beat)` (the trial's teacher), one builder at a time."""
+    """Read side: val and one epoch's targets on the training device, rows by example. A missing
+    file is built here by `builder` (a Builder with this trial's teacher), one builder at a time."""
 
-    def __init__(self, path: Path, static: bool, num_classes: int) -> None:
-        self.path, self.static, self.num_classes = path, static, num_classes
+    def __init__(self, path: Path, static: bool, num_classes: int, topk: int | None, rest: str = "spread") -> None:
+        self.path, self.static, self.num_classes, self.topk, self.rest = path, static, num_classes, topk, rest
         self._epoch, self._stored = None, None
-        self.build: Callable[[int, Callable[[], None]], Tensor | dict[str, Tensor]] | None = None  # (epoch, beat)
+        self.builder: Builder | None = None
 
     @classmethod
     def open(cls, path: str | Path | None, cfg: TrialConfig, card: TeacherCard) -> "TeacherCache | None":
@@ -200,21 +255,30 @@ class TeacherCache:
         meta = json.loads((Path(path) / META).read_text())
         if meta["key"] != cache_key(cfg, card):
             return None
-        return cls(Path(path), resolved_augment(cfg).static, meta["num_classes"])
+        return cls(Path(path), resolved_augment(cfg).static, meta["num_classes"], cfg.train.teacher_topk, cfg.train.teacher_topk_rest)
 
     def val(self, device) -> Tensor:
-        return torch.load(self.path / "val.pt", map_location=device, weights_only=True).float()
+        """The val split's teacher logits; the trial that builds them records topk_mass beside them."""
 
-    def _epoch_file(self, epoch: int) -> Path:
-        """epoch_<e>.pt, built under the epoch's lock when missing: the first trial to get the lock
-        builds it, touching the lock file after each chunk; the others wait for the lock and then
+        def make(beat: Callable[[], None]) -> Tensor:
+            val = self.builder.val(beat)
+            if self.topk:
+                with atomic_path(self.path / TOPK_MASS) as tmp:
+                    tmp.write_text(json.dumps(topk_mass(val, self.topk)))
+            return val
+
+        return torch.load(self._file("val", make), map_location=device, weights_only=True).float()
+
+    def _file(self, name: str, make: Callable[[Callable[[], None]], Tensor | dict[str, Tensor]]) -> Path:
+        """<name>.pt, built by `make(beat)` under <name>.lock when missing: the first trial to get the
+        lock builds it, touching the lock file after each chunk; the others wait for the lock and then
         find the file, unless the lock file goes STALE_S without a touch (a hung builder: a killed
         one frees the lock), when they build it themselves (writes are atomic: two builders of the
         same views write the same file)."""
-        path = self.path / f"epoch_{epoch}.pt"
-        if path.exists() or self.build is None:
+        path = self.path / f"{name}.pt"
+        if path.exists() or self.builder is None:
             return path
-        lock_path = self.path / f"epoch_{epoch}.lock"
+        lock_path = self.path / f"{name}.lock"
 
         def beat() -> None:
             with contextlib.suppress(OSError):
@@ -231,42 +295,32 @@ class TeacherCache:
                         return path
                     quiet = time.time() - max(lock_path.stat().st_mtime, waiting)  # a touch from before this wait says nothing
                     if quiet > STALE_S:
-                        log.warning("teacher cache: epoch %d's builder has done no teacher forward for %.0f s (hung?): building it here",
-                                    epoch, quiet)
+                        log.warning("teacher cache: the builder of %s has done no teacher forward for %.0f s (hung?): building it here",
+                                    name, quiet)
                         beat()  # the other waiters now see this build's progress, and wait for it
-                        _save(self.build(epoch, beat), path)
+                        _save(make(beat), path)
                         return path
                     if time.monotonic() - since > 60:
-                        log.info("teacher cache: waiting for another trial to build epoch %d's targets", epoch)
+                        log.info("teacher cache: waiting for another trial to build %s", name)
                         since = time.monotonic()
                     time.sleep(0.2)
             if not path.exists():
                 beat()
-                _save(self.build(epoch, beat), path)
+                _save(make(beat), path)
         return path
 
     def for_epoch(self, epoch: int, device):
         key = None if self.static else epoch
         if self._stored is None or self._epoch != key:
             self._stored = None  # free the last epoch's before loading the next
-            path = self.path / "static.pt" if self.static else self._epoch_file(epoch)
-            self._stored = torch.load(path, map_location=device, weights_only=True)
+            name = "static" if self.static else f"epoch_{epoch}"
+            self._stored = torch.load(self._file(name, lambda beat: self.builder.train(key, beat)), map_location=device, weights_only=True)
             self._epoch = key
         return self._stored
 
-    def batch(self, epoch: int, idx: Tensor, device) -> Tensor:
-        """The targets of examples `idx` in `epoch`'s views, as float logits (idx on `device`)."""
-        return dense(_rows(self.for_epoch(epoch, device), idx), self.num_classes)
-
-
-def cache_task(cfg: TrialConfig, root: str) -> tuple[str, int, dict[str, float] | None]:
-    """Ray task body (orchestrator.sweep.ensure_cache): create the sweep's cache, on a GPU if given
-    one. Returns its folder, the teacher forwards run now and, with top-k, topk_mass on val."""
-    from trainables.models.teacher import load_teacher
-    from trainables.plugins import load_plugins
-
-    load_plugins(cfg.plugins)
-    teacher, card = load_teacher(cfg.teacher_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    path, forwards = build_teacher_cache(cfg, teacher, card, root, device)
-    return str(path), forwards, json.loads((path / META).read_text()).get("topk_mass")
+    def batch(self, epoch: int, idx: Tensor, device, temperature: float = 1.0, student: Tensor | None = None) -> Tensor:
+        """The targets of examples `idx` in `epoch`'s views, as float logits to soften at
+        `temperature` (idx on `device`); `student`, the student's logits on them, shapes the rest
+        of top-k targets under `train.teacher_topk_rest: bucket`."""
+        shaped = student if self.rest == "bucket" else None
+        return dense(_rows(self.for_epoch(epoch, device), idx), self.num_classes, temperature, shaped)

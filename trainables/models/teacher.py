@@ -86,6 +86,12 @@ def load_ensemble(path: str | Path, num_classes: int | None = None, input_shape:
     return model.to(device).eval(), card
 
 
+def read_teacher_card(path: str | Path) -> TeacherCard:
+    """A teacher folder's card alone (an ensemble's: its EnsembleCard), no weights read: what the
+    sweep's cache is keyed by, on the driver; load_teacher checks the weights against it."""
+    return read(EnsembleCard, Path(path) / ENSEMBLE, "teacher") if is_ensemble(path) else read_card(path)
+
+
 def teacher_card_file(path: str | Path) -> Path:
     """The card of a teacher folder: teacher.json, or an ensemble's ensemble.json."""
     return Path(path) / (ENSEMBLE if is_ensemble(path) else CARD)
