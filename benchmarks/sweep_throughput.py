@@ -19,6 +19,7 @@ Peer wall / floor wall is the most any Tune-based tool could beat the peer by on
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -159,6 +160,7 @@ def floor_process(spec: str) -> None:
                    tune_config=tune.TuneConfig(max_concurrent_trials=o["concurrent"], reuse_actors=True),
                    run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(), verbose=0)).fit()
     assert not ray.is_initialized()
+    gc.freeze()  # the same exit as kdsweep's process
 
 
 def sweep_process(config: Path) -> None:
@@ -180,6 +182,7 @@ def sweep_process(config: Path) -> None:
     print(json.dumps({"overhead_s": statistics.median(startup), "startup_s": startup, "teacher_forwards": int(trial_forwards),
                       "best_val_acc": max(r.data.metrics.get("final_val_acc", 0.0) for r in runs), "runs": len(runs)}))
     h["plots"].result()  # drawn beside the queries above; the process's exit waits for them either way
+    gc.freeze()  # as the kdsweep command exits (orchestrator.cli.entry): no last collection
 
 
 def main() -> None:
