@@ -51,6 +51,8 @@ class MlflowTrialCallback(Callback):
             t.client.update_run(run_id, status="RUNNING")
             history = t.client.get_metric_history(run_id, "val_acc")
             last = max((m.step for m in history), default=0)
+            if not any(k.startswith("size_") for k in found[0].data.metrics):  # its driver died before the sizes were in
+                self._unsized.append((run_id, trial.config[TRIAL_CONFIG].student))
         else:
             cfg = trial.config[TRIAL_CONFIG]
             confirms = trial.config.get(CONFIRM, {}).get("of")

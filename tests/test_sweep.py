@@ -269,6 +269,13 @@ def test_runs_created_before_the_profiles_finish_get_their_sizes_when_they_do(tm
     got = sorted((r.data.params["student"], [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "size_params")])
                  for r in tracker.trial_runs(parent))
     assert got == [("cnn_tiny", [(0, 456.0)]), ("mlp_32", [(0, 123.0)]), ("mlp_32", [(0, 123.0)])]
+    late = SimpleNamespace(trial_id="t3", config={"student": "cnn_tiny", TRIAL_CONFIG: build({"student": "cnn_tiny"})})
+    MlflowTrialCallback(tracker, parent, "sizes", {"fixed_params": {}}, Sizes()).on_trial_start(0, [late], late)  # its driver dies
+    resumed = MlflowTrialCallback(tracker, parent, "sizes", {"fixed_params": {}}, sizes)  # the next driver finds the run
+    resumed.on_trial_start(0, [late], late)
+    resumed.on_experiment_end([late])
+    (run,) = tracker.trial_runs(parent, "t3")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "size_params")] == [(0, 456.0)]
 
 
 def test_a_lucky_seed_wins_the_search_and_loses_the_confirmation(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):

@@ -25,8 +25,8 @@ to the bucket). k x 4 + 12 bytes a view instead of 2 x classes; with k = classes
 target exactly.
 
 The cache is keyed by the teacher's weights hash and input statistics, the dataset and split, the
-augmentation, top-k (not how its rest is read), and the seed when views are random; a trial whose key differs (a confirmation
-seed with random views) runs the teacher online.
+augmentation, top-k (not how its rest is read), and the seed when views are random; a trial whose
+key differs (a confirmation seed with random views) runs the teacher online.
 """
 from __future__ import annotations
 
@@ -217,8 +217,8 @@ MASS_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 
 def topk_mass(logits: Tensor, k: int) -> dict[str, float]:
     """The mean share of an example's softened teacher probabilities in its k largest classes, at
-    each of MASS_TEMPERATURES: what top-k targets keep as the teacher gave it (the rest of the mass
-    is spread evenly over the other classes, their structure lost: the less the top k keep, the more is lost)."""
+    each of MASS_TEMPERATURES: what top-k targets keep as the teacher gave it (the other classes keep
+    their mass but not its shape: the less the top k hold, the more of the teacher's structure is lost)."""
     z = logits.float()
     return {f"{t:g}": float(torch.softmax(z / t, -1).topk(k, -1).values.sum(-1).mean()) for t in MASS_TEMPERATURES}
 
