@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ray.tune import Callback
 
@@ -21,6 +21,16 @@ from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
 log = logging.getLogger(__name__)
 
 
+class SizeSource(Protocol):
+    """Each architecture's size metrics, profiled once per sweep (orchestrator.sweep.Profiles)."""
+
+    def start(self) -> None: ...
+
+    def ready(self) -> dict[str, dict[str, float]] | None: ...
+
+    def reports(self) -> dict[str, dict[str, float]]: ...
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback: child run per trial (found by tag, so restores reattach), epochs with step=epoch.
 
@@ -32,7 +42,7 @@ class MlflowTrialCallback(Callback):
     in gets them later: at a trial's report, at the latest when the experiment ends (Tune has
     released the trials' resources by then)."""
 
-    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any], sizes) -> None:
+    def __init__(self, tracker: SweepTracker, parent_id: str, sweep: str, model_info: dict[str, Any], sizes: SizeSource) -> None:
         self.tracker, self.parent_id, self.sweep = tracker, parent_id, sweep
         self.model_info, self.sizes = model_info, sizes
         self._runs: dict[str, tuple[str, int]] = {}  # trial_id -> (run_id, last logged epoch); a cache only
