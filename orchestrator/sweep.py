@@ -268,7 +268,7 @@ def log_topk_mass(cfg: SweepConfig, cache: str | None, tracker: SweepTracker, pa
     if not mass:
         return
     log.info("teacher cache: the top-%d classes hold %s of the teacher's softened probabilities on val at T = %s; the shape of "
-             "the rest is not kept, so where they hold less more of the teacher's structure is lost (docs/benchmarks.md: top-k)",
+             "the rest is not kept, so the less they hold, the more of the teacher's structure is lost (docs/benchmarks.md: top-k)",
              cfg.train.teacher_topk, ", ".join(f"{100 * v:.1f} %" for v in mass.values()), ", ".join(mass))
     tracker.log_metrics(parent, {f"teacher_topk_mass_t{t}": v for t, v in mass.items()}, step=0)
 
