@@ -75,6 +75,7 @@ def key_digest(key: dict) -> str:
 
 
 FILL_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)  # inf: the rest's mean logit, the limit as T grows
+_FILL_U = tuple(1.0 / t for t in FILL_TEMPERATURES)  # 1/T, what fill_at interpolates in
 
 
 def sparse(logits: Tensor, k: int | None) -> Tensor | dict[str, Tensor]:
@@ -96,7 +97,7 @@ def sparse(logits: Tensor, k: int | None) -> Tensor | dict[str, Tensor]:
 def fill_at(fill: Tensor, temperature: float) -> Tensor:
     """The fill logit for softening at `temperature`: linear in 1/T between FILL_TEMPERATURES
     (the lowest one's below it, where the rest holds the least mass)."""
-    u, grid = 1.0 / temperature, [1.0 / t for t in FILL_TEMPERATURES]
+    u, grid = 1.0 / temperature, _FILL_U
     if u >= grid[0]:
         return fill[..., :1]
     a = next(i for i in range(len(grid) - 1) if grid[i + 1] <= u)
@@ -242,7 +243,7 @@ class TeacherCache:
     """Read side: val and one epoch's targets on the training device, rows by example. A missing
     file is built here by `builder` (a Builder with this trial's teacher), one builder at a time."""
 
-    def __init__(self, path: Path, static: bool, num_classes: int, topk: int | None, rest: str = "spread") -> None:
+    def __init__(self, path: Path, static: bool, num_classes: int, topk: int | None, rest: str) -> None:
         self.path, self.static, self.num_classes, self.topk, self.rest = path, static, num_classes, topk, rest
         self._epoch, self._stored = None, None
         self.builder: Builder | None = None
