@@ -159,7 +159,7 @@ class Builder:
         x = self.norm(x.to(self.device, non_blocking=True))
         self.forwards += len(x) * self.members
         with self.ctx():
-            return model(x.contiguous(memory_format=torch.channels_last) if self.cuda and x.dim() == 4 else x).float()
+            return model(x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last and x.dim() == 4 else x).float()
 
     def val(self, beat: Callable[[], None] | None = None) -> Tensor:
         """The val split's logits (an ensemble's combined), fp16."""
