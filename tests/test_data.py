@@ -98,3 +98,26 @@ def test_missing_root_is_one_clear_error(tmp_path, monkeypatch):
 def test_synthetic_shapes():
     s = load_dataset("synthetic", n_train=100, n_test=10, shape=[3, 32, 32], num_classes=100)
     assert s.input_shape == (3, 32, 32) and s.num_classes == 100 and len(s.test_y) == 10
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    import trainables.data as data
+
+    d = load_digits()
+    want = torch.from_numpy(d.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))  # the fixed 20 % test split
+    te, tr = perm[:359].sort().values, perm[359:].sort().values
+    x_tr, y_tr, x_te, y_te, classes = data.digits()
+    assert classes == 10
+    assert torch.equal(x_tr, want[tr]) and torch.equal(x_te, want[te])
+    assert y_tr.tolist() == d.target[tr.numpy()].tolist() and y_te.tolist() == d.target[te.numpy()].tolist()
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)  # another layout: load_digits itself
+    for a, b in zip(data.digits(), (x_tr, y_tr, x_te, y_te, classes)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    code = "import sys; from trainables.data import digits; digits(); print('sklearn.datasets' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
