@@ -167,14 +167,14 @@ def sweep_process(config: Path) -> None:
     """The timed kdsweep process: the sweep of `config`, then one JSON line of what it measured."""
     import logging
 
-    import mlflow
-
     from orchestrator.config import SweepConfig, validate
     from orchestrator.sweep import run_sweep
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the timeline, in process.log
     cfg = validate(SweepConfig, json.loads(config.read_text()), "benchmark")
     h = run_sweep(cfg)
+    import mlflow  # after the sweep, as `kdsweep run` has it: imported while Ray starts, by the tracker's thread
+
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
     runs = h["tracker"].trial_runs(h["parent_run_id"])
     startup = [client.get_metric_history(r.info.run_id, "trial_startup_s")[0].value for r in runs]
