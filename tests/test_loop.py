@@ -212,3 +212,28 @@ def test_a_scheduled_trial_trains_and_logs_each_epochs_temperature_and_weight(di
                       LocalReporter(None, log_epochs=False))
     assert [round(m["kd_temperature"], 6) for m in r.history] == [4.0, 2.5, 1.0]
     assert [round(m["kd_weight"], 6) for m in r.history] == [0.9, 0.7, 0.5]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_corruption_suite_alone_runs_bf16_where_the_device_computes_it_natively(monkeypatch, native):
+    """35 forwards an image, only counted: bf16 on a CPU with AMX (as on a GPU); val, which the
+    sweep selects on, stays fp32 on a CPU."""
+    import trainables.eval.inference as inference
+    import trainables.loop as loop
+
+    monkeypatch.setattr(inference, "native_bf16", lambda device: native)
+    seen: list[torch.dtype | None] = []
+    real = loop.predict
+
+    def watched(model, x, *args, **kw):
+        hook = model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        try:
+            return real(model, x, *args, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(loop, "predict", watched)
+    r = train_student(trial(epochs=1, robust_samples=40), LocalReporter(None, log_epochs=False))
+    assert "robust_acc" in r.metrics and len(seen) == 1 + 35  # the val pass, then one per corruption and severity
+    assert seen[0] == torch.float32
+    assert set(seen[1:]) == {torch.bfloat16 if native else torch.float32}

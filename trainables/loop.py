@@ -5,8 +5,8 @@
     train_loop_per_worker(config)           # inside a Ray Train TorchTrainer (DDP trials, >1 worker)
 
 Hot loop: data already on the device as uint8, a seeded permutation per epoch, batched crop/flip,
-bf16 autocast + channels_last on CUDA (eval forwards channels_last everywhere), and one host sync per epoch (the loss
-sums and the NaN check).
+bf16 autocast + channels_last on CUDA (eval forwards channels_last everywhere, the corruption suite bf16 on CPUs with
+AMX too), and one host sync per epoch (the loss sums and the NaN check).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from trainables.card import TeacherCard
 from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.corruptions import robustness
 from trainables.eval.text_corruptions import text_robustness
-from trainables.eval.inference import predict
+from trainables.eval.inference import predict, suite_autocast
 from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss
@@ -166,6 +166,11 @@ class Trial:
 
     def evaluate(self, model: nn.Module, x: Tensor) -> Tensor:
         return predict(model, x, self.norm, self.cfg.train.eval_batch_size, self.autocast, self.eval_channels_last, self.device)
+
+    def evaluate_counted(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Eval forwards whose predictions are only counted (the corruption suites): bf16 where the device computes it natively."""
+        bf16 = suite_autocast(self.device, self.cfg.train.amp)
+        return predict(model, x, self.norm, self.cfg.train.eval_batch_size, bf16, self.eval_channels_last, self.device)
 
 
 def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
@@ -330,11 +335,11 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             n = min(cfg.train.robust_samples, len(splits.val_y))
             clean = float((logits[:n].argmax(1) == splits.val_y[:n]).float().mean()) if n else 0.0
             if n and splits.is_text:  # typos, dropped and swapped words, tokenized again with the student's tokenizer
-                summary, tables["corruptions"] = text_robustness(lambda ids: t.evaluate(student, ids), splits.val_text[:n], splits.val_y[:n],
+                summary, tables["corruptions"] = text_robustness(lambda ids: t.evaluate_counted(student, ids), splits.val_text[:n], splits.val_y[:n],
                                                                  splits.tokenizer, splits.input_shape[0], cfg.seed, clean)
                 metrics.update(summary)
             elif n:
-                summary, tables["corruptions"] = robustness(lambda xc: t.evaluate(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
+                summary, tables["corruptions"] = robustness(lambda xc: t.evaluate_counted(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
                                                             cfg.train.eval_batch_size, clean)
                 metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in t.size})
