@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -202,8 +203,23 @@ def ray_session(address: str | None) -> Iterator[None]:
     finally:
         if started:
             procs, raylets = _local_ray_processes()
+            _kill_monitor()
             ray.shutdown()
             threading.Thread(target=_reap, args=(procs, raylets), name="kdsweep-ray-reaper").start()
+
+
+def _kill_monitor() -> None:
+    """ray.shutdown() stops the raylet and the GCS first, then gives every other process a second to
+    exit on SIGTERM; the autoscaler monitor spends all of it trying to tell the stopped GCS that it
+    was terminated. The monitor of a Ray this driver started holds nothing: it is killed first."""
+    import ray
+    from ray._private import ray_constants
+
+    node = getattr(ray._private.worker, "_global_node", None)  # private, as in _local_ray_processes
+    for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            info.process.kill()
+            info.process.wait(timeout=5)
 
 
 def _local_ray_processes() -> tuple[list, set[str]]:

@@ -1,6 +1,7 @@
 """No process a command started outlives it: a local Ray after SIGTERM mid-sweep, `kdsweep ui`'s server."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,3 +72,27 @@ def test_ui_server_stops_with_kdsweep_ui(tmp_path):
     for p in alive:
         p.kill()
     assert alive == []
+
+
+def test_a_local_ray_stops_its_autoscaler_monitor_first_and_leaves_nothing(tmp_path):
+    """ray.shutdown() would give the monitor a second to report to a GCS it has already stopped."""
+    ray_tmp = tempfile.mkdtemp(prefix="kdm", dir="/tmp")
+    code = """if True:
+        import json, ray
+        from ray._private import ray_constants
+        from orchestrator.sweep import ray_session
+        seen, real = {}, ray.shutdown
+        def shutdown(*a, **k):
+            node = ray._private.worker._global_node
+            seen["monitor"] = [i.process.poll() for i in node.all_processes[ray_constants.PROCESS_TYPE_MONITOR]]
+            return real(*a, **k)
+        ray.shutdown = shutdown
+        with ray_session(None):
+            pass
+        print(json.dumps(seen))"""
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_TMPDIR": ray_tmp}, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"monitor": [-signal.SIGKILL]}
+    assert "Terminated with signal" not in out.stderr
+    left = [p for p in _processes_mentioning(ray_tmp) if _running(p)]
+    assert left == [], [p.name() for p in left]
