@@ -25,6 +25,10 @@ class TuneStateBackup(Callback):
     rewrites them every step (TUNE_GLOBAL_CHECKPOINT_S=0), so copies are spaced: at least
     MIN_INTERVAL_S apart and 20 times as long as the last one took (at most ~5 % of the driver's
     time), and once more when the run ends. Copying every step made a long sweep's driver quadratic.
+
+    A trial's start is not left to the spacing: its MLflow run exists from then on, and a copy
+    without it would have the searcher issue another trial (another run) in its place. The copy is
+    taken at the first step end whose state holds every trial started since the last one.
     """
 
     MIN_INTERVAL_S = 2.0
@@ -33,9 +37,13 @@ class TuneStateBackup(Callback):
         self.experiment_dir: Path | None = None
         self._saved: tuple | None = None  # the files' (name, size, mtime) when last copied
         self._next = 0.0  # monotonic time of the next copy allowed
+        self._started: set[str] = set()  # trials started since the last copy that holds them
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._started.add(trial.trial_id)
 
     def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() >= self._next:
+        if self._started or time.monotonic() >= self._next:
             self._copy()
 
     def on_experiment_end(self, trials, **info):
@@ -50,6 +58,8 @@ class TuneStateBackup(Callback):
         started = time.monotonic()
         if _snapshot(self.experiment_dir):
             self._saved = now
+            held = _trial_ids(self.experiment_dir / BACKUP)
+            self._started = set() if held is None else self._started - held
             took = time.monotonic() - started
             self._next = time.monotonic() + max(self.MIN_INTERVAL_S, 20 * took)
 
@@ -63,6 +73,19 @@ def _signature(experiment_dir: Path) -> tuple:
         return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in experiment_dir.iterdir()
                             if f.is_file() and (st := f.stat())))
     return ()
+
+
+def _trial_ids(state_dir: Path) -> set[str] | None:
+    """The trials Tune's experiment state in `state_dir` holds; None where its layout is not the
+    one known (a later Ray): the copies are then spaced only."""
+    ids = set()
+    try:
+        for f in state_dir.glob("experiment_state-*.json"):
+            for entry in json.loads(f.read_text())["trial_data"]:
+                ids.add(json.loads(entry[0])["trial_id"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return None
+    return ids
 
 
 def _pickle_is_complete(data: bytes) -> bool:

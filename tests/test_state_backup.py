@@ -98,3 +98,34 @@ def test_validation_never_executes_a_pickle(tmp_path):
     assert CALLS == []
     (tmp_path / "tuner.pkl").write_bytes(pickle.dumps(SideEffect())[:-3])
     assert not _state_is_valid(list(tmp_path.glob("*.*")))
+
+
+def tune_state(d, trial_ids, results=0):
+    """Tune's experiment state as Ray 2.60 writes it: each trial a (JSON state, metadata) pair."""
+    entries = [[json.dumps({"trial_id": t, "results": results}), "{}"] for t in trial_ids]
+    (d / "experiment_state-2026.json").write_text(json.dumps({"trial_data": entries}))
+    (d / "searcher-state-2026.pkl").write_bytes(pickle.dumps({"trials": len(trial_ids)}))
+
+
+def test_a_started_trial_is_copied_at_once_whatever_the_spacing(tmp_path, monkeypatch):
+    """Its MLflow run exists from its start: a last good copy without it would, on resume, have the
+    searcher issue another trial (and another run) in its place."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(TuneStateBackup, "MIN_INTERVAL_S", 3600.0)
+    cb = TuneStateBackup()
+    cb.experiment_dir = tmp_path
+    copy = tmp_path / BACKUP / "experiment_state-2026.json"
+    held = lambda: [json.loads(e[0])["trial_id"] for e in json.loads(copy.read_text())["trial_data"]]  # noqa: E731
+    tune_state(tmp_path, ["a"])
+    cb.on_step_end(iteration=1, trials=[])
+    assert held() == ["a"]
+    cb.on_trial_start(iteration=2, trials=[], trial=SimpleNamespace(trial_id="b"))
+    tune_state(tmp_path, ["a"], results=1)  # this step's state does not hold b yet
+    cb.on_step_end(iteration=2, trials=[])
+    tune_state(tmp_path, ["a", "b"])
+    cb.on_step_end(iteration=3, trials=[])  # an hour's spacing, yet copied: it holds b
+    assert held() == ["a", "b"]
+    tune_state(tmp_path, ["a", "b"], results=1)
+    cb.on_step_end(iteration=4, trials=[])  # no trial started since: spaced again
+    assert json.loads(json.loads(copy.read_text())["trial_data"][0][0])["results"] == 0
