@@ -297,3 +297,17 @@ def test_topk_targets_at_t1_are_fkds_marginal_smoothing():
     label = torch.stack([order.float(), p.gather(1, order)], 1)
     ours = F.softmax(dense(sparse(z, 5), 100), 1)
     assert torch.allclose(ours, _fkd_recover_soft_label(label, 100), atol=1e-3)  # fp16 storage
+
+
+def test_a_random_resized_crop_sweep_reads_its_cache(tmp_path, digits_teacher):
+    """The key a trial computes equals the one meta.json holds back (a resized crop's scale and ratio
+    are tuples in the config, lists in JSON): else every such trial ran its teacher online."""
+    from trainables.teacher_cache import create_cache
+
+    c = cfg(digits_teacher, dataset={"name": "digits", "val_fraction": 0.2, "augment": {"resized_crop": {}, "flip": True}})
+    teacher, card = load_teacher(digits_teacher)
+    path = create_cache(c, card, tmp_path, 10)
+    assert TeacherCache.open(path, c, card) is not None
+    r = train_student(c.model_copy(update={"teacher_cache": str(path), "train": c.train.model_copy(update={"epochs": 1})}),
+                      LocalReporter(None, log_epochs=False))
+    assert r.metrics["teacher_targets"] == "cache"

@@ -62,9 +62,10 @@ STALE_S = 900.0  # an epoch's builder with no chunk done for this long is taken 
 def cache_key(cfg: TrialConfig, card: TeacherCard) -> dict:
     """What the cached targets depend on; `card` is the teacher's (weights hash, input statistics)."""
     aug = resolved_augment(cfg)
-    key = {"teacher_sha256": card.sha256, "teacher_norm": [card.mean, card.std], "augment": aug.model_dump(), "format": FORMAT,
-           "dataset": cfg.dataset.model_dump(exclude={"download": True, "placement": True, "device_share": True, "unlabeled": {"ratio"}}),
-           "topk": cfg.train.teacher_topk}  # not the unlabelled ratio: targets are per example, whatever the mix
+    # mode="json": as meta.json holds it (a resized crop's scale is a tuple here, a list read back)
+    key = {"teacher_sha256": card.sha256, "teacher_norm": [list(card.mean), list(card.std)], "augment": aug.model_dump(mode="json"),
+           "format": FORMAT, "topk": cfg.train.teacher_topk,  # not the unlabelled ratio: targets are per example, whatever the mix
+           "dataset": cfg.dataset.model_dump(mode="json", exclude={"download": True, "placement": True, "device_share": True, "unlabeled": {"ratio"}})}
     if not aug.static:  # the views, and so the targets, depend on the seed too
         key.update(seed=cfg.seed)
     return key
