@@ -51,3 +51,19 @@ def test_folder_throughput_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["kdsweep"]["decode_s"] > 0 and res["kdsweep"]["second_decode_s"] == 0
     assert res["peer"]["trial_epochs_per_hour"] > 0 and res["kdsweep"]["trial_epochs_per_hour"] > 0
+
+
+def test_imagenet_shaped_smoke(tmp_path):
+    """benchmarks/imagenet_shaped.py --smoke: torchvision resnet50 -> mobilenet_v3_large and resnet18,
+    random-resized-crop views, top-k cache, each student inside the sweep and alone (CPU, tiny)."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "imagenet_shaped.py"), "--smoke", "--out", str(tmp_path / "b"),
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| torchvision.resnet18 |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert set(res) == {"torchvision.mobilenet_v3_large", "torchvision.resnet18"}
+    assert all(r["sweep"]["steady"] > 0 and r["alone"]["steady"] > 0 for r in res.values())
+    assert all(r["sweep"]["targets"] == "cache" for r in res.values())  # the resized-crop views read the top-k cache
