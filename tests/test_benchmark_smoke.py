@@ -13,16 +13,21 @@ PEER = REPO.parent / "shared" / "bench" / "peer_sweep.py"
 pytestmark = pytest.mark.integration
 
 
-def test_throughput_smoke(tmp_path):
-    assert PEER.is_file(), f"the peer yardstick is missing at {PEER}"
+def _smoke(script: str, tmp_path) -> tuple[str, dict]:
+    """`benchmarks/<script> --smoke` in a process of its own (its own local Ray): stdout and its --json."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep_throughput.py"), "--smoke", "--out", str(tmp_path / "b"),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(tmp_path / "b"),
                            "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| trial-epochs per hour (whole process) |" in proc.stdout and "speed-up" in proc.stdout
-    res = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_throughput_smoke(tmp_path):
+    assert PEER.is_file(), f"the peer yardstick is missing at {PEER}"
+    stdout, res = _smoke("sweep_throughput.py", tmp_path)
+    assert "| trial-epochs per hour (whole process) |" in stdout and "speed-up" in stdout
     assert res["peer"]["runs"] == 2 and res["kdsweep"]["runs"] == 2
     # the teacher sees each view once per sweep: n_train views + the val split, not trials x epochs x n_train
     assert res["kdsweep"]["teacher_forwards"] < res["peer"]["teacher_forwards"]
@@ -56,14 +61,8 @@ def test_folder_throughput_smoke(tmp_path):
 def test_imagenet_shaped_smoke(tmp_path):
     """benchmarks/imagenet_shaped.py --smoke: torchvision resnet50 -> mobilenet_v3_large and resnet18,
     random-resized-crop views, top-k cache, each student inside the sweep and alone (CPU, tiny)."""
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "imagenet_shaped.py"), "--smoke", "--out", str(tmp_path / "b"),
-                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| torchvision.resnet18 |" in proc.stdout
-    res = json.loads(out.read_text())
+    stdout, res = _smoke("imagenet_shaped.py", tmp_path)
+    assert "| torchvision.resnet18 |" in stdout
     assert set(res) == {"torchvision.mobilenet_v3_large", "torchvision.resnet18"}
     assert all(r["sweep"]["steady"] > 0 and r["alone"]["steady"] > 0 for r in res.values())
     assert all(r["sweep"]["targets"] == "cache" for r in res.values())  # the resized-crop views read the top-k cache
