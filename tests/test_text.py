@@ -31,7 +31,7 @@ BAD = "awful dull boring terrible clumsy tedious bland painful".split()
 FILL = "the a movie film plot actor story was is and but very quite".split()
 
 
-def write_texts(path: Path, n: int = 400, seed: int = 0, sep: str = ",") -> Path:
+def write_texts(path: Path, n: int = 400, seed: int = 0, sep: str = ",", labels: tuple[str, str] = ("pos", "neg")) -> Path:
     r = random.Random(seed)
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter=sep)
@@ -40,12 +40,12 @@ def write_texts(path: Path, n: int = 400, seed: int = 0, sep: str = ",") -> Path
             y = r.randint(0, 1)
             words = [r.choice(FILL) for _ in range(r.randint(3, 10))] + [r.choice(GOOD if y else BAD)]
             r.shuffle(words)
-            w.writerow([" ".join(words), "pos" if y else "neg"])
+            w.writerow([" ".join(words), labels[0] if y else labels[1]])
     return path
 
 
 def make_checkpoint(out: Path, layers: int = 2, hidden: int = 32, positions: int = 64, vocab_extra: int = 0, intermediate: int = 64,
-                    words: list[str] | None = None) -> Path:
+                    words: list[str] | None = None, heads: int = 2) -> Path:
     """A tiny BERT sequence classifier and its tokenizer (`words` in this order), saved as a Hugging Face checkpoint folder."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -54,7 +54,7 @@ def make_checkpoint(out: Path, layers: int = 2, hidden: int = 32, positions: int
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(str(out / "vocab.txt"), do_lower_case=True).save_pretrained(str(out))
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab) + vocab_extra, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=len(vocab) + vocab_extra, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=intermediate, max_position_embeddings=positions, num_labels=2)
     BertForSequenceClassification(cfg).save_pretrained(str(out))
     return out

@@ -78,7 +78,7 @@ def test_an_unlabelled_folder_is_decoded_once_to_the_train_shape(tmp_path):
     ("classes", "has sub-folders"),
     ("empty", "holds no files"),
     ("text", "no decodable images"),
-    ("missing", "must be an existing folder"),
+    ("missing", "does not exist: nothing at"),
 ])
 def test_bad_unlabelled_folders_are_one_line_errors(tmp_path, layout, match):
     root = tmp_path / "unl"

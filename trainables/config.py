@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainables.registry import ConfigError
+from trainables.registry import MISSING, ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 #: Where a Tune trial's config (and a Ray Train loop config) holds its TrialConfig object.
@@ -400,7 +400,7 @@ def format_errors(e: ValidationError, source: str | None = None, prefix: str = "
             parts.append(f"`{field}` is not a known key: remove it or fix its spelling{where}")
         elif err["type"] == "missing":
             parts.append(f"`{field}` is required{where}")
-        elif "but got" in msg:
+        elif "but got" in msg or msg.startswith(MISSING):
             parts.append(f"`{field}` {msg}{where}")
         else:
             parts.append(f"`{field}`: {msg[0].lower() + msg[1:]}, but got {field}={err.get('input')!r}{where}")

@@ -10,6 +10,17 @@ class ConfigError(ValueError):
     """A user-facing configuration problem: one line that names the field and the fix."""
 
 
+#: How every message about a path that is not there begins (after its field's name): a config
+#: that says how its files are made (`prepare:`) adds that command to such a message.
+MISSING = "does not exist"
+
+
+def missing(path: str, takes: str) -> str:
+    """The message (without its field's name) for a path that is neither file nor folder here;
+    `takes` says what the field takes ("a folder", "a file or a folder", ...)."""
+    return f"{MISSING}: nothing at {path!r} (it takes {takes}): fix the path"
+
+
 class Registry(Generic[F]):
     """Name -> factory. Registering a name twice raises; an unknown name lists the valid choices."""
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from trainables.data.images import RawData, decode_folder, decode_unlabeled, read_arrays, stratified_split
 from trainables.data.text import tokenize_text
-from trainables.registry import ConfigError, Registry
+from trainables.registry import ConfigError, Registry, missing
 
 if TYPE_CHECKING:
     from trainables.config import DatasetConfig, TrialConfig, UnlabeledConfig
@@ -278,7 +278,7 @@ def _resolve_root(root: str | None, field: str = "dataset.root") -> Path:
         )
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"`{field}` must be an existing folder, but got {field}={root!r}: fix the path")
+        raise ConfigError(f"`{field}` {missing(root, 'a folder of this dataset') if not path.exists() else f'must be a folder, but got the file {root!r}'}")
     return path
 
 

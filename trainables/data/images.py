@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from trainables.atomic import atomic_path
-from trainables.registry import ConfigError
+from trainables.registry import ConfigError, missing
 from trainables.models.weights import load_tensor_file
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
 def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
     """split -> [(relative file, class index)], classes from train's sub-folders; val/test must match."""
     train = root / "train"
+    if not root.exists():
+        raise ConfigError(f"`dataset.root` {missing(str(root), 'a folder with train/<class>/<images>')}")
     if not train.is_dir():
         raise ConfigError(f"`dataset.root` must hold train/<class>/<images> (torchvision's ImageFolder layout), but {train} is missing")
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -200,8 +202,10 @@ def decode_unlabeled(root: str | Path, cache: str | Path, image_size: int, chann
     Returns the images and the files skipped as undecodable."""
     root = Path(root).expanduser()
     field = "dataset.unlabeled.root"
+    if not root.exists():
+        raise ConfigError(f"`{field}` {missing(str(root), 'a folder of images')}")
     if not root.is_dir():
-        raise ConfigError(f"`{field}` must be an existing folder of images, but got {field}={str(root)!r}: fix the path")
+        raise ConfigError(f"`{field}` must be a folder of images, but got the file {str(root)!r}")
     files = sorted(f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
     classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
     if len(classes) > 1:
@@ -241,8 +245,10 @@ def read_arrays(path: str | Path) -> RawData:
     """A .npz, .pt (weights_only) or .safetensors file: `train_x` (uint8, NCHW or NHWC), `train_y`
     (integer labels), optional `val_x`/`val_y` and `test_x`/`test_y`; checked with one-line errors."""
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"`dataset.root` {missing(str(path), 'an arrays file (.npz, .pt, .safetensors)')}")
     if not p.is_file():
-        raise ConfigError(f"`dataset.root` must be an arrays file (.npz, .pt, .safetensors), but got dataset.root={str(path)!r}: fix the path")
+        raise ConfigError(f"`dataset.root` must be an arrays file (.npz, .pt, .safetensors), but got the folder {str(path)!r}")
     if p.suffix not in (".npz", ".safetensors", ".pt", ".pth"):
         raise ConfigError(f"`dataset.root` must end in .npz, .pt or .safetensors, but got {p.name!r}")
     try:

@@ -24,7 +24,7 @@ import torch
 
 from trainables.atomic import atomic_path
 from trainables.data.images import SPLITS, RawData, stratified_split
-from trainables.registry import ConfigError
+from trainables.registry import ConfigError, missing
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def check_local_dir(path: str, field: str, what: str) -> Path:
     if hub_name(path):
         raise ConfigError(f"`{field}` {path!r} is not a folder here (a Hugging Face hub name?): nothing is downloaded; save the {what} "
                           f"with save_pretrained(DIR) where you have it, copy DIR here and set {field}=DIR")
-    raise ConfigError(f"`{field}` must be an existing folder ({what}), but got {field}={path!r}: fix the path")
+    raise ConfigError(f"`{field}` {missing(path, f'a folder ({what})')}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +98,7 @@ def _source(root: Path) -> tuple[str, dict[str, Any], list[Path]]:
             raise ConfigError(f"`dataset.root` must be a .csv, .tsv or .jsonl file (or a folder), but got {root.name!r}")
         return "table", {"train": root}, [root]
     if not root.is_dir():
-        raise ConfigError(f"`dataset.root` must be an existing file or folder of text, but got dataset.root={str(root)!r}: fix the path")
+        raise ConfigError(f"`dataset.root` {missing(str(root), 'a .csv/.tsv/.jsonl file or a folder of text')}")
     if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
         return "datasets", {}, [f for f in root.rglob("*") if f.is_file()]
     tables = {}

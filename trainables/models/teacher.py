@@ -16,7 +16,7 @@ from trainables.atomic import atomic_path
 from trainables.card import TeacherCard, build, read, write
 from trainables.models.ensemble import ENSEMBLE, EnsembleCard, EnsembleTeacher, is_ensemble
 from trainables.models import check_model, create_model
-from trainables.registry import ConfigError
+from trainables.registry import ConfigError, missing
 from trainables.models.weights import file_sha256
 
 WEIGHTS, CARD = "teacher.safetensors", "teacher.json"
@@ -39,6 +39,8 @@ def save_teacher(model: nn.Module, out_dir: str | Path, card: TeacherCard | Mapp
 
 def read_card(path: str | Path) -> TeacherCard:
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"`teacher.path` {missing(str(path), f'a teacher folder ({WEIGHTS} and {CARD}); train one with `kdsweep teacher CONFIG`')}")
     if not (p / CARD).is_file() or not (p / WEIGHTS).is_file():
         raise ConfigError(
             f"`teacher.path` must be a folder with {WEIGHTS} and {CARD}, but got teacher.path={str(path)!r}: "

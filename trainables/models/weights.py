@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from trainables.registry import ConfigError
+from trainables.registry import ConfigError, missing
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 #: Keys shown in an error before "...".
@@ -58,6 +58,8 @@ def check_weights_path(path: str) -> str:
         return check_checkpoint(path)
     from trainables.models.hf import hub_name
 
+    if not p.exists() and not hub_name(path):
+        raise ValueError(missing(path, f"a state_dict file ({', '.join(SUFFIXES)}) or a Hugging Face checkpoint folder"))
     if p.suffix not in SUFFIXES and hub_name(path):
         raise ValueError(f"{path!r} is no file or folder here (a Hugging Face hub name?): nothing is downloaded; save the model with "
                          "save_pretrained(DIR) where you have it, copy DIR here and point at it")
