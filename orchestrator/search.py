@@ -12,7 +12,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import confirm
-from orchestrator.config import SearchParam, SweepConfig
+from orchestrator.config import SearchParam, SweepConfig, short_name
 from orchestrator.store import flatten
 from trainables.config import TRIAL_CONFIG, LossConfig, TrialConfig
 from trainables.eval.metrics import Objective
@@ -65,19 +65,54 @@ def _base_value(cfg: SweepConfig, path: str) -> Any:
 
 
 def _fit(p: SearchParam, value: Any) -> Any:
-    """A value moved inside the searched range (controls must be points TPE can learn from)."""
+    """A base value moved inside the searched range (the search's first points take the config's
+    values where the range holds them, its nearest end where not)."""
     if p.type == "categorical":
         return value if value in p.choices else p.choices[0]
     v = min(max(value if value is not None else p.low, p.low), p.high)
     return int(round(v)) if p.type == "int" else float(v)
 
 
+def weight_key(cfg: SweepConfig) -> str:
+    """The key that gives the distillation term its weight: `loss.alpha`, or `loss.distill_weight`
+    in the explicit-weights form. At 0 a trial is the no-KD control."""
+    return "loss.alpha" if cfg.loss.alpha is not None else "loss.distill_weight"
+
+
+def outside(cfg: SweepConfig, point: dict[str, Any]) -> list[str]:
+    """The keys of `point` that are not in the search space as Optuna holds it: not searched, or
+    searched over a range that leaves the value out."""
+    out = []
+    for k, v in point.items():
+        if k == "student":
+            continue
+        p = cfg.search.get(k)
+        if p is None or not p.holds(v):
+            out.append(k)
+    return out
+
+
+def standard_skipped(cfg: SweepConfig) -> str | None:
+    """Why the standard point (T=4, alpha=0.9) is not run, or None when it is: it runs only inside
+    the searched ranges (a range is the user's statement of where to look)."""
+    left_out = [k for k, v in STANDARD_POINT.items() if k in cfg.search and outside(cfg, {k: v})]
+    if not left_out:
+        return None
+    ranges = ", ".join(f"search.{short_name(k)} [{cfg.search[k].low:g}, {cfg.search[k].high:g}]" for k in left_out)
+    values = " and ".join(f"{short_name(k)}={STANDARD_POINT[k]:g}" for k in left_out)
+    return f"the T=4, alpha=0.9 standard point is skipped: {ranges} leave{'s' if len(left_out) == 1 else ''} {values} out"
+
+
 def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]]:
-    """Per student: the no-KD control (alpha=0, base lr) and the standard point (T=4, alpha=0.9).
+    """Per student: the no-KD control, then the standard point (T=4, alpha=0.9) of each searched method.
 
     Evaluated before TPE proposes anything, so every leaderboard can show each student's KD gain.
-    Keys that are not searched are fixed by the config; a control needs `alpha` in the search space
-    or a base alpha of 0 to exist at all.
+    The control gives the distillation term a weight of exactly 0, whatever the searched range
+    (a control moved to alpha=0.1 would be a distilled run); its other searched keys take the
+    config's values, moved into their ranges. A weight that is not searched has no control in the
+    search (every trial trains at the config's weight; the confirmation stage adds its finalists'
+    controls). The standard point runs only where the ranges hold it (standard_skipped). A point
+    outside the space is run but does not feed TPE (searcher).
     """
     points = []
     base = {k: _fit(p, _base_value(cfg, k)) for k, p in cfg.search.items()}
@@ -86,18 +121,43 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
     methods = [base.get("loss.name", cfg.loss.name), *(m for m in cfg.methods if m != base.get("loss.name", cfg.loss.name))]
     own = {m: {k: _fit(p, loss_defaults(m).get(k[5:])) for k, p in cfg.search.items()
                if k.startswith("loss.") and _base_value(cfg, k) is None and k[5:] in loss_defaults(m)} for m in methods}
+    weight = weight_key(cfg)
+    standard = [] if standard_skipped(cfg) else [{**STANDARD_POINT, **own[m], "loss.name": m} for m in methods]
     for student in students:
-        for fixed in (CONTROL_POINT, *({**STANDARD_POINT, **own[m], "loss.name": m} for m in methods)):
-            point = dict(base)
-            for k, v in fixed.items():
+        control = {**base, weight: 0.0} if weight in cfg.search else dict(base)  # not searched: no control (the first point is the base)
+        for i, fixed in enumerate((control, *standard)):
+            point = dict(base) if i else fixed
+            for k, v in (fixed.items() if i else ()):
                 if k in cfg.search:
-                    point[k] = _fit(cfg.search[k], v)
+                    point[k] = v
             method = point.get("loss.name", cfg.loss.name)
-            point = {k: v for k, v in point.items() if active(k, method)}
+            point = {k: v for k, v in point.items() if active(k, method) or k == weight}
             point["student"] = student
             if point not in points:
                 points.append(point)
     return points
+
+
+def first_trials(cfg: SweepConfig, total: int) -> str:
+    """The plan's line on the points run before TPE proposes any: exactly what they are, which of
+    them lie outside the search space (run, not fed to TPE), and a skipped standard point."""
+    points = control_points(cfg, cfg.students)
+    weight, name = weight_key(cfg), short_name(weight_key(cfg))
+    if weight in cfg.search:
+        p = cfg.search[weight]
+        what = f"each student's {name}=0 control" if len(cfg.students) > 1 else f"the {name}=0 control"
+        if not p.holds(0.0):
+            what += f" ({name}=0 exactly; search.{name} [{p.low:g}, {p.high:g}] leaves 0 out: it runs outside TPE's space and its result does not feed TPE)"
+    else:
+        what = (f"no {name}=0 control ({name} is not searched: every search trial trains at {name}={_base_value(cfg, weight):g}; "
+                + ("the confirmation trains its finalists' controls" if cfg.budget.confirm.top else "no KD gain can be measured") + ")")
+    skipped = standard_skipped(cfg)
+    standard = [p for p in points if p.get(weight) != 0.0]
+    if skipped is None and standard:
+        t, w = standard[0].get("loss.temperature", cfg.loss.temperature), standard[0].get(weight, _base_value(cfg, weight))
+        what += f" and the standard point (T={t:g}, {name}={w:g})" + (" of each searched loss" if len(cfg.methods) > 1 else "")
+    line = f"first {min(len(points), total)} trials: {what}"
+    return line + (f"; {skipped}" if skipped else "")
 
 
 def control_point(cfg: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
@@ -116,17 +176,61 @@ def objectives(cfg: SweepConfig) -> tuple[list[str], list[str]]:
     return [o.key for o in parsed], ["max" if o.maximize else "min" for o in parsed]
 
 
-def searcher(cfg: SweepConfig, students: list[str]) -> OptunaSearch:
+def searcher(cfg: SweepConfig, students: list[str]) -> Searcher:
     """Seeded TPE. Trials ASHA stops reach Optuna as COMPLETE with their truncated val_acc: a lower
-    bound from a trial that ranked in the bottom of its rung, which is the signal TPE should learn."""
+    bound from a trial that ranked in the bottom of its rung, which is the signal TPE should learn.
+
+    The first points (control_points) inside the search space are Optuna's points to evaluate, so
+    TPE learns from them as from its own; those outside it (an alpha=0 control when search.alpha
+    starts above 0, or when alpha is not searched) are handed out first by OutsideFirst and never
+    reach TPE, whose model covers the searched ranges only: a control's low score at alpha=0 would
+    be read as a score at the range's lower end, steering TPE away from it for a reason that
+    does not hold there."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's study lives in memory; kdsweep exports it (study.py)
     metrics, modes = objectives(cfg)
-    return OptunaSearch(
+    points = control_points(cfg, students)
+    tpe = OptunaSearch(
         space=MethodSpace(cfg, students) if "loss.name" in cfg.search else space(cfg, students),
         metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
-        points_to_evaluate=control_points(cfg, students),
+        points_to_evaluate=[p for p in points if not outside(cfg, p)] or None,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
     )
+    fixed = [p for p in points if outside(cfg, p)]
+    return OutsideFirst(tpe, fixed) if fixed else tpe
+
+
+class OutsideFirst(Searcher):
+    """Hands out `points` first, then the inner searcher's; results of its own points never reach
+    the inner searcher (they lie outside its space). Picklable; Tune saves and restores it whole."""
+
+    def __init__(self, inner: Searcher, points: list[dict[str, Any]]) -> None:
+        super().__init__(metric=inner.metric, mode=inner.mode)
+        self.inner, self.queue, self.mine = inner, [dict(p) for p in points], set()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        if self.queue:
+            self.mine.add(trial_id)
+            return self.queue.pop(0)
+        return self.inner.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.mine:
+            self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.mine:
+            self.inner.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
 
 
 def is_control(config: dict[str, Any]) -> bool:

@@ -16,7 +16,7 @@ import optuna
 
 from orchestrator.config import SweepConfig
 from orchestrator.confirm import CONFIRM
-from orchestrator.search import objectives, space
+from orchestrator.search import objectives, outside, point_of, space
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def storage_url(sweep_dir: Path) -> str:
 
 def export_study(cfg: SweepConfig, study: str, students: list[str], results, sweep_dir: Path) -> optuna.Study:
     """Write the study of one Tune run (its ResultGrid) to the sweep's Optuna storage: the search
-    trials, what Optuna was told (the confirmation stage's trials are not samples of it)."""
+    trials, what Optuna was told (the confirmation stage's trials are not samples of it, nor a
+    control outside the searched ranges: search.searcher)."""
     name = f"{cfg.name}-{study}"
     url = storage_url(sweep_dir)
     if name in optuna.get_all_study_names(url):
@@ -44,7 +45,7 @@ def export_study(cfg: SweepConfig, study: str, students: list[str], results, swe
     out = optuna.create_study(study_name=name, storage=url, directions=["maximize" if m == "max" else "minimize" for m in modes])
     dists = space(cfg, students)
     for result in results:
-        if CONFIRM in (result.config or {}):
+        if CONFIRM in (result.config or {}) or outside(cfg, point_of(result.config or {})):
             continue
         params = {k: v for k, v in (result.config or {}).items() if k in dists}
         values = [(result.metrics or {}).get(m) for m in metrics]
