@@ -24,7 +24,7 @@ from orchestrator.prepare import check_data, ensure_teacher
 from orchestrator.selection import evaluate_on_test
 from trainables.data.normalize import Normalized
 from trainables.data import load_splits
-from trainables.models.profile import size_metrics
+from trainables.models.profile import profile_together
 from trainables.loop import train_student
 from trainables.reporters import LocalReporter
 from trainables.models.teacher import load_teacher
@@ -52,7 +52,7 @@ def main() -> None:
     ds = cfg.dataset
     splits = load_splits(ds)
     teacher, card = load_teacher(teacher_dir)
-    t_size = size_metrics(teacher, splits.input_shape, gpu=False)
+    raw = teacher
     teacher = Normalized(teacher, *card.stats).eval()
     t_eval = evaluate_on_test(cfg, teacher, None, splits)["student"]
     t_eval.setdefault("test_robust_acc", None)  # text: no corruption suite
@@ -77,7 +77,8 @@ def main() -> None:
                 log.info("%s seed=%d: diverged at epoch %d", label, seed, r.metrics["epoch"])
                 continue
             test = evaluate_on_test(cfg, Normalized(r.model, r.preprocess["mean"], r.preprocess["std"]).eval(), teacher, splits)["student"]
-            size = size_metrics(r.model, splits.input_shape, gpu=False)
+            both = profile_together({"s": r.model, "t": raw}, splits.input_shape)  # timed interleaved, one thread
+            size, t_size = both["s"], both["t"]
             runs.append({"val_acc": r.metrics["val_acc"], "test_acc": test["test_acc"], "macro_f1": test["test_macro_f1"],
                          "robust_acc": test.get("test_robust_acc"), "ece": test["test_ece"], "agreement": test["test_agreement"],
                          "params_ratio": t_size["params"] / size["params"],

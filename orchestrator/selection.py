@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator import confirm
 from orchestrator.config import SweepConfig, canonical
-from orchestrator.store import SweepTracker, Tag
+from orchestrator.store import LATENCY_RECORD, SweepTracker, Tag
 from trainables.data import load_splits
 from trainables.data.normalize import Normalized
 from trainables.eval.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
@@ -258,9 +258,17 @@ VS_KEYS = (("test_acc", "clean acc"), ("test_macro_f1", "macro F1"), ("test_robu
            ("test_relative_robustness", "relative robustness"), ("test_ece", "ECE"), ("test_nll", "NLL"))
 
 
-def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any]) -> str:
-    """Markdown table: the winner beside its teacher on the test split, with compression ratios."""
-    lines = ["| | " + " | ".join(label for _, label in VS_KEYS) + " | params | compression (params) | speedup (CPU, batch 1) |",
+def latency_how(record: dict[str, Any] | None) -> str:
+    """How a sweep's latencies were timed, for tables: `1 thread, interleaved with the teacher, after the search`."""
+    if not record:
+        return "each model alone"
+    return f"{record['threads']} thread{'' if record['threads'] == 1 else 's'}, interleaved with the teacher, {record['when']}"
+
+
+def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any], how: str) -> str:
+    """Markdown table: the winner beside its teacher on the test split, with compression ratios;
+    `how` says how the latencies behind the speedup were timed (latency_how)."""
+    lines = ["| | " + " | ".join(label for _, label in VS_KEYS) + f" | params | compression (params) | speedup (CPU, batch 1; {how}) |",
              "|---" * (len(VS_KEYS) + 4) + "|"]
     for who in ("teacher", *sorted(k for k in test if k.startswith("teacher[")), "student"):
         if who not in test:
@@ -327,7 +335,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         tracker.log_metrics(winner["run_id"], test["student"], step=0)
         client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
         client.set_tag(winner["run_id"], Tag.TEST_EVALUATED, "true")
-    table = student_vs_teacher(test, winner)
+    table = student_vs_teacher(test, winner, latency_how(tracker.read_json(parent_id, LATENCY_RECORD)))
     tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], **{f"champion_{k}": v for k, v in test["student"].items()},
                                     **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}, **confirmed_metrics(winner),
                                     **{f"teacher_member{who[8:who.index(']')]}_test_acc": m["test_acc"] for who, m in test.items()

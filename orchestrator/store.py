@@ -22,6 +22,10 @@ from trainables.eval.metrics import LEADERBOARD, metric
 from trainables.registry import ConfigError
 
 
+#: The parent run's artifact holding every model's latency and how and when it was timed (sweep.log_latency).
+LATENCY_RECORD = "latency.json"
+
+
 class Tag:
     """Every tag kdsweep sets, named once."""
 
@@ -159,6 +163,16 @@ class SweepTracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
+
+    def read_json(self, run_id: str, path: str) -> Any:
+        """A JSON artifact of a run (log_text'd), None when the run has none at `path`."""
+        import tempfile
+
+        folder = str(Path(path).parent) if Path(path).parent != Path(".") else None
+        if not any(a.path == path for a in self.client.list_artifacts(run_id, folder)):
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            return json.loads(Path(self.client.download_artifacts(run_id, path, d)).read_text())
 
     def close_orphans(self, parent_id: str) -> int:
         """Children still RUNNING when the sweep ends belong to trials that will never report again

@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +28,10 @@ from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
 from trainables.models.teacher import teacher_card_file
 from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, wait_for_cluster
-from orchestrator.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, control_points,
+from orchestrator.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, first_trials,
                                  objectives, scheduler, searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
-from orchestrator.store import SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
+from orchestrator.store import LATENCY_RECORD, SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
 from orchestrator.tracking import MlflowTrialCallback
 from orchestrator.tune_state import TuneStateBackup, repair_state
 from trainables.config import validate
@@ -54,8 +55,7 @@ class Plan:
     trial_resources: dict[str, float]
     teacher: str
     data: DataInfo
-    controls: int
-    methods: list[str]
+    first: str  # what the trials before TPE's own are (search.first_trials)
     confirm: tuple[int, int]  # (top, seeds)
     random_views: bool  # augmentation draws new views per seed: a confirmation seed's are not in the teacher cache
     notes: list[str]  # what will not take full effect (a loss's warm-up longer than the trials)
@@ -67,8 +67,7 @@ class Plan:
         lines = [
             f"sweep {self.name}: {total} trials in {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'}, one Tune run",
             *[f"  {study}: {n} trials over {students}" for study, students, n in self.studies],
-            f"  first {min(self.controls, total)} trials: alpha=0 controls and the T=4, alpha=0.9 standard point"
-            + (" of each searched loss" if len(self.methods) > 1 else ""),
+            f"  {self.first}",
             *(f"  note: {n}" for n in self.notes),
             f"  then confirmation: the top {top} finalist(s) on {seeds} seeds each (the search trial's included), each beside its "
             f"alpha=0 control at the same settings and seeds: up to {confirm_cap(top, seeds)} more trials"
@@ -109,7 +108,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     res = {"workers": r.num_workers, "CPU_per_worker": r.cpus_per_trial, "GPU_per_worker": r.gpus_per_trial}
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
-                len(control_points(cfg, cfg.students)), cfg.methods, (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
+                first_trials(cfg, sum(n for _, _, n in trial_budget(cfg))), (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
                 not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static, warmup_notes(cfg), cache_line(cfg, info))
     return plan, info
 
@@ -290,24 +289,29 @@ def log_topk_mass(cfg: SweepConfig, cache: str | None, tracker: SweepTracker, pa
 
 
 class Profiles:
-    """Size and latency, once per architecture per sweep, in Ray tasks holding one trial's
-    resources (the trial's kind of device), not inside every trial while others compete for it.
-    They must not hold what the first trials need: the students' tasks run beside the teacher's
-    training when there is one, the rest are queued once the first trial has started (on CPUs or
-    devices it left free, else after the trials, on an idle machine). Unless an objective needs
-    them, no trial waits for them: `ready()` says whether they are in, `reports()` waits for them."""
+    """Each architecture's size, once per sweep, in Ray tasks holding one trial's resources (the
+    trial's kind of device), never inside trials that compete for the machine.
+
+    Static sizes (params, bytes, FLOPs: the same whenever they are measured) are tasks queued
+    behind the teacher's training, the rest once the first trial has started; no trial waits for
+    them unless an objective reads them: `ready()` says whether they are in, `reports()` waits.
+    Latency is timed otherwise (measure_latency): the teacher and every student back to back,
+    interleaved, with a fixed thread count, in one task while no trial runs, so that the speedup
+    over the teacher and the students' order compare like with like."""
 
     def __init__(self, cfg: SweepConfig, info: DataInfo) -> None:
         import ray
 
-        from trainables.models.profile import profile_task
+        from trainables.models.profile import latency_task, profile_task
 
         r = cfg.resources
         self.cfg, self.info = cfg, info
         self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
+        self.latency_task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(latency_task)
         self.students: dict[str, Any] = {}
         self.teacher = None
         self.teacher_path: str | None = None  # the teacher's task is queued once this is known
+        self.latency: dict[str, Any] | None = None  # measure_latency's record
 
     def start(self) -> None:
         """Queue the tasks not queued yet: the students', and the teacher's once teacher_path is set."""
@@ -318,15 +322,30 @@ class Profiles:
         if self.teacher_path is not None and self.teacher is None:
             self.teacher = self.task.remote(teacher_path=self.teacher_path, plugins=cfg.plugins)
 
-    def reports(self) -> dict[str, dict[str, float]]:
-        """Each student's size_report, waiting for the tasks (queued now if they were not)."""
+    def measure_latency(self, when: str) -> dict[str, Any]:
+        """Time the teacher and every student (latency_task), now: the caller makes sure no trial
+        runs (`when` says at which moment, for the record). Threads: the trial's CPUs, at least 1."""
         import ray
 
-        from trainables.models.profile import size_report
+        cfg, info = self.cfg, self.info
+        threads = max(1, int(cfg.resources.cpus_per_trial))
+        log.info("timing the teacher and %d student(s) interleaved (%d thread%s, batch 1 and 64), %s", len(cfg.students), threads,
+                 "" if threads == 1 else "s", when)
+        self.latency = {**ray.get(self.latency_task.remote(self.teacher_path, {s: cfg.student_kwargs(s) for s in cfg.students},
+                                                           list(info.input_shape), info.num_classes, cfg.plugins, threads)), "when": when}
+        return self.latency
+
+    def reports(self) -> dict[str, dict[str, float]]:
+        """Each student's size_report (its latency keys once measured), waiting for the tasks
+        (queued now if they were not)."""
+        import ray
+
+        from trainables.models.profile import TEACHER, size_report
 
         self.start()
-        teacher_size = ray.get(self.teacher)
-        return {name: size_report(ray.get(f), teacher_size) for name, f in self.students.items()}
+        times = (self.latency or {}).get("latency", {})
+        teacher = {**ray.get(self.teacher), **times.get(TEACHER, {})}
+        return {name: size_report({**ray.get(f), **times.get(name, {})}, teacher) for name, f in self.students.items()}
 
     def ready(self) -> dict[str, dict[str, float]] | None:
         """reports() once every task is done, else None at once."""
@@ -336,6 +355,29 @@ class Profiles:
         if self.teacher is None or len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
             return None
         return self.reports()
+
+
+def log_latency(profiles: Profiles, tracker: SweepTracker, parent: str, teacher_training: tuple[float, float] | None = None) -> None:
+    """The latency record on the sweep's run (latency.json: every model's numbers, how and when they
+    were timed, and what else ran in that window: the trial runs and the teacher's training that
+    overlap it, none when all is well) and each trial run's latency keys, from that one measurement."""
+    record = dict(profiles.latency or {})
+    if not record:
+        return
+    runs = tracker.trial_runs(parent)
+    if "running" not in record:  # said once, when measured (later, selection reopens the champion's run: its end moves)
+        t0, t1 = (1000 * t for t in record["window"])
+        record["running"] = [r.info.run_name for r in runs if r.info.start_time < t1 and (r.info.end_time or t1) > t0]
+        if teacher_training and teacher_training[0] < record["window"][1] and teacher_training[1] > record["window"][0]:
+            record["running"].append("teacher training")
+        record["teacher_training"] = list(teacher_training) if teacher_training else None
+    tracker.client.log_text(parent, json.dumps(record, indent=2), LATENCY_RECORD)
+    reports = profiles.reports()
+    for r in runs:
+        student = r.data.params.get("student")
+        timed = {k: v for k, v in reports.get(student, {}).items() if "latency" in k}
+        if timed:
+            tracker.log_metrics(r.info.run_id, timed, step=0)
 
 
 def _tune_output(verbose: bool) -> None:
@@ -413,7 +455,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         if address is not None:
             wait_for_cluster(cfg.resources, address)
         profiles = Profiles(cfg, info)  # the students' tasks run beside the teacher's training, queued behind it
+        started = time.time()
         teacher = str(ensure_teacher(cfg, info, on_ray=True, beside=profiles.start).resolve())
+        teacher_training = (started, time.time())
         profiles.teacher_path = teacher  # the rest are queued when the first trial starts (MlflowTrialCallback)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep.json").write_text(json.dumps({"config": cfg.model_dump(), "tracking_uri": plan.tracking_uri, "teacher": teacher}, indent=2))
@@ -430,6 +474,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         server_down = False
         try:
             results = list(_tuner(cfg, trainable, callbacks, restore, verbose, build).fit())
+            if profiles.latency is None:  # no objective needed it before the trials: now, while none runs
+                profiles.measure_latency("after the search, no trial running")
+            log_latency(profiles, tracker, parent, teacher_training)
             log_topk_mass(cfg, cache, tracker, parent)
             studies = [export_study(cfg, study, students, [r for r in results if (r.config or {}).get("student") in students], sweep_dir)
                        for study, students, _ in plan.studies]
@@ -466,6 +513,8 @@ def _trials(cfg: SweepConfig, info: DataInfo, profiles: Profiles, tracker: Sweep
     from ray import tune
 
     size_objectives = [m for m in objectives(cfg)[0] if metric(m).kind == "size"]
+    if any("latency" in m for m in size_objectives) and profiles.latency is None:
+        profiles.measure_latency("before the trials")  # Optuna reads it from each report: timed while no trial runs yet
     sizes = profiles.reports() if size_objectives else {}  # Optuna reads them from each report: wait for them
     constants = {s: {m: sizes[s][m] for m in size_objectives} for s in cfg.students}
     r = cfg.resources
@@ -523,9 +572,12 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
         )
         try:
             tuner.fit()
+            profiles.latency = tracker.read_json(parent, LATENCY_RECORD) or profiles.measure_latency("after the confirmation trials, no trial running")
+            log_latency(profiles, tracker, parent)  # the new runs get the sweep's one measurement
         finally:
             tracker.close_orphans(parent)
     return todo
+
 
 
 def _in_background(fn: Callable, *args) -> Future:

@@ -34,7 +34,8 @@ def child_runs(uri: str, experiment: str):
 def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Sequential trials make ASHA's decisions deterministic, so a stopped trial is always covered.
-    cfg = sweep_yaml(tmp_path, digits_teacher, "e2e", **{"budget.max_concurrent": 1})
+    # The default's teacher, trained by the sweep (as `kdsweep run` from an empty folder does), for fewer epochs.
+    cfg = sweep_yaml(tmp_path, digits_teacher, "e2e", **{"budget.max_concurrent": 1, "teacher.path": None, "teacher.epochs": 4})
     assert main(["run", str(cfg), "--address", ray_address]) == 0
     out = capsys.readouterr().out
     assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out
@@ -107,6 +108,24 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert {"champion_test_robust_acc", "teacher_test_acc", "teacher_test_robust_acc"} <= set(parent[0].data.metrics)
     assert "kdsweep.version.git_commit" in parent[0].data.tags
     assert "| teacher |" in out and "| champion (" in out
+    assert "speedup (CPU, batch 1; 1 thread, interleaved with the teacher, after the search, no trial running) |" in out
+    # latency: the teacher and every student timed back to back, interleaved, while nothing else ran
+    # (no trial's run, not the teacher's training), and every number shown comes from that one measurement
+    with tempfile.TemporaryDirectory() as d:
+        record = json.loads(open(client.download_artifacts(parent[0].info.run_id, "latency.json", d)).read())
+    (t0, t1), (train0, train1) = record["window"], record["teacher_training"]
+    assert record["running"] == [] and record["threads"] == 1 and record["rounds"] >= 3, record
+    for r in runs:  # a trial ran from its run's start to its last logged result (selection reopens the champion's run later)
+        end = max(m.timestamp for m in client.get_metric_history(r.info.run_id, "epochs_run"))
+        assert end <= 1000 * t0 or r.info.start_time >= 1000 * t1, (r.info.run_name, r.info.start_time, end, record["window"])
+    assert train1 <= t0
+    times = record["latency"]
+    assert set(times) == {"teacher", "mlp_32", "cnn_tiny"}
+    for r in runs:
+        mine = times[r.data.params["student"]]
+        assert r.data.metrics["size_latency_cpu_b1_ms"] == pytest.approx(mine["latency_cpu_b1_ms"])
+        assert r.data.metrics["teacher_latency_cpu_b1_ms"] == pytest.approx(times["teacher"]["latency_cpu_b1_ms"])
+        assert r.data.metrics["speedup_latency_cpu_b1"] == pytest.approx(times["teacher"]["latency_cpu_b1_ms"] / mine["latency_cpu_b1_ms"])
 
     # the same name again is a one-line error, not a second sweep mixed into the first
     assert main(["run", str(cfg), "--address", ray_address]) == 2
@@ -356,18 +375,27 @@ def test_a_method_search_trains_each_method_and_groups_kd_gain_by_method(tmp_pat
     assert "## KD gain by method" in (tmp_path / "runs" / "methods" / "report" / "report.md").read_text()
 
 
-def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, monkeypatch):
+def test_per_student_mode_gives_each_student_its_share(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
+    """Also a searched alpha whose range leaves 0 out (as text_reviews.yaml's): each student's
+    control still trains at alpha=0 exactly, every epoch, outside its study, and the KD trials'
+    gains are measured against it."""
     monkeypatch.chdir(tmp_path)
     cfg = sweep_yaml(tmp_path, digits_teacher, "per-student", mode="per_student",
-                     **{"budget.num_samples": 4, "train.epochs": 2, "search.objectives": ["val_acc:max", "size_params:min"]})
+                     **{"budget.num_samples": 4, "train.epochs": 2, "search.objectives": ["val_acc:max", "size_params:min"],
+                        "search.alpha.low": 0.1})
     assert main(["run", str(cfg), "--address", ray_address]) == 0
+    assert "each student's alpha=0 control (alpha=0 exactly; search.alpha [0.1, 1] leaves 0 out" in capsys.readouterr().out
     runs = child_runs(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "per-student")
     assert Counter(r.data.params["student"] for r in runs) == {"mlp_32": 2, "cnn_tiny": 2}
+    controls = [r for r in runs if r.data.params["control"] == "True"]
+    assert sorted(r.data.params["student"] for r in controls) == ["cnn_tiny", "mlp_32"]
+    assert all(float(r.data.params["trial.loss.alpha"]) == 0.0 and r.data.metrics["epochs_run"] == 2 for r in controls)
+    assert all("kd_gain" in r.data.metrics for r in runs if r.data.params["control"] == "False")
     # multi-objective: Optuna searched the accuracy/size front itself, and its Pareto plot is logged
     storage = f"sqlite:///{tmp_path / 'runs' / 'per-student' / 'optuna.db'}"
     for student in ("mlp_32", "cnn_tiny"):
         study = optuna.load_study(study_name=f"per-student-{student}", storage=storage)
-        assert len(study.directions) == 2 and len(study.trials) == 2
+        assert len(study.directions) == 2 and len(study.trials) == 1  # the control never reached TPE
         assert all(t.values[1] == runs[0].data.metrics["size_params"] or t.params["student"] != runs[0].data.params["student"] for t in study.trials)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     parent = next(r for r in client.search_runs([runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent")

@@ -35,7 +35,7 @@ from trainables.losses import build_loss
 from trainables.eval.metrics import classification_metrics, per_class
 from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
-from trainables.models.profile import size_metrics, size_report
+from trainables.models.profile import profile_together, size_report
 from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
@@ -234,7 +234,8 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {}
     if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.sweep)
-        size = size_report(size_metrics(student, shape), size_metrics(teacher, shape) if teacher is not None else None)
+        both = profile_together({"student": student, **({"teacher": teacher} if teacher is not None else {})}, shape)
+        size = size_report(both["student"], both.get("teacher"))
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
 

@@ -1,8 +1,11 @@
 """Size metrics of any model: parameters, serialized bytes, median latency, FLOPs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import statistics
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -37,37 +40,85 @@ def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(fc.get_total_flops())
 
 
-@torch.no_grad()
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, min_run_time: float = 0.2) -> float:
-    """Median time of one forward pass in ms (torch.utils.benchmark: warm-up, CUDA synchronised,
-    enough runs to fill `min_run_time`)."""
+def _timer(model: nn.Module, x: torch.Tensor, threads: int):
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch.utils.benchmark as benchmark
 
+    return benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, min_run_time: float = 0.2) -> float:
+    """Median time of one forward pass in ms (torch.utils.benchmark: warm-up, CUDA synchronised,
+    enough runs to fill `min_run_time`)."""
     x = example_input(input_shape, batch, device)
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return _timer(model, x, torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def latency_settings(input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, tuple[tuple[int, ...], int, str]]:
+    """Every latency a profile reports: key -> (input shape, batch, device). CPU at batch 1 and
+    `batch`; text also at 25 % and 50 % of its length; the same on CUDA when there is one."""
+    shorter = {f"_len{p}": (max(2, input_shape[0] * p // 100),) for p in (25, 50)} if len(input_shape) == 1 else {}
+    devices = ["cpu", *(["gpu"] if (torch.cuda.is_available() if gpu is None else gpu) else [])]
+    out = {}
+    for d in devices:
+        out[f"latency_{d}_b1_ms"] = (input_shape, 1, d)
+        out[f"latency_{d}_b{batch}_ms"] = (input_shape, batch, d)
+        out.update({f"latency_{d}_b1{k}_ms": (shape, 1, d) for k, shape in shorter.items()})
+    return out
+
+
+@torch.no_grad()
+def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int, rounds: int = 5, batch: int = 64,
+                        gpu: bool | None = None, min_run_time: float = 0.02) -> dict[str, dict[str, float]]:
+    """Each model's latencies (latency_settings), timed back to back and interleaved: every round
+    times every model once per setting, the models' order rotating by round, with `threads` CPU
+    threads; each value is the median over the rounds. Load that comes and goes then falls on
+    every model alike, so their ratios (a student's speedup over its teacher) hold."""
+    names = list(models)
+    ready = {n: copy.deepcopy(m).float().eval().cpu() for n, m in models.items()}
+    on_gpu = {n: copy.deepcopy(m).cuda() for n, m in ready.items()} if any(d == "gpu" for *_, d in latency_settings(input_shape, batch, gpu).values()) else {}
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    with _threads(threads):
+        for r in range(rounds):
+            for key, (shape, b, device) in latency_settings(input_shape, batch, gpu).items():
+                x = example_input(shape, b, "cuda" if device == "gpu" else "cpu")
+                for n in names[r % len(names):] + names[:r % len(names)]:
+                    model = on_gpu[n] if device == "gpu" else ready[n]
+                    t = _timer(model, x, threads).blocked_autorange(min_run_time=min_run_time)
+                    samples[n].setdefault(key, []).append(t.median * 1e3)
+    return {n: {k: statistics.median(v) for k, v in per.items()} for n, per in samples.items()}
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def static_size(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """params, bytes and FLOPs: what does not depend on when or where it is measured."""
+    m = copy.deepcopy(model).float().eval().cpu()
+    return {"params": float(param_count(m)), "bytes": float(serialized_bytes(m)), "flops": float(flops(m, input_shape))}
 
 
 def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, float]:
-    """params, bytes, FLOPs and latency at batch 1 and `batch` on CPU (and on CUDA when present)."""
-    m = copy.deepcopy(model).float().eval().cpu()
-    out = {
-        "params": float(param_count(m)),
-        "bytes": float(serialized_bytes(m)),
-        "flops": float(flops(m, input_shape)),
-        "latency_cpu_b1_ms": latency_ms(m, input_shape, 1, "cpu"),
-        f"latency_cpu_b{batch}_ms": latency_ms(m, input_shape, batch, "cpu"),
-    }
-    shorter = {f"len{p}": (max(2, input_shape[0] * p // 100),) for p in (25, 50)} if len(input_shape) == 1 else {}  # text: per length
-    out.update({f"latency_cpu_b1_{k}_ms": latency_ms(m, s, 1, "cpu") for k, s in shorter.items()})
-    if (torch.cuda.is_available() if gpu is None else gpu):
-        g = m.cuda()
-        out["latency_gpu_b1_ms"] = latency_ms(g, input_shape, 1, "cuda")
-        out[f"latency_gpu_b{batch}_ms"] = latency_ms(g, input_shape, batch, "cuda")
-        out.update({f"latency_gpu_b1_{k}_ms": latency_ms(g, s, 1, "cuda") for k, s in shorter.items()})
-    return out
+    """params, bytes, FLOPs and latency at batch 1 and `batch` on CPU (and on CUDA when present) of
+    one model alone; to compare models, time them together (profile_together)."""
+    return {**static_size(model, input_shape),
+            **interleaved_latency({"m": model}, input_shape, torch.get_num_threads(), rounds=3, batch=batch, gpu=gpu)["m"]}
+
+
+def profile_together(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Size metrics of several models whose latencies are compared (a student and its teacher):
+    static sizes, and latencies timed interleaved (interleaved_latency)."""
+    times = interleaved_latency(models, input_shape, threads, rounds)
+    return {n: {**static_size(m, input_shape), **times[n]} for n, m in models.items()}
 
 
 def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> dict[str, float]:
@@ -82,20 +133,48 @@ def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> 
     return out
 
 
-def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
-                 teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
-    """Ray task body (orchestrator.sweep.Profiles): size metrics of one architecture,
-    freshly built, or of the saved teacher."""
-    from trainables.plugins import load_plugins
-
-    load_plugins(plugins)
+def _build(arch: str | None, shape: list[int] | None, num_classes: int | None, teacher_path: str | None,
+           arch_kwargs: dict | None) -> tuple[nn.Module, tuple[int, ...]]:
     if teacher_path is not None:
         from trainables.models.teacher import load_teacher
 
         model, card = load_teacher(teacher_path)
-        shape = card.input_shape
-    else:
-        from trainables.models import create_model
+        return model, tuple(card.input_shape)
+    from trainables.models import create_model
 
-        model = create_model(arch, num_classes, shape, **(arch_kwargs or {}))
-    return size_metrics(model, tuple(shape))
+    return create_model(arch, num_classes, shape, **(arch_kwargs or {})), tuple(shape)
+
+
+def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
+                 teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
+    """Ray task body (orchestrator.sweep.Profiles): the static sizes (static_size) of one
+    architecture, freshly built, or of the saved teacher. Nothing here is timed: it may run beside
+    anything."""
+    from trainables.plugins import load_plugins
+
+    load_plugins(plugins)
+    model, shape = _build(arch, shape, num_classes, teacher_path, arch_kwargs)
+    return static_size(model, shape)
+
+
+#: The name of the teacher among the models a latency task times.
+TEACHER = "teacher"
+
+
+def latency_task(teacher_path: str, students: dict[str, dict], shape: list[int], num_classes: int, plugins: list[str] = (),
+                 threads: int = 1, rounds: int = 5) -> dict:
+    """Ray task body (orchestrator.sweep.Profiles.measure_latency), run while no trial runs: the
+    teacher and every student (name -> create_model kwargs) timed interleaved, `threads` threads.
+    Returns the latencies by model, and how and when they were measured (wall-clock window)."""
+    import socket
+    import time
+
+    from trainables.plugins import load_plugins
+
+    load_plugins(plugins)
+    models = {TEACHER: _build(None, None, None, teacher_path, None)[0]}
+    models.update({name: _build(name, shape, num_classes, None, kw)[0] for name, kw in students.items()})
+    start = time.time()
+    times = interleaved_latency(models, tuple(shape), threads, rounds)
+    return {"latency": times, "window": [start, time.time()], "threads": threads, "rounds": rounds, "host": socket.gethostname(),
+            "order": "interleaved, the models' order rotating by round; each value the median over the rounds"}
