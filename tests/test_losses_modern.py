@@ -1,160 +1,131 @@
-"""DIST and logit standardization against their authors' code, copied verbatim below and run in
-float64 on the same tensors: values and gradients, extreme cases included.
+"""DIST and logit standardization checked two ways, values and gradients, extreme cases included:
 
-- DIST: hunto/image_classification_sota @ d9662f7df68fe46b973c4580b7c9b896cedcd301 (the commit
-  hunto/DIST_KD pins), lib/models/losses/dist_kd.py.
-- Logit standardization: sunshangquan/logit-standardization-KD @ f6e5aa5172bad618e801163c3385322eea673754,
-  mdistiller/distillers/KD.py (normalize, kd_loss) and DKD.py (dkd_loss and its helpers).
+(a) against figures their authors' code produced on the same inputs. The code itself is not kept
+    here: benchmarks/reference_figures.py runs it from snapshots of the authors' repositories and
+    writes tests/fixtures/reference/{dist,logit_standardization}.npz, which record the repository,
+    commit, file and function each figure came from. The inputs are rebuilt here from their seeds
+    (a fingerprint in the figures checks that they are the same tensors).
+    - DIST: hunto/image_classification_sota @ d9662f7df68fe46b973c4580b7c9b896cedcd301 (the commit
+      hunto/DIST_KD pins), lib/models/losses/dist_kd.py, DIST.forward.
+    - Logit standardization: sunshangquan/logit-standardization-KD @ f6e5aa5172bad618e801163c3385322eea673754,
+      mdistiller/distillers/KD.py kd_loss and DKD.py dkd_loss.
+(b) against our own float64 derivation of each paper's formula (below), on every gradient entry;
+    the derivation itself is checked against the authors' float64 figures.
 
-Tolerance: 1e-5 relative (float32 under test).
+The figures hold the authors' value in float32 and float64 and their float64 gradient w.r.t. the
+student; the float32 gradient too where it is small (1,600 entries or fewer: the extreme cases).
+Gradients over 2,048 entries are kept at a fixed ~1,000 of them (`kept`: every k-th entry, k coprime
+to the class count, and every target entry); (b) covers all of them.
+
+Tolerance: 1e-5 relative (float32 under test), or, where float32 itself is the limit (a loss at its
+minimum, saturated softmaxes), as close as the authors' own float32 run came to their float64 one.
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.test_losses_reference import RTOL, logits, rel_err, value_and_grad
+from tests.test_losses_reference import RTOL, logits, ref_dkd, ref_kd, rel_err, value_and_grad
 from trainables.config import LossConfig, validate
 from trainables.losses import LOSSES
 from trainables.registry import ConfigError
 
-# --- hunto/image_classification_sota lib/models/losses/dist_kd.py, verbatim -------------------------
+# --- the authors' figures --------------------------------------------------------------------------
+
+FIGURES = Path(__file__).resolve().parent / "fixtures" / "reference"
+KEEP = 1024  # gradient entries a figure keeps of a gradient over 2 * KEEP entries
 
 
-def cosine_similarity(a, b, eps=1e-8):
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+def case_key(kind: str, **args) -> str:
+    """A case's name in the figures: its kind and the arguments that build its inputs."""
+    return kind + ":" + ",".join(f"{k}={v}" for k, v in args.items())
 
 
-def pearson_correlation(a, b, eps=1e-8):
-    return cosine_similarity(a - a.mean(1).unsqueeze(1),
-                             b - b.mean(1).unsqueeze(1), eps)
+def fingerprint(*inputs: torch.Tensor) -> torch.Tensor:
+    """Sum and sum of squares of each input, in float64: whether these are the tensors a figure was made from."""
+    return torch.tensor([[x.double().sum().item(), x.double().pow(2).sum().item()] for x in inputs], dtype=torch.float64)
 
 
-def inter_class_relation(y_s, y_t):
-    return 1 - pearson_correlation(y_s, y_t).mean()
+def kept(n: int, c: int, y: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices of the gradient entries a figure keeps: all (None) up to 2 * KEEP; past that every
+    k-th entry, k the first integer >= n * c / KEEP coprime to c (so every row and every class is hit),
+    and each row's target class."""
+    if n * c <= 2 * KEEP:
+        return None
+    k = next(k for k in itertools.count(-(-n * c // KEEP)) if math.gcd(k, c) == 1)
+    return torch.cat([torch.arange(0, n * c, k), torch.arange(n) * c + y]).unique()
 
 
-def intra_class_relation(y_s, y_t):
-    return inter_class_relation(y_s.transpose(0, 1), y_t.transpose(0, 1))
+@functools.cache
+def figures(name: str) -> dict[str, torch.Tensor]:
+    """tests/fixtures/reference/<name>.npz: entry name -> tensor (its `meta` says where they came from)."""
+    with np.load(FIGURES / f"{name}.npz", allow_pickle=False) as z:
+        return {k: torch.from_numpy(z[k]) for k in z.files if k != "meta"}
 
 
-class DIST(nn.Module):
-    def __init__(self, beta=1.0, gamma=1.0, tau=1.0):
-        super(DIST, self).__init__()
-        self.beta = beta
-        self.gamma = gamma
-        self.tau = tau
-
-    def forward(self, z_s, z_t):
-        y_s = (z_s / self.tau).softmax(dim=1)
-        y_t = (z_t / self.tau).softmax(dim=1)
-        inter_loss = self.tau**2 * inter_class_relation(y_s, y_t)
-        intra_loss = self.tau**2 * intra_class_relation(y_s, y_t)
-        kd_loss = self.beta * inter_loss + self.gamma * intra_loss
-        return kd_loss
+def figure(name: str, case: str, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One case's figures, once `inputs` are known to be the tensors the reference ran on."""
+    prefix = case + "|"
+    got = {k[len(prefix):]: v for k, v in figures(name).items() if k.startswith(prefix)}
+    assert got, f"{name}.npz has no case {case!r}: rerun benchmarks/reference_figures.py (docs/losses.md)"
+    assert torch.allclose(fingerprint(*inputs), got["inputs"], rtol=1e-9, atol=1e-9), f"{case}: not the inputs of the figures"
+    return got
 
 
-# --- sunshangquan/logit-standardization-KD mdistiller/distillers/{KD,DKD}.py, verbatim -------------
+# --- our float64 derivations of the papers' formulas -------------------------------------------------
 
 
-def normalize(logit):
-    mean = logit.mean(dim=-1, keepdims=True)
-    stdv = logit.std(dim=-1, keepdims=True)
-    return (logit - mean) / (1e-7 + stdv)
+def pearson(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson's r along `dim`: the cosine of the centred vectors. DIST's code adds eps = 1e-8 to the
+    product of the norms (the paper's rho has none), which decides r where a column is constant."""
+    a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / ((a * a).sum(dim).sqrt() * (b * b).sum(dim).sqrt() + eps)
 
 
-def kd_loss(logits_student_in, logits_teacher_in, temperature, logit_stand):
-    logits_student = normalize(logits_student_in) if logit_stand else logits_student_in
-    logits_teacher = normalize(logits_teacher_in) if logit_stand else logits_teacher_in
-    log_pred_student = F.log_softmax(logits_student / temperature, dim=1)
-    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
-    loss_kd = F.kl_div(log_pred_student, pred_teacher, reduction="none").sum(1).mean()
-    loss_kd *= temperature**2
-    return loss_kd
+def my_dist(s: torch.Tensor, t: torch.Tensor, temp: float, beta: float, gamma: float) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): Y = softmax(Z / tau) per row,
+    L = tau^2 (beta * mean over rows of (1 - r(Y_s[i], Y_t[i])) + gamma * mean over classes of (1 - r(Y_s[:, j], Y_t[:, j])))."""
+    p_s, p_t = F.softmax(s.double() / temp, 1), F.softmax(t.double() / temp, 1)
+    inter = (1 - pearson(p_s, p_t, dim=1)).mean()
+    intra = (1 - pearson(p_s, p_t, dim=0)).mean()
+    return temp**2 * (beta * inter + gamma * intra)
 
 
-def dkd_loss(logits_student_in, logits_teacher_in, target, alpha, beta, temperature, logit_stand):
-    logits_student = normalize(logits_student_in) if logit_stand else logits_student_in
-    logits_teacher = normalize(logits_teacher_in) if logit_stand else logits_teacher_in
-
-    gt_mask = _get_gt_mask(logits_student, target)
-    other_mask = _get_other_mask(logits_student, target)
-    pred_student = F.softmax(logits_student / temperature, dim=1)
-    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
-    pred_student = cat_mask(pred_student, gt_mask, other_mask)
-    pred_teacher = cat_mask(pred_teacher, gt_mask, other_mask)
-    log_pred_student = torch.log(pred_student)
-    tckd_loss = (
-        F.kl_div(log_pred_student, pred_teacher, size_average=False)
-        * (temperature**2)
-        / target.shape[0]
-    )
-    pred_teacher_part2 = F.softmax(
-        logits_teacher / temperature - 1000.0 * gt_mask, dim=1
-    )
-    log_pred_student_part2 = F.log_softmax(
-        logits_student / temperature - 1000.0 * gt_mask, dim=1
-    )
-    nckd_loss = (
-        F.kl_div(log_pred_student_part2, pred_teacher_part2, size_average=False)
-        * (temperature**2)
-        / target.shape[0]
-    )
-    return alpha * tckd_loss + beta * nckd_loss
+def zscore(z: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row minus its mean, over its standard deviation (unbiased, as
+    torch.std; the code adds 1e-7 to it, so a constant row becomes all zeros)."""
+    z = z.double()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
 
 
-def _get_gt_mask(logits, target):
-    target = target.reshape(-1)
-    mask = torch.zeros_like(logits).scatter_(1, target.unsqueeze(1), 1).bool()
-    return mask
-
-
-def _get_other_mask(logits, target):
-    target = target.reshape(-1)
-    mask = torch.ones_like(logits).scatter_(1, target.unsqueeze(1), 0).bool()
-    return mask
-
-
-def cat_mask(t, mask1, mask2):
-    t1 = (t * mask1).sum(dim=1, keepdims=True)
-    t2 = (t * mask2).sum(1, keepdims=True)
-    rt = torch.cat([t1, t2], dim=1)
-    return rt
+def my_kd(s: torch.Tensor, t: torch.Tensor, temp: float, standardize: bool) -> torch.Tensor:
+    return ref_kd(zscore(s), zscore(t), temp) if standardize else ref_kd(s, t, temp)
 
 
 # --- the checks ------------------------------------------------------------------------------------
 
 CASES = [(seed, n, c, temp) for seed in (0, 1) for n, c in ((16, 10), (64, 100), (4, 1000)) for temp in (1.0, 4.0)]
+BETA_GAMMA = [(1.0, 1.0), (2.0, 0.5)]
+DIST_EXTREMES = ["confident teacher", "confident student", "student equals teacher", "batch of two", "huge logits"]
+KD_EXTREMES = ["confident teacher", "confident student", "constant student", "huge logits"]
 
 
-def check(ours, reference, x: torch.Tensor) -> None:
-    """Our float32 loss against the reference, value and gradient w.r.t. the student: within RTOL
-    of it run in float32 on the same tensors, and of it in float64, or as close as its own float32
-    run comes where float32 itself is the limit (a loss at its minimum, saturated softmaxes)."""
-    val, (g,) = value_and_grad(ours, x)
-    ref32, (g32,) = value_and_grad(lambda z: reference(z, torch.float32), x)
-    ref, (g_ref,) = value_and_grad(lambda z: reference(z, torch.float64), x.double())
-    assert rel_err(val, ref32) <= RTOL and rel_err(g, g32) <= RTOL, (val.item(), ref32.item())
-    assert rel_err(val, ref) <= max(RTOL, 1.5 * rel_err(ref32, ref)), (val.item(), ref.item())
-    assert rel_err(g, g_ref) <= max(RTOL, 1.5 * rel_err(g32, g_ref))
-
-
-@pytest.mark.parametrize("seed,n,c,temp", CASES)
-@pytest.mark.parametrize("beta,gamma", [(1.0, 1.0), (2.0, 0.5)])
-def test_dist_matches_the_authors_code(seed, n, c, temp, beta, gamma):
+def case_inputs(seed: int, n: int, c: int, **teacher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher logits and labels of one of CASES (`teacher`: margin or scale of its logits)."""
     y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
-    s, t = logits(seed, n, c, y), logits(seed + 100, n, c, y)
-    loss = LOSSES.get("dist")(alpha=1.0, temperature=temp, beta=beta, gamma=gamma)
-    check(lambda x: loss.distill(x, t, y, None, None), lambda x, dt: DIST(beta, gamma, temp)(x, t.to(dt)), s)
+    return logits(seed, n, c, y), logits(seed + 100, n, c, y, **teacher), y
 
 
-@pytest.mark.parametrize("case", ["confident teacher", "confident student", "student equals teacher", "batch of two", "huge logits"])
-def test_dist_extreme_cases_match_the_authors_code(case):
-    n, c, temp = 16, 100, 1.0
+def dist_extreme(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c = 16, 100
     y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(7))
     s, t = logits(7, n, c, y), logits(8, n, c, y)
     if case == "confident teacher":
@@ -167,8 +138,65 @@ def test_dist_extreme_cases_match_the_authors_code(case):
         s, t, y = s[:2], t[:2], y[:2]
     elif case == "huge logits":
         s, t = s * 50, t * 50
-    loss = LOSSES.get("dist")(alpha=1.0, temperature=temp)
-    check(lambda x: loss.distill(x, t, y, None, None), lambda x, dt: DIST(1.0, 1.0, temp)(x, t.to(dt)), s)
+    return s, t, y
+
+
+def kd_extreme(case: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, c = 16, 100
+    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(9))
+    s, t = logits(9, n, c, y), logits(10, n, c, y)
+    if case == "confident teacher":
+        t = logits(10, n, c, y, margin=60.0)
+    elif case == "confident student":
+        s = logits(9, n, c, y, margin=60.0)
+    elif case == "constant student":  # zero std: the z-score is 0 / 1e-7 = 0 (uniform), as theirs
+        s = torch.full((n, c), 3.0)
+    elif case == "huge logits":
+        s, t = s * 1e4, t * 1e4
+    return s, t, y
+
+
+def check(name: str, case: str, ours, mine, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    """Our float32 loss, value and gradient w.r.t. the student `s`, (a) against the authors' figures:
+    within RTOL of their float32 run and of their float64 one, or as close as their float32 run comes
+    to it where float32 itself is the limit; (b) against `mine`, our float64 derivation, on every
+    entry, as close; and the derivation within RTOL of the authors' float64 figures."""
+    fig = figure(name, case, s, t, y)
+    val, (g,) = value_and_grad(ours, s)
+    val64, (g64,) = value_and_grad(mine, s.double())
+    lim_v = max(RTOL, 1.5 * rel_err(fig["value32"], fig["value64"]))
+    lim_g = max(RTOL, 1.5 * fig["grad_e32"].item())
+    idx = kept(*s.shape, y)
+
+    def vs_fig(grad: torch.Tensor) -> float:  # rel_err over the kept entries, scaled by the whole gradient's largest
+        part, ref = grad.flatten() if idx is None else grad.flatten()[idx], fig["grad64"].flatten()
+        assert part.shape == ref.shape, f"{case}: the figures keep other entries: rerun benchmarks/reference_figures.py"
+        return ((part.double() - ref.double()).abs().max() / fig["grad_max"]).item()
+
+    assert rel_err(val, fig["value32"]) <= RTOL, (val.item(), fig["value32"].item())
+    assert rel_err(val, fig["value64"]) <= lim_v, (val.item(), fig["value64"].item())
+    assert vs_fig(g) <= lim_g
+    if "grad32" in fig:
+        assert rel_err(g, fig["grad32"]) <= RTOL
+    assert rel_err(val, val64) <= lim_v and rel_err(g, g64) <= lim_g, (val.item(), val64.item())
+    assert rel_err(val64, fig["value64"]) <= RTOL and vs_fig(g64) <= RTOL, (val64.item(), fig["value64"].item())
+
+
+@pytest.mark.parametrize("seed,n,c,temp", CASES)
+@pytest.mark.parametrize("beta,gamma", BETA_GAMMA)
+def test_dist_matches_the_authors_code(seed, n, c, temp, beta, gamma):
+    s, t, y = case_inputs(seed, n, c)
+    loss = LOSSES.get("dist")(alpha=1.0, temperature=temp, beta=beta, gamma=gamma)
+    check("dist", case_key("dist", seed=seed, n=n, c=c, T=temp, beta=beta, gamma=gamma),
+          lambda x: loss.distill(x, t, y, None, None), lambda x: my_dist(x, t, temp, beta, gamma), s, t, y)
+
+
+@pytest.mark.parametrize("case", DIST_EXTREMES)
+def test_dist_extreme_cases_match_the_authors_code(case):
+    s, t, y = dist_extreme(case)
+    loss = LOSSES.get("dist")(alpha=1.0, temperature=1.0)
+    check("dist", case_key("dist", case=case), lambda x: loss.distill(x, t, y, None, None),
+          lambda x: my_dist(x, t, 1.0, 1.0, 1.0), s, t, y)
 
 
 def test_dist_teacher_gets_no_gradient_and_the_control_needs_no_teacher():
@@ -183,38 +211,29 @@ def test_dist_teacher_gets_no_gradient_and_the_control_needs_no_teacher():
 
 @pytest.mark.parametrize("seed,n,c,temp", CASES)
 def test_standardized_kd_matches_the_authors_code(seed, n, c, temp):
-    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
-    s, t = logits(seed, n, c, y), logits(seed + 100, n, c, y, scale=8.0)
+    s, t, y = case_inputs(seed, n, c, scale=8.0)
     loss = LOSSES.get("kd")(alpha=1.0, temperature=temp, standardize_logits=True)
-    check(lambda x: loss.distill(x, t, y, None, None), lambda x, dt: kd_loss(x, t.to(dt), temp, True), s)
+    check("logit_standardization", case_key("kd", stand=True, seed=seed, n=n, c=c, T=temp),
+          lambda x: loss.distill(x, t, y, None, None), lambda x: my_kd(x, t, temp, True), s, t, y)
     plain = LOSSES.get("kd")(alpha=1.0, temperature=temp)  # the flag off: their kd_loss is mdistiller's
-    check(lambda x: plain.distill(x, t, y, None, None), lambda x, dt: kd_loss(x, t.to(dt), temp, False), s)
+    check("logit_standardization", case_key("kd", stand=False, seed=seed, n=n, c=c, T=temp),
+          lambda x: plain.distill(x, t, y, None, None), lambda x: my_kd(x, t, temp, False), s, t, y)
 
 
-@pytest.mark.filterwarnings("ignore:size_average")  # the authors' dkd_loss uses the legacy reduction
 @pytest.mark.parametrize("seed,n,c,temp", CASES)
 def test_standardized_dkd_matches_the_authors_code(seed, n, c, temp):
-    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
-    s, t = logits(seed, n, c, y), logits(seed + 100, n, c, y, margin=2.0)
+    s, t, y = case_inputs(seed, n, c, margin=2.0)
     loss = LOSSES.get("dkd")(alpha=1.0, temperature=temp, dkd_alpha=9.0, dkd_beta=72.0, standardize_logits=True)
-    check(lambda x: loss.distill(x, t, y, None, None), lambda x, dt: dkd_loss(x, t.to(dt), y, 9.0, 72.0, temp, True), s)
+    check("logit_standardization", case_key("dkd", stand=True, seed=seed, n=n, c=c, T=temp),
+          lambda x: loss.distill(x, t, y, None, None), lambda x: ref_dkd(zscore(x), zscore(t), y, temp, 9.0, 72.0), s, t, y)
 
 
-@pytest.mark.parametrize("case", ["confident teacher", "confident student", "constant student", "huge logits"])
+@pytest.mark.parametrize("case", KD_EXTREMES)
 def test_standardized_kd_extreme_cases_match_the_authors_code(case):
-    n, c, temp = 16, 100, 2.0
-    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(9))
-    s, t = logits(9, n, c, y), logits(10, n, c, y)
-    if case == "confident teacher":
-        t = logits(10, n, c, y, margin=60.0)
-    elif case == "confident student":
-        s = logits(9, n, c, y, margin=60.0)
-    elif case == "constant student":  # zero std: the z-score is 0 / 1e-7 = 0 (uniform), as theirs
-        s = torch.full((n, c), 3.0)
-    elif case == "huge logits":
-        s, t = s * 1e4, t * 1e4
-    loss = LOSSES.get("kd")(alpha=1.0, temperature=temp, standardize_logits=True)
-    check(lambda x: loss.distill(x, t, y, None, None), lambda x, dt: kd_loss(x, t.to(dt), temp, True), s)
+    s, t, y = kd_extreme(case)
+    loss = LOSSES.get("kd")(alpha=1.0, temperature=2.0, standardize_logits=True)
+    check("logit_standardization", case_key("kd", stand=True, case=case), lambda x: loss.distill(x, t, y, None, None),
+          lambda x: my_kd(x, t, 2.0, True), s, t, y)
 
 
 def test_standardized_kd_ignores_the_students_scale_and_offset():
@@ -260,7 +279,7 @@ def test_a_scheduled_kd_trains_each_epoch_with_that_epochs_temperature_and_weigh
         loss.set_epoch(epoch, 3)
         total, parts = loss(s, t, y)
         assert loss.now() == pytest.approx({"kd_weight": alpha, "kd_temperature": temp})
-        expected = (1 - alpha) * F.cross_entropy(s.double(), y) + alpha * kd_loss(s.double(), t.double(), temp, False)
+        expected = (1 - alpha) * F.cross_entropy(s.double(), y) + alpha * ref_kd(s, t, temp)
         assert rel_err(total, expected) <= RTOL
 
 

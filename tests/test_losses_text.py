@@ -1,17 +1,21 @@
-"""The transformer losses (trainables.losses.text) against their authors' code, copied verbatim
-below and run on the same tensors: values and gradients (w.r.t. the student's hidden states and
-attention maps, and the projection), extreme cases included (large hidden values, T=1 and T=20,
-heavy padding, near-zero hidden vectors).
+"""The transformer losses (trainables.losses.text) checked two ways, values and gradients (w.r.t. the
+student's hidden states and attention maps, and the projection), extreme cases included (large and
+tiny hidden values, T=1 and T=20, heavy padding, near-zero hidden vectors):
 
-- DistilBERT: huggingface/transformers-research-projects @ fccd0cdab03c1407bb7def05e1b48528fc817078,
-  distillation/distiller.py (Distiller.__init__ lines 111-116, step() lines 409-415 and 436-447).
-- TinyBERT: huawei-noah/Pretrained-Language-Model @ 0598f02d7fc4eaa7b4cbc1e9d7ab18bc875c24f9,
-  TinyBERT/task_distill.py (lines 903, 941-962) and TinyBERT/transformer/modeling.py (lines 1126, 1137-1141).
-- TextBrewer: airaria/TextBrewer @ 2c105fa664bbc10669cd2888bd846d2c9b8afca8, src/textbrewer/losses.py
-  (att_mse_loss, hid_mse_loss, cos_loss) and compatibility.py (mask_dtype).
-
-The references' inline code (DistilBERT's step, TinyBERT's training loop) is wrapped in functions:
-the body lines are verbatim, re-indented; the wrapper's arguments and `self` carry what they read.
+(a) against figures their authors' code produced on the same inputs. The code is not kept here:
+    benchmarks/reference_figures.py runs it from snapshots of the authors' repositories and writes
+    tests/fixtures/reference/{distilbert,tinybert,textbrewer}.npz (each records the repository,
+    commit, file and function its figures came from); the inputs are rebuilt here from their seeds
+    and a fingerprint in the figures checks that they are the same tensors.
+    - DistilBERT: huggingface/transformers-research-projects @ fccd0cdab03c1407bb7def05e1b48528fc817078,
+      distillation/distiller.py, Distiller.step (the KD term: lines 411-417; the cosine term: lines 434-447),
+      its loss modules as Distiller.__init__ builds them (lines 111-116).
+    - TinyBERT: huawei-noah/Pretrained-Language-Model @ 0598f02d7fc4eaa7b4cbc1e9d7ab18bc875c24f9,
+      TinyBERT/task_distill.py (the loss, line 903; the intermediate-layer loop, lines 941-964) and
+      TinyBERT/transformer/modeling.py (TinyBertForSequenceClassification.forward: fit_dense on every hidden state).
+    - TextBrewer: airaria/TextBrewer @ 2c105fa664bbc10669cd2888bd846d2c9b8afca8, src/textbrewer/losses.py
+      (att_mse_loss, hid_mse_loss, cos_loss) with compatibility.py (mask_dtype).
+(b) against our own float64 derivation of each term (below), which is itself checked against the figures.
 
 Padding. The references' MSEs are plain means over every element (TinyBERT has no mask, and its
 -1e2 clamp only zeroes padded *keys* of pre-softmax scores; on transformers' probabilities it is a
@@ -21,191 +25,31 @@ rows; attention: its len x len block), concatenated, then the reference's mean. 
 real element equally, as the reference does on an unpadded batch. TextBrewer's masked losses are
 that convention already (equal on the padded tensors themselves).
 
-Tolerance: 1e-5 relative, float32 both sides.
+Tolerance: 1e-5 relative, float32 under test, against the references run in float32 and our
+derivations in float64.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+import functools
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn import MSELoss
 
-from tests.test_losses_reference import RTOL, rel_err
+from tests.test_losses_modern import case_key, figure
+from tests.test_losses_reference import RTOL, ref_kd, rel_err, value_and_grad
 from trainables.losses import LOSSES, build_loss
 from trainables.losses.text import TextShape, masked_attention_mse, masked_hidden_mse, tinybert, uniform_layer_map
 from trainables.models import create_model
 from trainables.models.hf import HFClassifier, TextFeatures
 from trainables.registry import ConfigError
 
-mask_dtype = torch.bool  # TextBrewer compatibility.py on torch >= 1.2
-
-# --- DistilBERT: transformers-research-projects distillation/distiller.py @ fccd0cd, verbatim -------
-
-
-class Distiller(SimpleNamespace):
-    """The attributes step() reads (__init__ lines 111-116)."""
-
-    def __init__(self, temperature: float, alpha_cos: float = 1.0) -> None:
-        super().__init__(temperature=temperature, alpha_cos=alpha_cos)
-        self.ce_loss_fct = nn.KLDivLoss(reduction="batchmean")
-        self.cosine_loss_fct = nn.CosineEmbeddingLoss(reduction="mean")
-
-    def kd(self, s_logits_slct, t_logits_slct):
-        # step() lines 409-415 (sentence logits: no token positions to select)
-        loss_ce = (
-            self.ce_loss_fct(
-                nn.functional.log_softmax(s_logits_slct / self.temperature, dim=-1),
-                nn.functional.softmax(t_logits_slct / self.temperature, dim=-1),
-            )
-            * (self.temperature) ** 2
-        )
-        return loss_ce
-
-    def cos(self, s_hidden_states, t_hidden_states, attention_mask):
-        # step() lines 436-447
-        s_hidden_states = s_hidden_states[-1]  # (bs, seq_length, dim)
-        t_hidden_states = t_hidden_states[-1]  # (bs, seq_length, dim)
-        mask = attention_mask.unsqueeze(-1).expand_as(s_hidden_states)  # (bs, seq_length, dim)
-        assert s_hidden_states.size() == t_hidden_states.size()
-        dim = s_hidden_states.size(-1)
-
-        s_hidden_states_slct = torch.masked_select(s_hidden_states, mask)  # (bs * seq_length * dim)
-        s_hidden_states_slct = s_hidden_states_slct.view(-1, dim)  # (bs * seq_length, dim)
-        t_hidden_states_slct = torch.masked_select(t_hidden_states, mask)  # (bs * seq_length * dim)
-        t_hidden_states_slct = t_hidden_states_slct.view(-1, dim)  # (bs * seq_length, dim)
-
-        target = s_hidden_states_slct.new(s_hidden_states_slct.size(0)).fill_(1)  # (bs * seq_length,)
-        loss_cos = self.cosine_loss_fct(s_hidden_states_slct, t_hidden_states_slct, target)
-        return loss_cos
-
-
-# --- TinyBERT: Pretrained-Language-Model TinyBERT/ @ 0598f02, verbatim ----------------------------
-
-
-def fit_student_reps(self, sequence_output, is_student=True):
-    # transformer/modeling.py lines 1137-1141 (TinyBertForSequenceClassification.forward; self.fit_dense, line 1126)
-    tmp = []
-    if is_student:
-        for s_id, sequence_layer in enumerate(sequence_output):
-            tmp.append(self.fit_dense(sequence_layer))
-        sequence_output = tmp
-    return sequence_output
-
-
-def tinybert_intermediate(student_atts, teacher_atts, student_reps, teacher_reps, device="cpu"):
-    loss_mse = MSELoss()  # task_distill.py line 903
-    att_loss = 0.
-    rep_loss = 0.
-    # task_distill.py lines 941-962
-    teacher_layer_num = len(teacher_atts)
-    student_layer_num = len(student_atts)
-    assert teacher_layer_num % student_layer_num == 0
-    layers_per_block = int(teacher_layer_num / student_layer_num)
-    new_teacher_atts = [teacher_atts[i * layers_per_block + layers_per_block - 1]
-                        for i in range(student_layer_num)]
-
-    for student_att, teacher_att in zip(student_atts, new_teacher_atts):
-        student_att = torch.where(student_att <= -1e2, torch.zeros_like(student_att).to(device),
-                                  student_att)
-        teacher_att = torch.where(teacher_att <= -1e2, torch.zeros_like(teacher_att).to(device),
-                                  teacher_att)
-
-        tmp_loss = loss_mse(student_att, teacher_att)
-        att_loss += tmp_loss
-
-    new_teacher_reps = [teacher_reps[i * layers_per_block] for i in range(student_layer_num + 1)]
-    new_student_reps = student_reps
-    for student_rep, teacher_rep in zip(new_student_reps, new_teacher_reps):
-        tmp_loss = loss_mse(student_rep, teacher_rep)
-        rep_loss += tmp_loss
-    return att_loss, rep_loss
-
-
-def tinybert_layer_maps(teacher_atts, student_atts, teacher_reps):
-    # task_distill.py lines 942-947 and 958: which teacher entries the loop pairs
-    teacher_layer_num = len(teacher_atts)
-    student_layer_num = len(student_atts)
-    assert teacher_layer_num % student_layer_num == 0
-    layers_per_block = int(teacher_layer_num / student_layer_num)
-    new_teacher_atts = [teacher_atts[i * layers_per_block + layers_per_block - 1]
-                        for i in range(student_layer_num)]
-    new_teacher_reps = [teacher_reps[i * layers_per_block] for i in range(student_layer_num + 1)]
-    return new_teacher_atts, new_teacher_reps
-
-
-# --- TextBrewer: src/textbrewer/losses.py @ 2c105fa, verbatim -------------------------------------
-
-
-def att_mse_loss(attention_S, attention_T, mask=None):
-    '''
-    * Calculates the mse loss between `attention_S` and `attention_T`.
-    * If the `inputs_mask` is given, masks the positions where ``input_mask==0``.
-
-    :param torch.Tensor logits_S: tensor of shape  (*batch_size*, *num_heads*, *length*, *length*)
-    :param torch.Tensor logits_T: tensor of shape  (*batch_size*, *num_heads*, *length*, *length*)
-    :param torch.Tensor mask: tensor of shape  (*batch_size*, *length*)
-    '''
-    if mask is None:
-        attention_S_select = torch.where(attention_S <= -1e-3, torch.zeros_like(attention_S), attention_S)
-        attention_T_select = torch.where(attention_T <= -1e-3, torch.zeros_like(attention_T), attention_T)
-        loss = F.mse_loss(attention_S_select, attention_T_select)
-    else:
-        mask = mask.to(attention_S).unsqueeze(1).expand(-1, attention_S.size(1), -1) # (bs, num_of_heads, len)
-        valid_count = torch.pow(mask.sum(dim=2),2).sum()
-        loss = (F.mse_loss(attention_S, attention_T, reduction='none') * mask.unsqueeze(-1) * mask.unsqueeze(2)).sum() / valid_count
-    return loss
-
-
-def hid_mse_loss(state_S, state_T, mask=None):
-    '''
-    * Calculates the mse loss between `state_S` and `state_T`, which are the hidden state of the models.
-    * If the `inputs_mask` is given, masks the positions where ``input_mask==0``.
-    * If the hidden sizes of student and teacher are different, 'proj' option is required in `inetermediate_matches` to match the dimensions.
-
-    :param torch.Tensor state_S: tensor of shape  (*batch_size*, *length*, *hidden_size*)
-    :param torch.Tensor state_T: tensor of shape  (*batch_size*, *length*, *hidden_size*)
-    :param torch.Tensor mask:    tensor of shape  (*batch_size*, *length*)
-    '''
-    if mask is None:
-        loss = F.mse_loss(state_S, state_T)
-    else:
-        mask = mask.to(state_S)
-        valid_count = mask.sum() * state_S.size(-1)
-        loss = (F.mse_loss(state_S, state_T, reduction='none') * mask.unsqueeze(-1)).sum() / valid_count
-    return loss
-
-
-def cos_loss(state_S, state_T, mask=None):
-    '''
-    * Computes the cosine similarity loss between the inputs. This is the loss used in DistilBERT, see `DistilBERT <https://arxiv.org/abs/1910.01108>`_
-    * If the `inputs_mask` is given, masks the positions where ``input_mask==0``.
-    * If the hidden sizes of student and teacher are different, 'proj' option is required in `inetermediate_matches` to match the dimensions.
-
-    :param torch.Tensor state_S: tensor of shape  (*batch_size*, *length*, *hidden_size*)
-    :param torch.Tensor state_T: tensor of shape  (*batch_size*, *length*, *hidden_size*)
-    :param torch.Tensor mask:    tensor of shape  (*batch_size*, *length*)
-    '''
-    if mask is  None:
-        state_S = state_S.view(-1,state_S.size(-1))
-        state_T = state_T.view(-1,state_T.size(-1))
-    else:
-        mask = mask.to(state_S).unsqueeze(-1).expand_as(state_S).to(mask_dtype) #(bs,len,dim)
-        state_S = torch.masked_select(state_S, mask).view(-1, mask.size(-1))  #(bs * select, dim)
-        state_T = torch.masked_select(state_T, mask).view(-1, mask.size(-1))  # (bs * select, dim)
-
-    target = state_S.new(state_S.size(0)).fill_(1)
-    loss = F.cosine_embedding_loss(state_S, state_T, target, reduction='mean')
-    return loss
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 
 N, L, HEADS = 5, 12, 2
 FULL = [L] * N
 PADDED = [12, 1, 2, 3, 7]  # heavy padding: most rows mostly padding
+LENGTHS = {"full": FULL, "padded": PADDED}
 UNUSED = (torch.zeros(N, 3), torch.zeros(N, 3), torch.zeros(N, dtype=torch.long))  # logits for losses with logit_weight 0
 
 
@@ -263,56 +107,174 @@ def token_ids(lengths: list[int], length: int = 10, seed: int = 0) -> torch.Tens
     return ids.masked_fill(torch.arange(length)[None] >= torch.tensor(lengths)[:, None], 0)
 
 
+# --- the cases the references ran on (benchmarks/reference_figures.py builds its inputs with these) ---
+
+SCALES = [1.0, 1e3, 1e-3]
+KD_TEMPS = [1.0, 2.0, 20.0]
+LAYER_CASES = [(12, 4), (12, 6), (4, 2)]  # (teacher layers, student layers)
+# DistilBERT's KD term on logits_pair(seed, scale=scale) at T: (seed, scale, T)
+KD_CASES = [(4, 8.0, temp) for temp in KD_TEMPS] + [(7, 3.0, 2.0), (20, 8.0, 1.0), (20, 8.0, 20.0), (24, 3.0, 2.0)]
+
+
+@functools.cache
+def cos_cases() -> dict[str, tuple[TextFeatures, TextFeatures]]:
+    """(student, teacher) features of the cosine checks, by case."""
+    cases = {f"{lid},scale={scale}": (features(0, 2, 16, lengths, scale), features(1, 4, 16, lengths, scale))
+             for lid, lengths in LENGTHS.items() for scale in SCALES}
+    s, t = features(2, 1, 8, FULL), features(3, 1, 8, FULL)
+    s.hidden[-1][0, :3] *= 1e-7  # three near-zero student rows
+    cases["near-zero rows"] = (s, t)
+    cases["kd+cos"] = (features(5, 2, 16, PADDED), features(6, 4, 16, PADDED))
+    cases["weights"] = (features(8, 2, 16, PADDED), features(9, 4, 16, PADDED))
+    cases["explicit weights"] = (features(25, 2, 16, PADDED), features(26, 2, 16, PADDED))
+    return cases
+
+
+def projection(hs: int, ht: int, seed: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection's weight and bias, normal(0, 0.02) like TinyBERT's init (the bias too, so it counts)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(ht, hs, generator=g) * 0.02, torch.randn(ht, generator=g) * 0.02
+
+
+@functools.cache
+def tinybert_cases() -> dict[str, tuple[TextFeatures, TextFeatures, torch.Tensor, torch.Tensor, bool]]:
+    """(student, teacher, projection weight, bias, padded) of the TinyBERT checks, by case."""
+    cases = {f"t={t_layers},s={s_layers},scale={scale}": (features(10, s_layers, 8, [6] * 4, scale),
+                                                          features(11, t_layers, 16, [6] * 4, scale), *projection(8, 16), False)
+             for t_layers, s_layers in LAYER_CASES for scale in (1.0, 1e3)}
+    cases.update({f"padded,scale={scale}": (features(12, 2, 8, PADDED, scale), features(13, 4, 16, PADDED, scale), *projection(8, 16), True)
+                  for scale in (1.0, 1e3)})
+    return cases
+
+
+@functools.cache
+def attention_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(student map, teacher map, mask) of the TextBrewer attention checks."""
+    cases = {}
+    for lid, lengths in LENGTHS.items():
+        s, t = features(16, 1, 8, lengths), features(17, 1, 8, lengths)
+        cases[lid] = (s.attentions[0], t.attentions[0], s.mask)
+    s, t = features(18, 2, 8, PADDED), features(19, 4, 16, PADDED)
+    cases["layer map"] = (s.attentions[1], t.attentions[2], s.mask)
+    return cases
+
+
+@functools.cache
+def hidden_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(student hidden state, teacher hidden state, mask) of the TextBrewer hidden-state checks."""
+    cases = {}
+    for lid, lengths in LENGTHS.items():
+        s, t = features(16, 1, 8, lengths), features(17, 1, 8, lengths)
+        cases[lid] = (s.hidden[1], t.hidden[1], s.mask)
+    return cases
+
+
+def kd_figure(seed: int, scale: float, temp: float) -> dict[str, torch.Tensor]:
+    """DistilBERT's KD term (Distiller.step, alpha_ce 1) on logits_pair(seed, scale=scale)."""
+    s_logits, t_logits, _ = logits_pair(seed, scale=scale)
+    return figure("distilbert", case_key("kd", seed=seed, scale=scale, T=temp), s_logits, t_logits)
+
+
+def cos_figure(name: str, case: str) -> dict[str, torch.Tensor]:
+    """DistilBERT's cosine term (Distiller.step, alpha_cos 1) or TextBrewer's cos_loss on cos_cases()[case]."""
+    s, t = cos_cases()[case]
+    return figure(name, case_key("cos", case=case), s.hidden[-1], t.hidden[-1], s.mask)
+
+
+# --- our float64 derivations -----------------------------------------------------------------------
+
+
+def my_cos(hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DistilBERT's cosine term (Sanh et al., 2019): the mean over real tokens of 1 - cos(h_s, h_t), the
+    cosine as CosineEmbeddingLoss takes it, 1e-12 added to each squared norm: <a, b> / sqrt((|a|^2 + eps)(|b|^2 + eps))."""
+    m = mask.bool()
+    a, b = hs.double()[m], ht.double()[m]
+    cos = (a * b).sum(-1) / (((a * a).sum(-1) + 1e-12) * ((b * b).sum(-1) + 1e-12)).sqrt()
+    return (1 - cos).mean()
+
+
+def my_hidden_mse(hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference over the real tokens' (token, dim) entries."""
+    m = mask.bool()
+    return (hs.double()[m] - ht.double()[m]).pow(2).mean()
+
+
+def my_attention_mse(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference over the (head, query, key) entries whose query and key are both real."""
+    sq = (a_s.double() - a_t.double()).pow(2)
+    return torch.cat([sq[b][:, m][:, :, m].flatten() for b, m in enumerate(mask.bool())]).mean()
+
+
+def my_tinybert(s_hidden, s_atts, t: TextFeatures, w, b, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """TinyBERT's intermediate terms (Jiao et al., 2020): sum over the layer map's pairs of
+    MSE(h_s W^T + b, h_t) and, for the pairs of layers (not embeddings), MSE(A_s, A_t)."""
+    hidden = sum(my_hidden_mse(s_hidden[i].double() @ w.double().T + b.double(), t.hidden[j], t.mask) for i, j in pairs)
+    attention = sum(my_attention_mse(s_atts[i - 1], t.attentions[j - 1], t.mask) for i, j in pairs if i > 0 and j > 0)
+    return hidden, attention
+
+
 # --- cosine (DistilBERT) ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lengths", [FULL, PADDED], ids=["full", "padded"])
-@pytest.mark.parametrize("scale", [1.0, 1e3, 1e-3])
-def test_cosine_term_matches_distilbert(lengths, scale):
-    s, t = leaves(features(0, 2, 16, lengths, scale)), features(1, 4, 16, lengths, scale)
+@pytest.mark.parametrize("lid", LENGTHS)
+@pytest.mark.parametrize("scale", SCALES)
+def test_cosine_term_matches_distilbert(lid, scale):
+    case = f"{lid},scale={scale}"
+    s, t = leaves(cos_cases()[case][0]), cos_cases()[case][1]
     loss = LOSSES.get("cosine")(alpha=1.0, logit_weight=0.0)
     ours = loss.distill(*UNUSED, s, t)
-    ref = Distiller(4.0).cos(s.hidden, t.hidden, s.mask.bool())
-    assert rel_err(ours, ref) <= RTOL
-    assert all_close(grads(ours, [s.hidden[-1]]), grads(ref, [s.hidden[-1]]))
-    assert rel_err(ours, cos_loss(s.hidden[-1], t.hidden[-1], s.mask)) <= RTOL  # TextBrewer's cos_loss: the same form
+    (g,) = grads(ours, [s.hidden[-1]])
+    fig = cos_figure("distilbert", case)
+    assert rel_err(ours, fig["value"]) <= RTOL and rel_err(g, fig["grad"]) <= RTOL
+    mine, (g_mine,) = value_and_grad(lambda h: my_cos(h, t.hidden[-1], s.mask), s.hidden[-1].double())
+    assert rel_err(ours, mine) <= RTOL and rel_err(g, g_mine) <= RTOL
+    assert rel_err(mine, fig["value"]) <= RTOL and rel_err(g_mine, fig["grad"]) <= RTOL
+    tb = cos_figure("textbrewer", case)  # TextBrewer's cos_loss: the same form
+    assert rel_err(ours, tb["value"]) <= RTOL and rel_err(g, tb["grad"]) <= RTOL
 
 
 def test_cosine_near_zero_vectors_use_distilberts_epsilon():
     """CosineEmbeddingLoss adds 1e-12 to each squared norm (F.cosine_similarity would clamp the norms
     at 1e-8 instead): a near-zero student row keeps the reference's value."""
-    s, t = leaves(features(2, 1, 8, FULL)), features(3, 1, 8, FULL)
-    with torch.no_grad():
-        s.hidden[-1][0, :3] *= 1e-7
+    s, t = leaves(cos_cases()["near-zero rows"][0]), cos_cases()["near-zero rows"][1]
+    assert s.hidden[-1][0, :3].abs().max() < 1e-6
     ours = LOSSES.get("cosine")(alpha=1.0, logit_weight=0.0).distill(*UNUSED, s, t)
-    ref = Distiller(1.0).cos(s.hidden, t.hidden, s.mask.bool())
-    assert rel_err(ours, ref) <= RTOL and all_close(grads(ours, [s.hidden[-1]]), grads(ref, [s.hidden[-1]]))
+    (g,) = grads(ours, [s.hidden[-1]])
+    fig = cos_figure("distilbert", "near-zero rows")
+    assert rel_err(ours, fig["value"]) <= RTOL and rel_err(g, fig["grad"]) <= RTOL
+    mine, (g_mine,) = value_and_grad(lambda h: my_cos(h, t.hidden[-1], s.mask), s.hidden[-1].double())
+    assert rel_err(ours, mine) <= RTOL and rel_err(g, g_mine) <= RTOL
+    assert rel_err(mine, fig["value"]) <= RTOL and rel_err(g_mine, fig["grad"]) <= RTOL
 
 
-@pytest.mark.parametrize("temp", [1.0, 2.0, 20.0])
+@pytest.mark.parametrize("temp", KD_TEMPS)
 def test_cosine_total_is_distilberts_kd_plus_cos(temp):
     """logit_weight 5, cos_weight 1 = DistilBERT's alpha_ce 5, alpha_cos 1 (its loss without MLM)."""
     s_logits, t_logits, y = logits_pair(4, scale=8.0)
     s_logits.requires_grad_(True)
-    s, t = leaves(features(5, 2, 16, PADDED)), features(6, 4, 16, PADDED)
+    s, t = leaves(cos_cases()["kd+cos"][0]), cos_cases()["kd+cos"][1]
     loss = LOSSES.get("cosine")(alpha=1.0, temperature=temp, logit_weight=5.0, cos_weight=1.0)
     ours = loss.distill(s_logits, t_logits, y, s, t)
-    d = Distiller(temp, alpha_cos=1.0)
-    ref = 5.0 * d.kd(s_logits, t_logits) + d.alpha_cos * d.cos(s.hidden, t.hidden, s.mask.bool())
-    assert rel_err(ours, ref) <= RTOL
-    assert all_close(grads(ours, [s_logits, s.hidden[-1]]), grads(ref, [s_logits, s.hidden[-1]]))
+    g = grads(ours, [s_logits, s.hidden[-1]])
+    kd, cos = kd_figure(4, 8.0, temp), cos_figure("distilbert", "kd+cos")
+    assert rel_err(ours, 5.0 * kd["value"] + cos["value"]) <= RTOL
+    assert all_close(g, [5.0 * kd["grad"], cos["grad"]])
+    mine, g_mine = value_and_grad(lambda z, h: 5.0 * ref_kd(z, t_logits, temp) + my_cos(h, t.hidden[-1], s.mask),
+                                  s_logits.double(), s.hidden[-1].double())
+    assert rel_err(ours, mine) <= RTOL and all_close(g, g_mine)
+    assert rel_err(mine, 5.0 * kd["value"] + cos["value"]) <= RTOL and all_close(g_mine, [5.0 * kd["grad"], cos["grad"]])
 
 
 def test_cosine_weights_scale_with_alpha_and_log_each_term():
     s_logits, t_logits, y = logits_pair(7)
-    s, t = features(8, 2, 16, PADDED), features(9, 4, 16, PADDED)
+    s, t = cos_cases()["weights"]
     loss = LOSSES.get("cosine")(alpha=0.3, temperature=2.0, cos_weight=0.5)
     total, parts = loss(s_logits, t_logits, y, s, t)
-    d = Distiller(2.0)
-    kd, cos = d.kd(s_logits, t_logits), d.cos(s.hidden, t.hidden, s.mask.bool())
+    kd, cos = kd_figure(7, 3.0, 2.0)["value"], cos_figure("distilbert", "weights")["value"]
     assert rel_err(total, 0.7 * F.cross_entropy(s_logits, y) + 0.3 * (kd + 0.5 * cos)) <= RTOL
     assert rel_err(parts["logits"], kd) <= RTOL and rel_err(parts["cos"], cos) <= RTOL
     assert rel_err(parts["kd"], kd + 0.5 * cos) <= RTOL
+    assert rel_err(ref_kd(s_logits, t_logits, 2.0), kd) <= RTOL and rel_err(my_cos(s.hidden[-1], t.hidden[-1], s.mask), cos) <= RTOL
 
 
 # --- tinybert --------------------------------------------------------------------------------------
@@ -323,53 +285,53 @@ def _tinybert(s_layers: int, t_layers: int, hs: int, ht: int, **kw) -> tinybert:
                                   t_shapes=TextShape(t_layers, ht, HEADS), **kw)
 
 
-def _reference_fit(loss: tinybert, hs: int, ht: int) -> SimpleNamespace:
-    fit_dense = nn.Linear(hs, ht)
+def _check_tinybert(case: str, s_layers: int, t_layers: int) -> None:
+    """Ours against the loop's figures (the loss, rep_loss, att_loss; gradients w.r.t. every student
+    hidden state and map and the projection) and against my_tinybert."""
+    s0, t, w, b, _ = tinybert_cases()[case]
+    s = leaves(s0)
+    loss = _tinybert(s_layers, t_layers, 8, 16)
     with torch.no_grad():
-        fit_dense.weight.copy_(loss.projection.weight)
-        fit_dense.bias.copy_(loss.projection.bias)
-    return SimpleNamespace(fit_dense=fit_dense)
+        loss.projection.weight.copy_(w)
+        loss.projection.bias.copy_(b)
+    ours = loss.distill(*UNUSED, s, t)
+    inputs = [*s.hidden, *s.attentions, loss.projection.weight, loss.projection.bias]
+    g = grads(ours, inputs)
+    fig = figure("tinybert", case_key("loop", case=case), *s0.hidden, *s0.attentions, *t.hidden, *t.attentions, w, b)
+    names = [f"grad:hidden.{i}" for i in range(len(s.hidden))] + [f"grad:attention.{i}" for i in range(len(s.attentions))]
+    fig_g = [fig[k] for k in names] + [fig["grad:weight"], fig["grad:bias"]]
+    assert rel_err(loss.terms["hidden"], fig["rep_loss"]) <= RTOL and rel_err(loss.terms["attention"], fig["att_loss"]) <= RTOL
+    assert rel_err(ours, fig["loss"]) <= RTOL and all_close(g, fig_g)  # task_distill.py: loss = rep_loss + att_loss
+    n_h = len(s.hidden)
+
+    def mine_fn(*xs):
+        hidden, attention = my_tinybert(xs[:n_h], xs[n_h:-2], t, xs[-2], xs[-1], loss.hidden_pairs)
+        return hidden + attention
+
+    mine, g_mine = value_and_grad(mine_fn, *(x.double() for x in inputs))
+    assert rel_err(ours, mine) <= RTOL and all_close(g, g_mine)
+    assert rel_err(mine, fig["loss"]) <= RTOL and all_close(g_mine, fig_g)
 
 
-@pytest.mark.parametrize("t_layers,s_layers", [(12, 4), (12, 6), (4, 2)])
+@pytest.mark.parametrize("t_layers,s_layers", LAYER_CASES)
 def test_default_layer_maps_are_tinyberts(t_layers, s_layers):
-    atts, reps = tinybert_layer_maps(list(range(t_layers)), list(range(s_layers)), list(range(t_layers + 1)))
+    fig = figure("tinybert", case_key("maps", t=t_layers, s=s_layers))  # the teacher entries task_distill.py's loop pairs
+    atts, reps = fig["attentions"].tolist(), fig["hidden"].tolist()
     loss = _tinybert(s_layers, t_layers, 8, 16)
     assert loss.hidden_pairs == list(enumerate(reps))
     assert loss.attention_pairs == list(enumerate(atts))
     assert uniform_layer_map(s_layers, t_layers) == list(enumerate(reps))
 
 
-@pytest.mark.parametrize("t_layers,s_layers", [(12, 4), (12, 6), (4, 2)])
+@pytest.mark.parametrize("t_layers,s_layers", LAYER_CASES)
 @pytest.mark.parametrize("scale", [1.0, 1e3])
 def test_tinybert_matches_reference_without_padding(t_layers, s_layers, scale):
-    hs, ht = 8, 16
-    s, t = leaves(features(10, s_layers, hs, [6] * 4, scale)), features(11, t_layers, ht, [6] * 4, scale)
-    loss = _tinybert(s_layers, t_layers, hs, ht)
-    ours = loss.distill(*UNUSED, s, t)
-    fit = _reference_fit(loss, hs, ht)
-    att, rep = tinybert_intermediate(list(s.attentions), list(t.attentions), fit_student_reps(fit, list(s.hidden)), list(t.hidden))
-    ref = rep + att  # task_distill.py: loss = rep_loss + att_loss
-    assert rel_err(loss.terms["hidden"], rep) <= RTOL and rel_err(loss.terms["attention"], att) <= RTOL
-    ours_inputs = [*s.hidden, *s.attentions, loss.projection.weight, loss.projection.bias]
-    ref_inputs = [*s.hidden, *s.attentions, fit.fit_dense.weight, fit.fit_dense.bias]
-    assert rel_err(ours, ref) <= RTOL and all_close(grads(ours, ours_inputs), grads(ref, ref_inputs))
+    _check_tinybert(f"t={t_layers},s={s_layers},scale={scale}", s_layers, t_layers)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e3])
 def test_tinybert_with_padding_is_the_reference_on_real_tokens(scale):
-    hs, ht, s_layers, t_layers = 8, 16, 2, 4
-    s, t = leaves(features(12, s_layers, hs, PADDED, scale)), features(13, t_layers, ht, PADDED, scale)
-    loss = _tinybert(s_layers, t_layers, hs, ht)
-    ours = loss.distill(*UNUSED, s, t)
-    fit = _reference_fit(loss, hs, ht)
-    m = s.mask
-    att, rep = tinybert_intermediate([real_blocks(a, m) for a in s.attentions], [real_blocks(a, m) for a in t.attentions],
-                                     fit_student_reps(fit, [real_rows(h, m) for h in s.hidden]), [real_rows(h, m) for h in t.hidden])
-    ref = rep + att
-    ours_inputs = [*s.hidden, *s.attentions, loss.projection.weight, loss.projection.bias]
-    ref_inputs = [*s.hidden, *s.attentions, fit.fit_dense.weight, fit.fit_dense.bias]
-    assert rel_err(ours, ref) <= RTOL and all_close(grads(ours, ours_inputs), grads(ref, ref_inputs))
+    _check_tinybert(f"padded,scale={scale}", 2, 4)
 
 
 def test_padding_neither_counts_nor_gets_gradient():
@@ -384,19 +346,32 @@ def test_padding_neither_counts_nor_gets_gradient():
     assert torch.equal(loss.distill(*UNUSED, s, noisy), before)
 
 
-def test_attention_mse_matches_textbrewer():
+@pytest.mark.parametrize("lid", LENGTHS)
+def test_attention_mse_matches_textbrewer(lid):
     """TextBrewer's masked att_mse_loss is our convention (query and key both real, / heads * sum len^2),
     on the padded tensors themselves; unmasked on an unpadded batch it is TinyBERT's mean. Its hid_mse_loss
     with the mask is our hidden term (after the projection)."""
-    for lengths in (PADDED, FULL):
-        s, t = leaves(features(16, 1, 8, lengths)), features(17, 1, 8, lengths)
-        a_s, a_t, m = s.attentions[0], t.attentions[0], s.mask
-        ours = masked_attention_mse(a_s, a_t, m)
-        ref = att_mse_loss(a_s, a_t, m)
-        assert rel_err(ours, ref) <= RTOL and all_close(grads(ours, [a_s]), grads(ref, [a_s]))
-        ours_h, ref_h = masked_hidden_mse(s.hidden[1], t.hidden[1], m), hid_mse_loss(s.hidden[1], t.hidden[1], m)
-        assert rel_err(ours_h, ref_h) <= RTOL and all_close(grads(ours_h, [s.hidden[1]]), grads(ref_h, [s.hidden[1]]))
-    assert rel_err(ours, att_mse_loss(a_s, a_t)) <= RTOL  # unpadded: the unmasked mean (probabilities: its -1e-3 clamp is a no-op)
+    a_s0, a_t, m = attention_cases()[lid]
+    a_s = a_s0.clone().requires_grad_(True)
+    ours = masked_attention_mse(a_s, a_t, m)
+    (g,) = grads(ours, [a_s])
+    fig = figure("textbrewer", case_key("att", case=lid), a_s0, a_t, m)
+    assert rel_err(ours, fig["value"]) <= RTOL and rel_err(g, fig["grad"]) <= RTOL
+    mine, (g_mine,) = value_and_grad(lambda a: my_attention_mse(a, a_t, m), a_s0.double())
+    assert rel_err(ours, mine) <= RTOL and rel_err(g, g_mine) <= RTOL
+    assert rel_err(mine, fig["value"]) <= RTOL and rel_err(g_mine, fig["grad"]) <= RTOL
+    if lid == "full":  # unpadded: the unmasked mean (probabilities: its -1e-3 clamp is a no-op)
+        plain = figure("textbrewer", case_key("att", case="full, no mask"), a_s0, a_t)
+        assert rel_err(ours, plain["value"]) <= RTOL and rel_err(g, plain["grad"]) <= RTOL
+    h_s0, h_t, m = hidden_cases()[lid]
+    h_s = h_s0.clone().requires_grad_(True)
+    ours_h = masked_hidden_mse(h_s, h_t, m)
+    (g_h,) = grads(ours_h, [h_s])
+    fig_h = figure("textbrewer", case_key("hid", case=lid), h_s0, h_t, m)
+    assert rel_err(ours_h, fig_h["value"]) <= RTOL and rel_err(g_h, fig_h["grad"]) <= RTOL
+    mine_h, (g_mine_h,) = value_and_grad(lambda h: my_hidden_mse(h, h_t, m), h_s0.double())
+    assert rel_err(ours_h, mine_h) <= RTOL and rel_err(g_h, g_mine_h) <= RTOL
+    assert rel_err(mine_h, fig_h["value"]) <= RTOL and rel_err(g_mine_h, fig_h["grad"]) <= RTOL
 
 
 def test_layer_map_override_pairs_hidden_states_and_their_layers_attention():
@@ -405,8 +380,11 @@ def test_layer_map_override_pairs_hidden_states_and_their_layers_attention():
     assert loss.hidden_pairs == [(0, 0), (2, 3)] and loss.attention_pairs == [(1, 2)]
     ours = loss.distill(*UNUSED, s, t)
     p, m = loss.projection, s.mask
+    a_s, a_t, _ = attention_cases()["layer map"]
+    att = figure("textbrewer", case_key("att", case="layer map"), a_s, a_t, m)["value"]  # att_mse_loss(student map 1, teacher map 2)
+    assert rel_err(my_attention_mse(a_s, a_t, m), att) <= RTOL
     expected = (2.0 * (masked_hidden_mse(p(s.hidden[0]), t.hidden[0], m) + masked_hidden_mse(p(s.hidden[2]), t.hidden[3], m))
-                + 0.5 * att_mse_loss(s.attentions[1], t.attentions[2], m))
+                + 0.5 * att)
     assert rel_err(ours, expected) <= RTOL
 
 
@@ -416,7 +394,9 @@ def test_tinybert_logit_term_is_kd(temp):
     s, t = features(21, 2, 8, PADDED), features(22, 4, 16, PADDED)
     loss = LOSSES.get("tinybert")(alpha=1.0, temperature=temp, hidden_weight=0.0, attention_weight=0.0)
     assert loss.projection is None and not loss.uses_attentions
-    assert rel_err(loss.distill(s_logits, t_logits, y, s, t), Distiller(temp).kd(s_logits, t_logits)) <= RTOL
+    ours = loss.distill(s_logits, t_logits, y, s, t)
+    kd = kd_figure(20, 8.0, temp)["value"]  # DistilBERT's KD term
+    assert rel_err(ours, kd) <= RTOL and rel_err(ref_kd(s_logits, t_logits, temp), kd) <= RTOL
 
 
 # --- alpha = 0, the weights, errors ----------------------------------------------------------------
@@ -433,10 +413,10 @@ def test_alpha_zero_is_exactly_cross_entropy_without_a_teacher(name):
 
 def test_explicit_weights_form():
     s_logits, t_logits, y = logits_pair(24)
-    s, t = features(25, 2, 16, PADDED), features(26, 2, 16, PADDED)
+    s, t = cos_cases()["explicit weights"]
     loss = LOSSES.get("cosine")(ce_weight=2.0, distill_weight=1.0, temperature=2.0, logit_weight=5.0, cos_weight=1.0)
-    d = Distiller(2.0)
-    expected = 2.0 * F.cross_entropy(s_logits, y) + 5.0 * d.kd(s_logits, t_logits) + d.cos(s.hidden, t.hidden, s.mask.bool())
+    kd, cos = kd_figure(24, 3.0, 2.0)["value"], cos_figure("distilbert", "explicit weights")["value"]
+    expected = 2.0 * F.cross_entropy(s_logits, y) + 5.0 * kd + cos
     assert rel_err(loss(s_logits, t_logits, y, s, t)[0], expected) <= RTOL
 
 

@@ -278,25 +278,40 @@ def test_cached_trial_matches_online_trial_and_only_the_first_runs_the_teacher(t
     assert abs(online.metrics["train_kd"] - first.metrics["train_kd"]) <= 0.01 * online.metrics["train_kd"]
 
 
-def _fkd_recover_soft_label(label, n_classes):
-    """FKD's marginal smoothing (szq0214/FKD @ afd5294, FKD/utils_FKD.py, Recover_soft_label,
-    label_type 'marginal_smoothing_k5'), verbatim: label is (N, 2, 5), row 0 indices, row 1 probabilities."""
-    index = label[:,0,:].to(dtype=int)
-    value = label[:,1,:]
-    minor_value = (torch.ones(label.size(0),1) - torch.sum(value, dim=1, keepdim=True))/(n_classes-5)
-    minor_value = minor_value.reshape(-1,1).repeat_interleave(n_classes, dim=1)
-    soft_label = (minor_value * torch.ones(index.size(0), n_classes)).scatter_(1, index, value)
-    return soft_label
+FKD_CASE = "fkd:seed=1,n=32,c=100,k=5"
+
+
+def fkd_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits and FKD's stored label for them: (N, 2, 5), row 0 the top-5 classes, row 1 their
+    softmax at T=1 (FKD's --temp 1.0)."""
+    z = torch.randn(32, 100, generator=torch.Generator().manual_seed(1)) * 3
+    p = F.softmax(z, 1)
+    order = torch.argsort(p, dim=1, descending=True)[:, :5]
+    return z, torch.stack([order.float(), p.gather(1, order)], 1)
+
+
+def marginal_smoothing(z: torch.Tensor, k: int) -> torch.Tensor:
+    """FKD's marginal smoothing (Shen & Xing, ECCV 2022), in float64: the top k classes keep their
+    softmax probabilities, the other classes share the rest of the mass evenly."""
+    p = F.softmax(z.double(), 1)
+    top = p.topk(k, dim=1)
+    rest = (1 - top.values.sum(1, keepdim=True)) / (z.shape[1] - k)
+    return rest.expand_as(p).scatter(1, top.indices, top.values)
 
 
 def test_topk_targets_at_t1_are_fkds_marginal_smoothing():
-    torch.manual_seed(1)
-    z = torch.randn(32, 100) * 3
-    p = F.softmax(z, 1)  # FKD stores the softmax at T=1 (its --temp 1.0)
-    order = torch.argsort(p, dim=1, descending=True)[:, :5]
-    label = torch.stack([order.float(), p.gather(1, order)], 1)
+    """Against FKD's Recover_soft_label (szq0214/FKD @ afd5294b43c8b8c437c4d314c01661b24569aa0e,
+    FKD/utils_FKD.py, label_type 'marginal_smoothing_k5'): its figures in tests/fixtures/reference/fkd.npz,
+    made by benchmarks/reference_figures.py; and against marginal_smoothing."""
+    from tests.test_losses_modern import figure
+
+    z, label = fkd_inputs()
     ours = F.softmax(dense(sparse(z, 5), 100), 1)
-    assert torch.allclose(ours, _fkd_recover_soft_label(label, 100), atol=1e-3)  # fp16 storage
+    fkd = figure("fkd", FKD_CASE, z, label)["soft_label"]
+    assert torch.allclose(ours, fkd, atol=1e-3)  # fp16 storage
+    mine = marginal_smoothing(z, 5)
+    assert torch.allclose(ours.double(), mine, atol=1e-3)
+    assert torch.allclose(mine, fkd.double(), atol=1e-6)
 
 
 def test_a_random_resized_crop_sweep_reads_its_cache(tmp_path, digits_teacher):
