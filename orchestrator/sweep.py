@@ -299,13 +299,14 @@ class Profiles:
     interleaved, with a fixed thread count, in one task while no trial runs, so that the speedup
     over the teacher and the students' order compare like with like."""
 
-    def __init__(self, cfg: SweepConfig, info: DataInfo) -> None:
+    def __init__(self, cfg: SweepConfig, info: DataInfo, local: bool = False) -> None:
         import ray
 
         from trainables.models.profile import latency_task, profile_task
 
         r = cfg.resources
         self.cfg, self.info = cfg, info
+        self.here = local and not r.gpus_per_trial  # a local CPU sweep: this process is on the trials' kind of device
         self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
         self.latency_task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(latency_task)
         self.students: dict[str, Any] = {}
@@ -324,15 +325,19 @@ class Profiles:
 
     def measure_latency(self, when: str) -> dict[str, Any]:
         """Time the teacher and every student (latency_task), now: the caller makes sure no trial
-        runs (`when` says at which moment, for the record). Threads: the trial's CPUs, at least 1."""
+        runs (`when` says at which moment, for the record). Threads: the trial's CPUs, at least 1.
+        A local CPU sweep times them in this process (no worker to start), else a Ray task holding
+        one trial's resources does."""
         import ray
+
+        from trainables.models.profile import latency_task
 
         cfg, info = self.cfg, self.info
         threads = max(1, int(cfg.resources.cpus_per_trial))
-        log.info("timing the teacher and %d student(s) interleaved (%d thread%s, batch 1 and 64), %s", len(cfg.students), threads,
+        log.info("timing the teacher and %d student(s) back to back, interleaved (%d thread%s), %s", len(cfg.students), threads,
                  "" if threads == 1 else "s", when)
-        self.latency = {**ray.get(self.latency_task.remote(self.teacher_path, {s: cfg.student_kwargs(s) for s in cfg.students},
-                                                           list(info.input_shape), info.num_classes, cfg.plugins, threads)), "when": when}
+        args = (self.teacher_path, {s: cfg.student_kwargs(s) for s in cfg.students}, list(info.input_shape), info.num_classes, cfg.plugins, threads)
+        self.latency = {**(latency_task(*args) if self.here else ray.get(self.latency_task.remote(*args))), "when": when}
         return self.latency
 
     def reports(self) -> dict[str, dict[str, float]]:
@@ -454,7 +459,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
     with ray_session(address):
         if address is not None:
             wait_for_cluster(cfg.resources, address)
-        profiles = Profiles(cfg, info)  # the students' tasks run beside the teacher's training, queued behind it
+        profiles = Profiles(cfg, info, local=address is None)  # the students' tasks run beside the teacher's training, queued behind it
         started = time.time()
         teacher = str(ensure_teacher(cfg, info, on_ray=True, beside=profiles.start).resolve())
         teacher_training = (started, time.time())
@@ -557,7 +562,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
     with ray_session(address):
         if address is not None:
             wait_for_cluster(cfg.resources, address)
-        profiles = Profiles(cfg, info)
+        profiles = Profiles(cfg, info, local=address is None)
         profiles.teacher_path = saved.teacher
         cache = ensure_cache(cfg, saved.teacher, saved.directory, info.num_classes)
         build = TrialBuilder(cfg, teacher_path=saved.teacher, teacher_cache=cache, profile=False)

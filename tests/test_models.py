@@ -38,4 +38,4 @@ def test_size_metrics():
     assert m["params"] == sum(p.numel() for p in model.parameters())
     assert m["bytes"] > 4 * m["params"]  # float32 weights plus BN buffers and the header
     assert m["flops"] > 2 * 16 * 8 * 3 * 3 * 4  # at least the second conv's multiply-adds
-    assert m["latency_cpu_b1_ms"] > 0 and m["latency_cpu_b8_ms"] > 0
+    assert m["latency_cpu_b1_ms"] > 0 and not any("cpu_b8" in k for k in m)  # batch 8: on CUDA only

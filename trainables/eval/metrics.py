@@ -42,7 +42,7 @@ SPLIT_METRICS = {"acc": True, "macro_recall": True, "macro_f1": True, "nll": Fal
                  "kl_teacher": False}
 _SPLIT_ALIASES = {"macro_f1": "macro_f1", "nll": "nll", "ece": "ece", "agreement": "agreement"}
 #: size metrics, logged as size_<name> (trainables.models.profile.size_metrics measures them).
-SIZE_KEYS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_cpu_b64_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms",
+SIZE_KEYS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms",
              # text models: batch 1 at a quarter and half of dataset.max_length (the two above: at all of it)
              "latency_cpu_b1_len25_ms", "latency_cpu_b1_len50_ms", "latency_gpu_b1_len25_ms", "latency_gpu_b1_len50_ms")
 _SIZE = {"params": ("params", "{:.0f}"), "bytes": ("bytes", "{:.0f}"), "flops": ("flops", "{:.0f}"), "latency_cpu_b1_ms": ("latency_ms", "{:.3f}")}

@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import statistics
+import time
 from typing import Iterator
 
 import torch
@@ -57,38 +59,72 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, devic
 
 
 def latency_settings(input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, tuple[tuple[int, ...], int, str]]:
-    """Every latency a profile reports: key -> (input shape, batch, device). CPU at batch 1 and
-    `batch`; text also at 25 % and 50 % of its length; the same on CUDA when there is one."""
+    """Every latency a profile reports: key -> (input shape, batch, device). Batch 1 (a request at
+    a time: what a deployment waits for) on the CPU and on CUDA when there is one, text also at 25 %
+    and 50 % of its length; batch `batch` on CUDA only (a large teacher's batch on one CPU thread
+    costs seconds a forward, several times over, and says little a batch-1 time does not)."""
     shorter = {f"_len{p}": (max(2, input_shape[0] * p // 100),) for p in (25, 50)} if len(input_shape) == 1 else {}
     devices = ["cpu", *(["gpu"] if (torch.cuda.is_available() if gpu is None else gpu) else [])]
     out = {}
     for d in devices:
         out[f"latency_{d}_b1_ms"] = (input_shape, 1, d)
-        out[f"latency_{d}_b{batch}_ms"] = (input_shape, batch, d)
+        if d == "gpu":
+            out[f"latency_{d}_b{batch}_ms"] = (input_shape, batch, d)
         out.update({f"latency_{d}_b1{k}_ms": (shape, 1, d) for k, shape in shorter.items()})
     return out
 
 
 @torch.no_grad()
-def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int, rounds: int = 5, batch: int = 64,
-                        gpu: bool | None = None, min_run_time: float = 0.02) -> dict[str, dict[str, float]]:
-    """Each model's latencies (latency_settings), timed back to back and interleaved: every round
-    times every model once per setting, the models' order rotating by round, with `threads` CPU
-    threads; each value is the median over the rounds. Load that comes and goes then falls on
-    every model alike, so their ratios (a student's speedup over its teacher) hold."""
+def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int, rounds: int = 7, batch: int = 64,
+                        gpu: bool | None = None, budget_s: float = 1.0, block_s: float = 0.01,
+                        rounds_used: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+    """Each model's latency (ms) per setting (latency_settings), timed back to back and interleaved:
+    each round times every model once, the models' order rotating by round, with `threads` CPU
+    threads; the value is the median over the rounds. Load that comes and goes then falls on every
+    model alike, so their ratios (a student's speedup over its teacher) hold.
+
+    Per setting: one warm-up call per model, one to size its block (calls filling `block_s`), then
+    as many rounds as fit `budget_s` (3 at least, `rounds` at most): a large teacher at batch 64
+    costs a few of its forwards, not a fixed number of seconds of them. `rounds_used` receives
+    each setting's count."""
     names = list(models)
     ready = {n: copy.deepcopy(m).float().eval().cpu() for n, m in models.items()}
-    on_gpu = {n: copy.deepcopy(m).cuda() for n, m in ready.items()} if any(d == "gpu" for *_, d in latency_settings(input_shape, batch, gpu).values()) else {}
-    samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    settings = latency_settings(input_shape, batch, gpu)
+    on_gpu = {n: copy.deepcopy(m).cuda() for n, m in ready.items()} if any(d == "gpu" for *_, d in settings.values()) else {}
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
     with _threads(threads):
-        for r in range(rounds):
-            for key, (shape, b, device) in latency_settings(input_shape, batch, gpu).items():
-                x = example_input(shape, b, "cuda" if device == "gpu" else "cpu")
+        for key, (shape, b, device) in settings.items():
+            x = example_input(shape, b, "cuda" if device == "gpu" else "cpu")
+            pick = (lambda n: on_gpu[n]) if device == "gpu" else (lambda n: ready[n])
+            once, calls = {}, {}
+            for n in names:
+                _per_call(pick(n), x, 1)  # warm-up: allocations, kernels chosen
+                once[n] = max(_per_call(pick(n), x, 1), 1e-7)
+                calls[n] = max(1, math.ceil(block_s / once[n]))
+            per_round = sum(calls[n] * once[n] for n in names)
+            samples: dict[str, list[float]] = {n: [] for n in names}
+            count = max(3, min(rounds, int(budget_s / max(per_round, 1e-9))))
+            if rounds_used is not None:
+                rounds_used[key] = count
+            for r in range(count):
                 for n in names[r % len(names):] + names[:r % len(names)]:
-                    model = on_gpu[n] if device == "gpu" else ready[n]
-                    t = _timer(model, x, threads).blocked_autorange(min_run_time=min_run_time)
-                    samples[n].setdefault(key, []).append(t.median * 1e3)
-    return {n: {k: statistics.median(v) for k, v in per.items()} for n, per in samples.items()}
+                    samples[n].append(_per_call(pick(n), x, calls[n]) * 1e3)
+            for n in names:
+                out[n][key] = statistics.median(samples[n])
+    return out
+
+
+def _per_call(model: nn.Module, x: torch.Tensor, calls: int) -> float:
+    """Seconds per forward over `calls` back-to-back forwards (CUDA synchronised)."""
+    cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        model(x)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls
 
 
 @contextlib.contextmanager
@@ -108,13 +144,13 @@ def static_size(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, flo
 
 
 def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, float]:
-    """params, bytes, FLOPs and latency at batch 1 and `batch` on CPU (and on CUDA when present) of
-    one model alone; to compare models, time them together (profile_together)."""
+    """params, bytes, FLOPs and latency (latency_settings: batch 1, and `batch` on CUDA) of one
+    model alone; to compare models, time them together (profile_together)."""
     return {**static_size(model, input_shape),
             **interleaved_latency({"m": model}, input_shape, torch.get_num_threads(), rounds=3, batch=batch, gpu=gpu)["m"]}
 
 
-def profile_together(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 5) -> dict[str, dict[str, float]]:
+def profile_together(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 7) -> dict[str, dict[str, float]]:
     """Size metrics of several models whose latencies are compared (a student and its teacher):
     static sizes, and latencies timed interleaved (interleaved_latency)."""
     times = interleaved_latency(models, input_shape, threads, rounds)
@@ -162,7 +198,7 @@ TEACHER = "teacher"
 
 
 def latency_task(teacher_path: str, students: dict[str, dict], shape: list[int], num_classes: int, plugins: list[str] = (),
-                 threads: int = 1, rounds: int = 5) -> dict:
+                 threads: int = 1, rounds: int = 7) -> dict:
     """Ray task body (orchestrator.sweep.Profiles.measure_latency), run while no trial runs: the
     teacher and every student (name -> create_model kwargs) timed interleaved, `threads` threads.
     Returns the latencies by model, and how and when they were measured (wall-clock window)."""
@@ -174,7 +210,7 @@ def latency_task(teacher_path: str, students: dict[str, dict], shape: list[int],
     load_plugins(plugins)
     models = {TEACHER: _build(None, None, None, teacher_path, None)[0]}
     models.update({name: _build(name, shape, num_classes, None, kw)[0] for name, kw in students.items()})
-    start = time.time()
-    times = interleaved_latency(models, tuple(shape), threads, rounds)
-    return {"latency": times, "window": [start, time.time()], "threads": threads, "rounds": rounds, "host": socket.gethostname(),
+    start, used = time.time(), {}
+    times = interleaved_latency(models, tuple(shape), threads, rounds, rounds_used=used)
+    return {"latency": times, "window": [start, time.time()], "threads": threads, "rounds": used, "host": socket.gethostname(),
             "order": "interleaved, the models' order rotating by round; each value the median over the rounds"}
