@@ -139,8 +139,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     log.info("serving %s on http://%s:%d", uri, args.host, args.port)
     for name, url in sweep_views(uri, f"http://{args.host}:{args.port}"):
         log.info("  sweep %s: %s", name, url)
-    # Its own process group, so the server's workers stop with it whichever way we end.
-    server = subprocess.Popen(cmd, start_new_session=True)
+    # Its own process group, so the server's workers stop with it whichever way we end. MLflow's job
+    # runner (eight huey consumers, each importing mlflow: GenAI judges and trace rollups) serves
+    # nothing a sweep logs: off unless the environment turns it on.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(cmd, start_new_session=True, env=env)
     try:
         return server.wait()
     finally:

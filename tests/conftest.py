@@ -184,6 +184,12 @@ def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
     return out
 
 
+def mlflow_server_env() -> dict[str, str]:
+    """The environment of an `mlflow server` a test starts: without MLflow's job runner (eight huey
+    consumers importing mlflow, for GenAI judges and trace rollups), as `kdsweep ui` starts it."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def free_port() -> int:
     import socket
 

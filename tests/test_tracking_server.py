@@ -22,7 +22,7 @@ import mlflow
 import pytest
 
 from orchestrator.cli import main
-from tests.conftest import free_port, sweep_yaml, wait_for_http
+from tests.conftest import free_port, mlflow_server_env, sweep_yaml, wait_for_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -131,7 +131,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", self.store, "--artifacts-destination", str(self.artifacts)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=mlflow_server_env())
         wait_for_http(self.uri + "/health", 90)
 
     def stop(self) -> None:
