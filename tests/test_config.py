@@ -22,7 +22,7 @@ def text_demo_home(home: Path) -> Path:
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
-def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch):
+def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch, capsys):
     """Each shipped sweep validates and plans (`--dry-run`) on this machine; a config whose files a
     script prepares (its `prepare:`) against small files made here in that script's layout, under
     a HOME of the test's own (nothing a person prepared by hand is read)."""
@@ -40,6 +40,11 @@ def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch):
 
         assert main(["run", str(path), "--dry-run"]) == 0
         assert os.listdir(tmp_path) == ["home"]  # a dry run writes nothing
+        out = capsys.readouterr().out
+        assert f"sweep {cfg.name}: {cfg.budget.num_samples} trials" in out and "tracking: sqlite" in out
+        assert ("first 4 trials: each student's alpha=0 control and the standard point (T=4, alpha=0.9)" in out) == (path.name == "default.yaml")
+        assert ("first 8 trials: each student's alpha=0 control (alpha=0 exactly; search.alpha [0.1, 0.9] leaves 0 out" in out
+                ) == (path.name == "text_reviews.yaml")
 
 
 def test_a_missing_path_says_it_is_missing_and_a_demo_names_its_prepare_command(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from tests.conftest import count_rows, free_port, sweep_yaml, wait_for_http
+from tests.conftest import count_rows, free_port, mlflow_server_env, sweep_yaml, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     with tempfile.TemporaryDirectory() as d:
         record = json.loads(open(client.download_artifacts(parent[0].info.run_id, "latency.json", d)).read())
     (t0, t1), (train0, train1) = record["window"], record["teacher_training"]
-    assert record["running"] == [] and record["threads"] == 1 and record["rounds"] >= 3, record
+    assert record["running"] == [] and record["threads"] == 1 and all(3 <= n <= 7 for n in record["rounds"].values()), record
     for r in runs:  # a trial ran from its run's start to its last logged result (selection reopens the champion's run later)
         end = max(m.timestamp for m in client.get_metric_history(r.info.run_id, "epochs_run"))
         assert end <= 1000 * t0 or r.info.start_time >= 1000 * t1, (r.info.run_name, r.info.start_time, end, record["window"])
@@ -731,7 +731,7 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}", "--artifacts-destination", str(store / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=mlflow_server_env())
     uri = f"http://127.0.0.1:{port}"
     wait_for_http(uri + "/health", 60)
     yield uri
@@ -754,14 +754,6 @@ def test_unreachable_tracking_server_fails_before_ray(tmp_path, capsys, monkeypa
     code = main(["run", "--tracking-uri", "http://127.0.0.1:9", "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "`tracking.uri` http://127.0.0.1:9 is unreachable" in err and len(err.strip().splitlines()) == 1
-    assert os.listdir(tmp_path) == []
-
-
-def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(["run", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "sweep digits-default: 8 trials" in out and "first 4 trials: alpha=0 controls" in out and "tracking: sqlite" in out
     assert os.listdir(tmp_path) == []
 
 
