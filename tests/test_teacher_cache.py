@@ -326,3 +326,15 @@ def test_a_random_resized_crop_sweep_reads_its_cache(tmp_path, digits_teacher):
     r = train_student(c.model_copy(update={"teacher_cache": str(path), "train": c.train.model_copy(update={"epochs": 1})}),
                       LocalReporter(None, log_epochs=False))
     assert r.metrics["teacher_targets"] == "cache"
+
+
+def test_a_diverged_teacher_is_refused_not_cached_as_inf(tmp_path, digits_teacher):
+    """Logits past float16's range (a teacher that diverged) would be stored as inf and train on NaN
+    targets: building the cache says what happened instead."""
+    teacher, card = load_teacher(digits_teacher)
+    last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e7)
+    with pytest.raises(RuntimeError, match=r"logits pass float16's range \(65504\).*has diverged"):
+        build_teacher_cache(cfg(digits_teacher), teacher, card, tmp_path)
+    assert not list(tmp_path.rglob("*.pt"))  # nothing cached

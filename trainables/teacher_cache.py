@@ -169,7 +169,7 @@ class Builder:
             parts.append(self._forward(self.teacher, x[i : i + CHUNK]).half())
             if beat is not None:
                 beat()
-        return torch.cat(parts)
+        return _finite(torch.cat(parts))
 
     def train(self, epoch: int | None, beat: Callable[[], None] | None = None) -> Tensor | dict[str, Tensor]:
         """Every train example's target for `epoch`'s views (None: the fixed views); `beat()` after
@@ -183,7 +183,19 @@ class Builder:
             parts.append(sparse(self._forward(self.train_model, x), self.cfg.train.teacher_topk))
             if beat is not None:
                 beat()
-        return _cat(parts)
+        out = _cat(parts)
+        _finite(out["values"] if isinstance(out, dict) else out)
+        return out
+
+
+def _finite(targets: Tensor) -> Tensor:
+    """fp16 targets as stored, or an error: a teacher whose logits pass float16's range (65504) has
+    diverged, and its targets would be inf, their softmax NaN (one check per file, not per batch)."""
+    if not bool(torch.isfinite(targets).all()):
+        raise RuntimeError("the teacher's logits pass float16's range (65504), in which the teacher cache keeps them: the teacher "
+                           "has diverged; train it again (e.g. a lower teacher.optimizer.lr), or turn the cache off "
+                           "(train.teacher_cache: false)")
+    return targets
 
 
 def create_cache(cfg: TrialConfig, card: TeacherCard, root: str | Path, num_classes: int) -> Path:
