@@ -37,7 +37,7 @@ def sweep_config(args, out: Path) -> dict:
                       "augment": {"resized_crop": {}, "flip": True},
                       "kwargs": {"n_train": n, "n_test": args.n_val, "shape": [3, args.size, args.size], "num_classes": args.classes}}
     cfg["teacher"] = {"arch": "torchvision.resnet50", "epochs": 1, "batch_size": args.batch, "path": str(out / "teacher"),
-                      "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}
+                      "optimizer": {"name": "sgd", "lr": 0.01 if args.smoke else 0.1, "momentum": 0.9}}  # smoke: 2 steps at 0.1 diverge
     cfg["loss"] = {"name": "kd", "temperature": 4.0, "alpha": 0.9}
     cfg["train"] = {"epochs": args.epochs, "batch_size": args.batch, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
                     "teacher_topk": args.topk, "robust_samples": 0}
@@ -85,7 +85,7 @@ def alone(cfg, student: str) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny: 32 px, 10 classes, 64 images")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny: 32 px, 10 classes, 32 images, 1 epoch")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--n-train", type=int, default=20000)
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.smoke:
-        args.size, args.classes, args.n_train, args.n_val, args.epochs, args.batch, args.topk, args.cpus = 32, 10, 64, 32, 2, 32, 3, 1.0
+        args.size, args.classes, args.n_train, args.n_val, args.epochs, args.batch, args.topk, args.cpus = 32, 10, 32, 16, 1, 16, 3, 1.0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = args.out or Path(tempfile.mkdtemp(prefix="kdsweep-imagenet-shaped-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from orchestrator.cli import main
 from tests.conftest import free_port, mlflow_server_env, sweep_yaml, wait_for_http
@@ -141,7 +142,8 @@ class Server:
 
 def test_sweep_on_a_postgres_backed_server_that_restarts_mid_sweep(tmp_path, digits_teacher, postgres, ray_address, monkeypatch):
     """2 trials at a time write one child run each; the server is killed after the first epochs
-    and started again 5 s later: the driver's writes wait and go through, no epoch is lost."""
+    and started again 5 s later: the driver's writes wait and go through, no epoch is lost; the
+    champion is registered on the server (nothing is written to a local ./mlruns)."""
     import sqlalchemy
 
     server = Server(postgres, tmp_path / "artifacts")
@@ -187,6 +189,9 @@ def test_sweep_on_a_postgres_backed_server_that_restarts_mid_sweep(tmp_path, dig
         with engine.connect() as c:  # and it is PostgreSQL that holds them
             assert c.execute(sqlalchemy.text("select count(*) from runs where status='RUNNING'")).scalar() == 0
             assert c.execute(sqlalchemy.text("select count(*) from metrics where key='val_acc'")).scalar() == samples * epochs
+        mlflow.set_tracking_uri(server.uri)
+        assert mlflow.pytorch.load_model("models:/kdsweep-pg@champion")(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+        assert not (tmp_path / "mlruns").exists()
     finally:
         server.stop()
         engine.dispose()
