@@ -1,5 +1,6 @@
-"""Two Ray nodes on this machine (127.0.0.1), a sweep joined with --address: trials land on both
-nodes, and when the second node is removed mid-sweep its trials are retried on the first."""
+"""A Ray cluster on this machine (127.0.0.1: a head that only coordinates, two worker nodes), a
+sweep joined with --address: the teacher trains on a worker, trials land on both workers, and when
+the second is removed mid-sweep its trials are retried on the first."""
 from __future__ import annotations
 
 import json
@@ -35,17 +36,22 @@ def _reporting_nodes(tmp_path) -> set[str]:
     return nodes
 
 
-def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path, digits_teacher, plugin_dir):
+def test_a_missing_teacher_trains_on_a_worker_trials_run_on_both_and_a_lost_node_is_retried_elsewhere(tmp_path, plugin_dir):
+    """A head with no CPU for work (num_cpus=0, as on a cluster whose head only coordinates) and two
+    worker nodes: the missing teacher is trained by a Ray task where trials train (its card names
+    that node, its epochs stream to the console); trials land on both workers, and when the second
+    is removed mid-sweep its trial is retried on the first, every epoch logged once."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    second = cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    first, second = cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        samples = 4
-        cfg = sweep_yaml(tmp_path, digits_teacher, "twonodes", students=["plugin_cnn"], plugins=["kd_test_plugin"],
-                         **{"budget.num_samples": samples, "budget.max_concurrent": 2, "budget.grace_period": 12, "budget.max_failures": 3,
-                            "train.epochs": 12, "train.batch_size": 8, "train.robust_samples": 0})
+        samples, epochs = 4, 12
+        cfg = sweep_yaml(tmp_path, tmp_path, "twonodes", students=["plugin_cnn"], plugins=["kd_test_plugin"],
+                         **{"teacher.path": None, "teacher.arch": "cnn_tiny", "teacher.epochs": 2,
+                            "budget.num_samples": samples, "budget.max_concurrent": 2, "budget.grace_period": epochs, "budget.max_failures": 3,
+                            "train.epochs": epochs, "train.batch_size": 8, "train.robust_samples": 0})
         db = tmp_path / "mlruns" / "mlflow.db"
         log = open(tmp_path / "console.txt", "w")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -63,6 +69,11 @@ def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path,
         assert removed, "no trial ran on the second node before the sweep ended"
         assert proc.wait(timeout=400) == 0, (tmp_path / "console.txt").read_text()[-3000:]
         log.close()
+        console = (tmp_path / "console.txt").read_text()
+        assert "teacher epoch=1" in console and "teacher epoch=2" in console  # its epochs streamed to the console
+        (card,) = [json.loads(p.read_text()) for p in (tmp_path / "teachers").glob("*/teacher.json")]
+        assert card["node_id"] in {first.node_id, second.node_id} and card["node_id"] != cluster.head_node.node_id
+        assert card["epochs"] == 2 and 0 < card["val_acc"] <= 1
 
         client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
         exp = client.get_experiment_by_name("twonodes")
@@ -72,38 +83,14 @@ def test_trials_run_on_both_nodes_and_a_lost_node_is_retried_elsewhere(tmp_path,
         assert count_rows(db, "select count(*) from runs where status='RUNNING'") == 0
         for r in runs:  # each epoch logged once, retried trials included
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
-            assert steps == list(range(1, 13)), steps
-        # every report names the node that ran it: both nodes ran trials, and the trial the second
-        # node was running when it went finished on the head
+            assert steps == list(range(1, epochs + 1)), steps
+        # every report names the node that ran it: both workers ran trials, and the trial the second
+        # was running when it went finished on the first
         per_trial = [{json.loads(line)["node_id"] for line in f.read_text().splitlines() if line.strip()}
                      for f in (tmp_path / "runs" / "twonodes" / "tune-joint").glob("*/result.json")]
-        head_id, second_id = cluster.head_node.node_id, second.node_id
-        assert set().union(*per_trial) == {head_id, second_id}, per_trial
-        assert {head_id, second_id} in per_trial, per_trial
-        assert {r.data.tags["kdsweep.node_id"] for r in runs} <= {head_id, second_id}
-    finally:
-        cluster.shutdown()
-
-
-def test_a_missing_teacher_trains_on_a_worker_node_not_the_head(tmp_path, plugin_dir):
-    """The head has no CPU for work (num_cpus=0, as on a cluster whose head only coordinates): the
-    teacher is trained by a Ray task where trials train, and its card names that node."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        cfg = sweep_yaml(tmp_path, tmp_path, "teachernode", students=["mlp_32"], search={},
-                         **{"teacher.path": None, "teacher.arch": "cnn_tiny", "teacher.epochs": 2, "budget.num_samples": 1,
-                            "budget.max_concurrent": 1, "train.epochs": 1, "train.robust_samples": 0})
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(cfg), "--address", cluster.address], cwd=tmp_path,
-                             env=env, capture_output=True, text=True, timeout=400)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-        assert "teacher epoch=1" in out.stdout and "teacher epoch=2" in out.stdout  # its epochs streamed to the console
-        (card,) = [json.loads(p.read_text()) for p in (tmp_path / "teachers").glob("*/teacher.json")]
-        assert card["node_id"] == worker.node_id != cluster.head_node.node_id
-        assert card["epochs"] == 2 and 0 < card["val_acc"] <= 1
+        first_id, second_id = first.node_id, second.node_id
+        assert set().union(*per_trial) == {first_id, second_id}, per_trial
+        assert {first_id, second_id} in per_trial, per_trial
+        assert {r.data.tags["kdsweep.node_id"] for r in runs} <= {first_id, second_id}
     finally:
         cluster.shutdown()
