@@ -166,7 +166,8 @@ def ray_address(tmp_path_factory, plugin_dir):
 
 
 def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
-    """A tiny digits sweep (a few seconds of training per trial) written to `path`."""
+    """A tiny digits sweep (a few seconds of training per trial) written to `path`; no corruption
+    suite unless a test asks for it (train.robust_samples)."""
     import yaml
 
     from orchestrator.config import set_dotted
@@ -175,6 +176,7 @@ def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
     cfg.update(name=name, storage=str(path / "runs"))
     cfg["teacher"]["path"] = str(teacher)
     cfg["train"]["epochs"] = 3
+    cfg["train"]["robust_samples"] = 0
     cfg["budget"] = {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 0}}
     cfg["tracking"] = {"uri": f"sqlite:///{path / 'mlruns' / 'mlflow.db'}"}
     for k, v in over.items():

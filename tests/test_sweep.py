@@ -35,7 +35,8 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     monkeypatch.chdir(tmp_path)
     # Sequential trials make ASHA's decisions deterministic, so a stopped trial is always covered.
     # The default's teacher, trained by the sweep (as `kdsweep run` from an empty folder does), for fewer epochs.
-    cfg = sweep_yaml(tmp_path, digits_teacher, "e2e", **{"budget.max_concurrent": 1, "teacher.path": None, "teacher.epochs": 4})
+    cfg = sweep_yaml(tmp_path, digits_teacher, "e2e", **{"budget.max_concurrent": 1, "teacher.path": None, "teacher.epochs": 4,
+                                                         "train.robust_samples": 1000})
     assert main(["run", str(cfg), "--address", ray_address]) == 0
     out = capsys.readouterr().out
     assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out

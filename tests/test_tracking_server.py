@@ -149,7 +149,7 @@ def test_sweep_on_a_postgres_backed_server_that_restarts_mid_sweep(tmp_path, dig
     server = Server(postgres, tmp_path / "artifacts")
     server.start()
     monkeypatch.chdir(tmp_path)
-    samples, epochs = 4, 6
+    samples, epochs = 3, 4
     cfg = sweep_yaml(tmp_path, digits_teacher, "pg", students=["cnn_tiny"],
                      **{"budget.num_samples": samples, "budget.max_concurrent": 2, "budget.grace_period": epochs, "train.epochs": epochs,
                         "train.batch_size": 16, "train.robust_samples": 0})
