@@ -113,9 +113,9 @@ def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
         if not d.is_dir():
             continue
         have = sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
-        missing, extra = sorted(set(classes) - set(have)), sorted(set(have) - set(classes))
-        if missing or extra:
-            what = f"lacks class {missing[0]!r}" if missing else f"has class {extra[0]!r} that train/ lacks"
+        lacking, extra = sorted(set(classes) - set(have)), sorted(set(have) - set(classes))
+        if lacking or extra:
+            what = f"lacks class {lacking[0]!r}" if lacking else f"has class {extra[0]!r} that train/ lacks"
             raise ConfigError(f"`dataset.root` {split}/ {what}: val/ and test/ must have exactly train/'s classes")
         out[split] = [(str(f.relative_to(root)), i) for i, c in enumerate(classes)
                       for f in sorted((d / c).rglob("*")) if f.is_file() and not f.name.startswith(".")]
