@@ -1,6 +1,8 @@
 """End-to-end sweeps on CPU against one shared Ray instance (see conftest.ray_address)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -13,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -31,25 +34,39 @@ def child_runs(uri: str, experiment: str):
     return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "trial"]
 
 
-def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    # Sequential trials make ASHA's decisions deterministic, so a stopped trial is always covered.
-    # The default's teacher, trained by the sweep (as `kdsweep run` from an empty folder does), for fewer epochs.
-    cfg = sweep_yaml(tmp_path, digits_teacher, "e2e", **{"budget.max_concurrent": 1, "teacher.path": None, "teacher.epochs": 4,
-                                                         "train.robust_samples": 1000})
-    assert main(["run", str(cfg), "--address", ray_address]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, digits_teacher, ray_address):
+    """The default sweep, small, run once from its own folder (`kdsweep run` as a user runs it); the
+    tests below read what it left and go on from it (best, report, export, the UI), in this order.
+    Sequential trials make ASHA's decisions deterministic, so a stopped trial is always covered; the
+    teacher is trained by the sweep (as from an empty folder), for fewer epochs."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg = sweep_yaml(tmp_path, digits_teacher, "e2e", **{"budget.max_concurrent": 1, "teacher.path": None, "teacher.epochs": 4,
+                                                             "train.robust_samples": 1000})
+        console = io.StringIO()
+        with contextlib.redirect_stdout(console):
+            code = main(["run", str(cfg), "--address", ray_address])
+        assert code == 0, console.getvalue()[-3000:]
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+        yield SimpleNamespace(path=tmp_path, cfg=cfg, out=console.getvalue(), uri=uri, client=mlflow.tracking.MlflowClient(uri),
+                              runs=child_runs(uri, "e2e"))
+    finally:
+        os.chdir(cwd)
+
+
+def test_joint_sweep_end_to_end(e2e, ray_address, capsys):
+    tmp_path, cfg, out, uri, client, runs = e2e.path, e2e.cfg, e2e.out, e2e.uri, e2e.client, e2e.runs
     assert "leaderboard" in out and "Pareto front" in out and "kd_gain" in out and "champion:" in out
     # the console: kdsweep's compact lines (not a TTY here), not Tune's per-trial dump or its token resource line
     assert re.search(r"^done   trial=\w+  student=(mlp_32|cnn_tiny)  loss=kd  T=[\d.]+  alpha=[\d.]+  lr=[\d.]+  seed=0  epoch=\d/3  val_acc=[\d.]+  status=\w+  role=search", out, re.M)
     assert re.search(r"^  sweep e2e: 5 done, 0 running, 0 left of 5; best val_acc 0\.\d+; trials hold 0 CPU; ETA", out, re.M)
     assert "Logical resource usage" not in out and "Trial status" not in out and "Configuration for experiment" not in out
 
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    runs = child_runs(uri, "e2e")
     assert len(runs) == 5
     assert {r.info.status for r in runs} == {"FINISHED"}
-    client = mlflow.tracking.MlflowClient(uri)
     statuses = Counter(r.data.tags["kdsweep.status"] for r in runs)
     assert set(statuses) == {"finished", "stopped"} and statuses["finished"] >= 2, statuses
     stopped = [r for r in runs if r.data.tags["kdsweep.status"] == "stopped"]
@@ -114,7 +131,7 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     # (no trial's run, not the teacher's training), and every number shown comes from that one measurement
     with tempfile.TemporaryDirectory() as d:
         record = json.loads(open(client.download_artifacts(parent[0].info.run_id, "latency.json", d)).read())
-    (t0, t1), (train0, train1) = record["window"], record["teacher_training"]
+    (t0, t1), (_, train1) = record["window"], record["teacher_training"]
     assert record["running"] == [] and record["threads"] == 1 and all(3 <= n <= 7 for n in record["rounds"].values()), record
     for r in runs:  # a trial ran from its run's start to its last logged result (selection reopens the champion's run later)
         end = max(m.timestamp for m in client.get_metric_history(r.info.run_id, "epochs_run"))
@@ -132,7 +149,14 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert main(["run", str(cfg), "--address", ray_address]) == 2
     assert "already has a sweep" in capsys.readouterr().err
 
-    # `kdsweep best` re-reads MLflow, honours constraints, and does not re-test the same winner
+
+def e2e_parent(e2e):
+    (parent,) = [r for r in e2e.client.search_runs([e2e.runs[0].info.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
+    return parent
+
+
+def test_best_rereads_mlflow_honours_constraints_and_does_not_test_a_winner_again(e2e, capsys):
+    tmp_path, uri, client, runs = e2e.path, e2e.uri, e2e.client, e2e.runs
     assert main(["best", "e2e", "--storage", str(tmp_path / "runs"), "--max-params", "2000"]) == 0
     out = capsys.readouterr().out
     assert "champion: cnn_tiny" in out  # mlp_32 has 2,410 parameters, cnn_tiny 1,702
@@ -151,7 +175,9 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     best_robust = max(finished, key=lambda r: r.data.metrics["robust_acc"])
     assert f"(trial {best_robust.data.tags['kdsweep.trial_id']})" in out
 
-    # the report: files written, PNGs decode, and its numbers are MLflow's
+
+def test_the_report_writes_its_files_and_its_numbers_are_mlflows(e2e):
+    tmp_path, client, parent = e2e.path, e2e.client, [e2e_parent(e2e)]
     assert main(["report", "e2e", "--storage", str(tmp_path / "runs")]) == 0
     report = tmp_path / "runs" / "e2e" / "report"
     from PIL import Image
@@ -169,8 +195,15 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert "![e2e-joint-optimization_history](optuna/e2e-joint-optimization_history.png)" in md
     assert "leaderboard.json" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
 
-    # the champion taken out alone: ONNX checked by onnxruntime against PyTorch, preprocessing inside
+
+def test_export_takes_the_champion_out_alone(e2e, capsys):
+    """ONNX checked by onnxruntime against PyTorch, preprocessing inside; TorchScript and safetensors."""
     import onnxruntime
+
+    tmp_path, client = e2e.path, e2e.client
+    champion = client.get_run(e2e_parent(e2e).info.run_id).data.tags["kdsweep.champion_run_id"]
+    mlflow.set_tracking_uri(e2e.uri)
+    model = mlflow.pytorch.load_model("models:/kdsweep-e2e@champion")
 
     for fmt in ("onnx", "torchscript", "safetensors"):
         assert main(["export", "e2e", "--storage", str(tmp_path / "runs"), "--format", fmt]) == 0
@@ -188,8 +221,13 @@ def test_joint_sweep_end_to_end(tmp_path, digits_teacher, ray_address, capsys, m
     assert main(["export", "e2e", "--storage", str(tmp_path / "runs"), "--format", "tflite"]) == 2
     assert "`--format` must be one of" in capsys.readouterr().err
 
-    # what a user sees, in a real browser: the UI's sweep view and the HTML report
-    browse(tmp_path, uri, report / "report.html", [r.info.run_name for r in runs])
+
+def test_the_sweep_in_a_real_browser(e2e):
+    """What a user sees: the UI's sweep view and the HTML report, in headless Chromium."""
+    report = e2e.path / "runs" / "e2e" / "report"
+    if not (report / "report.html").is_file():  # run alone, without the report's test
+        assert main(["report", "e2e", "--storage", str(e2e.path / "runs")]) == 0
+    browse(e2e.path, e2e.uri, report / "report.html", [r.info.run_name for r in e2e.runs])
 
 
 def chromium() -> str:
@@ -244,8 +282,6 @@ def test_runs_created_before_the_profiles_finish_get_their_sizes_when_they_do(tm
     """The profiling tasks are queued when the first trial starts, and no trial waits for them: a run
     made before the sizes are in gets them at a later report, at the latest when the experiment
     ends, once, at step 0."""
-    from types import SimpleNamespace
-
     from orchestrator.config import load_config
     from orchestrator.search import TrialBuilder
     from orchestrator.store import SweepTracker
