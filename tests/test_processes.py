@@ -1,4 +1,5 @@
-"""No process a command started outlives it: a local Ray after SIGTERM mid-sweep, `kdsweep ui`'s server."""
+"""No process a command started outlives it: a local Ray after SIGTERM mid-sweep, or at its end
+(`kdsweep ui`'s server: tests/test_sweep.py, browse)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import count_rows, free_port, sweep_yaml, wait_for_http
+from tests.conftest import count_rows, sweep_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -57,21 +58,6 @@ def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
     for p in left:
         p.kill()
     assert left == [], [p.name() for p in left]
-
-
-def test_ui_server_stops_with_kdsweep_ui(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--tracking-uri",
-                             f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_http(f"http://127.0.0.1:{port}/health")
-    server = psutil.Process(proc.pid).children(recursive=True)
-    assert server
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    _, alive = psutil.wait_procs(server, timeout=15)
-    for p in alive:
-        p.kill()
-    assert alive == []
 
 
 def test_a_local_ray_stops_its_autoscaler_monitor_first_and_leaves_nothing(tmp_path):

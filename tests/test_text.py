@@ -293,7 +293,7 @@ def text_yaml(path: Path, ckpt: Path, data: Path, name: str = "text", **over) ->
                   "schedule": {"name": "constant"}, "eval_batch_size": 256},
         "search": {"loss.name": {"type": "categorical", "choices": ["kd", "cosine", "tinybert"]},
                    "alpha": {"type": "float", "low": 0.3, "high": 0.9}},
-        "budget": {"num_samples": 6, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 0}},
+        "budget": {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 0}},
         "tracking": {"uri": f"sqlite:///{path / 'mlruns' / 'mlflow.db'}"},
     }
     for k, v in over.items():
