@@ -178,12 +178,33 @@ def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
     cfg["train"]["epochs"] = 3
     cfg["train"]["robust_samples"] = 0
     cfg["budget"] = {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 0}}
-    cfg["tracking"] = {"uri": f"sqlite:///{path / 'mlruns' / 'mlflow.db'}"}
+    cfg["tracking"] = {"uri": mlflow_store(path / "mlruns")}
     for k, v in over.items():
         set_dotted(cfg, k, v)
     out = path / f"{name}.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
+
+
+_STORE_TEMPLATE: list[Path] = []
+
+
+def mlflow_store(folder: Path) -> str:
+    """The URI of a new SQLite MLflow store at folder/mlflow.db, copied from one this session made
+    once: MLflow takes a new file through its whole schema history (4-5 s on 2 cores), and every
+    sweep here has a store of its own. (A store made from nothing: the benchmark smokes' sweeps.)"""
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        import mlflow
+
+        made = Path(tempfile.mkdtemp(prefix="kdsweep-mlflow-")) / "mlflow.db"
+        mlflow.tracking.MlflowClient(f"sqlite:///{made}").search_experiments()  # creates the store, tables migrated
+        _STORE_TEMPLATE.append(made)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_STORE_TEMPLATE[0], folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def mlflow_server_env() -> dict[str, str]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from tests.conftest import count_rows, free_port, sweep_yaml, wait_for_http
+from tests.conftest import count_rows, free_port, mlflow_store, sweep_yaml, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -509,7 +509,7 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
         "train": {"epochs": 2, "batch_size": 32, "robust_samples": 64},
         "search": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
         "budget": {"num_samples": 2, "max_concurrent": 1, "grace_period": 2, "confirm": {"top": 0}},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"},
+        "tracking": {"uri": mlflow_store(tmp_path / "mlruns")},
     }
     (tmp_path / "own.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "own.yaml"), "--address", ray_address]) == 0
@@ -559,7 +559,7 @@ def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, r
 
     monkeypatch.chdir(tmp_path)
     write_folder(tmp_path / "photos")
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlruns")
     for name in ("photos-a", "photos-b"):
         cfg = {"name": name, "storage": str(tmp_path / "runs"),
                "dataset": {"name": "image_folder", "root": str(tmp_path / "photos"), "image_size": 16, "val_fraction": 0.2,

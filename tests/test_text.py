@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 
 from orchestrator.cli import main  # noqa: E402
-from tests.conftest import count_rows  # noqa: E402
+from tests.conftest import count_rows, mlflow_store  # noqa: E402
 
 
 def sqlite_rows(db: Path, sql: str) -> list[tuple]:
@@ -294,7 +294,7 @@ def text_yaml(path: Path, ckpt: Path, data: Path, name: str = "text", **over) ->
         "search": {"loss.name": {"type": "categorical", "choices": ["kd", "cosine", "tinybert"]},
                    "alpha": {"type": "float", "low": 0.3, "high": 0.9}},
         "budget": {"num_samples": 5, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 0}},
-        "tracking": {"uri": f"sqlite:///{path / 'mlruns' / 'mlflow.db'}"},
+        "tracking": {"uri": mlflow_store(path / "mlruns")},
     }
     for k, v in over.items():
         set_dotted(cfg, k, v)
