@@ -551,10 +551,13 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
 
 def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, ray_address, capsys, monkeypatch):
     """A folder of mixed photos (two bad files among them, no val split): the sweep runs, the
-    warning names the bad files, the count and decode time reach MLflow, and a second sweep over
-    the same folder reuses the decoded cache."""
+    warning names the bad files, the count and decode time reach MLflow, and a second sweep's plan
+    over the same folder reuses the decoded cache (no decode: the driver's check_data is where a
+    sweep decodes)."""
     import yaml
 
+    from orchestrator.config import load_config
+    from orchestrator.prepare import check_data
     from tests.test_images import CLASSES, write_folder
 
     monkeypatch.chdir(tmp_path)
@@ -568,20 +571,17 @@ def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, r
                "train": {"epochs": 1, "batch_size": 8, "robust_samples": 0}, "search": {},
                "budget": {"num_samples": 1, "max_concurrent": 1, "confirm": {"top": 0}}, "tracking": {"uri": uri}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        assert main(["run", str(tmp_path / f"{name}.yaml"), "--address", ray_address]) == 0
-        out = capsys.readouterr()
-        if name == "photos-a":
-            assert "skipped 2 file(s)" in out.out + out.err and "train/cat/broken.jpg" in out.out + out.err
+    assert main(["run", str(tmp_path / "photos-a.yaml"), "--address", ray_address]) == 0
+    out = capsys.readouterr()
+    assert "skipped 2 file(s)" in out.out + out.err and "train/cat/broken.jpg" in out.out + out.err
     client = mlflow.tracking.MlflowClient(uri)
-    parents = {}
-    for name in ("photos-a", "photos-b"):
-        exp = client.get_experiment_by_name(name)
-        (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kdsweep.role") == "parent"]
-        parents[name] = parent.data.metrics
-        assert parent.data.metrics["data_skipped_files"] == 2
-        (child,) = child_runs(uri, name)
-        assert child.data.tags["kdsweep.status"] == "finished"
-    assert parents["photos-a"]["data_decode_s"] > 0 and parents["photos-b"]["data_decode_s"] == 0
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("photos-a").experiment_id])
+                 if r.data.tags.get("kdsweep.role") == "parent"]
+    assert parent.data.metrics["data_skipped_files"] == 2 and parent.data.metrics["data_decode_s"] > 0
+    (child,) = child_runs(uri, "photos-a")
+    assert child.data.tags["kdsweep.status"] == "finished"
+    again = check_data(load_config(str(tmp_path / "photos-b.yaml")))  # what the next sweep's plan decodes: nothing
+    assert again.decode_s == 0 and len(again.skipped) == 2
     (teacher,) = (tmp_path / "teachers").iterdir()
     assert json.loads((teacher / "teacher.json").read_text())["classes"] == list(CLASSES)
     assert mlflow.pyfunc.load_model("models:/kdsweep-photos-a@champion").metadata.metadata["classes"] == list(CLASSES)

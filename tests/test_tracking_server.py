@@ -153,6 +153,7 @@ def test_sweep_on_a_postgres_backed_server_that_restarts_mid_sweep(tmp_path, dig
     cfg = sweep_yaml(tmp_path, digits_teacher, "pg", students=["cnn_tiny"],
                      **{"budget.num_samples": samples, "budget.max_concurrent": 2, "budget.grace_period": epochs, "train.epochs": epochs,
                         "train.batch_size": 16, "train.robust_samples": 0})
+    shutil.rmtree(tmp_path / "mlruns")  # sweep_yaml's local store: this sweep is tracked by the server alone
     engine = sqlalchemy.create_engine(postgres)
 
     def epochs_logged() -> int:
