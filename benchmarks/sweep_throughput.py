@@ -71,7 +71,8 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float | None, str]:
     """(wall s, GPU busy, stdout) of a whole process; its output is kept in `log`."""
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # RAY_ADDRESS=local: each process starts a Ray of its own (the peer's bare ray.init() would join the last `ray start`'s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"})
         wall = time.perf_counter() - t0
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)

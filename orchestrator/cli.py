@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a sweep (Ray Tune + Optuna over Ray Train trials, tracked in MLflow)")
     _add_config(r)
-    r.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    r.add_argument("--address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto; default: RAY_ADDRESS, else a local Ray of its own)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite DB under ./mlruns)")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     r.add_argument("--verbose", action="store_true", help="Tune's own progress output instead of kdsweep's table")

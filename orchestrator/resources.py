@@ -46,11 +46,19 @@ def shortfall(r: Resources, nodes: list[dict[str, float]], where: str) -> str | 
     return None
 
 
+def ray_address(address: str | None) -> str | None:
+    """The cluster a sweep joins: `--address`, else RAY_ADDRESS (set by `ray job submit`), else None:
+    a local Ray of the sweep's own. `local` says the same. Never the cluster Ray's own lookup would
+    find in its temp dir: that is the last `ray start` on this machine, possibly long dead."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
 def check_reachable(address: str, timeout_s: float) -> None:
     """A `--address` whose head does not answer is one line (exit 2) within `timeout_s`, before
     Ray starts: ray.init would retry it for minutes, printing connection warnings. `auto` (Ray's
     own lookup of a running cluster) is left to Ray, which fails fast when it finds none."""
-    if address in ("auto", "local"):
+    if address == "auto":
         return
     target = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = target.rpartition(":")
@@ -60,7 +68,8 @@ def check_reachable(address: str, timeout_s: float) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
         why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
-        raise ConfigError(f"`--address` {address} cannot be reached ({why} within {timeout_s:g} s): start the cluster "
+        given = "RAY_ADDRESS (the default `--address`)" if os.environ.get("RAY_ADDRESS") == address else "`--address`"
+        raise ConfigError(f"{given} {address} cannot be reached ({why} within {timeout_s:g} s): start the cluster "
                           "(`ray start --head`) or fix the address; resources.connect_timeout_s sets the wait") from None
 
 

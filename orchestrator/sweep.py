@@ -27,7 +27,7 @@ from orchestrator.confirm import cap as confirm_cap
 from orchestrator.console import ConsoleReporter
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
 from trainables.models.teacher import teacher_card_file
-from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, wait_for_cluster
+from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, ray_address, wait_for_cluster
 from orchestrator.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, first_trials,
                                  objectives, scheduler, searcher, trial_budget)
 from orchestrator.study import export_study, plot_study
@@ -94,6 +94,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     cluster once connected)."""
     uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
     check_tracking_uri(uri)
+    address = ray_address(address)
     if address is not None:
         check_reachable(address, cfg.resources.connect_timeout_s)
     info = check_data(cfg)
@@ -171,8 +172,8 @@ JOB_ENV = {
 
 
 def init_ray(address: str | None, **kwargs) -> None:
-    """Join `address`, or start a local Ray (its dashboard, when ray[default] is installed, on
-    127.0.0.1: the State API that cleans up stopped DDP trials' placement groups needs it)."""
+    """Join `address`, or start a local Ray of our own (its dashboard, when ray[default] is installed,
+    on 127.0.0.1: the State API that cleans up stopped DDP trials' placement groups needs it)."""
     import ray
 
     for k, v in JOB_ENV.items():
@@ -184,7 +185,7 @@ def init_ray(address: str | None, **kwargs) -> None:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         kwargs.setdefault("object_store_memory", int(os.environ.get("KDSWEEP_OBJECT_STORE_BYTES", 512 * 1024**2)))
-        ray.init(include_dashboard=None, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
+        ray.init(address="local", include_dashboard=None, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
 
 
 @contextlib.contextmanager
@@ -243,20 +244,29 @@ def _local_ray_processes() -> tuple[list, set[str]]:
 
 
 def _reap(procs: list, raylets: set[str], grace_s: float = 10.0) -> None:
-    """Wait for the Ray processes to exit, then kill what is left: those listed, and any worker
-    its raylet started after the list was taken (a trial actor starting while the sweep stopped)."""
+    """Wait for the Ray processes to exit, then kill what is left: those listed first (a raylet
+    among them starts no worker once it is gone), then any worker a raylet started after the list
+    was taken (a trial actor starting while the sweep stopped)."""
     import psutil
 
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    _kill(alive, grace_s)
+    late = []
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if p not in alive and p.pid != os.getpid() and p.environ().get("RAY_RAYLET_PID") in raylets:
-                alive.append(p)
-    for p in alive:
+            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and p.environ().get("RAY_RAYLET_PID") in raylets:
+                late.append(p)
+    _kill(late, grace_s)
+
+
+def _kill(procs: list, grace_s: float) -> None:
+    import psutil
+
+    for p in procs:
         with contextlib.suppress(psutil.Error):
             log.info("stopping leftover Ray process %d (%s)", p.pid, p.name())
             p.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
+    psutil.wait_procs(procs, timeout=grace_s)
 
 
 def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, num_classes: int) -> str | None:
@@ -448,6 +458,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
 
     Nothing is written until every check has passed, the cluster's resources included. `verbose`
     shows Tune's own progress output instead of kdsweep's table."""
+    address = ray_address(address)
     plan, info = make_plan(cfg, tracking_uri, address)
     sweep_dir = cfg.sweep_dir()
     if not restore and (sweep_dir / "sweep.json").exists():
@@ -547,7 +558,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
 
     from orchestrator.selection import ended_trials
 
-    cfg = saved.config
+    cfg, address = saved.config, ray_address(address)
     stage = ConfirmStage(cfg, top, seeds, ended_trials(tracker, parent))
     todo = len(stage.planned())
     if not todo:

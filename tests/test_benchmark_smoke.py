@@ -1,6 +1,7 @@
 """benchmarks/sweep_throughput.py --smoke: the peer recipe and kdsweep on the same tiny sweep (CPU)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,27 @@ PEER = REPO.parent / "shared" / "bench" / "peer_sweep.py"
 pytestmark = pytest.mark.integration
 
 
+def _run_alone(cmd: list[str], tmp_path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """A benchmark in a session of its own, every Ray in it local and its own (RAY_ADDRESS=local:
+    the peer's bare ray.init() would join the last `ray start` cluster recorded in Ray's temp dir).
+    Past `timeout` (under pytest's) its whole process group, Ray included, is killed: nothing is
+    left running for a later test to join or to wait behind."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", **env}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{Path(cmd[1]).name} ran past {timeout:g} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def _smoke(script: str, tmp_path, *args: str) -> tuple[str, dict]:
     """`benchmarks/<script> --smoke` in a process of its own (its own local Ray): stdout and its --json."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(tmp_path / "b"),
-                           "--json", str(out), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    proc = _run_alone([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(tmp_path / "b"),
+                       "--json", str(out), *args], tmp_path, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 
@@ -36,10 +51,8 @@ def test_throughput_smoke(tmp_path):
 
 def test_kd_vs_ce_reports_diverged_runs_instead_of_crashing(tmp_path, digits_teacher):
     """A KD recipe that blows up (here lr=1e8) is a row saying so, not a traceback in statistics.stdev."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kd_vs_ce.py"), "--set", f"teacher.path={digits_teacher}",
-                           "--set", "epochs=2", "--set", "lr=1e8", "--seeds", "0", "1", "--student", "mlp_32"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = _run_alone([sys.executable, str(REPO / "benchmarks" / "kd_vs_ce.py"), "--set", f"teacher.path={digits_teacher}",
+                       "--set", "epochs=2", "--set", "lr=1e8", "--seeds", "0", "1", "--student", "mlp_32"], tmp_path, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| mlp_32 ")]
     assert len(rows) == 2 and all("| 2/2 | diverged |" in row for row in rows), proc.stdout
@@ -48,9 +61,8 @@ def test_kd_vs_ce_reports_diverged_runs_instead_of_crashing(tmp_path, digits_tea
 def test_folder_throughput_smoke(tmp_path):
     """benchmarks/folder_throughput.py, tiny: both pipelines run on the same folder, one table."""
     out = tmp_path / "folder.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KDSWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "folder_throughput.py"), "--images", "300", "--trials", "2", "--epochs", "1",
-                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = _run_alone([sys.executable, str(REPO / "benchmarks" / "folder_throughput.py"), "--images", "300", "--trials", "2", "--epochs", "1",
+                       "--json", str(out)], tmp_path, timeout=540, KDSWEEP_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| trial-epochs per hour |" in proc.stdout and "| speed-up |" in proc.stdout
     res = json.loads(out.read_text())

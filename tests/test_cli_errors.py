@@ -182,14 +182,22 @@ def test_distill_rejects_an_unknown_student_before_training_a_teacher(capsys, in
     assert os.listdir(in_tmp) == []  # no teachers/: nothing trained
 
 
-def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp):
-    """Nothing listens on port 1: ray.init would retry for minutes, printing connection warnings."""
+@pytest.mark.parametrize("given", ["--address", "RAY_ADDRESS"])
+def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp, monkeypatch, given):
+    """Nothing listens on port 1: ray.init would retry for minutes, printing connection warnings.
+    RAY_ADDRESS (as `ray job submit` sets it) is the default `--address`."""
     import time
 
+    args = ["run", "--set", "resources.connect_timeout_s=5"]
+    if given == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    else:
+        args += ["--address", "127.0.0.1:1"]
     started = time.monotonic()
-    code, err = run_cli(["run", "--address", "127.0.0.1:1", "--set", "resources.connect_timeout_s=5"], capsys)
+    code, err = run_cli(args, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "`--address` 127.0.0.1:1 cannot be reached" in err and "ray start --head" in err
+    assert f"{'RAY_ADDRESS (the default `--address`)' if given == 'RAY_ADDRESS' else '`--address`'} 127.0.0.1:1 cannot be reached" in err
+    assert "ray start --head" in err
     assert time.monotonic() - started < 30
     assert os.listdir(in_tmp) == []
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -60,9 +61,13 @@ def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
     assert left == [], [p.name() for p in left]
 
 
-def test_a_local_ray_stops_its_autoscaler_monitor_first_and_leaves_nothing(tmp_path):
-    """ray.shutdown() would give the monitor a second to report to a GCS it has already stopped."""
+def test_a_local_ray_is_its_own_stops_its_autoscaler_monitor_first_and_leaves_nothing(tmp_path):
+    """ray.shutdown() would give the monitor a second to report to a GCS it has already stopped.
+    A local sweep starts a Ray of its own even where Ray's temp dir names the last `ray start`'s
+    cluster (ray.init() with no address joins that one, here long gone)."""
     ray_tmp = tempfile.mkdtemp(prefix="kdm", dir="/tmp")
+    Path(ray_tmp, "ray").mkdir()
+    Path(ray_tmp, "ray", "ray_current_cluster").write_text("127.0.0.1:1")  # where `ray start` writes it under RAY_TMPDIR
     code = """if True:
         import json, ray
         from ray._private import ray_constants
