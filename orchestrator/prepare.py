@@ -48,8 +48,13 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
     """Every model against the kind of data: hf models take text, the others images; an hf
     model's vocabulary and positions hold the data's tokens; a student taking the teacher's layers
     has the teacher's sizes. From configs only, before anything is built."""
-    from trainables.models.hf import PREFIX, card_config, check_fit, check_layers_fit, family_config, model_config
+    from trainables.models.hf import PREFIX, card_config, check_copies_teacher, check_fit, check_layers_fit, family_config, model_config
 
+    for s, weights in cfg.student_weights.items():
+        if weights == TEACHER_LAYERS:
+            t = cfg.teacher
+            card = Path(t.path) / CARD if t.path and not cfg.is_ensemble else None
+            check_copies_teacher(s, "ensemble" if cfg.is_ensemble else read_card(t.path).arch if card and card.is_file() else t.arch)
     text = len(info.input_shape) == 1
     named = [(f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", t.arch) for i, t in enumerate(cfg.members) if not t.path]
     for field, arch in named + [("students", s) for s in cfg.students]:

@@ -163,8 +163,10 @@ def weight_files(tmp_path_factory):
     (["student_weights={{cnn_tiny: {d}/mlp.pth}}"], "`student_weights.cnn_tiny` '{d}/mlp.pth' does not fit this architecture"),
     (["student_weights={{resnet8: {d}/mlp.pth}}"], "`student_weights` names 'resnet8', which is not in students"),
     (["loss.student_layers={{cnn: [stages.0]}}"], "`loss.student_layers` names 'cnn', which is not in students"),
+    (["student_weights.cnn_tiny=teacher"], "`student_weights.cnn_tiny: teacher` copies a Hugging Face teacher's layers into an hf student, "
+                                           "but the student is cnn_tiny and the teacher cnn_small"),
 ], ids=["not-tensors", "wrong-keys", "missing", "new-head-no-finetune", "path-and-weights", "student-wrong-keys", "student-unknown",
-        "layers-unknown-student"])
+        "layers-unknown-student", "student-copies-image-teacher"])
 @pytest.mark.parametrize("command", ["run", "distill"])
 def test_bad_weights_exit_2_with_one_line_before_anything(sets, needle, command, weight_files, capsys, in_tmp):
     args = [command, DEFAULT]

@@ -39,7 +39,7 @@ from trainables.models.profile import profile_together, size_report
 from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.targets import teacher_targets
-from trainables.models.hf import init_from_teacher
+from trainables.models.hf import check_copies_teacher, init_from_teacher
 from trainables.models.teacher import load_teacher, weights_mtime
 from trainables.models.weights import freeze_backbone, load_weights
 
@@ -221,6 +221,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.student, splits.num_classes, shape, **cfg.student_kwargs)
     if cfg.student_weights == TEACHER_LAYERS:
+        check_copies_teacher(cfg.student, card.arch if card is not None else None)
         init_from_teacher(student, teacher)
     elif cfg.student_weights:
         load_weights(student, cfg.student_weights, "student_weights", new_head_ok=True)

@@ -252,12 +252,21 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str, new_head_ok:
     return bool(new)
 
 
+def check_copies_teacher(student: str, teacher: str | None) -> None:
+    """`student_weights.<student>: teacher` takes an hf student and one hf teacher (`teacher` is
+    its arch: `hf`, hf.<family>, `ensemble`, None when there is none). The driver asks before Ray
+    starts, the trial before it copies: one rule."""
+    if not (student.startswith(PREFIX) and teacher is not None and (teacher == "hf" or teacher.startswith(PREFIX))):
+        raise ConfigError(f"`student_weights.{student}: teacher` copies a Hugging Face teacher's layers into an hf student, but the "
+                          f"student is {student} and the teacher {teacher or 'none'}: use hf.<family> students with one hf teacher, "
+                          "or drop the entry")
+
+
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[int]:
     """DistilBERT's initialisation: the student's embeddings, head and every other layer copied
     from the teacher (teacher layer i * (teacher layers // student layers) for student layer i).
-    Same model type and width required. Returns the teacher layers taken."""
-    if not isinstance(student, HFClassifier) or not isinstance(teacher, HFClassifier):
-        raise ConfigError("`student_weights: teacher` copies a Hugging Face teacher's layers into an hf student: both must be hf models")
+    Same model type and width required (check_copies_teacher and check_layers_fit say so from the
+    configs). Returns the teacher layers taken."""
     s, t = student.config, teacher.config
     if s.model_type != t.model_type or s.hidden_size != t.hidden_size:
         raise ConfigError(f"`student_weights: teacher` needs the teacher's model type and width, but the student is {s.model_type} "
