@@ -14,6 +14,7 @@ from trainables.data import DataSplits, load_splits
 from trainables.data.normalize import model_stats
 from trainables.models import create_model
 from trainables.registry import ConfigError
+from trainables.tasks import task_for
 from trainables.models.ensemble import is_ensemble
 from trainables.models.teacher import CARD, WEIGHTS, load_teacher, read_card, save_ensemble, save_teacher
 from trainables.models.weights import load_weights, weights_sha256
@@ -56,12 +57,11 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
             card = Path(t.path) / CARD if t.path and not cfg.is_ensemble else None
             check_copies_teacher(s, "ensemble" if cfg.is_ensemble else read_card(t.path).arch if card and card.is_file() else t.arch)
     text = len(info.input_shape) == 1
+    task = task_for(cfg.dataset.name)
+    task.check_teachers(len(cfg.members))
     named = [(f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", t.arch) for i, t in enumerate(cfg.members) if not t.path]
     for field, arch in named + [("students", s) for s in cfg.students]:
-        if (arch == "hf" or arch.startswith(PREFIX)) != text:
-            kind = "text (token ids)" if text else "images"
-            raise ConfigError(f"`{field}` {arch} does not take {kind}: use hf.<family> models with text data (dataset.name: text), "
-                              "image models with images")
+        task.check_model(field, arch)
     from trainables.losses import LOSSES
     from trainables.losses.text import TextLoss
 

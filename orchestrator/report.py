@@ -11,8 +11,8 @@ from typing import Any
 from orchestrator.confirm import confirmations, table
 from orchestrator.selection import COMPLETE, GAINS_BY_METHOD, USABLE, gains_by_method, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
-from trainables.eval.corruptions import CORRUPTIONS
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
+from trainables.tasks import Task, task_for
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -77,7 +77,15 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def robustness_plot(test: dict | None, champion: dict | None, control: dict | None, path: Path) -> None:
+def robustness_rows(task: Task, test: dict | None, champion: dict | None, control: dict | None) -> list[list[Any]]:
+    """Per corruption of the sweep's task: the teacher and champion on test, the champion and its
+    alpha=0 control on val (accuracy, mean over the task's severities; None where not measured)."""
+    series = [((test or {}).get("teacher", {}), "test_corr_"), ((test or {}).get("student", {}), "test_corr_"),
+              (champion or {}, "corr_"), (control or {}, "corr_")]
+    return [[name, *(m.get(prefix + name) for m, prefix in series)] for name in task.corruptions]
+
+
+def robustness_plot(task: Task, rows: list[list[Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,17 +93,15 @@ def robustness_plot(test: dict | None, champion: dict | None, control: dict | No
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    x = np.arange(len(CORRUPTIONS.names()))
-    panels = [
-        (axes[0], "test split: champion vs teacher", [("teacher", (test or {}).get("teacher", {}), "test_corr_"), ("champion", (test or {}).get("student", {}), "test_corr_")]),
-        (axes[1], "val split: champion vs its alpha=0 control", [("champion", champion or {}, "corr_"), ("alpha=0 control", control or {}, "corr_")]),
-    ]
+    x = np.arange(len(rows))
+    panels = [(axes[0], "test split: champion vs teacher", [("teacher", 1), ("champion", 2)]),
+              (axes[1], "val split: champion vs its alpha=0 control", [("champion", 3), ("alpha=0 control", 4)])]
     for ax, title, series in panels:
-        for i, (label, m, prefix) in enumerate(series):
-            ax.bar(x + (i - 0.5) * 0.4, [m.get(prefix + n, 0.0) for n in CORRUPTIONS.names()], 0.4, label=label)
-        ax.set_xticks(x, [n.replace("_", "\n") for n in CORRUPTIONS.names()], fontsize=8)
+        for i, (label, col) in enumerate(series):
+            ax.bar(x + (i - 0.5) * 0.4, [r[col] or 0.0 for r in rows], 0.4, label=label)
+        ax.set_xticks(x, [r[0].replace("_", "\n") for r in rows], fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy (mean over severities 1-5)")
+        ax.set_ylabel(f"accuracy (mean over severities {task.severities[0]}-{task.severities[-1]})")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -127,7 +133,9 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     for a in client.list_artifacts(parent_id, "optuna"):  # Optuna's plots, logged by the sweep
         optuna_pngs.append(Path(client.download_artifacts(parent_id, a.path, str(out_dir / "optuna"))).relative_to(out_dir))
     pareto_plot([r for r in rows if not r["confirms"]], out_dir / "pareto.png")
-    robustness_plot(test, champion, control, out_dir / "robustness.png")
+    task = task_for(cfg.dataset.name)
+    robust = robustness_rows(task, test, champion, control)
+    robustness_plot(task, robust, out_dir / "robustness.png")
 
     lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.get(c)) for c in LEADERBOARD] + [r["seed"], r["confirms"]] for r in rows])
     searched = [r for r in rows if not r["confirms"]]
@@ -150,6 +158,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
         "## Champion vs teacher (test split, evaluated once)", vs_table or "_No champion selected yet: run `kdsweep best NAME`._",
         "## Accuracy vs size", "![Pareto front](pareto.png)",
         "## Robustness per corruption", "![Robustness](robustness.png)",
+        md_table(["corruption", "teacher (test)", "champion (test)", "champion (val)", "alpha=0 control (val)"], robust),
         "## Leaderboard (val split)", lb,
         "## Optuna's view of the search", *(f"![{p.stem}]({p.as_posix()})" for p in sorted(optuna_pngs)),
     ]) + "\n"

@@ -188,6 +188,8 @@ def test_the_report_writes_its_files_and_its_numbers_are_mlflows(e2e):
     md = (report / "report.md").read_text()
     champion = client.get_run(parent[0].info.run_id).data.tags["kdsweep.champion_run_id"]
     assert f"{client.get_run(champion).data.metrics['test_acc']:.4f}" in md
+    row = next(line for line in md.splitlines() if line.startswith("| gaussian_noise |"))  # the task's suite, beside the plot
+    assert f"| {client.get_run(champion).data.metrics['corr_gaussian_noise']:.4f} |" in row, row
     assert "<table>" in (report / "report.html").read_text()
     assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")} >= {"report/report.md", "report/pareto.png"}
     parent_files = {a.path for a in client.list_artifacts(parent[0].info.run_id, "optuna")}

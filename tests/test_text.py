@@ -330,6 +330,8 @@ def _bad_cases(root: Path, ckpt: Path, table: Path) -> list[tuple[dict, str]]:
         ({"dataset.max_length": 100}, "`dataset.max_length` 100 is more than teacher.weights's 64 positions"),
         ({"teacher.weights": str(pickled)}, "pickle weights only"),
         ({"students": ["cnn_tiny"], "student_weights": {}}, "`students` cnn_tiny does not take text"),
+        ({"teacher": [{"weights": str(ckpt), "finetune": {"epochs": 1}}] * 2, "student_weights": {}, "search": {}},
+         "`teacher` is a list of 2 teachers, but text classification distils from one"),
         ({"student_weights": {"hf.bert-L1-H32-A2-I32": "teacher"}}, "`student_weights.hf.bert-L1-H32-A2-I32: teacher` copies the teacher's layers"),
         ({"students": ["hf.bert-L1-H16-A2"], "student_weights": {}}, "`loss.name` cosine compares hidden states of the teacher's width (32)"),
         ({"students": ["hf.nosuchfamily-L1"], "student_weights": {}}, "names no transformers model type 'nosuchfamily'"),
@@ -351,6 +353,7 @@ def test_bad_text_inputs_exit_2_with_one_line(text_case, tmp_path, capsys, monke
         monkeypatch.chdir(work)
         cfg = text_yaml(tmp_path / "inputs", ckpt, table, name=f"bad{i}", storage=str(work / "runs"),
                         **{"tracking.uri": f"sqlite:///{work / 'mlruns' / 'db'}"}, **over)
+        capsys.readouterr()  # (the session's MLflow store template, made by the first text_yaml when this test runs alone)
         code = main(["run", str(cfg)])
         err = capsys.readouterr().err.strip()
         assert code == 2, (over, err)
@@ -391,6 +394,17 @@ def test_text_sweep_end_to_end(text_case, tmp_path, ray_address, monkeypatch):
     assert count_rows(db, "select count(*) from metrics where key='corr_word_drop'") >= 2
     assert count_rows(db, "select count(*) from metrics where key='corr_gaussian_noise'") == 0  # (the image suite's)
     assert count_rows(db, "select count(*) from metrics where key='champion_test_robust_acc' and value > 0.5") == 1
+    # Throughput in the task's unit (texts, not images).
+    assert count_rows(db, "select count(*) from metrics where key='texts_per_s' and value > 0") >= 2
+    assert count_rows(db, "select count(*) from metrics where key='images_per_s'") == 0
+    # The report's robustness table and plot are the text suite's, with the champion's numbers (not the image suite's 0.0 bars).
+    assert main(["report", "text", "--storage", str(tmp_path / "runs")]) == 0
+    md = (tmp_path / "runs" / "text" / "report" / "report.md").read_text()
+    champ = sqlite_rows(db, "select m.value from metrics m join tags t on t.run_uuid=m.run_uuid where t.key='kdsweep.role' and t.value='trial' "
+                            "and m.key='corr_word_drop' and m.run_uuid=(select value from tags where key='kdsweep.champion_run_id')")
+    row = next(line for line in md.splitlines() if line.startswith("| word_drop |"))
+    assert f"| {champ[0][0]:.4f} |" in row and champ[0][0] > 0, row
+    assert "| gaussian_noise |" not in md
 
     # The registered champion takes strings (its tokenizer inside; loading it needs no kdsweep).
     import mlflow

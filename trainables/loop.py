@@ -26,8 +26,6 @@ from torch import Tensor
 from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
-from trainables.eval.corruptions import robustness
-from trainables.eval.text_corruptions import text_robustness
 from trainables.eval.inference import predict, suite_autocast
 from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import model_stats, normalizer
@@ -38,6 +36,7 @@ from trainables.models import create_model, tap_layers
 from trainables.models.profile import profile_together, size_report
 from trainables.registry import ConfigError
 from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
+from trainables.tasks import Task, task_for
 from trainables.targets import teacher_targets
 from trainables.models.hf import check_copies_teacher, init_from_teacher
 from trainables.models.teacher import load_teacher, weights_mtime
@@ -163,6 +162,10 @@ class Trial:
     steps: int  # batches an epoch
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task(self) -> Task:
+        return task_for(self.cfg.dataset.name)
 
     def evaluate(self, model: nn.Module, x: Tensor) -> Tensor:
         return predict(model, x, self.norm, self.cfg.train.eval_batch_size, self.autocast, self.eval_channels_last, self.device)
@@ -317,7 +320,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "train_ce": train_ce,
             **val,
             "val_loss": val["val_nll"],
-            "images_per_s": steps_per_epoch * batch_size / seconds,
+            t.task.throughput: steps_per_epoch * batch_size / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.teacher_forwards,
@@ -336,13 +339,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
             n = min(cfg.train.robust_samples, len(splits.val_y))
             clean = float((logits[:n].argmax(1) == splits.val_y[:n]).float().mean()) if n else 0.0
-            if n and splits.is_text:  # typos, dropped and swapped words, tokenized again with the student's tokenizer
-                summary, tables["corruptions"] = text_robustness(lambda ids: t.evaluate_counted(student, ids), splits.val_text[:n], splits.val_y[:n],
-                                                                 splits.tokenizer, splits.input_shape[0], cfg.seed, clean)
-                metrics.update(summary)
-            elif n:
-                summary, tables["corruptions"] = robustness(lambda xc: t.evaluate_counted(student, xc), splits.val_x[:n], splits.val_y[:n], cfg.seed,
-                                                            cfg.train.eval_batch_size, clean)
+            if n:  # the task's suite: corrupted images, or texts with typos and dropped or swapped words (tokenized again)
+                summary, tables["corruptions"] = t.task.robustness(lambda x: t.evaluate_counted(student, x), splits, n, cfg.seed,
+                                                                   cfg.train.eval_batch_size, clean)
                 metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in t.size})
         state = None

@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.eval.corruptions import CORRUPTIONS
-from trainables.eval.text_corruptions import TEXT_CORRUPTIONS
 from trainables.registry import ConfigError
+from trainables.tasks import TASKS, task_named
+
+#: every task's throughput metric and corruption names (trainables.tasks)
+_TASKS = [task_named(n) for n in TASKS]
+THROUGHPUTS = tuple(dict.fromkeys(t.throughput for t in _TASKS))
 
 #: epoch: every epoch (MLflow step = the epoch); final: with the last epoch; text: a string every
 #: epoch, whose last value becomes the run's tag kdsweep.<name>; size: once per architecture
@@ -50,7 +53,7 @@ _SIZE = {"params": ("params", "{:.0f}"), "bytes": ("bytes", "{:.0f}"), "flops": 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("train_loss", "epoch", False), Metric("train_kd", "epoch", False), Metric("train_ce", "epoch", False),
     *(Metric(f"val_{k}", "epoch", up, _SPLIT_ALIASES.get(k)) for k, up in SPLIT_METRICS.items()),
-    Metric("val_loss", "epoch", False), Metric("images_per_s", "epoch", True, fmt="{:.0f}"), Metric("epoch_time_s", "epoch", False, fmt="{:.2f}"),
+    Metric("val_loss", "epoch", False), *(Metric(n, "epoch", True, fmt="{:.0f}") for n in THROUGHPUTS), Metric("epoch_time_s", "epoch", False, fmt="{:.2f}"),
     Metric("lr", "epoch", None), Metric("kd_weight", "epoch", None), Metric("kd_temperature", "epoch", None), Metric("teacher_forward_images", "epoch", False, fmt="{:.0f}"), Metric("trial_startup_s", "epoch", False, fmt="{:.2f}"),
     # the first epoch of a (resumed) run: where its set-up went (train_student's phases, seconds)
     Metric("setup_data_s", "epoch", False, fmt="{:.2f}"), Metric("setup_models_s", "epoch", False, fmt="{:.2f}"),
@@ -59,7 +62,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("process_rss_mb", "epoch", None, fmt="{:.0f}"), Metric("trial_pid", "text", fmt="{}"),
     # the final epoch's corruption suite (per severity: eval/corruptions.csv)
     Metric("robust_acc", "final", True), Metric("relative_robustness", "final", True),
-    *(Metric(f"corr_{n}", "final", True) for n in (*CORRUPTIONS.names(), *TEXT_CORRUPTIONS.names())),
+    *(Metric(f"corr_{n}", "final", True) for n in dict.fromkeys(c for t in _TASKS for c in t.corruptions)),
     # node_id: the Ray node that ran the trial's loop (its rank 0 for DDP)
     Metric("status", "text", fmt="{}"), Metric("teacher_targets", "text", fmt="{}"), Metric("node_id", "text", fmt="{}"),
     *(Metric(f"size_{k}", "size", False, *_SIZE.get(k, (None, "{:.3f}"))) for k in SIZE_KEYS),
@@ -84,7 +87,7 @@ LEADERBOARD = ("student", "loss", "status", "temperature", "alpha", "lr", "val_a
                "latency_ms", "epochs")
 #: What one epoch line of a standalone run (and of the teacher's training) shows.
 EPOCH_LINE = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_macro_f1", "val_agreement", "robust_acc",
-              "images_per_s", "status")
+              *THROUGHPUTS, "status")
 
 
 def format_epoch(m: dict[str, Any]) -> str:

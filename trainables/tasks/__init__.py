@@ -1,0 +1,94 @@
+"""The task contract: what differs between kinds of work (image classification, text
+classification, ...) lives in one `Task` each, chosen once from the dataset (`task_for`). The
+trial loop, the driver's checks, the metrics' declarations and the report ask the task; they do
+not test the modality.
+
+A task owns: the datasets it reads, the model families it takes, the unit its throughput is
+counted in, its default objective (metric and direction), and its robustness suite (names,
+severities, and how a model is scored under them)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+from trainables.registry import ConfigError, Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from trainables.data import DataSplits
+
+Predict = Callable[["Tensor"], "Tensor"]
+
+
+class Task:
+    """One kind of work. Subclasses set the class attributes and `robustness`."""
+
+    name: ClassVar[str]
+    #: what the inputs are, in messages ("images", "text (token ids)")
+    inputs: ClassVar[str]
+    #: what one example is called: the epoch's throughput is logged as `<unit>_per_s`
+    unit: ClassVar[str]
+    #: the dataset loaders (trainables.data.DATASETS) whose splits this task reads
+    datasets: ClassVar[tuple[str, ...]] = ()
+    #: the model names this task takes: these exactly, or starting with one ending in "."; empty:
+    #: every model no other task claims (a plugin's models included)
+    models: ClassVar[tuple[str, ...]] = ()
+    #: how a message tells a user to pick its models
+    models_hint: ClassVar[str]
+    #: METRIC:max|min the search and selection optimise by default
+    objective: ClassVar[str] = "val_acc:max"
+    #: the robustness suite: corruption names and severities (accuracy at each is logged)
+    corruptions: ClassVar[tuple[str, ...]] = ()
+    severities: ClassVar[tuple[int, ...]] = ()
+    #: whether a list of teachers distils as one ensemble (trainables.models.ensemble)
+    ensembles: ClassVar[bool] = False
+
+    @property
+    def throughput(self) -> str:
+        """The epoch metric that counts training examples per second."""
+        return f"{self.unit}_per_s"
+
+    @classmethod
+    def claims(cls, arch: str) -> bool:
+        return any(arch == m or (m.endswith(".") and arch.startswith(m)) for m in cls.models)
+
+    def takes(self, arch: str) -> bool:
+        """Whether `arch` (a model name, or `hf` for a checkpoint's config) reads this task's inputs."""
+        if self.models:
+            return self.claims(arch)
+        return not any(TASKS.get(other).claims(arch) for other in TASKS if other != self.name)
+
+    def check_model(self, field: str, arch: str) -> None:
+        if not self.takes(arch):
+            raise ConfigError(f"`{field}` {arch} does not take {self.inputs}: {self.models_hint}")
+
+    def check_teachers(self, count: int) -> None:
+        """A list of teachers is refused before any member trains where this task has no ensemble."""
+        if count > 1 and not self.ensembles:
+            raise ConfigError(f"`teacher` is a list of {count} teachers, but {self.name.replace('_', ' ')} distils from one (its "
+                              "teachers do not combine into an ensemble yet): keep one teacher, or run one sweep per teacher")
+
+    def robustness(self, predict: Predict, splits: "DataSplits", n: int, seed: int, batch: int,
+                   clean_acc: float) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """(summary, table) of the suite on the first `n` val examples: `corr_<name>` (mean over
+        severities), `robust_acc`, `relative_robustness`; the table: each name's accuracy per severity."""
+        raise NotImplementedError
+
+
+TASKS: Registry[type[Task]] = Registry("task", "task")
+
+
+def task_for(dataset: str) -> Task:
+    """The task that reads `dataset` (a DATASETS name); a dataset no task names (a plugin's) is
+    image classification, as the loaders' contract (uint8 NCHW) has it."""
+    for name in TASKS:
+        if dataset in TASKS.get(name).datasets:
+            return TASKS.get(name)()
+    return TASKS.get("image_classification")()
+
+
+def task_named(name: str) -> Task:
+    return TASKS.get(name)()
+
+
+from trainables.tasks import image, text  # noqa: E402,F401  (the built-in tasks register themselves)

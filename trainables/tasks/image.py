@@ -1,0 +1,26 @@
+"""Image classification: uint8 NCHW images, one label each; convolutional and timm/torchvision
+models; CIFAR-10-C-style corruptions."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trainables.eval.corruptions import CORRUPTIONS, SEVERITIES, robustness
+from trainables.tasks import TASKS, Predict, Task
+
+if TYPE_CHECKING:
+    from trainables.data import DataSplits
+
+
+@TASKS.register(name="image_classification")
+class ImageClassification(Task):
+    name = "image_classification"
+    inputs = "images"
+    unit = "images"
+    datasets = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "arrays", "synthetic")
+    models_hint = "use image models (cnn_*, resnet*, torchvision.*, timm.*) with image data"
+    corruptions = tuple(CORRUPTIONS.names())
+    severities = SEVERITIES
+    ensembles = True
+
+    def robustness(self, predict: Predict, splits: "DataSplits", n: int, seed: int, batch: int, clean_acc: float):
+        return robustness(predict, splits.val_x[:n], splits.val_y[:n], seed, batch, clean_acc)
