@@ -19,6 +19,7 @@ from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
 from trainables.losses import LOSSES
 from trainables.plugins import load_plugins
 from trainables.registry import MISSING, ConfigError
+from trainables.tasks import task_for
 from trainables.models.weights import weights_sha256
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config. Input sugar
@@ -214,8 +215,8 @@ class SweepConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: SweepTrain = Field(default_factory=SweepTrain)
     search: dict[str, SearchParam] = Field(default_factory=dict)
-    objectives: list[str] = Field(default_factory=lambda: ["val_acc:max"],
-                                  description="what Optuna optimizes (YAML: search.objectives), e.g. [val_acc:max, size_params:min]")
+    objectives: list[str] = Field(default_factory=list, description="what Optuna optimizes (YAML: search.objectives), e.g. [val_acc:max, "
+                                  "size_params:min]; the first is ASHA's and the KD gain's. Default: the task's objective (val_acc:max)")
     budget: Budget = Field(default_factory=Budget)
     mode: Literal["joint", "per_student"] = "joint"
     resources: Resources = Field(default_factory=Resources)
@@ -248,18 +249,18 @@ class SweepConfig(Strict):
     @classmethod
     def _known_objectives(cls, v: list[str]) -> list[str]:
         """Each parsed by the one objective parser and kept as METRIC:max|min."""
-        if not v:
-            raise ValueError("needs at least one objective, e.g. [val_acc:max]")
         try:
             parsed = [Objective.parse(text, "search.objectives", SEARCH_OBJECTIVES) for text in v]
         except ConfigError as e:
             raise ValueError(str(e)) from None
-        if parsed[0].key != "val_acc":
-            raise ValueError(f"`search.objectives` must start with val_acc (ASHA stops trials on it), but got {v[0]!r}")
+        if parsed and not parsed[0].key.startswith("val_"):
+            raise ValueError(f"`search.objectives` must start with a val_ metric (ASHA stops trials on it every epoch), but got {v[0]!r}")
         return [str(o) for o in parsed]
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
+        if not self.objectives:
+            self.objectives = [task_for(self.dataset.name).objective]
         checkpoint = next((t.checkpoint for t in self.members if t.checkpoint), None) or next(
             (t.path for t in self.members if t.path and (Path(t.path) / "tokenizer_config.json").is_file()), None)
         if self.dataset.name == "text" and self.dataset.tokenizer is None and checkpoint:
@@ -330,6 +331,12 @@ class SweepConfig(Strict):
     def members(self) -> list[TeacherSpec]:
         """The teachers: one, or an ensemble's members."""
         return self.teacher if isinstance(self.teacher, list) else [self.teacher]
+
+    @property
+    def primary(self) -> Objective:
+        """The first objective: what ASHA stops on, what a KD gain and a confirmation's verdict are
+        measured in, and which way is better."""
+        return Objective.parse(self.objectives[0])
 
     @property
     def is_ensemble(self) -> bool:

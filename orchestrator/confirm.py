@@ -129,23 +129,27 @@ class Confirmed:
     kd: dict[int, dict[str, Any]]  # seed -> finished run (the finalist's own seed included)
     controls: dict[int, dict[str, Any]]  # seed -> finished control at the same settings
     excluded: list[tuple[int, str, str]]  # (seed, "kd" | "control", status): runs that did not finish, not averaged
+    primary: Objective  # the sweep's first objective: what the gain and verdict are measured in
 
-    def values(self, key: str = "val_acc") -> list[float]:
+    def values(self, key: str | None = None) -> list[float]:
+        key = key or self.primary.key
         return [r[key] for r in self.kd.values() if r.get(key) is not None]
 
-    def mean(self, key: str = "val_acc") -> float | None:
+    def mean(self, key: str | None = None) -> float | None:
         v = self.values(key)
         return sum(v) / len(v) if v else None
 
-    def std(self, key: str = "val_acc") -> float | None:
+    def std(self, key: str | None = None) -> float | None:
         v = self.values(key)
         return statistics.stdev(v) if len(v) > 1 else None
 
-    def gain(self, key: str = "val_acc") -> tuple[float | None, float | None, int]:
-        """(mean, 95% CI half-width, pairs): the KD run minus its control, per seed."""
+    def gain(self) -> tuple[float | None, float | None, int]:
+        """(mean, 95% CI half-width, pairs) of the KD run's improvement over its control, per seed,
+        in the primary objective: positive is better (a minimised metric's gain is control - KD)."""
         if self.finalist["control"]:
             return None, None, 0
-        d = [self.kd[s][key] - self.controls[s][key] for s in sorted(self.kd) if s in self.controls]
+        key, sign = self.primary.key, 1.0 if self.primary.maximize else -1.0
+        d = [sign * (self.kd[s][key] - self.controls[s][key]) for s in sorted(self.kd) if s in self.controls]
         return paired(d)
 
     def verdict(self) -> str:
@@ -154,15 +158,19 @@ class Confirmed:
         mean, half, n = self.gain()
         if n == 0:
             return "no finished control: no gain"
-        text = f"KD gain {100 * mean:+.2f}" + (f" +- {100 * half:.2f}" if half is not None else "") + f" pts, {n} seed{'s' if n > 1 else ''}"
+        pts = self.primary.key.endswith("acc")  # accuracies read in points, other metrics in their own unit
+        scale, unit = (100, " pts") if pts else (1, f" {self.primary.key} {'up' if self.primary.maximize else 'down'}")
+        text = (f"KD gain {scale * mean:+.{2 if pts else 4}f}" + (f" +- {scale * half:.{2 if pts else 4}f}" if half is not None else "")
+                + f"{unit}, {n} seed{'s' if n > 1 else ''}")
         if half is None:
             return text + ", one pair: no interval"
         return text + (", holds" if mean - half > 0 else ", hurts" if mean + half < 0 else ", within noise")
 
-    def best_run(self, key: str = "val_acc") -> dict[str, Any]:
-        """The seed registered as the champion: the best on val (selection may look at val freely;
-        the test split is touched once, for this run alone)."""
-        return max(self.kd.values(), key=lambda r: r[key])
+    def best_run(self, objective: Objective | None = None) -> dict[str, Any]:
+        """The seed registered as the champion: the best on val in `objective` (default: the primary;
+        selection may look at val freely; the test split is touched once, for this run alone)."""
+        o = objective or self.primary
+        return max(self.kd.values(), key=lambda r: r[o.key] if o.maximize else -r[o.key])
 
 
 def paired(d: list[float]) -> tuple[float | None, float | None, int]:
@@ -178,9 +186,9 @@ def paired(d: list[float]) -> tuple[float | None, float | None, int]:
     return mean, float(t.ppf(0.975, n - 1)) * statistics.stdev(d) / math.sqrt(n), n
 
 
-def confirmations(rows: list[dict[str, Any]]) -> list[Confirmed]:
+def confirmations(rows: list[dict[str, Any]], primary: Objective) -> list[Confirmed]:
     """Each confirmed finalist from leaderboard rows (their `confirms`, `seed`, `settings` and
-    `control` fields), in the order the stage confirmed them."""
+    `control` fields), in the order the stage confirmed them, measured in `primary`."""
     search = {r["trial_id"]: r for r in rows if not r.get("confirms")}
     controls: dict[tuple, dict[str, Any]] = {}
     for r in rows:
@@ -202,7 +210,7 @@ def confirmations(rows: list[dict[str, Any]]) -> list[Confirmed]:
                     ctrl[s] = c
             excluded += [(r["seed"], "control", r["status"]) for r in rows
                          if r.get("confirms") == fid and r["control"] and r["status"] != "finished"]
-        out.append(Confirmed(f, kd, ctrl, excluded))
+        out.append(Confirmed(f, kd, ctrl, excluded, primary))
     return out
 
 
@@ -222,7 +230,8 @@ def table(confirmed: list[Confirmed]) -> str:
         m = sum(values) / len(values)
         return f"{m:.4f} +- {statistics.stdev(values):.4f}" if len(values) > 1 else f"{m:.4f}"
 
-    lines = ["| finalist | student | T | alpha | lr | seeds | val acc (KD) | val acc (alpha=0 control) | paired KD gain (95% CI) | not averaged |",
+    what = confirmed[0].primary.key.replace("_", " ") if confirmed else "val acc"
+    lines = [f"| finalist | student | T | alpha | lr | seeds | {what} (KD) | {what} (alpha=0 control) | paired KD gain (95% CI) | not averaged |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in confirmed:
         f = c.finalist
@@ -231,5 +240,5 @@ def table(confirmed: list[Confirmed]) -> str:
         seeds = ", ".join(str(s) for s in sorted(c.kd))
         dropped = "; ".join(f"seed {s} {who} {status}" for s, who, status in c.excluded) or "-"
         lines.append(f"| {f['trial_id']} | {f['student']} | {setting[0]} | {setting[1]} | {lr} | {seeds} | {ms(c.values())} | "
-                     f"{ms([r['val_acc'] for r in c.controls.values()]) if not f['control'] else '-'} | {c.verdict()} | {dropped} |")
+                     f"{ms([r[c.primary.key] for r in c.controls.values()]) if not f['control'] else '-'} | {c.verdict()} | {dropped} |")
     return "\n".join(lines) + "\n"

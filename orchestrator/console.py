@@ -16,7 +16,7 @@ from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
 
-COLUMNS = ("trial", "student", "loss", "T", "alpha", "lr", "seed", "epoch", "val_acc", "status", "role")
+COLUMNS = ("trial", "student", "loss", "T", "alpha", "lr", "seed", "epoch", "{objective}", "status", "role")
 
 
 @dataclass
@@ -31,13 +31,13 @@ class Row:
     epochs: int
     role: str = "search"  # or "confirms <trial>" / "control for <trial>" in the confirmation stage
     epoch: int = 0
-    val_acc: float | None = None
+    score: float | None = None  # the sweep's first objective (val_acc by default), at the last epoch reported
     status: str = "running"
 
     def cells(self) -> list[str]:
-        shown = {k: metric(k).show(getattr(self, k)) for k in ("temperature", "alpha", "lr", "val_acc")}
+        shown = {k: metric(k).show(getattr(self, k)) for k in ("temperature", "alpha", "lr")}
         return [self.trial, self.student, self.loss, shown["temperature"], shown["alpha"], shown["lr"], str(self.seed), f"{self.epoch}/{self.epochs}",
-                shown["val_acc"], self.status, self.role]
+                "-" if self.score is None else f"{self.score:.4f}", self.status, self.role]
 
 
 @dataclass
@@ -59,6 +59,10 @@ class ConsoleReporter(Callback):
 
     # --- Tune events -----------------------------------------------------------------------
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.cfg.primary.key if c == "{objective}" else c for c in COLUMNS)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         t = trial.config[TRIAL_CONFIG]
         of = trial.config.get(CONFIRM)
@@ -68,7 +72,7 @@ class ConsoleReporter(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
-        row.epoch, row.val_acc = int(result.get("epoch", row.epoch)), result.get("val_acc", row.val_acc)
+        row.epoch, row.score = int(result.get("epoch", row.epoch)), result.get(self.cfg.primary.key, row.score)
         self._show(f"epoch  {self._line(trial.trial_id)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -93,7 +97,7 @@ class ConsoleReporter(Callback):
         return self.rows[trial.trial_id]
 
     def _line(self, trial_id: str) -> str:
-        return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, self.rows[trial_id].cells()))
+        return "  ".join(f"{c}={v}" for c, v in zip(self.columns, self.rows[trial_id].cells()))
 
     def sweep_line(self) -> str:
         """Trials done/running/left, best so far, resources trials hold now, and an ETA from the
@@ -103,7 +107,9 @@ class ConsoleReporter(Callback):
         running = len(self.rows) - done
         confirming = sum(r.role != "search" for r in self.rows.values())
         left = max(0, self.total - (len(self.rows) - confirming))
-        best = max((r.val_acc for r in self.rows.values() if r.val_acc is not None), default=None)
+        primary = self.cfg.primary
+        scores = [r.score for r in self.rows.values() if r.score is not None]
+        best = (max if primary.maximize else min)(scores, default=None)
         r = self.cfg.resources
         held = f"{running * r.num_workers * r.cpus_per_trial:g} CPU" + (f", {running * r.num_workers * r.gpus_per_trial:g} GPU" if r.gpus_per_trial else "")
         epochs_run = sum(row.epoch for row in self.rows.values())
@@ -113,7 +119,7 @@ class ConsoleReporter(Callback):
         stage = f" + {confirming} confirming" if confirming else ""
         search = f", {left} left of {self.total}" if self.total else ""
         return (f"sweep {self.cfg.name}: {done} done, {running} running{search}{stage}; "
-                f"best val_acc {'-' if best is None else f'{best:.4f}'}; trials hold {held}; ETA <= {eta}")
+                f"best {primary.key} {'-' if best is None else f'{best:.4f}'}; trials hold {held}; ETA <= {eta}")
 
     def _show(self, event: str) -> None:
         if not self.live:  # a line per event; the sweep line when a trial starts or ends
@@ -130,7 +136,7 @@ class ConsoleReporter(Callback):
         from rich.console import Group
         from rich.table import Table
 
-        table = Table(*COLUMNS, box=None, pad_edge=False)
+        table = Table(*self.columns, box=None, pad_edge=False)
         for row in self.rows.values():
             table.add_row(*row.cells())
         return Group(table, self.sweep_line())

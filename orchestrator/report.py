@@ -113,7 +113,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     cfg = saved.config
     out_dir = Path(out) if out else saved.directory / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = leaderboard(tracker, parent_id)
+    rows = leaderboard(tracker, parent_id, cfg.primary)
     client = tracker.client
     parent = client.get_run(parent_id)
     champ_id = parent.data.tags.get(Tag.CHAMPION)
@@ -141,7 +141,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     searched = [r for r in rows if not r["confirms"]]
     gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain", "compared at",
                       "alpha=0 robust acc", "KD robust acc"], kd_gains(searched))
-    confirmed = confirmations(rows)
+    confirmed = confirmations(rows, cfg.primary)
     methods = md_table(GAINS_BY_METHOD, gains_by_method(searched)) if len({r["loss"] for r in searched}) > 1 else None
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",

@@ -18,7 +18,6 @@ from trainables.config import TRIAL_CONFIG, LossConfig, TrialConfig
 from trainables.eval.metrics import Objective
 from trainables.losses import loss_defaults
 
-METRIC = "val_acc"  # ASHA's (SweepConfig requires it first among the objectives)
 #: The alpha=0 control and the standard KD point, evaluated first for every student (search keys
 #: are canonical paths: an alias in the YAML was turned into its path by validation).
 CONTROL_POINT = {"loss.alpha": 0.0}
@@ -254,7 +253,8 @@ class ControlKeepingASHA(ASHAScheduler):
 
 
 def scheduler(cfg: SweepConfig) -> ASHAScheduler:
-    return ControlKeepingASHA(time_attr="epoch", metric=METRIC, mode="max", max_t=cfg.train.epochs, grace_period=min(cfg.budget.grace_period, cfg.train.epochs),
+    primary = cfg.primary  # ASHA's: the first objective, a val_ metric every epoch reports, with its direction
+    return ControlKeepingASHA(time_attr="epoch", metric=primary.key, mode="max" if primary.maximize else "min", max_t=cfg.train.epochs, grace_period=min(cfg.budget.grace_period, cfg.train.epochs),
                          reduction_factor=cfg.budget.reduction_factor)
 
 
@@ -379,7 +379,8 @@ class ResolvedSearch(Searcher):
 
     def __init__(self, inner: Searcher | None, build: Callable[[dict[str, Any]], TrialConfig], search_trials: int,
                  stage: "ConfirmStage | None" = None) -> None:
-        super().__init__(metric=inner.metric if inner else METRIC, mode=inner.mode if inner else "max")
+        primary = stage.cfg.primary if stage else None
+        super().__init__(metric=inner.metric if inner else primary.key, mode=inner.mode if inner else "max" if primary.maximize else "min")
         self.inner, self.build, self.stage = inner, build, stage
         self.search_trials, self.issued = search_trials, 0
         self.trials: dict[str, tuple[dict[str, Any], TrialConfig, dict[str, Any] | None]] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -51,10 +52,11 @@ def _trained_with(params: dict[str, str], key: str) -> float | None:
     return _float(params.get(f"trial.{path}", params.get(f"trial.{path.removeprefix('train.')}")))
 
 
-def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
+def leaderboard(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[dict[str, Any]]:
     """One row per trial (confirmation trials included, marked by `confirms`): its params, every
     logged metric, and its KD gain over the alpha=0 control at the same settings and seed (else its
-    student's control from the search), both at the trial's last epoch."""
+    student's control from the search), both at the trial's last epoch, in `primary` (the sweep's
+    first objective): positive is better whichever its direction. Best first."""
     rows = []
     for r in tracker.trial_runs(parent_id):
         p, tags = r.data.params, r.data.tags
@@ -74,7 +76,8 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
     for row in rows:
         for alias, key in ALIASES.items():  # the short names the tables and constraints use
             row.setdefault(alias, row.get(key))
-    # KD gain compares like with like: against the control's val_acc at the trial's own last epoch,
+    key, sign = primary.key, 1.0 if primary.maximize else -1.0
+    # KD gain compares like with like: against the control's value at the trial's own last epoch,
     # so a trial ASHA stopped early is not charged for the epochs it never ran (tables mark it).
     same: dict[tuple, dict[str, Any]] = {}
     search: dict[tuple[str, int], dict[str, Any]] = {}
@@ -87,10 +90,10 @@ def leaderboard(tracker: SweepTracker, parent_id: str) -> list[dict[str, Any]]:
     for row in rows:
         c = same.get(row["settings"]) or search.get((row["student"], row["seed"]))
         if c is not None and c["run_id"] not in histories:
-            histories[c["run_id"]] = {m.step: m.value for m in tracker.client.get_metric_history(c["run_id"], "val_acc")}
+            histories[c["run_id"]] = {m.step: m.value for m in tracker.client.get_metric_history(c["run_id"], primary.key)}
         at = histories[c["run_id"]].get(row["epochs"]) if c is not None and row["epochs"] else None
-        row["kd_gain"] = None if at is None else row["val_acc"] - at
-    return sorted(rows, key=lambda r: (r["status"] in USABLE, r["val_acc"]), reverse=True)
+        row["kd_gain"] = None if at is None or row.get(key) is None else sign * (row[key] - at)
+    return sorted(rows, key=lambda r: (r["status"] in USABLE, sign * r.get(key, -sign * math.inf)), reverse=True)
 
 
 def gains_by_method(rows: list[dict[str, Any]]) -> list[list[Any]]:
@@ -109,9 +112,9 @@ def gains_by_method(rows: list[dict[str, Any]]) -> list[list[Any]]:
 GAINS_BY_METHOD = ["loss", "student", "finished KD trials", "best val acc", "best KD gain", "mean KD gain"]
 
 
-def ended_trials(tracker: SweepTracker, parent_id: str) -> list[confirm.Done]:
+def ended_trials(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[confirm.Done]:
     """A sweep's ended trials as the confirmation stage reads them (`kdsweep best --confirm-seeds`)."""
-    rows = leaderboard(tracker, parent_id)
+    rows = leaderboard(tracker, parent_id, primary)
     if any(r["point"] is None for r in rows):
         raise ConfigError("`--confirm-seeds` needs each trial's sampled point, which runs logged by an older kdsweep lack: "
                           "start a new sweep (--set name=NEW)")
@@ -289,8 +292,8 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
            teacher_path: str | None = None) -> dict[str, Any]:
     """The champion: the best confirmed finalist (its mean over seeds), registered as its best
     seed's run; without a confirmation stage, the best single-seed trial. Its test split is touched once."""
-    objs = [Objective.parse(o) for o in (objectives or DEFAULT_OBJECTIVES)]
-    rows = leaderboard(tracker, parent_id)
+    objs = [Objective.parse(o) for o in (objectives or (cfg.objectives[0], *DEFAULT_OBJECTIVES[1:]))]
+    rows = leaderboard(tracker, parent_id, cfg.primary)
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
     searched = [r for r in rows if not r["confirms"]]
@@ -305,7 +308,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         error = next((r["error"] for r in rows if r.get("error")), None)
         raise ConfigError(f"sweep {cfg.name!r} has no finished trial ({counts})" + (f"; first error: {error}" if error else "")
                           + ": fix the cause and start a new sweep (--set name=NEW)")
-    confirmed = confirm.confirmations(rows)
+    confirmed = confirm.confirmations(rows, cfg.primary)
     client = tracker.client
     winner = None
     if confirmed:
@@ -314,7 +317,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         client.log_text(parent_id, summary, "confirmation.md")
         try:
             best = choose([confirm.mean_row(c) for c in confirmed if c.kd], objs[0], minimum, maximum)["confirmed"]
-            winner = {**best.best_run(objs[0].key), "confirmed": best}
+            winner = {**best.best_run(objs[0]), "confirmed": best}
         except ConfigError:
             log.warning("no confirmed finalist meets the constraints: the champion is the best single-seed search trial "
                         "(`kdsweep best %s --confirm-seeds N --confirm-top K` confirms more finalists)", cfg.name)

@@ -559,7 +559,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
     from orchestrator.selection import ended_trials
 
     cfg, address = saved.config, ray_address(address)
-    stage = ConfirmStage(cfg, top, seeds, ended_trials(tracker, parent))
+    stage = ConfirmStage(cfg, top, seeds, ended_trials(tracker, parent, cfg.primary))
     todo = len(stage.planned())
     if not todo:
         log.info("sweep %s: its top %d finalist(s) already ran on %d seeds: nothing to confirm", cfg.name, top, seeds)

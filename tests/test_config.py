@@ -195,7 +195,7 @@ def test_search_objectives():
     assert load_config(None, ["search.objectives=[val_acc, params]"]).objectives == ["val_acc:max", "size_params:min"]
     with pytest.raises(ConfigError, match="objectives`.*METRIC:max or METRIC:min"):
         load_config(None, ["search.objectives=[val_acc:max, params:smallest]"])
-    with pytest.raises(ConfigError, match="`search.objectives` must start with val_acc"):
+    with pytest.raises(ConfigError, match="`search.objectives` must start with a val_ metric \\(ASHA stops trials on it"):
         load_config(None, ["search.objectives=[size_params:min]"])
 
 

@@ -94,7 +94,7 @@ def test_selection_crowns_the_best_mean_not_the_lucky_seed_and_reports_diverged_
         row("sc0", "steady", 0, 0.88, control=True), row("sc1", "steady", 1, 0.88, control=True, confirms="steady"),
         row("sc2", "steady", 2, 0.89, control=True, confirms="steady"),
     ]
-    confirmed = confirm.confirmations(rows)
+    confirmed = confirm.confirmations(rows, VAL[0])
     assert [c.finalist["trial_id"] for c in confirmed] == ["lucky", "steady"]
     lottery, steady = confirmed
     assert lottery.mean() == pytest.approx((0.99 + 0.60 + 0.61) / 3) and sorted(steady.kd) == [0, 1]
@@ -165,3 +165,58 @@ def test_gains_compare_equal_budgets_and_a_stopped_trial_says_where_it_stopped()
     assert only[2:4] == [0.934, 4] and only[6] == "epoch 4 (KD trial stopped there)"
     table = format_table(rows, "leaderboard")
     assert "+0.0100@4" in table and "+0.0030 " in table + " " and "+0.0030@" not in table
+
+
+def _run(trial_id, seed, metrics, control=False, status="finished"):
+    """An MLflow run as selection.leaderboard reads it (params, tags, latest metrics)."""
+    from types import SimpleNamespace
+
+    from orchestrator.store import Tag
+
+    params = {"student": "mlp_32", "seed": str(seed), "control": str(control), "trial.seed": str(seed), "trial.student": "mlp_32",
+              "trial.train.optimizer.lr": "0.05", "trial.loss.alpha": "0.0" if control else "0.9", "trial.loss.temperature": "4.0"}
+    tags = {Tag.TRIAL: trial_id, Tag.STATUS: status}
+    return SimpleNamespace(info=SimpleNamespace(run_id=f"run-{trial_id}"), data=SimpleNamespace(params=params, tags=tags, metrics=metrics))
+
+
+def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_round():
+    """With val_loss:min first (as a language model's perplexity will be), lower is better
+    everywhere the objective is read: ASHA's mode, Optuna's, the leaderboard's order and KD gain,
+    the confirmation's gain, verdict and registered seed."""
+    from types import SimpleNamespace
+
+    from orchestrator.search import scheduler, searcher
+    from orchestrator.selection import leaderboard
+
+    cfg = cfg_("search.objectives=[val_loss:min]")
+    assert cfg.primary == Objective("val_loss", False) and cfg_().primary == Objective("val_acc", True)  # the task's default
+    asha = scheduler(cfg)
+    assert (asha._metric, asha._mode) == ("val_loss", "min")
+    tpe = searcher(cfg, cfg.students)
+    assert (tpe.metric, tpe.mode) == ("val_loss", "min")
+    resolved = ResolvedSearch(None, TrialBuilder(cfg, teacher_path="/tmp/t"), 0, ConfirmStage(cfg, 1, 2, []))
+    assert (resolved.metric, resolved.mode) == ("val_loss", "min")
+
+    # the leaderboard: KD at 0.30 against its control's 0.40 at the same epoch is a gain of +0.10; best (lowest) first
+    runs = [_run("kd", 0, {"val_loss": 0.30, "val_acc": 0.80, "epochs_run": 2.0}),
+            _run("worse", 0, {"val_loss": 0.45, "val_acc": 0.85, "epochs_run": 2.0}),
+            _run("ctrl", 0, {"val_loss": 0.40, "val_acc": 0.82, "epochs_run": 2.0}, control=True)]
+    history = {"run-ctrl": [SimpleNamespace(step=1, value=0.9), SimpleNamespace(step=2, value=0.40)]}
+    tracker = SimpleNamespace(trial_runs=lambda parent: runs,
+                              client=SimpleNamespace(get_metric_history=lambda run_id, key: history[run_id] if key == "val_loss" else []))
+    rows = leaderboard(tracker, "parent", cfg.primary)
+    assert [r["trial_id"] for r in rows] == ["kd", "ctrl", "worse"]
+    gains = {r["trial_id"]: r["kd_gain"] for r in rows}
+    assert gains["kd"] == pytest.approx(0.10) and gains["worse"] == pytest.approx(-0.05)
+
+    # confirmation: lower val_loss than the controls on both seeds holds; the registered seed is the lowest
+    def r(trial_id, seed, loss, control=False, confirms=None):
+        return row(trial_id, "mlp_32", seed, 0.8, control=control, confirms=confirms, val_loss=loss)
+
+    rows = [r("f", 0, 0.30), r("f1", 1, 0.28, confirms="f"), r("c0", 0, 0.40, control=True), r("c1", 1, 0.37, control=True, confirms="f")]
+    (c,) = confirm.confirmations(rows, cfg.primary)
+    mean, half, n = c.gain()
+    assert n == 2 and mean == pytest.approx(((0.40 - 0.30) + (0.37 - 0.28)) / 2)
+    assert c.verdict().startswith("KD gain +0.0950 +- ") and "val_loss down" in c.verdict() and c.verdict().endswith("holds")
+    assert c.best_run()["trial_id"] == "f1"
+    assert "| val loss (KD) | val loss (alpha=0 control) |" in confirm.table([c])
