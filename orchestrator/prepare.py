@@ -62,15 +62,10 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
     named = [(f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", t.arch) for i, t in enumerate(cfg.members) if not t.path]
     for field, arch in named + [("students", s) for s in cfg.students]:
         task.check_model(field, arch)
-    from trainables.losses import LOSSES
-    from trainables.losses.text import TextLoss
+    from trainables.losses import LOSSES, check_fits
 
     for method in cfg.methods:
-        cls = LOSSES.get(method)
-        if (issubclass(cls, TextLoss) and not text) or (text and cls.needs_teacher_features and not issubclass(cls, TextLoss)):
-            raise ConfigError(f"`loss.name` {method} distils {'transformer hidden states' if not text else 'convolutional stage features'}, "
-                              f"which {'image' if not text else 'text'} models lack: use "
-                              f"{'at or hint (or kd, dkd, dist)' if not text else 'tinybert or cosine (or kd, dkd, dist)'}")
+        check_fits(method, task.features, task.name.replace("_", " "))
     if not text:
         return
     from trainables.data.text import tokenizer_info

@@ -20,6 +20,7 @@ from trainables.data import load_splits
 from trainables.data.normalize import Normalized
 from trainables.eval.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
+from trainables.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
     and for its teacher (and an ensemble's `members`, by name), so "student vs teacher" is one
     table. All take raw pixels (their own normalization inside) or token ids: the student those of
     `student_splits` when it has its own tokenizer (the same examples in the same order)."""
-    from trainables.eval.corruptions import robustness
-    from trainables.eval.text_corruptions import text_robustness
     from trainables.eval.inference import predict
     from trainables.eval.metrics import classification_metrics
 
@@ -177,11 +176,8 @@ def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normaliz
         logits = t_logits if who == "teacher" else predict(model, x, raw, 2048, contextlib.nullcontext, False)
         m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
         fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
-        if s.is_text:  # typos, dropped and swapped words, tokenized again with each model's own tokenizer
-            tokenizer = student_splits.tokenizer if who == "student" and student_splits is not None else s.tokenizer
-            summary, _ = text_robustness(fn, s.test_text, s.test_y, tokenizer, s.input_shape[0], cfg.seed, m["test_acc"])
-        else:
-            summary, _ = robustness(fn, s.test_x, s.test_y, cfg.seed, 2048, m["test_acc"])
+        own = student_splits.tokenizer if who == "student" and student_splits is not None else None  # text: its tokens, its tokenizer
+        summary, _ = task_for(cfg.dataset.name).robustness(fn, s, "test", None, cfg.seed, 2048, m["test_acc"], own)
         m.update({f"test_{k}": v for k, v in summary.items()})
         if who not in ("student", "teacher"):
             m["params"] = sum(p.numel() for p in model.parameters())

@@ -37,7 +37,7 @@ BAD = [
         (["dataset.unlabeled.labels_kept=1.5"], "`dataset.unlabeled.labels_kept`"),
         (["dataset.unlabeled.ratio=0.5"], "`dataset.unlabeled` needs `root`"),
         (["ensemble.weights=[1, 2]"], "`ensemble.weights` needs one weight per teacher (1)"),
-        (["loss.name=tinybert"], "`loss.name` tinybert distils transformer hidden states, which image models lack"),
+        (["loss.name=tinybert"], "`loss.name` tinybert distils transformer hidden states, which the models of image classification lack: use at or hint"),
         (["students=[hf.bert-L2-H64-A2]"], "`students` hf.bert-L2-H64-A2 does not take images"),
 ]
 # `kdsweep teacher` trains into a teacher.path that does not exist yet, so that case is distill-only.

@@ -488,14 +488,24 @@ def test_hf_control_needs_no_teacher_and_keeps_fused_attention():
 @pytest.mark.parametrize("name,params,match", [
     ("cosine", {"alpha": 0.5}, "loss.name=tinybert"),
     ("tinybert", {"alpha": 0.5, "layer_map": [[3, 0]]}, "loss.layer_map"),
-    ("at", {"alpha": 0.5}, "loss.name=tinybert or cosine"),
-    ("hint", {"alpha": 0.5}, "loss.name=tinybert or cosine"),
 ])
 def test_build_loss_errors_on_hf_models_are_one_line(name, params, match):
     student, teacher = tiny_bert(16, 2), tiny_bert(32, 4)
     with pytest.raises(ConfigError, match=match.replace(".", r"\.")) as e:
         build_loss(name, params, student, teacher, (10,))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["at", "hint"])
+def test_stage_losses_are_refused_for_text_by_the_one_rule_driver_and_trial_call(name):
+    from trainables.losses import check_fits
+    from trainables.tasks import task_for
+
+    task = task_for("text")
+    with pytest.raises(ConfigError, match=f"`loss.name` {name} distils convolutional stage features, which the models of text "
+                                          "classification lack: use cosine or tinybert \\(or a logit loss: dist, dkd, kd\\)"):
+        check_fits(name, task.features, "text classification")
+    check_fits("tinybert", task.features, "text classification")  # fits: no error
 
 
 def test_transformer_losses_refuse_image_models():

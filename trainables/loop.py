@@ -29,7 +29,7 @@ from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, Optim
 from trainables.eval.inference import predict, suite_autocast
 from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
 from trainables.data.normalize import model_stats, normalizer
-from trainables.losses import build_loss
+from trainables.losses import build_loss, check_fits
 from trainables.eval.metrics import classification_metrics, per_class
 from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
@@ -192,12 +192,12 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     every, on_device = _splits(cfg.dataset, device, reporter.warm)  # images on the device, or batches copied from the host
     # Image batches in channels_last: on CUDA always; on CPU for eval forwards only (val, the corruption suite, the
     # teacher's targets: 5-40 % faster for the built-in convnets), as training there is faster for some and slower for others.
-    eval_channels_last = cfg.train.channels_last and not every.is_text
+    eval_channels_last = cfg.train.channels_last and task_for(cfg.dataset.name).channels_last
     channels_last = cuda and eval_channels_last
     unlabeled = cfg.dataset.unlabeled
     splits = every
     own = cfg.student_kwargs.get("tokenizer")
-    if every.is_text and own and own != cfg.dataset.tokenizer:  # a student with its own tokenizer: its own ids, example by
+    if own and own != cfg.dataset.tokenizer:  # a student with its own tokenizer: its own ids, example by
         splits, _ = _splits(cfg.dataset.model_copy(update={"tokenizer": own}), device, reporter.warm)  # example the teacher's
     if not cfg.loss.distills or (unlabeled is not None and unlabeled.ratio == 0):  # CE alone (a control, a teacher), or asked
         splits = splits.labeled()  # to leave them out: unlabelled examples would add nothing but steps
@@ -235,6 +235,8 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
         tap_layers(student, cfg.loss.layers_for(cfg.student), "loss.student_layers")
     if cfg.loss.teacher_layers and teacher is not None:
         tap_layers(teacher, cfg.loss.teacher_layers, "loss.teacher_layers")
+    task = task_for(cfg.dataset.name)
+    check_fits(cfg.loss.name, task.features, task.name.replace("_", " "))  # the driver's rule, again where the loss is built
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {}
     if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.sweep)
@@ -340,7 +342,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             n = min(cfg.train.robust_samples, len(splits.val_y))
             clean = float((logits[:n].argmax(1) == splits.val_y[:n]).float().mean()) if n else 0.0
             if n:  # the task's suite: corrupted images, or texts with typos and dropped or swapped words (tokenized again)
-                summary, tables["corruptions"] = t.task.robustness(lambda x: t.evaluate_counted(student, x), splits, n, cfg.seed,
+                summary, tables["corruptions"] = t.task.robustness(lambda x: t.evaluate_counted(student, x), splits, "val", n, cfg.seed,
                                                                    cfg.train.eval_batch_size, clean)
                 metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in t.size})

@@ -589,8 +589,8 @@ def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: to
 
 
 def text_lengths(splits: DataSplits) -> Tensor | None:
-    """Each train text's token count (CPU), when the splits are text: its batches group similar lengths."""
-    if not splits.is_text or splits.pad_id is None:
+    """Each train example's token count (CPU), when the inputs are padded token ids: its batches group similar lengths."""
+    if splits.pad_id is None:
         return None
     return (splits.train_x != splits.pad_id).sum(1).cpu()
 

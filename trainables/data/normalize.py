@@ -24,8 +24,8 @@ def model_stats(normalize: str, pretrained: bool, arch: str, splits: "DataSplits
     Grey images get the channel means (the network sees three equal channels)."""
     from trainables.models import zoo_of
 
-    if splits.is_text:
-        return (), ()  # token ids take no statistics
+    if not splits.mean:
+        return (), ()  # inputs without channel statistics (token ids) take none
     zoo = zoo_of(arch)
     if normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD

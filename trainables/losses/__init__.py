@@ -120,10 +120,16 @@ def kd_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+#: The model features a loss may read besides logits (DistillLoss.features), as messages name them;
+#: each task says which its models give (trainables.tasks.Task.features).
+FEATURES = {"stages": "convolutional stage features", "transformer": "transformer hidden states"}
+
+
 class DistillLoss(nn.Module):
     """Shared CE/distill weighting and warm-up. Subclasses implement `distill` (the weighted term)."""
 
     needs_teacher_features = False
+    features: str | None = None  # a FEATURES key: what it reads of both models besides logits (None: logits only)
     default_warmup_epochs = 0.0
 
     def __init__(
@@ -310,6 +316,7 @@ class at(DistillLoss):
     """
 
     needs_teacher_features = True
+    features = "stages"
 
     def __init__(
         self, alpha: float | None = None, temperature: float = 4.0, beta: float = 1000.0, p: float = 2.0,
@@ -371,6 +378,7 @@ class hint(DistillLoss):
     """
 
     needs_teacher_features = True
+    features = "stages"
 
     def __init__(
         self, alpha: float | None = None, temperature: float = 4.0, beta: float = 100.0, student_stage: int | None = None,
@@ -405,21 +413,28 @@ def _feature_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tupl
     return [tuple(f.shape[1:]) for f in feats]
 
 
+def check_fits(method: str, features: tuple[str, ...], task: str) -> None:
+    """A loss that reads features the models of `task` (its name, as a message says it) do not give
+    is refused, with the losses that fit: on the driver before Ray starts, and where a trial builds it."""
+    need = LOSSES.get(method).features
+    if need is not None and need not in features:
+        fit = [n for n in LOSSES if LOSSES.get(n).features in features]
+        raise ConfigError(f"`loss.name` {method} distils {FEATURES[need]}, which the models of {task} lack: use "
+                          f"{' or '.join(fit) or 'a logit loss'} (or a logit loss: {', '.join(n for n in LOSSES if LOSSES.get(n).features is None)})")
+
+
 def build_loss(
     name: str, params: dict, student: nn.Module | None = None, teacher: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> DistillLoss:
     """Create a registered loss; feature losses get the stage shapes of student and teacher (the
     transformer losses their sizes, from the models' configs, and attention maps when they use them)."""
-    from trainables.losses.text import TextLoss, is_text_model, text_shapes  # registered at the bottom of this module
+    from trainables.losses.text import TextLoss, text_shapes  # registered at the bottom of this module
 
-    cls = LOSSES.get(name)
+    cls = LOSSES.get(name)  # (whether the task's models give the features it reads: check_fits, before)
     params = dict(params)
     if issubclass(cls, TextLoss):
         params.update(text_shapes(name, student, teacher))
-    elif cls.needs_teacher_features and (is_text_model(student) or is_text_model(teacher)):
-        raise ConfigError(f"`loss.name={name}` distils convolutional stage features, but the models are transformers (hf): "
-                          "use loss.name=tinybert or cosine (or a logit loss: kd, dkd, dist)")
     if name == "hint":
         if student is None or teacher is None or input_shape is None:
             raise ConfigError("`loss.name=hint` needs a teacher: set teacher.path or train one first")

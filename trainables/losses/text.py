@@ -93,6 +93,7 @@ class TextLoss(DistillLoss):
     """Shared by the transformer losses: the teacher's features online, the logit KD term, the sizes."""
 
     needs_teacher_features = True
+    features = "transformer"
 
     def __init__(self, alpha: float | None = None, temperature: float = 4.0, logit_weight: float = 1.0,
                  s_shapes: TextShape | None = None, t_shapes: TextShape | None = None, **weights) -> None:

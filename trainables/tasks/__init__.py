@@ -42,6 +42,10 @@ class Task:
     severities: ClassVar[tuple[int, ...]] = ()
     #: whether a list of teachers distils as one ensemble (trainables.models.ensemble)
     ensembles: ClassVar[bool] = False
+    #: the features its models give besides logits (trainables.losses.FEATURES keys): the losses that read them fit
+    features: ClassVar[tuple[str, ...]] = ()
+    #: whether train.channels_last applies (the inputs are NCHW images)
+    channels_last: ClassVar[bool] = False
 
     @property
     def throughput(self) -> str:
@@ -68,10 +72,11 @@ class Task:
             raise ConfigError(f"`teacher` is a list of {count} teachers, but {self.name.replace('_', ' ')} distils from one (its "
                               "teachers do not combine into an ensemble yet): keep one teacher, or run one sweep per teacher")
 
-    def robustness(self, predict: Predict, splits: "DataSplits", n: int, seed: int, batch: int,
-                   clean_acc: float) -> tuple[dict[str, float], dict[str, list[float]]]:
-        """(summary, table) of the suite on the first `n` val examples: `corr_<name>` (mean over
-        severities), `robust_acc`, `relative_robustness`; the table: each name's accuracy per severity."""
+    def robustness(self, predict: Predict, splits: "DataSplits", split: str, n: int | None, seed: int, batch: int, clean_acc: float,
+                   tokenizer: str | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """(summary, table) of the suite on the first `n` (None: all) examples of `split` (val, test):
+        `corr_<name>` (mean over severities), `robust_acc`, `relative_robustness`; the table: each
+        name's accuracy per severity. `tokenizer`: the model's own, where its inputs are tokens."""
         raise NotImplementedError
 
 

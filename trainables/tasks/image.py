@@ -20,7 +20,11 @@ class ImageClassification(Task):
     models_hint = "use image models (cnn_*, resnet*, torchvision.*, timm.*) with image data"
     corruptions = tuple(CORRUPTIONS.names())
     severities = SEVERITIES
+    features = ("stages",)
     ensembles = True
+    channels_last = True
 
-    def robustness(self, predict: Predict, splits: "DataSplits", n: int, seed: int, batch: int, clean_acc: float):
-        return robustness(predict, splits.val_x[:n], splits.val_y[:n], seed, batch, clean_acc)
+    def robustness(self, predict: Predict, splits: "DataSplits", split: str, n: int | None, seed: int, batch: int, clean_acc: float,
+                   tokenizer: str | None = None):
+        x, y = getattr(splits, f"{split}_x")[:n], getattr(splits, f"{split}_y")[:n]
+        return robustness(predict, x, y, seed, batch, clean_acc)

@@ -22,6 +22,9 @@ class TextClassification(Task):
     models_hint = "use hf.<family> models (or teacher.arch hf) with text data (dataset.name: text)"
     corruptions = tuple(TEXT_CORRUPTIONS.names())
     severities = SEVERITIES
+    features = ("transformer",)
 
-    def robustness(self, predict: Predict, splits: "DataSplits", n: int, seed: int, batch: int, clean_acc: float):
-        return text_robustness(predict, splits.val_text[:n], splits.val_y[:n], splits.tokenizer, splits.input_shape[0], seed, clean_acc)
+    def robustness(self, predict: Predict, splits: "DataSplits", split: str, n: int | None, seed: int, batch: int, clean_acc: float,
+                   tokenizer: str | None = None):
+        texts, y = getattr(splits, f"{split}_text")[:n], getattr(splits, f"{split}_y")[:n]
+        return text_robustness(predict, texts, y, tokenizer or splits.tokenizer, splits.input_shape[0], seed, clean_acc)
