@@ -263,8 +263,7 @@ class SweepConfig(Strict):
             self.objectives = [task_for(self.dataset.name).objective]
         checkpoint = next((t.checkpoint for t in self.members if t.checkpoint), None) or next(
             (t.path for t in self.members if t.path and (Path(t.path) / "tokenizer_config.json").is_file()), None)
-        if self.dataset.name == "text" and self.dataset.tokenizer is None and checkpoint:
-            self.dataset = self.dataset.model_copy(update={"tokenizer": checkpoint})
+        self.dataset = task_for(self.dataset.name).resolve_dataset(self.dataset, checkpoint)
         if self.ensemble.weights is not None and len(self.ensemble.weights) != len(self.members):
             raise ValueError(f"`ensemble.weights` needs one weight per teacher ({len(self.members)}), but got {len(self.ensemble.weights)}")
         for field, keys in (("student_weights", self.student_weights), ("loss.student_layers", self.loss.student_layers)):

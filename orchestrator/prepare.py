@@ -46,56 +46,26 @@ def check_data(cfg: SweepConfig) -> DataInfo:
 
 
 def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
-    """Every model against the kind of data: hf models take text, the others images; an hf
-    model's vocabulary and positions hold the data's tokens; a student taking the teacher's layers
-    has the teacher's sizes. From configs only, before anything is built."""
-    from trainables.models.hf import PREFIX, card_config, check_copies_teacher, check_fit, check_layers_fit, family_config, model_config
+    """Every model against the task: the families it takes, the losses whose features its models
+    give, one teacher or an ensemble, and the task's own checks (text: vocabularies and positions
+    hold the data's tokens, a student taking the teacher's layers has its sizes). From configs only,
+    before anything is built."""
+    from trainables.losses import check_fits
+    from trainables.models.hf import check_copies_teacher
 
     for s, weights in cfg.student_weights.items():
         if weights == TEACHER_LAYERS:
             t = cfg.teacher
             card = Path(t.path) / CARD if t.path and not cfg.is_ensemble else None
             check_copies_teacher(s, "ensemble" if cfg.is_ensemble else read_card(t.path).arch if card and card.is_file() else t.arch)
-    text = len(info.input_shape) == 1
     task = task_for(cfg.dataset.name)
     task.check_teachers(len(cfg.members))
     named = [(f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", t.arch) for i, t in enumerate(cfg.members) if not t.path]
     for field, arch in named + [("students", s) for s in cfg.students]:
         task.check_model(field, arch)
-    from trainables.losses import LOSSES, check_fits
-
     for method in cfg.methods:
         check_fits(method, task.features, task.name.replace("_", " "))
-    if not text:
-        return
-    from trainables.data.text import tokenizer_info
-
-    vocab = tokenizer_info(cfg.dataset.resolved().tokenizer)["vocab_size"]
-    teacher = None
-    for i, t in enumerate(cfg.members):
-        if t.arch == "hf" and not t.path:
-            teacher = model_config(t.arch_kwargs["config"])
-            check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.weights", info.input_shape[0], vocab)
-        elif t.arch.startswith(PREFIX) and not t.path:  # built from a config, trained here: the data's tokenizer
-            teacher = family_config(t.arch, cfg.dataset.resolved().tokenizer, **t.arch_kwargs)
-            check_fit(teacher, f"teacher{f'[{i}]' if cfg.is_ensemble else ''}.arch", info.input_shape[0], vocab)
-        elif t.path and (Path(t.path) / CARD).is_file():
-            card = read_card(t.path)
-            teacher = card_config(card.arch, card.arch_kwargs)
-    for s in cfg.students:
-        own = cfg.student_kwargs(s)["tokenizer"]
-        if own != cfg.dataset.resolved().tokenizer:  # its own tokenizer: the text tokenized for it too, once, here
-            load_splits(cfg.student_dataset(s))
-            if any(LOSSES.get(m).needs_teacher_features for m in cfg.methods) or cfg.train.teacher_targets == "online":
-                raise ConfigError(f"`student_weights.{s}` brings its own tokenizer, so its tokens are not the teacher's: distil it from "
-                                  "cached logits (loss kd, dkd or dist; train.teacher_targets auto), not token-aligned features")
-        config = family_config(s, own)
-        check_fit(config, f"students {s}", info.input_shape[0], tokenizer_info(own)["vocab_size"])
-        if cfg.student_weights.get(s) == TEACHER_LAYERS and teacher is not None:
-            check_layers_fit(config, teacher, s)
-        if "cosine" in cfg.methods and teacher is not None and config.hidden_size != teacher.hidden_size:
-            raise ConfigError(f"`loss.name` cosine compares hidden states of the teacher's width ({teacher.hidden_size}), but student {s} "
-                              f"has {config.hidden_size}: use tinybert (it learns a projection) or students of width {teacher.hidden_size}")
+    task.check_models(cfg, info.input_shape)
 
 
 def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> None:
@@ -189,10 +159,7 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
         card.update(val_acc=metrics["val_acc"], epochs=metrics["epoch"])
     card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
     saved = save_teacher(model, path, card)  # a trainables.card.TeacherCard: a missing field fails here
-    if len(info.input_shape) == 1:  # text: the tokenizer beside the weights, so the folder is a teacher.path on its own
-        from trainables.data.text import load_tokenizer
-
-        load_tokenizer(cfg.dataset.resolved().tokenizer).save_pretrained(str(path))
+    task_for(cfg.dataset.name).save_with_teacher(cfg.dataset, path)  # text: its tokenizer, so the folder is a teacher.path on its own
     log.info("teacher val_acc=%.4f saved to %s", saved.val_acc, path)
     return path
 

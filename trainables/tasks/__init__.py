@@ -8,13 +8,15 @@ counted in, its default objective (metric and direction), and its robustness sui
 severities, and how a model is scored under them)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from trainables.config import DatasetConfig
     from trainables.data import DataSplits
 
 Predict = Callable[["Tensor"], "Tensor"]
@@ -71,6 +73,18 @@ class Task:
         if count > 1 and not self.ensembles:
             raise ConfigError(f"`teacher` is a list of {count} teachers, but {self.name.replace('_', ' ')} distils from one (its "
                               "teachers do not combine into an ensemble yet): keep one teacher, or run one sweep per teacher")
+
+    def check_models(self, cfg: Any, input_shape: tuple[int, ...]) -> None:
+        """The task's own checks of a sweep's models against its data, from configs only, on the
+        driver before Ray starts (`cfg`: the sweep's config; none for images)."""
+
+    def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
+        """The dataset config completed from the teachers (`checkpoint`: a teacher folder that
+        carries its own input processing, such as a tokenizer)."""
+        return dataset
+
+    def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
+        """What a trained teacher's folder keeps beside its weights to be used on its own."""
 
     def robustness(self, predict: Predict, splits: "DataSplits", split: str, n: int | None, seed: int, batch: int, clean_acc: float,
                    tokenizer: str | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:

@@ -3,12 +3,14 @@ Hugging Face encoders (`hf` checkpoints, hf.<family> configs); typos and dropped
 tokenized again."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from trainables.eval.text_corruptions import SEVERITIES, TEXT_CORRUPTIONS, text_robustness
 from trainables.tasks import TASKS, Predict, Task
 
 if TYPE_CHECKING:
+    from trainables.config import DatasetConfig
     from trainables.data import DataSplits
 
 
@@ -28,3 +30,56 @@ class TextClassification(Task):
                    tokenizer: str | None = None):
         texts, y = getattr(splits, f"{split}_text")[:n], getattr(splits, f"{split}_y")[:n]
         return text_robustness(predict, texts, y, tokenizer or splits.tokenizer, splits.input_shape[0], seed, clean_acc)
+
+    def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
+        """No dataset.tokenizer: the teacher checkpoint's."""
+        if dataset.tokenizer is None and checkpoint:
+            return dataset.model_copy(update={"tokenizer": checkpoint})
+        return dataset
+
+    def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
+        """The tokenizer beside the weights: the folder is a teacher.path (and a checkpoint) on its own."""
+        from trainables.data.text import load_tokenizer
+
+        load_tokenizer(dataset.resolved().tokenizer).save_pretrained(str(folder))
+
+    def check_models(self, cfg: Any, input_shape: tuple[int, ...]) -> None:
+        """Every vocabulary and position table holds the data's tokens; a student with its own
+        tokenizer gets its own ids (tokenized here, once) and distils from logits only; a student
+        taking the teacher's layers, or compared with its hidden states (cosine), has its sizes."""
+        from trainables.config import TEACHER_LAYERS
+        from trainables.data import load_splits
+        from trainables.data.text import tokenizer_info
+        from trainables.losses import LOSSES
+        from trainables.models.hf import PREFIX, card_config, check_fit, check_layers_fit, family_config, model_config
+        from trainables.models.teacher import CARD, read_card
+        from trainables.registry import ConfigError
+
+        length, tokenizer = input_shape[0], cfg.dataset.resolved().tokenizer
+        vocab = tokenizer_info(tokenizer)["vocab_size"]
+        teacher = None
+        for i, t in enumerate(cfg.members):
+            field = f"teacher{f'[{i}]' if cfg.is_ensemble else ''}"
+            if t.arch == "hf" and not t.path:
+                teacher = model_config(t.arch_kwargs["config"])
+                check_fit(teacher, f"{field}.weights", length, vocab)
+            elif t.arch.startswith(PREFIX) and not t.path:  # built from a config, trained here: the data's tokenizer
+                teacher = family_config(t.arch, tokenizer, **t.arch_kwargs)
+                check_fit(teacher, f"{field}.arch", length, vocab)
+            elif t.path and (Path(t.path) / CARD).is_file():
+                card = read_card(t.path)
+                teacher = card_config(card.arch, card.arch_kwargs)
+        for s in cfg.students:
+            own = cfg.student_kwargs(s)["tokenizer"]
+            if own != tokenizer:  # its own tokenizer: the text tokenized for it too, once, here
+                load_splits(cfg.student_dataset(s))
+                if any(LOSSES.get(m).needs_teacher_features for m in cfg.methods) or cfg.train.teacher_targets == "online":
+                    raise ConfigError(f"`student_weights.{s}` brings its own tokenizer, so its tokens are not the teacher's: distil it from "
+                                      "cached logits (loss kd, dkd or dist; train.teacher_targets auto), not token-aligned features")
+            config = family_config(s, own)
+            check_fit(config, f"students {s}", length, tokenizer_info(own)["vocab_size"])
+            if cfg.student_weights.get(s) == TEACHER_LAYERS and teacher is not None:
+                check_layers_fit(config, teacher, s)
+            if "cosine" in cfg.methods and teacher is not None and config.hidden_size != teacher.hidden_size:
+                raise ConfigError(f"`loss.name` cosine compares hidden states of the teacher's width ({teacher.hidden_size}), but student {s} "
+                                  f"has {config.hidden_size}: use tinybert (it learns a projection) or students of width {teacher.hidden_size}")
