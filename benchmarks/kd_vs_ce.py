@@ -77,7 +77,7 @@ def main() -> None:
                 log.info("%s seed=%d: diverged at epoch %d", label, seed, r.metrics["epoch"])
                 continue
             test = evaluate_on_test(cfg, Normalized(r.model, r.preprocess["mean"], r.preprocess["std"]).eval(), teacher, splits)["student"]
-            both = profile_together({"s": r.model, "t": raw}, splits.input_shape)  # timed interleaved, one thread
+            both = profile_together({"s": r.model, "t": raw}, cfg.task.inputs(splits.input_shape))  # timed interleaved, one thread
             size, t_size = both["s"], both["t"]
             runs.append({"val_acc": r.metrics["val_acc"], "test_acc": test["test_acc"], "macro_f1": test["test_macro_f1"],
                          "robust_acc": test.get("test_robust_acc"), "ece": test["test_ece"], "agreement": test["test_agreement"],

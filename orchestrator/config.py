@@ -19,7 +19,7 @@ from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
 from trainables.losses import LOSSES
 from trainables.plugins import load_plugins
 from trainables.registry import MISSING, ConfigError
-from trainables.tasks import task_for
+from trainables.tasks import Task, task_for
 from trainables.models.weights import weights_sha256
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config. Input sugar
@@ -332,6 +332,11 @@ class SweepConfig(Strict):
         return self.teacher if isinstance(self.teacher, list) else [self.teacher]
 
     @property
+    def task(self) -> Task:
+        """The kind of work, chosen once from the dataset (trainables.tasks)."""
+        return task_for(self.dataset.name)
+
+    @property
     def primary(self) -> Objective:
         """The first objective: what ASHA stops on, what a KD gain and a confirmation's verdict are
         measured in, and which way is better."""
@@ -397,15 +402,9 @@ class SweepConfig(Strict):
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"
 
     def student_kwargs(self, student: str) -> dict[str, Any]:
-        """What a student is built with beyond its name: an hf.<family> student, its tokenizer (the
-        one saved with its student_weights checkpoint, else the data's)."""
-        from trainables.data.text import has_tokenizer
-        from trainables.models.hf import PREFIX
-
-        if not student.startswith(PREFIX):
-            return {}
-        own = self.student_weights.get(student)
-        return {"tokenizer": own if own and has_tokenizer(own) else self.dataset.resolved().tokenizer}
+        """What a student is built with beyond its name, as its task says (text: an hf.<family>
+        student's tokenizer, the one saved with its student_weights checkpoint, else the data's)."""
+        return task_for(self.dataset.name).model_kwargs(student, self.student_weights.get(student), self.dataset.resolved())
 
     def teacher_kwargs(self) -> dict[str, Any]:
         """What the (one) teacher is built with: its arch_kwargs, and an hf.<family> teacher the data's tokenizer."""

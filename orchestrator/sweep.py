@@ -316,6 +316,7 @@ class Profiles:
 
         r = cfg.resources
         self.cfg, self.info = cfg, info
+        self.task_name = cfg.task.name  # what the models' example inputs are
         self.here = local and not r.gpus_per_trial  # a local CPU sweep: this process is on the trials' kind of device
         self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
         self.latency_task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(latency_task)
@@ -328,10 +329,10 @@ class Profiles:
         """Queue the tasks not queued yet: the students', and the teacher's once teacher_path is set."""
         cfg, info = self.cfg, self.info
         if not self.students:
-            self.students = {s: self.task.remote(arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
+            self.students = {s: self.task.remote(self.task_name, arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
                                                  arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
         if self.teacher_path is not None and self.teacher is None:
-            self.teacher = self.task.remote(teacher_path=self.teacher_path, plugins=cfg.plugins)
+            self.teacher = self.task.remote(self.task_name, teacher_path=self.teacher_path, plugins=cfg.plugins)
 
     def measure_latency(self, when: str) -> dict[str, Any]:
         """Time the teacher and every student (latency_task), now: the caller makes sure no trial
@@ -346,7 +347,7 @@ class Profiles:
         threads = max(1, int(cfg.resources.cpus_per_trial))
         log.info("timing the teacher and %d student(s) back to back, interleaved (%d thread%s), %s", len(cfg.students), threads,
                  "" if threads == 1 else "s", when)
-        args = (self.teacher_path, {s: cfg.student_kwargs(s) for s in cfg.students}, list(info.input_shape), info.num_classes, cfg.plugins, threads)
+        args = (self.task_name, self.teacher_path, {s: cfg.student_kwargs(s) for s in cfg.students}, list(info.input_shape), info.num_classes, cfg.plugins, threads)
         self.latency = {**(latency_task(*args) if self.here else ray.get(self.latency_task.remote(*args))), "when": when}
         return self.latency
 

@@ -104,8 +104,9 @@ def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(t
 def test_gpu_latency_is_measured_and_positive():
     from trainables.models import create_model
     from trainables.models.profile import size_metrics
+    from trainables.tasks import task_for
 
-    m = size_metrics(create_model("cnn_tiny", 10, (1, 8, 8)), (1, 8, 8))
+    m = size_metrics(create_model("cnn_tiny", 10, (1, 8, 8)), task_for("digits").inputs((1, 8, 8)))
     assert m["latency_gpu_b1_ms"] > 0 and m["latency_gpu_b64_ms"] > 0
     assert m["latency_gpu_b64_ms"] < 50 * m["latency_gpu_b1_ms"]  # batching is not serialised
 

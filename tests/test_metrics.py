@@ -129,7 +129,8 @@ def test_profiled_sizes_and_the_leaderboard_use_declared_names():
     from trainables.eval.metrics import LEADERBOARD, METRICS, SIZE_METRICS, metric
     from trainables.models import create_model
     from trainables.models.profile import size_metrics
+    from trainables.tasks import task_for
 
-    sizes = size_metrics(create_model("mlp_32", 10, (1, 8, 8)), (1, 8, 8), gpu=False)
+    sizes = size_metrics(create_model("mlp_32", 10, (1, 8, 8)), task_for("digits").inputs((1, 8, 8)), gpu=False)
     assert {f"size_{k}" for k in sizes} <= set(SIZE_METRICS)
     assert all(metric(c).name in METRICS for c in LEADERBOARD)

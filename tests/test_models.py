@@ -3,6 +3,7 @@ import torch
 
 from trainables.models import MODELS, create_model
 from trainables.models.profile import size_metrics
+from trainables.tasks import task_for
 from trainables.registry import ConfigError, Registry
 
 
@@ -34,7 +35,7 @@ def test_registry_rejects_duplicates_and_lists_choices():
 
 def test_size_metrics():
     model = create_model("cnn_tiny", 10, (1, 8, 8))
-    m = size_metrics(model, (1, 8, 8), batch=8, gpu=False)
+    m = size_metrics(model, task_for("digits").inputs((1, 8, 8)), batch=8, gpu=False)
     assert m["params"] == sum(p.numel() for p in model.parameters())
     assert m["bytes"] > 4 * m["params"]  # float32 weights plus BN buffers and the header
     assert m["flops"] > 2 * 16 * 8 * 3 * 3 * 4  # at least the second conv's multiply-adds

@@ -240,7 +240,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {}
     if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.sweep)
-        both = profile_together({"student": student, **({"teacher": teacher} if teacher is not None else {})}, shape)
+        both = profile_together({"student": student, **({"teacher": teacher} if teacher is not None else {})}, task.inputs(shape))
         size = size_report(both["student"], both.get("teacher"))
     if channels_last:
         student = student.to(memory_format=torch.channels_last)

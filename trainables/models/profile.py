@@ -14,6 +14,8 @@ import torch.nn as nn
 from safetensors.torch import save as st_save
 from torch.utils.flop_counter import FlopCounterMode
 
+from trainables.tasks import Inputs, task_named
+
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -24,19 +26,11 @@ def serialized_bytes(model: nn.Module) -> int:
     return len(st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
-def example_input(input_shape: tuple[int, ...], batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A batch a model takes: normalized images (N, C, H, W), or token ids (N, L) with no padding
-    (id 1: in every vocabulary, and never a pad id 0), so attention runs over the full length."""
-    if len(input_shape) == 1:
-        return torch.ones(batch, *input_shape, dtype=torch.long, device=device)
-    return torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-
-
 @torch.no_grad()
-def flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def flops(model: nn.Module, inputs: Inputs) -> int:
     """Forward FLOPs for one example (torch.utils.flop_counter; a multiply-add counts as 2)."""
     p = next(model.parameters())
-    x = example_input(input_shape, 1, p.device, p.dtype)
+    x = inputs.example(1, p.device, p.dtype)
     with FlopCounterMode(display=False) as fc:
         model(x)
     return int(fc.get_total_flops())
@@ -51,31 +45,32 @@ def _timer(model: nn.Module, x: torch.Tensor, threads: int):
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device | str, min_run_time: float = 0.2) -> float:
+def latency_ms(model: nn.Module, inputs: Inputs, batch: int, device: torch.device | str, min_run_time: float = 0.2) -> float:
     """Median time of one forward pass in ms (torch.utils.benchmark: warm-up, CUDA synchronised,
     enough runs to fill `min_run_time`)."""
-    x = example_input(input_shape, batch, device)
+    x = inputs.example(batch, device)
     return _timer(model, x, torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def latency_settings(input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, tuple[tuple[int, ...], int, str]]:
+def latency_settings(inputs: Inputs, batch: int = 64, gpu: bool | None = None) -> dict[str, tuple[tuple[int, ...], int, str]]:
     """Every latency a profile reports: key -> (input shape, batch, device). Batch 1 (a request at
-    a time: what a deployment waits for) on the CPU and on CUDA when there is one, text also at 25 %
-    and 50 % of its length; batch `batch` on CUDA only (a large teacher's batch on one CPU thread
-    costs seconds a forward, several times over, and says little a batch-1 time does not)."""
-    shorter = {f"_len{p}": (max(2, input_shape[0] * p // 100),) for p in (25, 50)} if len(input_shape) == 1 else {}
+    a time: what a deployment waits for) on the CPU and on CUDA when there is one, at each input
+    size the task names (text: also 25 % and 50 % of its length); batch `batch` on CUDA only (a
+    large teacher's batch on one CPU thread costs seconds a forward, several times over, and says
+    little a batch-1 time does not)."""
+    variants = inputs.variants()
     devices = ["cpu", *(["gpu"] if (torch.cuda.is_available() if gpu is None else gpu) else [])]
     out = {}
     for d in devices:
-        out[f"latency_{d}_b1_ms"] = (input_shape, 1, d)
+        out[f"latency_{d}_b1_ms"] = (inputs.shape, 1, d)
         if d == "gpu":
-            out[f"latency_{d}_b{batch}_ms"] = (input_shape, batch, d)
-        out.update({f"latency_{d}_b1{k}_ms": (shape, 1, d) for k, shape in shorter.items()})
+            out[f"latency_{d}_b{batch}_ms"] = (inputs.shape, batch, d)
+        out.update({f"latency_{d}_b1{k}_ms": (shape, 1, d) for k, shape in variants.items() if k})
     return out
 
 
 @torch.no_grad()
-def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int, rounds: int = 7, batch: int = 64,
+def interleaved_latency(models: dict[str, nn.Module], inputs: Inputs, threads: int, rounds: int = 7, batch: int = 64,
                         gpu: bool | None = None, budget_s: float = 1.0, block_s: float = 0.01,
                         rounds_used: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
     """Each model's latency (ms) per setting (latency_settings), timed back to back and interleaved:
@@ -89,12 +84,12 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ..
     each setting's count."""
     names = list(models)
     ready = {n: copy.deepcopy(m).float().eval().cpu() for n, m in models.items()}
-    settings = latency_settings(input_shape, batch, gpu)
+    settings = latency_settings(inputs, batch, gpu)
     on_gpu = {n: copy.deepcopy(m).cuda() for n, m in ready.items()} if any(d == "gpu" for *_, d in settings.values()) else {}
     out: dict[str, dict[str, float]] = {n: {} for n in names}
     with _threads(threads):
         for key, (shape, b, device) in settings.items():
-            x = example_input(shape, b, "cuda" if device == "gpu" else "cpu")
+            x = inputs.example(b, "cuda" if device == "gpu" else "cpu", shape=shape)
             pick = (lambda n: on_gpu[n]) if device == "gpu" else (lambda n: ready[n])
             once, calls = {}, {}
             for n in names:
@@ -137,24 +132,24 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def static_size(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+def static_size(model: nn.Module, inputs: Inputs) -> dict[str, float]:
     """params, bytes and FLOPs: what does not depend on when or where it is measured."""
     m = copy.deepcopy(model).float().eval().cpu()
-    return {"params": float(param_count(m)), "bytes": float(serialized_bytes(m)), "flops": float(flops(m, input_shape))}
+    return {"params": float(param_count(m)), "bytes": float(serialized_bytes(m)), "flops": float(flops(m, inputs))}
 
 
-def size_metrics(model: nn.Module, input_shape: tuple[int, ...], batch: int = 64, gpu: bool | None = None) -> dict[str, float]:
+def size_metrics(model: nn.Module, inputs: Inputs, batch: int = 64, gpu: bool | None = None) -> dict[str, float]:
     """params, bytes, FLOPs and latency (latency_settings: batch 1, and `batch` on CUDA) of one
     model alone; to compare models, time them together (profile_together)."""
-    return {**static_size(model, input_shape),
-            **interleaved_latency({"m": model}, input_shape, torch.get_num_threads(), rounds=3, batch=batch, gpu=gpu)["m"]}
+    return {**static_size(model, inputs),
+            **interleaved_latency({"m": model}, inputs, torch.get_num_threads(), rounds=3, batch=batch, gpu=gpu)["m"]}
 
 
-def profile_together(models: dict[str, nn.Module], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 7) -> dict[str, dict[str, float]]:
+def profile_together(models: dict[str, nn.Module], inputs: Inputs, threads: int = 1, rounds: int = 7) -> dict[str, dict[str, float]]:
     """Size metrics of several models whose latencies are compared (a student and its teacher):
     static sizes, and latencies timed interleaved (interleaved_latency)."""
-    times = interleaved_latency(models, input_shape, threads, rounds)
-    return {n: {**static_size(m, input_shape), **times[n]} for n, m in models.items()}
+    times = interleaved_latency(models, inputs, threads, rounds)
+    return {n: {**static_size(m, inputs), **times[n]} for n, m in models.items()}
 
 
 def size_report(student: dict[str, float], teacher: dict[str, float] | None) -> dict[str, float]:
@@ -181,7 +176,7 @@ def _build(arch: str | None, shape: list[int] | None, num_classes: int | None, t
     return create_model(arch, num_classes, shape, **(arch_kwargs or {})), tuple(shape)
 
 
-def profile_task(arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
+def profile_task(task: str, arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
                  teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
     """Ray task body (orchestrator.sweep.Profiles): the static sizes (static_size) of one
     architecture, freshly built, or of the saved teacher. Nothing here is timed: it may run beside
@@ -190,14 +185,14 @@ def profile_task(arch: str | None = None, shape: list[int] | None = None, num_cl
 
     load_plugins(plugins)
     model, shape = _build(arch, shape, num_classes, teacher_path, arch_kwargs)
-    return static_size(model, shape)
+    return static_size(model, task_named(task).inputs(shape))
 
 
 #: The name of the teacher among the models a latency task times.
 TEACHER = "teacher"
 
 
-def latency_task(teacher_path: str, students: dict[str, dict], shape: list[int], num_classes: int, plugins: list[str] = (),
+def latency_task(task: str, teacher_path: str, students: dict[str, dict], shape: list[int], num_classes: int, plugins: list[str] = (),
                  threads: int = 1, rounds: int = 7) -> dict:
     """Ray task body (orchestrator.sweep.Profiles.measure_latency), run while no trial runs: the
     teacher and every student (name -> create_model kwargs) timed interleaved, `threads` threads.
@@ -211,6 +206,6 @@ def latency_task(teacher_path: str, students: dict[str, dict], shape: list[int],
     models = {TEACHER: _build(None, None, None, teacher_path, None)[0]}
     models.update({name: _build(name, shape, num_classes, None, kw)[0] for name, kw in students.items()})
     start, used = time.time(), {}
-    times = interleaved_latency(models, tuple(shape), threads, rounds, rounds_used=used)
+    times = interleaved_latency(models, task_named(task).inputs(shape), threads, rounds, rounds_used=used)
     return {"latency": times, "window": [start, time.time()], "threads": threads, "rounds": used, "host": socket.gethostname(),
             "order": "interleaved, the models' order rotating by round; each value the median over the rounds"}

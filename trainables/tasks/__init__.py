@@ -8,12 +8,14 @@ counted in, its default objective (metric and direction), and its robustness sui
 severities, and how a model is scored under them)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from trainables.registry import ConfigError, Registry
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
     from trainables.config import DatasetConfig
@@ -22,12 +24,28 @@ if TYPE_CHECKING:
 Predict = Callable[["Tensor"], "Tensor"]
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """A model's inputs as its task makes examples of them (profiles, latency): `shape` per
+    example, and the task's name (picklable: a Ray task takes it)."""
+
+    task: str
+    shape: tuple[int, ...]
+
+    def example(self, batch: int, device: "torch.device | str", dtype: "torch.dtype | None" = None, shape: tuple[int, ...] | None = None):
+        return task_named(self.task).example_input(shape or self.shape, batch, device, dtype)
+
+    def variants(self) -> dict[str, tuple[int, ...]]:
+        """Suffix -> shape of every input size a latency is reported at ("" : the data's)."""
+        return task_named(self.task).input_variants(self.shape)
+
+
 class Task:
     """One kind of work. Subclasses set the class attributes and `robustness`."""
 
     name: ClassVar[str]
     #: what the inputs are, in messages ("images", "text (token ids)")
-    inputs: ClassVar[str]
+    input_words: ClassVar[str]
     #: what one example is called: the epoch's throughput is logged as `<unit>_per_s`
     unit: ClassVar[str]
     #: the dataset loaders (trainables.data.DATASETS) whose splits this task reads
@@ -64,9 +82,19 @@ class Task:
             return self.claims(arch)
         return not any(TASKS.get(other).claims(arch) for other in TASKS if other != self.name)
 
+    def inputs(self, shape: tuple[int, ...]) -> Inputs:
+        return Inputs(self.name, tuple(shape))
+
+    def example_input(self, shape: tuple[int, ...], batch: int, device: "torch.device | str", dtype: "torch.dtype | None" = None):
+        """A batch of `shape` a model of this task takes (for timing and FLOPs; values carry no meaning)."""
+        raise NotImplementedError
+
+    def input_variants(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {"": tuple(shape)}
+
     def check_model(self, field: str, arch: str) -> None:
         if not self.takes(arch):
-            raise ConfigError(f"`{field}` {arch} does not take {self.inputs}: {self.models_hint}")
+            raise ConfigError(f"`{field}` {arch} does not take {self.input_words}: {self.models_hint}")
 
     def check_teachers(self, count: int) -> None:
         """A list of teachers is refused before any member trains where this task has no ensemble."""
@@ -82,6 +110,11 @@ class Task:
         """The dataset config completed from the teachers (`checkpoint`: a teacher folder that
         carries its own input processing, such as a tokenizer)."""
         return dataset
+
+    def model_kwargs(self, arch: str, weights: str | None, dataset: "DatasetConfig") -> dict[str, Any]:
+        """What a model named `arch` (starting from `weights`, if any) is built with beyond its name
+        and the data's shape."""
+        return {}
 
     def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
         """What a trained teacher's folder keeps beside its weights to be used on its own."""

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 @TASKS.register(name="image_classification")
 class ImageClassification(Task):
     name = "image_classification"
-    inputs = "images"
+    input_words = "images"
     unit = "images"
     datasets = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "arrays", "synthetic")
     models_hint = "use image models (cnn_*, resnet*, torchvision.*, timm.*) with image data"
@@ -23,6 +23,12 @@ class ImageClassification(Task):
     features = ("stages",)
     ensembles = True
     channels_last = True
+
+    def example_input(self, shape, batch, device, dtype=None):
+        """Normalized-image-like noise (N, C, H, W), seeded."""
+        import torch
+
+        return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device, dtype or torch.float32)
 
     def robustness(self, predict: Predict, splits: "DataSplits", split: str, n: int | None, seed: int, batch: int, clean_acc: float,
                    tokenizer: str | None = None):

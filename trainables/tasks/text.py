@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 @TASKS.register(name="text_classification")
 class TextClassification(Task):
     name = "text_classification"
-    inputs = "text (token ids)"
+    input_words = "text (token ids)"
     unit = "texts"
     datasets = ("text",)
     models = ("hf", "hf.")
@@ -25,6 +25,17 @@ class TextClassification(Task):
     corruptions = tuple(TEXT_CORRUPTIONS.names())
     severities = SEVERITIES
     features = ("transformer",)
+
+    def example_input(self, shape, batch, device, dtype=None):
+        """Token ids (N, L) with no padding (id 1: in every vocabulary, and never a pad id 0), so
+        attention runs over the full length."""
+        import torch
+
+        return torch.ones(batch, *shape, dtype=torch.long, device=device)
+
+    def input_variants(self, shape):
+        """The full length, and a quarter and half of it (latency grows with the sequence)."""
+        return {"": tuple(shape), **{f"_len{p}": (max(2, shape[0] * p // 100),) for p in (25, 50)}}
 
     def robustness(self, predict: Predict, splits: "DataSplits", split: str, n: int | None, seed: int, batch: int, clean_acc: float,
                    tokenizer: str | None = None):
@@ -36,6 +47,15 @@ class TextClassification(Task):
         if dataset.tokenizer is None and checkpoint:
             return dataset.model_copy(update={"tokenizer": checkpoint})
         return dataset
+
+    def model_kwargs(self, arch: str, weights: str | None, dataset: "DatasetConfig") -> dict[str, Any]:
+        """An hf.<family> model's tokenizer: the one saved with its weights checkpoint, else the data's."""
+        from trainables.data.text import has_tokenizer
+        from trainables.models.hf import PREFIX
+
+        if not arch.startswith(PREFIX):
+            return {}
+        return {"tokenizer": weights if weights and has_tokenizer(weights) else dataset.tokenizer}
 
     def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
         """The tokenizer beside the weights: the folder is a teacher.path (and a checkpoint) on its own."""
