@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -181,11 +182,17 @@ def init_ray(address: str | None, **kwargs) -> None:
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {k: os.environ[k] for k in JOB_ENV}}
+    ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         kwargs.setdefault("object_store_memory", int(os.environ.get("KDSWEEP_OBJECT_STORE_BYTES", 512 * 1024**2)))
         ray.init(address="local", include_dashboard=None, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=runtime_env, **kwargs)
+    if callable(ours):
+        # ray.init replaces a SIGTERM handler with its own: a head node drains for up to 30 s, kills
+        # its processes and exits before any `finally` runs (seen: killed by SIGABRT). The command's own (cli._terminate)
+        # ends through every `finally` instead, ray_session's reaper included.
+        signal.signal(signal.SIGTERM, ours)
 
 
 @contextlib.contextmanager
@@ -232,10 +239,10 @@ def _local_ray_processes() -> tuple[list, set[str]]:
     roots, raylets = [], set()
     for kind, infos in getattr(node, "all_processes", {}).items():
         for info in infos:
+            if kind == "raylet":  # even when it has exited: the workers it started may not have
+                raylets.add(str(info.process.pid))
             with contextlib.suppress(psutil.Error, AttributeError):
                 roots.append(psutil.Process(info.process.pid))
-                if kind == "raylet":
-                    raylets.add(str(info.process.pid))
     procs = list(roots)
     for r in roots:
         with contextlib.suppress(psutil.Error):

@@ -53,12 +53,21 @@ def test_sigterm_mid_sweep_leaves_no_ray_process(tmp_path, digits_teacher):
     assert proc.poll() is None, "the sweep ended before it could be stopped"
     assert _processes_mentioning(ray_tmp), "the local Ray should be running now"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0
+    # Our handler, not the one ray.init installs (drain up to 30 s, kill, exit 1 before any `finally`).
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     time.sleep(1)
     left = [p for p in _processes_mentioning(ray_tmp) if _running(p)]
+    seen = [_describe(p) for p in left]
     for p in left:
         p.kill()
-    assert left == [], [p.name() for p in left]
+    assert left == [], seen
+
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"{p.name()} pid={p.pid} ppid={p.ppid()} RAY_RAYLET_PID={p.environ().get('RAY_RAYLET_PID')}"
+    except psutil.Error:
+        return f"pid={p.pid} (gone)"
 
 
 def test_a_local_ray_is_its_own_stops_its_autoscaler_monitor_first_and_leaves_nothing(tmp_path):
