@@ -679,16 +679,21 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
                             stderr=subprocess.DEVNULL, start_new_session=True)
     epochs_sql = "select count(*) from metrics where key='val_acc'"
     deadline, killed = time.time() + 300, None
-    while time.time() < deadline and proc.poll() is None:
-        if count_rows(db, epochs_sql, polling=True) >= 3 and (workers := _trial_processes(title, tune_dir)):
-            killed = workers[0].pid
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    assert killed is not None, "the trial ended before its worker could be killed"
-    at = count_rows(db, epochs_sql)
-    assert at < 8
-    assert proc.wait(timeout=300) == 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if count_rows(db, epochs_sql, polling=True) >= 3 and (workers := _trial_processes(title, tune_dir)):
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        assert killed is not None, "the trial ended before its worker could be killed"
+        at = count_rows(db, epochs_sql)
+        assert at < 8
+        assert proc.wait(timeout=300) == 0
+    finally:  # a failed check must not leave its sweep running on the shared Ray (the next tests' trials would wait for its CPUs)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     uri = f"sqlite:///{db}"
     (run,) = child_runs(uri, "lostworker")
     assert run.info.status == "FINISHED" and run.data.tags["kdsweep.status"] == "finished"
