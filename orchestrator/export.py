@@ -1,7 +1,9 @@
 """`kdsweep export NAME`: the champion (or one trial's student) taken out alone, with its
-preprocessing built in (raw 0..255 images in, logits out) and a dynamic batch dimension (driver
-side). ONNX and TorchScript files are checked against PyTorch on test images before they are
-kept; the file and the check's max abs logit difference are logged to the student's MLflow run."""
+preprocessing built in (raw 0..255 images or waveforms in, logits out; a text student takes token
+ids, its tokenizer beside it) and a dynamic batch dimension (driver side). How is the task's
+(`Task.serving`: SERVING below). ONNX and TorchScript files are checked against PyTorch on test
+examples before they are kept; the file and the check's max abs logit difference are logged to the
+student's MLflow run."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +17,7 @@ from orchestrator.store import SweepTracker, Tag
 from trainables.card import StudentCard, build, read, write
 from trainables.data import load_splits
 from trainables.registry import ConfigError
+from trainables.tasks import Task, task_for
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,13 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
     model = load_student(tracker, run_id)
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if splits.is_text:
-        return export_text(model.model, saved.config.dataset, tracker, run_id, fmt, out_dir)
+    task = task_for(saved.config.dataset.name)
+    return SERVING[task.serving](model, splits, task, saved.config.dataset, tracker, run_id, fmt, out_dir)
+
+
+def export_tensors(model, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
+    """A student that takes its split's tensors as they are (raw pixels, waveforms: `model` has
+    the normalization built in), with a dynamic batch axis."""
     example = splits.test_x[:256].float()
     with torch.no_grad():
         expected = model(example)
@@ -57,7 +65,8 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         logged = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
                       shown_as=f"runs:/{run_id}/student/student.json")
         # mean/std: the logged card's, which load_student built into `model`
-        card = build(StudentCard, {**logged.model_dump(), "input": "raw 0..255 pixels, (N, C, H, W); normalize with mean/std x 255"})
+        described = task.input_description(tuple(logged.input_shape), logged.arch_kwargs)
+        card = build(StudentCard, {**logged.model_dump(), "input": described + ("; normalize with mean/std x 255" if logged.mean else "")})
         write(card, out_dir / "student.json")
         for f in (path, out_dir / "student.json"):
             tracker.client.log_artifact(run_id, str(f), "export")
@@ -66,21 +75,22 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
     if fmt == "onnx":
         path = out_dir / "student.onnx"
         batch = torch.export.Dim("batch", min=1)
-        torch.onnx.export(model, (example[:2],), str(path), input_names=["images"], output_names=["logits"],
+        torch.onnx.export(model, (example[:2],), str(path), input_names=[task.input_name], output_names=["logits"],
                           dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False, verbose=False)
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
+        got = torch.from_numpy(session.run(None, {task.input_name: example.numpy()})[0])
     else:
         path = out_dir / "student.torchscript.pt"
         torch.jit.save(torch.jit.trace(model, example[:2]), str(path))
         got = torch.jit.load(str(path))(example).detach()
     diff = (got - expected).abs().max().item()
     bound = TOLERANCE * max(1.0, expected.abs().max().item())
-    log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test images = %.3g (bound %.3g)", run_id, path, len(example), diff, bound)
+    log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test %s = %.3g (bound %.3g)", run_id, path, len(example),
+             task.unit, diff, bound)
     if not diff <= bound:
-        raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test images: try --format torchscript")
+        raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test {task.unit}: try --format torchscript")
     tracker.log_metrics(run_id, {f"export_{fmt}_max_abs_diff": diff}, step=0)
     tracker.client.log_artifact(run_id, str(path), "export")
     return path
@@ -98,12 +108,13 @@ class TokensIn(torch.nn.Module):
         return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def export_text(model, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
+def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
     """A text student to ONNX (dynamic batch and sequence axes) with its tokenizer's files beside
     it, checked with onnxruntime against PyTorch on test examples (tokenized with the student's
     tokenizer, its card's); or its safetensors and card."""
     from trainables.data.text import load_tokenizer
 
+    model = normalized.model
     card = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
                 shown_as=f"runs:/{run_id}/student/student.json")
     tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
@@ -115,7 +126,7 @@ def export_text(model, dataset, tracker: SweepTracker, run_id: str, fmt: str, ou
         path = out_dir / "student.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         write(build(StudentCard, {**card.model_dump(), "arch_kwargs": {**card.arch_kwargs, "tokenizer": "."},
-                                  "input": "token ids (N, L) from the tokenizer beside this file, right-padded"}), out_dir / "student.json")
+                                  "input": task.input_description(tuple(card.input_shape), card.arch_kwargs)}), out_dir / "student.json")
     elif fmt == "onnx":
         ids = splits.test_x[:256].long()
         mask = (ids != tokenizer.pad_token_id).long()
@@ -138,8 +149,12 @@ def export_text(model, dataset, tracker: SweepTracker, run_id: str, fmt: str, ou
             raise ConfigError(f"`--format onnx` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test texts")
         tracker.log_metrics(run_id, {"export_onnx_max_abs_diff": diff}, step=0)
     else:
-        raise ConfigError("`--format torchscript` is for image students: export a text student with --format onnx or safetensors")
+        raise ConfigError("`--format torchscript` takes tensors, not strings: export a text student with --format onnx or safetensors")
     for f in [path, *(out_dir / n for n in os.listdir(out_dir) if n.startswith(("tokenizer", "vocab", "special_tokens", "merges")))]:
         tracker.client.log_artifact(run_id, str(f), "export")
     log.info("exported %s to %s (tokenizer files beside it)", run_id, path)
     return path
+
+
+#: Task.serving -> how a student of that kind is exported
+SERVING = {"tensors": export_tensors, "tokens": export_tokens}

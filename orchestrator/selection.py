@@ -198,11 +198,9 @@ def teacher_models(path: str | Path) -> tuple["Normalized", list[tuple[str, "Nor
     return Normalized(net, *card.stats).eval(), members
 
 
-def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits) -> int:
-    """Log the winner as an MLflow PyTorch model, register it, point alias `champion` at it.
-    A champion that is already this run's registered model is kept: no new version."""
-    import mlflow.pytorch
-    import numpy as np
+def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits, student: str) -> int:
+    """Log the winner as an MLflow model (as its task serves it: Task.serving), register it, point
+    alias `champion` at it. A champion that is already this run's registered model is kept: no new version."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -212,26 +210,36 @@ def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normal
     if current is not None and current.run_id == run_id:
         return int(current.version)
 
-    if splits.is_text:
-        return _register_text(tracker, cfg, run_id, model.model, splits)
+    version = REGISTER[cfg.task.serving](tracker, cfg, run_id, model, splits, student)
+    tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
+    return version
+
+
+def _register_tensors(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits, student: str) -> int:
+    """A champion that takes its split's tensors as they are (raw pixels, waveforms) as an MLflow
+    PyTorch model."""
+    import mlflow.pytorch
+    import numpy as np
+
     example = splits.val_x[:2].float().numpy().astype(np.float32)
+    described = cfg.task.input_description(splits.input_shape, cfg.student_kwargs(student))
     with mlflow.start_run(run_id=run_id):
         # The model is saved as a torch.export program (MLflow's default): it needs torch alone. Named
         # here, MLflow does not infer requirements by loading the model in a subprocess (5 s on CPU).
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=cfg.registered_model,
                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                                        metadata={"classes": list(splits.classes), "input": "raw 0..255 pixels, (N, C, H, W)"})
-    version = int(info.registered_model_version)
-    tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
-    return version
+                                        metadata={"classes": list(splits.classes), "input": described})
+    return int(info.registered_model_version)
 
 
-def _register_text(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model, splits) -> int:
+def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, normalized: Normalized, splits, student: str) -> int:
     """A text champion as an MLflow model that takes strings (orchestrator/text_model.py, logged as
     code): the student saved with save_pretrained beside its tokenizer, needing transformers alone."""
     import mlflow.pyfunc
 
     from trainables.data.text import load_tokenizer
+
+    model = normalized.model
 
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "student"
@@ -248,9 +256,11 @@ def _register_text(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model, 
                 pip_requirements=[f"torch=={__import__('torch').__version__.split('+')[0]}", f"transformers=={__import__('transformers').__version__}",
                                   "tokenizers", "pandas", f"mlflow=={mlflow.__version__}"],
                 metadata={"classes": list(splits.classes), "input": "strings (a list, or a DataFrame's first column)"})
-    version = int(info.registered_model_version)
-    tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
-    return version
+    return int(info.registered_model_version)
+
+
+#: Task.serving -> how a champion of that kind is registered
+REGISTER = {"tensors": _register_tensors, "tokens": _register_tokens}
 
 
 VS_KEYS = (("test_acc", "clean acc"), ("test_macro_f1", "macro F1"), ("test_robust_acc", "mean corruption acc"),
@@ -341,7 +351,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
                                        if who.startswith("teacher[")}}, step=0)
     client.set_tag(parent_id, Tag.CHAMPION, winner["run_id"])
     client.log_text(parent_id, table, "champion_vs_teacher.md")
-    version = register(tracker, cfg, winner["run_id"], model, own)
+    version = register(tracker, cfg, winner["run_id"], model, own, winner["student"])
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
     log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
              f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")

@@ -102,7 +102,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     teacher = check_teacher(cfg, info)
     largest = max([cfg.train.batch_size, *(max(p_.extremes()) for k, p_ in cfg.search.items() if k == "train.batch_size")])
     if largest > info.n_train:
-        raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} labelled train images, but got up to {largest:g}: lower it")
+        raise ConfigError(f"`train.batch_size` must be <= the {info.n_train} labelled train {cfg.task.unit}, but got up to {largest:g}: lower it")
     check_against_data(cfg, info)
     if address is None:
         check_local(cfg.resources)

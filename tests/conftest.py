@@ -236,6 +236,13 @@ def wait_for_http(url: str, seconds: float = 120.0) -> None:
     pytest.fail(f"{url} never answered")
 
 
+def sqlite_rows(db: Path, sql: str) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return con.execute(sql).fetchall()
+
+
 def count_rows(db: Path, sql: str, *, polling: bool = False) -> int:
     """`select count(*)` on an MLflow SQLite store. With `polling`, 0 while the file or its tables do
     not exist yet: the driver creates the store in a thread while Ray starts, so a poll can see it

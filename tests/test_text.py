@@ -17,14 +17,7 @@ import torch
 pytest.importorskip("transformers")
 
 from orchestrator.cli import main  # noqa: E402
-from tests.conftest import count_rows, mlflow_store  # noqa: E402
-
-
-def sqlite_rows(db: Path, sql: str) -> list[tuple]:
-    import sqlite3
-
-    with sqlite3.connect(db) as con:
-        return con.execute(sql).fetchall()
+from tests.conftest import count_rows, mlflow_store, sqlite_rows  # noqa: E402
 
 GOOD = "great fun lovely superb delightful moving brilliant charming".split()
 BAD = "awful dull boring terrible clumsy tedious bland painful".split()
@@ -80,7 +73,7 @@ def test_tokenized_once_and_every_format_reads_the_same(text_case, tmp_path):
     first = load_dataset("text", str(table), **kw)
     again = load_dataset("text", str(table), **kw)
     assert first.decode_s > 0 and again.decode_s == 0.0  # the second load memory-maps the cached ids
-    assert first.is_text and first.input_shape == (16,) and first.train_x.dtype == torch.int32
+    assert first.tokenizer and first.pad_id is not None and first.input_shape == (16,) and first.train_x.dtype == torch.int32
     assert first.classes == ("neg", "pos") and first.mean == ()
     assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_y, again.test_y)
     n = len(first.train_y) + len(first.val_y) + len(first.test_y)

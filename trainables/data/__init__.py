@@ -94,10 +94,6 @@ class DataSplits:
         """(C, H, W) for images, (max_length,) for token ids."""
         return tuple(self.train_x.shape[1:])
 
-    @property
-    def is_text(self) -> bool:
-        return self.train_x.dim() == 2
-
     def to(self, device: torch.device | str, images: bool = True) -> "DataSplits":
         """Labels (and, unless images=False, the images) on `device`."""
         keys = ("train_y", "val_y", "test_y") + (("train_x", "val_x", "test_x") if images else ())
@@ -187,7 +183,7 @@ def load_dataset(
         skipped=tuple(raw.skipped) if raw else (),
         decode_s=raw.decode_s if raw else 0.0,
         n_unlabeled=n_unlabeled,
-        tokenizer=tokenizer if train_x.dim() == 2 else None,
+        tokenizer=tokenizer if "tokenizer" in params else None,
         pad_id=raw.pad_id if raw else None,
         val_text=tuple(raw.texts.get("val", ())) if raw else (),
         test_text=tuple(raw.texts.get("test", ())) if raw else (),

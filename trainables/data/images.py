@@ -11,6 +11,7 @@ Files that are not images or cannot be decoded are skipped, counted and named in
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -75,9 +77,28 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     return mask.nonzero().flatten(), held_idx
 
 
-def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
+@dataclass(frozen=True)
+class Decoding:
+    """How the files of a class-folder tree decode into examples (images here, clips in
+    data/audio.py): one decode per file in a process pool, stacked per split into the cache."""
+
+    kind: str  #: what the files are, in messages: "images"
+    folder: str  #: the cache's sub-folder: "folders"
+    decode: Callable[[str], "np.ndarray | str"]  #: path -> one example, or why it was skipped (picklable)
+    params: dict  #: what the decoded arrays depend on besides the files (part of the cache key)
+    shape: tuple[int, ...]  #: one example's shape
+    dtype: type = np.uint8
+    #: whether class folders may sit right under the root (all train; val and test carved)
+    flat: bool = False
+
+
+def image_decoding(image_size: int, channels: int) -> Decoding:
+    return Decoding("images", "folders", functools.partial(_decode, size=image_size, channels=channels),
+                    {"image_size": image_size, "channels": channels}, (channels, image_size, image_size))
+
+
+def _decode(path: str, size: int, channels: int) -> np.ndarray | str:
     """One file -> uint8 (C, S, S), or the reason it was skipped (a worker process)."""
-    path, size, channels = args
     from PIL import Image, ImageOps
 
     try:
@@ -96,20 +117,25 @@ def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy()
 
 
-def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
-    """split -> [(relative file, class index)], classes from train's sub-folders; val/test must match."""
+def _listing(root: Path, kind: str = "images", flat: bool = False) -> dict[str, list[tuple[str, int]]]:
+    """split -> [(relative file, class index)], classes from train's sub-folders; val/test must match.
+    `flat`: without train/, the root's own sub-folders are the classes (all train)."""
     train = root / "train"
     if not root.exists():
-        raise ConfigError(f"`dataset.root` {missing(str(root), 'a folder with train/<class>/<images>')}")
+        raise ConfigError(f"`dataset.root` {missing(str(root), f'a folder with train/<class>/<{kind}>')}")
+    if flat and not train.is_dir() and root.is_dir():
+        train = root
     if not train.is_dir():
-        raise ConfigError(f"`dataset.root` must hold train/<class>/<images> (torchvision's ImageFolder layout), but {train} is missing")
+        raise ConfigError(f"`dataset.root` must hold train/<class>/<{kind}> (torchvision's ImageFolder layout), but {train} is missing")
     classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise ConfigError(f"`dataset.root` {train} has {len(classes)} class sub-folder{'' if len(classes) == 1 else 's'} {classes}: "
-                          "classification needs at least two classes, one folder each under train/<class>/")
+                          f"classification needs at least two classes, one folder each under {'' if train == root else 'train/'}<class>/")
     out = {}
     for split in SPLITS:
-        d = root / split
+        if split != "train" and train == root:
+            continue  # a flat tree: val and test are carved
+        d = train if split == "train" else root / split
         if not d.is_dir():
             continue
         have = sorted(c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
@@ -119,12 +145,16 @@ def _listing(root: Path) -> dict[str, list[tuple[str, int]]]:
             raise ConfigError(f"`dataset.root` {split}/ {what}: val/ and test/ must have exactly train/'s classes")
         out[split] = [(str(f.relative_to(root)), i) for i, c in enumerate(classes)
                       for f in sorted((d / c).rglob("*")) if f.is_file() and not f.name.startswith(".")]
+        empty = sorted(set(classes) - {classes[i] for _, i in out[split]})
+        if empty:
+            where = f"{d.relative_to(root)}/{empty[0]}" if d != root else empty[0]
+            raise ConfigError(f"`dataset.root` class folder {where}/ holds no files: add its {kind} or remove the folder")
     out["classes"] = classes  # type: ignore[assignment]
     return out
 
 
-def _key(root: Path, listing: dict, image_size: int, channels: int, carve: dict) -> str:
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "channels": channels, "carve": carve}, sort_keys=True).encode())
+def _key(root: Path, listing: dict, params: dict, carve: dict) -> str:
+    h = hashlib.sha256(json.dumps({"format": FORMAT, **params, "carve": carve}, sort_keys=True).encode())
     for split in SPLITS:
         for rel, label in listing.get(split, []):
             st = os.stat(root / rel)
@@ -134,37 +164,48 @@ def _key(root: Path, listing: dict, image_size: int, channels: int, carve: dict)
 
 def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels: int = 3, workers: int | None = None,
                   val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0) -> RawData:
-    """The folder's splits as uint8 tensors, decoded at most once per (files, preprocessing, carve).
-    Absent val/test splits are carved here from the decoded train images (seeded, stratified: test
+    """An image folder's splits as uint8 tensors (decode_tree)."""
+    return decode_tree(root, cache, image_decoding(image_size, channels), workers, val_fraction, test_fraction, split_seed)
+
+
+def decode_tree(root: str | Path, cache: str | Path, how: Decoding, workers: int | None = None,
+                val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0) -> RawData:
+    """The folder's splits as tensors, decoded at most once per (files, preprocessing, carve).
+    Absent val/test splits are carved here from the decoded train examples (seeded, stratified: test
     with split_seed, then val with split_seed + 1, as trainables.data.load_dataset carves arrays) and
     stored as their own arrays, so every split is memory-mapped and no process copies one."""
     import time
 
     root = Path(root)
-    listing = _listing(root)
+    listing = _listing(root, how.kind, how.flat)
     classes = tuple(listing.pop("classes"))
     carve = {"val_fraction": val_fraction if "val" not in listing else None,
              "test_fraction": test_fraction if "test" not in listing else None, "split_seed": split_seed}
-    key = _key(root, listing, image_size, channels, carve)
-    out_dir = Path(cache) / "folders" / f"{root.name}-{key}"
+    key = _key(root, listing, how.params, carve)
+    out_dir = Path(cache) / how.folder / f"{root.name}-{key}"
     t0 = time.perf_counter()
     if not (out_dir / "meta.json").exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
         files = [(split, rel, label) for split in listing for rel, label in listing[split]]
-        jobs = [(str(root / rel), image_size, channels) for _, rel, _ in files]
+        jobs = [str(root / rel) for _, rel, _ in files]
         workers = workers or min(8, os.cpu_count() or 1)
         with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+            decoded = list(pool.map(how.decode, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
         skipped = [f"{rel} ({r})" for (_, rel, _), r in zip(files, decoded) if isinstance(r, str)]
         splits = {split: [(r, label) for (s, _, label), r in zip(files, decoded) if s == split and not isinstance(r, str)]
                   for split in listing}
+        lost = sorted(set(range(len(classes))) - {label for _, label in splits["train"]})
+        if lost and len(lost) < len(classes):  # (none decodable at all: said below, after the warning)
+            bad = [f"{rel} ({r})" for (split, rel, label), r in zip(files, decoded) if split == "train" and label == lost[0] and isinstance(r, str)]
+            raise ConfigError(f"`dataset.root` class {classes[lost[0]]!r} has no decodable {how.kind} in train ({len(bad)} skipped, e.g. "
+                              f"{bad[0] if bad else '-'}): replace its files or remove the folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
         for split, fraction, seed in (("test", carve["test_fraction"], split_seed), ("val", carve["val_fraction"], split_seed + 1)):
             if fraction is not None:
                 kept, held = stratified_split(torch.tensor([label for _, label in splits["train"]], dtype=torch.long), fraction, seed)
                 splits[split] = [splits["train"][i] for i in held.tolist()]
                 splits["train"] = [splits["train"][i] for i in kept.tolist()]
         for split, keep in splits.items():
-            x = np.stack([r for r, _ in keep]) if keep else np.zeros((0, channels, image_size, image_size), np.uint8)
+            x = np.stack([r for r, _ in keep]) if keep else np.zeros((0, *how.shape), how.dtype)
             for name, arr in (("x", x), ("y", np.array([label for _, label in keep], dtype=np.int64))):
                 with atomic_path(out_dir / f"{split}_{name}.npy") as tmp:
                     with open(tmp, "wb") as f:
@@ -173,14 +214,14 @@ def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels
             tmp.write_text(json.dumps({"classes": classes, "skipped": skipped, "splits": list(splits), "root": str(root), "carve": carve},
                                       indent=2))
         decode_s = time.perf_counter() - t0
-        log.info("decoded %s: %d images in %.1f s -> %s", root, len(files) - len(skipped), decode_s, out_dir)
+        log.info("decoded %s: %d %s in %.1f s -> %s", root, len(files) - len(skipped), how.kind, decode_s, out_dir)
     else:
         decode_s = 0.0
     meta = json.loads((out_dir / "meta.json").read_text())
     if meta["skipped"] and str(out_dir) not in _warned:
         _warned.add(str(out_dir))
         shown = ", ".join(meta["skipped"][:SHOW]) + (f", ... ({len(meta['skipped'])} in all)" if len(meta["skipped"]) > SHOW else "")
-        log.warning("dataset.root %s: skipped %d file(s) that are not decodable images: %s", root, len(meta["skipped"]), shown)
+        log.warning("dataset.root %s: skipped %d file(s) that are not decodable %s: %s", root, len(meta["skipped"]), how.kind, shown)
 
     def load(split: str) -> tuple[Tensor | None, Tensor | None]:
         if split not in meta["splits"]:
@@ -192,7 +233,8 @@ def decode_folder(root: str | Path, cache: str | Path, image_size: int, channels
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (load(s) for s in SPLITS)
     if len(train_y) == 0:
-        raise ConfigError(f"`dataset.root` {root}/train has no decodable images: see the warning above")
+        raise ConfigError(f"`dataset.root` {root}{'' if how.flat and not (root / 'train').is_dir() else '/train'} has no decodable "
+                          f"{how.kind}: see the warning above")
     return RawData(train_x, train_y, test_x, test_y, val_x, val_y, classes, meta["skipped"], decode_s)
 
 
@@ -223,7 +265,8 @@ def decode_unlabeled(root: str | Path, cache: str | Path, image_size: int, chann
         out.parent.mkdir(parents=True, exist_ok=True)
         workers = workers or min(8, os.cpu_count() or 1)
         with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, [(str(f), image_size, channels) for f in files], chunksize=max(1, len(files) // (4 * workers))))
+            decoded = list(pool.map(functools.partial(_decode, size=image_size, channels=channels), [str(f) for f in files],
+                                    chunksize=max(1, len(files) // (4 * workers))))
         images = [r for r in decoded if not isinstance(r, str)]
         skipped = [f"{f.relative_to(root)} ({r})" for f, r in zip(files, decoded) if isinstance(r, str)]
         if not images:
@@ -241,9 +284,22 @@ def decode_unlabeled(root: str | Path, cache: str | Path, image_size: int, chann
     return torch.from_numpy(np.load(out, mmap_mode="c")), skipped
 
 
-def read_arrays(path: str | Path) -> RawData:
-    """A .npz, .pt (weights_only) or .safetensors file: `train_x` (uint8, NCHW or NHWC), `train_y`
-    (integer labels), optional `val_x`/`val_y` and `test_x`/`test_y`; checked with one-line errors."""
+def _images(split: str, x) -> Tensor:
+    """An arrays file's images as uint8 NCHW, or a one-line error."""
+    if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+        got = f"{x.dtype}, {x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"`dataset.root` {split}_x must be uint8 images (N, C, H, W) or (N, H, W, C), but got {got}")
+    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3):
+        raise ConfigError(f"`dataset.root` {split}_x must have 1 or 3 channels, but got shape {tuple(x.shape)}")
+    return x
+
+
+def read_arrays(path: str | Path, examples: Callable[[str, object], Tensor] = _images, kind: str = "images") -> RawData:
+    """A .npz, .pt (weights_only) or .safetensors file: `train_x` (uint8, NCHW or NHWC; or what
+    `examples` takes and returns), `train_y` (integer labels), optional `val_x`/`val_y` and
+    `test_x`/`test_y`; checked with one-line errors."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"`dataset.root` {missing(str(path), 'an arrays file (.npz, .pt, .safetensors)')}")
@@ -266,22 +322,16 @@ def read_arrays(path: str | Path) -> RawData:
             raise ConfigError(f"`dataset.root` arrays file has {split}_{'x' if y is None else 'y'} without {split}_{'y' if y is None else 'x'}")
         if x is None:
             continue
-        if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
-            got = f"{x.dtype}, {x.dim()}-D" if isinstance(x, Tensor) else type(x).__name__
-            raise ConfigError(f"`dataset.root` {split}_x must be uint8 images (N, C, H, W) or (N, H, W, C), but got {got}")
-        if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
-            x = x.permute(0, 3, 1, 2)
-        if x.shape[1] not in (1, 3):
-            raise ConfigError(f"`dataset.root` {split}_x must have 1 or 3 channels, but got shape {tuple(x.shape)}")
+        x = examples(split, x)
         if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dim() != 1 or len(y) != len(x):
             got = f"{y.dtype}, shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-            raise ConfigError(f"`dataset.root` {split}_y must be {len(x)} integer labels, one per image, but got {got}")
+            raise ConfigError(f"`dataset.root` {split}_y must be {len(x)} integer labels, one per {kind.removesuffix('s')}, but got {got}")
         if len(y) and y.min() < 0:
             raise ConfigError(f"`dataset.root` {split}_y has negative labels: labels are class indices 0..K-1")
         out[split] = (x.contiguous(), y.long())
     shapes = {tuple(x.shape[1:]) for x, _ in out.values()}
     if len(shapes) > 1:
-        raise ConfigError(f"`dataset.root` splits have different image shapes {sorted(shapes)}: make them equal")
+        raise ConfigError(f"`dataset.root` splits have different {kind} shapes {sorted(shapes)}: make them equal")
     (tx, ty) = out["train"]
     vx, vy = out.get("val", (None, None))
     sx, sy = out.get("test", (None, None))

@@ -94,17 +94,20 @@ def corrupt(x_u8: Tensor, name: str, severity: int, seed: int) -> Tensor:
 
 @torch.inference_mode()  # its outputs are only counted: cheaper than no_grad
 def robustness(predict_fn: Callable[[Tensor], Tensor], x_u8: Tensor, y: Tensor, seed: int, batch: int = 1024,
-               clean_acc: float | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+               clean_acc: float | None = None, suite: Registry | None = None,
+               corrupt_fn: Callable[[Tensor, str, int, int], Tensor] = corrupt) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(summary, table): the summary holds `corr_<name>` (mean over severities), `robust_acc` (mean
     over all) and `relative_robustness` (robust_acc / clean acc); the table maps each corruption to
-    its accuracies at severities 1..5. `predict_fn` maps 0..255 float images to logits."""
+    its accuracies at severities 1..5. `predict_fn` maps 0..255 float images to logits. Another
+    kind of input brings its own `suite` (a registry of corruptions) and `corrupt_fn` (what
+    `corrupt` is to images; the clean inputs are `x_u8` as float)."""
     table: dict[str, list[float]] = {}
-    for name in CORRUPTIONS.names():
+    for name in (suite or CORRUPTIONS).names():
         per_sev = []
         for s in SEVERITIES:
             correct = 0
             for i in range(0, len(y), batch):
-                xc = corrupt(x_u8[i : i + batch], name, s, seed + i)
+                xc = corrupt_fn(x_u8[i : i + batch], name, s, seed + i)
                 correct += (predict_fn(xc).argmax(1) == y[i : i + batch]).sum()
             per_sev.append(float(correct) / len(y))
         table[name] = per_sev

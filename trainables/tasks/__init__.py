@@ -66,6 +66,12 @@ class Task:
     features: ClassVar[tuple[str, ...]] = ()
     #: whether train.channels_last applies (the inputs are NCHW images)
     channels_last: ClassVar[bool] = False
+    #: how a model of this task is served alone (its registered MLflow model, its exports):
+    #: "tensors" (the splits' inputs as they are, e.g. raw pixels or waveforms) or "tokens" (strings
+    #: in, through its tokenizer); the driver's exporters are keyed by it
+    serving: ClassVar[str] = "tensors"
+    #: the exported model's input name (ONNX)
+    input_name: ClassVar[str] = "inputs"
 
     @property
     def throughput(self) -> str:
@@ -91,6 +97,10 @@ class Task:
 
     def input_variants(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         return {"": tuple(shape)}
+
+    def input_description(self, shape: tuple[int, ...], model_kwargs: dict[str, Any]) -> str:
+        """What a served model takes, for its card and registered model's metadata."""
+        return f"{self.input_words}, (N, {', '.join(map(str, shape))})"
 
     def check_model(self, field: str, arch: str) -> None:
         if not self.takes(arch):

@@ -23,6 +23,10 @@ class ImageClassification(Task):
     features = ("stages",)
     ensembles = True
     channels_last = True
+    input_name = "images"
+
+    def input_description(self, shape, model_kwargs):
+        return "raw 0..255 pixels, (N, C, H, W)"
 
     def example_input(self, shape, batch, device, dtype=None):
         """Normalized-image-like noise (N, C, H, W), seeded."""

@@ -25,6 +25,11 @@ class TextClassification(Task):
     corruptions = tuple(TEXT_CORRUPTIONS.names())
     severities = SEVERITIES
     features = ("transformer",)
+    serving = "tokens"
+    input_name = "input_ids"
+
+    def input_description(self, shape, model_kwargs):
+        return f"token ids (N, L <= {shape[0]}) from the tokenizer beside the weights, right-padded"
 
     def example_input(self, shape, batch, device, dtype=None):
         """Token ids (N, L) with no padding (id 1: in every vocabulary, and never a pad id 0), so
