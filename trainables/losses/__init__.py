@@ -25,7 +25,7 @@ cosine; an alpha=0 control never distills), read it.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -151,6 +151,15 @@ class DistillLoss(nn.Module):
         ramps = loss_schedule(schedule, alpha_form)
         self.ramps = {k: r for k, r in (("alpha", ramps.alpha), ("temperature", ramps.temperature))
                       if r is not None and r.end is not None and (k != "alpha" or self.start["alpha"])}
+
+    @classmethod
+    def probe(cls, name: str, student: nn.Module | None, teacher: nn.Module | None, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+        """What this loss is built with that only the models can say (their stages' shapes, a
+        transformer's sizes), read by build_loss before the loss exists: nothing, for logits."""
+        return {}
+
+    def prepare(self, student: nn.Module | None, teacher: nn.Module | None) -> None:
+        """Set the models up for what this loss reads (e.g. attention maps): nothing, for logits."""
 
     def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
         """The epoch about to train, counted from 1 (as mdistiller's trainer counts), of `epochs`:
@@ -374,10 +383,16 @@ class hint(DistillLoss):
     regressor (see `hint_regressor`, ReLU by default) trains with the student.
 
     `student_stage` / `teacher_stage` index the stage lists (default: the middle student stage and
-    the teacher stage of the same relative depth). Shapes come from `build_loss`'s probe.
+    the teacher stage of the same relative depth). Shapes come from `probe`.
     """
 
     needs_teacher_features = True
+
+    @classmethod
+    def probe(cls, name, student, teacher, input_shape):
+        if student is None or teacher is None or input_shape is None:
+            raise ConfigError("`loss.name=hint` needs a teacher: set teacher.path or train one first")
+        return {"s_shapes": _feature_shapes(student, input_shape), "t_shapes": _feature_shapes(teacher, input_shape)}
     features = "stages"
 
     def __init__(
@@ -427,25 +442,15 @@ def build_loss(
     name: str, params: dict, student: nn.Module | None = None, teacher: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> DistillLoss:
-    """Create a registered loss; feature losses get the stage shapes of student and teacher (the
-    transformer losses their sizes, from the models' configs, and attention maps when they use them)."""
-    from trainables.losses.text import TextLoss, text_shapes  # registered at the bottom of this module
-
+    """Create a registered loss with what it reads of the models (`probe`: a feature loss's stage
+    shapes, a transformer loss's sizes), the models set up for it (`prepare`: attention maps)."""
     cls = LOSSES.get(name)  # (whether the task's models give the features it reads: check_fits, before)
-    params = dict(params)
-    if issubclass(cls, TextLoss):
-        params.update(text_shapes(name, student, teacher))
-    if name == "hint":
-        if student is None or teacher is None or input_shape is None:
-            raise ConfigError("`loss.name=hint` needs a teacher: set teacher.path or train one first")
-        params["s_shapes"] = _feature_shapes(student, input_shape)
-        params["t_shapes"] = _feature_shapes(teacher, input_shape)
+    params = {**params, **cls.probe(name, student, teacher, input_shape)}
     try:
         loss = cls(**params)
     except TypeError as e:
         raise ConfigError(f"`loss` has a parameter that loss.name={name!r} does not take ({e}): remove it") from e
-    if isinstance(loss, TextLoss):
-        loss.prepare(student, teacher)
+    loss.prepare(student, teacher)
     return loss
 
 

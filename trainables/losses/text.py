@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.losses import LOSSES, DistillLoss, kd_kl
-from trainables.models.hf import HFClassifier, TextFeatures
+from trainables.models.hf import TextFeatures
 from trainables.registry import ConfigError
 
 #: TinyBERT's fit_dense init: normal(0, initializer_range) with BERT's initializer_range, zero bias.
@@ -42,10 +42,6 @@ def text_shape(model: nn.Module) -> TextShape:
     return TextShape(int(c.num_hidden_layers), int(c.hidden_size), int(c.num_attention_heads))
 
 
-def is_text_model(model: nn.Module | None) -> bool:
-    return isinstance(model, HFClassifier)
-
-
 def text_shapes(name: str, student: nn.Module | None, teacher: nn.Module | None) -> dict[str, TextShape]:
     """build_loss's probe for a transformer loss: the sizes of the models it has (a no-KD control
     has no teacher), read from their configs."""
@@ -53,7 +49,7 @@ def text_shapes(name: str, student: nn.Module | None, teacher: nn.Module | None)
     for key, model in (("s_shapes", student), ("t_shapes", teacher)):
         if model is None:
             continue
-        if not is_text_model(model):
+        if getattr(model, "config", None) is None or not hasattr(model, "want_attentions"):  # not a transformer adaptor (models/hf.py)
             raise ConfigError(f"`loss.name={name}` distils transformers' hidden states, but got a {type(model).__name__}: "
                               "use hf models (text data) for the student and the teacher")
         if model.feature_layers:
@@ -107,6 +103,10 @@ class TextLoss(DistillLoss):
     def uses_attentions(self) -> bool:
         """Whether the models must return attention maps (build_loss switches them to eager attention)."""
         return False
+
+    @classmethod
+    def probe(cls, name, student, teacher, input_shape):
+        return text_shapes(name, student, teacher)
 
     def prepare(self, student: nn.Module | None, teacher: nn.Module | None) -> None:
         if self.uses_attentions:
