@@ -94,7 +94,7 @@ def main() -> None:
 
     topk = f", teacher targets top-{cfg.train.teacher_topk} of {splits.num_classes}" if cfg.train.teacher_topk else ""
     print(f"\n{ds.name}: teacher {card.arch} (val {100 * card.val_acc:.2f}%), student {student}{topk}, "
-          f"{cfg.train.epochs} epochs, seeds {args.seeds}; {splits.n_labeled} labelled train images{unlabeled or ' (no unlabelled)'}; "
+          f"{cfg.train.epochs} epochs, seeds {args.seeds}; {splits.n_labeled} labelled train {cfg.task.unit}{unlabeled or ' (no unlabelled)'}; "
           "test split, mean +- std over seeds\n")
     print("| model | diverged | test acc % | macro F1 % | mean corruption acc % | ECE % | agreement w/ teacher % | params ratio | CPU latency ratio (b1) |")
     print("|---|---|---|---|---|---|---|---|---|")

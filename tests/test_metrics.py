@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from trainables.eval.corruptions import CORRUPTIONS, SEVERITIES, corrupt, robustness
 from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, classification_metrics, expected_calibration_error, per_class
+from trainables.eval.sounds import SOUNDS
 from trainables.eval.text_corruptions import TEXT_CORRUPTIONS
 
 # 3 classes, 6 samples: predictions 0,0,1,1,2,0 against labels 0,1,1,1,2,2
@@ -91,8 +92,8 @@ def test_severity_is_monotonic_in_the_distortion_applied(name):
     assert all(a < b for a, b in zip(d, d[1:])), d
 
 
-#: The final metrics only a text model's corruption suite reports (trainables/eval/text_corruptions.py).
-TEXT_ONLY = {f"corr_{n}" for n in TEXT_CORRUPTIONS.names()}
+#: The final metrics only another task's corruption suite reports (text: trainables/eval/text_corruptions.py; audio: sounds.py).
+TEXT_ONLY = {f"corr_{n}" for n in (*TEXT_CORRUPTIONS.names(), *SOUNDS.names())}
 
 
 def test_robustness_summary():

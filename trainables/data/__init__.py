@@ -651,3 +651,6 @@ def device_batches(x_all: Tensor, y_all: Tensor, batches, device: torch.device |
         following = next(it, None)
         pending = copy(following) if following is not None else None  # in flight while batch b computes
         yield b, idx, x, y_all[idx], view
+
+
+from trainables.data import audio  # noqa: E402,F401  (registers the `audio` loader, which builds on this module)

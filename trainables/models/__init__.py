@@ -185,6 +185,8 @@ import trainables.models.builtin  # noqa: E402,F401  registers the built-ins (th
 from trainables.models.zoo import TIMM, TORCHVISION  # noqa: E402  (they build on FeatureTaps and Zoo above)
 
 from trainables.models.hf import HF  # noqa: E402  (registers `hf`, a checkpoint's own architecture)
+from trainables.models.audio import AUDIO  # noqa: E402  (builds on create_model above)
 
-#: The model libraries by name prefix: `torchvision.resnet18`, `timm.resnet10t`, `hf.bert-L4-H256-A4`.
-ZOOS: dict[str, Zoo] = {zoo.prefix: zoo for zoo in (TORCHVISION, TIMM, HF)}
+#: The model libraries by name prefix: `torchvision.resnet18`, `timm.resnet10t`, `hf.bert-L4-H256-A4`,
+#: `audio.cnn_small` (a log-mel front end before a model of this table or the registry).
+ZOOS: dict[str, Zoo] = {zoo.prefix: zoo for zoo in (TORCHVISION, TIMM, HF, AUDIO)}

@@ -153,4 +153,4 @@ def task_named(name: str) -> Task:
     return TASKS.get(name)()
 
 
-from trainables.tasks import image, text  # noqa: E402,F401  (the built-in tasks register themselves)
+from trainables.tasks import audio, image, text  # noqa: E402,F401  (the built-in tasks register themselves)
