@@ -109,6 +109,15 @@ def test_an_audio_model_takes_waveforms_and_exports_to_onnx_as_it_is(tmp_path):
     got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"waveforms": x.numpy()})[0]
     assert np.abs(got - expected.numpy()).max() < 1e-4
 
+    # The body sees the mel bands as channels over time, or (mel_as: image) a one-channel spectrogram.
+    assert model.spectrogram(x).shape == (5, 40, 1, 26) and model.body.stages[0][0].in_channels == 40
+    image = create_model("audio.cnn_tiny", 4, (2000,), sample_rate=RATE, mel_as="image")
+    assert image.spectrogram(x).shape == (5, 1, 40, 26) and image(x).shape == (5, 4)
+    from trainables.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="`arch_kwargs.mel_as` must be 'channels' or 'image'"):
+        create_model("audio.cnn_tiny", 4, (2000,), mel_as="stft")
+
 
 # ---------------------------------------------------------------------------------------------
 # Data
