@@ -404,7 +404,7 @@ class SweepConfig(Strict):
     def student_kwargs(self, student: str) -> dict[str, Any]:
         """What a student is built with beyond its name, as its task says (text: an hf.<family>
         student's tokenizer, the one saved with its student_weights checkpoint, else the data's)."""
-        return task_for(self.dataset.name).model_kwargs(student, self.student_weights.get(student), self.dataset.resolved())
+        return self.task.model_kwargs(student, self.student_weights.get(student), self.dataset.resolved())
 
     def teacher_kwargs(self) -> dict[str, Any]:
         """What the (one) teacher is built with: its arch_kwargs, and an hf.<family> teacher the data's tokenizer."""

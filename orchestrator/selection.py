@@ -240,7 +240,6 @@ def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, norma
     from trainables.data.text import load_tokenizer
 
     model = normalized.model
-
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "student"
         net = model.net
