@@ -9,6 +9,23 @@ from orchestrator.cli import main
 DEFAULT = os.path.join(os.path.dirname(__file__), "..", "search_spaces", "default.yaml")
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Checks that the command started no Ray: it never called orchestrator.sweep.init_ray, and,
+    unless an earlier test left the session's shared Ray up in this process, none is initialized."""
+    import orchestrator.sweep as sweep
+
+    starts, real = [], sweep.init_ray
+    monkeypatch.setattr(sweep, "init_ray", lambda *a, **k: (starts.append(a), real(*a, **k))[1])
+    up_before = "ray" in sys.modules and __import__("ray").is_initialized()
+
+    def check() -> None:
+        assert starts == [], f"the command started Ray: init_ray{starts[0]}"
+        assert up_before or "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+    return check
+
+
 def run_cli(args, capsys):
     code = main(args)
     err = capsys.readouterr().err.strip()
@@ -45,7 +62,7 @@ CASES = [(c, s, n) for c in ("distill", "teacher") for s, n in BAD if not (c == 
 
 
 @pytest.mark.parametrize("command,sets,needle", CASES)
-def test_bad_input_exits_2_with_one_line(command, sets, needle, capsys, in_tmp, monkeypatch):
+def test_bad_input_exits_2_with_one_line(command, sets, needle, capsys, in_tmp, monkeypatch, no_ray):
     monkeypatch.delenv("KD_DATA_ROOT", raising=False)
     args = [command, DEFAULT]
     for s in sets:
@@ -54,7 +71,7 @@ def test_bad_input_exits_2_with_one_line(command, sets, needle, capsys, in_tmp, 
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err, err
     assert os.listdir(in_tmp) == []
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    no_ray()
 
 
 def test_malformed_yaml_and_missing_file(capsys, in_tmp):
@@ -88,7 +105,7 @@ def test_distill_runs_and_prints_epochs(capsys, in_tmp, digits_teacher):
     (["resources.gpus_per_trial=1"], "`resources.gpus_per_trial` asks for 1 GPU per worker, but this machine has no GPU"),
     (["train.batch_size=5000"], "`train.batch_size` must be <= the 1150 labelled train images"),
 ])
-def test_run_with_resources_this_machine_lacks_exits_2_before_anything(sets, needle, capsys, in_tmp):
+def test_run_with_resources_this_machine_lacks_exits_2_before_anything(sets, needle, capsys, in_tmp, no_ray):
     """On a local Ray, a trial that could never be placed would stay PENDING forever."""
     import torch
 
@@ -100,7 +117,7 @@ def test_run_with_resources_this_machine_lacks_exits_2_before_anything(sets, nee
     code, err = run_cli(args, capsys)
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert os.listdir(in_tmp) == []
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    no_ray()
 
 
 @pytest.mark.parametrize("source,needle", [
@@ -168,14 +185,14 @@ def weight_files(tmp_path_factory):
 ], ids=["not-tensors", "wrong-keys", "missing", "new-head-no-finetune", "path-and-weights", "student-wrong-keys", "student-unknown",
         "layers-unknown-student", "student-copies-image-teacher"])
 @pytest.mark.parametrize("command", ["run", "distill"])
-def test_bad_weights_exit_2_with_one_line_before_anything(sets, needle, command, weight_files, capsys, in_tmp):
+def test_bad_weights_exit_2_with_one_line_before_anything(sets, needle, command, weight_files, capsys, in_tmp, no_ray):
     args = [command, DEFAULT]
     for s in sets:
         args += ["--set", s.format(d=weight_files)]
     code, err = run_cli(args, capsys)
     assert code == 2 and needle.format(d=weight_files) in err and len(err.splitlines()) == 1, err
     assert os.listdir(in_tmp) == []
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    no_ray()
 
 
 def test_distill_rejects_an_unknown_student_before_training_a_teacher(capsys, in_tmp):
@@ -185,7 +202,7 @@ def test_distill_rejects_an_unknown_student_before_training_a_teacher(capsys, in
 
 
 @pytest.mark.parametrize("given", ["--address", "RAY_ADDRESS"])
-def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp, monkeypatch, given):
+def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp, monkeypatch, given, no_ray):
     """Nothing listens on port 1: ray.init would retry for minutes, printing connection warnings.
     RAY_ADDRESS (as `ray job submit` sets it) is the default `--address`."""
     import time
@@ -202,7 +219,7 @@ def test_unreachable_address_is_one_line_in_bounded_time(capsys, in_tmp, monkeyp
     assert "ray start --head" in err
     assert time.monotonic() - started < 30
     assert os.listdir(in_tmp) == []
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    no_ray()
 
 
 @pytest.mark.parametrize("search,needle", [
@@ -239,7 +256,7 @@ def test_one_class_image_folder_says_two_classes_are_needed(capsys, in_tmp, tmp_
     (["--confirm-seeds", "1"], "`--confirm-seeds` must be >= 2"),
     (["--confirm-top", "2"], "`--confirm-top` goes with --confirm-seeds N"),
 ])
-def test_bad_confirmation_flags_exit_2_before_ray(args, needle, capsys, in_tmp):
+def test_bad_confirmation_flags_exit_2_before_ray(args, needle, capsys, in_tmp, no_ray):
     """A saved sweep (its sweep.json and parent run) is enough to reach the flag checks."""
     import json
 
@@ -256,4 +273,4 @@ def test_bad_confirmation_flags_exit_2_before_ray(args, needle, capsys, in_tmp):
     code, err = run_cli(["best", "done", *args], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert sorted(p.name for p in in_tmp.rglob("*")) == before
-    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    no_ray()
