@@ -396,7 +396,8 @@ class SweepConfig(Strict):
         dataset = self.dataset.model_dump(exclude={"root", "cache", "placement", "device_share", "unlabeled"})
         if self.dataset.unlabeled and self.dataset.unlabeled.labels_kept:  # it trains on the labels kept (unlabelled data: none)
             dataset["labels_kept"] = self.dataset.unlabeled.labels_kept
-        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights", "teacher_topk", "teacher_topk_rest"}), "dataset": dataset,  # top-k: the cache's
+        spec = {"teacher": self.teacher.model_dump(exclude={"path", "weights", "teacher_topk", "teacher_topk_rest", "progress_every_s"}),  # top-k: the cache's
+                "dataset": dataset,
                 "weights_sha256": weights_sha256(self.teacher.weights) if self.teacher.weights else None}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         return Path("teachers") / f"{self.dataset.name}-{self.teacher.arch}-{digest}"

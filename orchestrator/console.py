@@ -47,12 +47,14 @@ class ConsoleReporter(Callback):
 
     cfg: SweepConfig
     total: int
+    board: Any = None  # progress_board(): the trials' progress lines within long epochs
     live: bool = field(default_factory=lambda: sys.stdout.isatty())
     rows: dict[str, Row] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self._live = None
+        self._taking, self._took = None, 0.0
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's state: resume hands in a live one
         return {}
@@ -84,10 +86,32 @@ class ConsoleReporter(Callback):
         self._row(trial).status = "failed"
         self._show(f"failed {self._line(trial.trial_id)}")
 
+    def on_step_end(self, iteration, trials, **info):
+        self._progress()
+
     def on_experiment_end(self, trials, **info):
+        self._progress()
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+    def _progress(self) -> None:
+        """The board's lines, read without blocking Tune's loop: one take in flight at a time, at
+        most one a second, shown when it has come back."""
+        if self.board is None:
+            return
+        import ray
+
+        if self._taking is None:
+            if time.monotonic() - self._took >= 1.0:
+                self._taking, self._took = self.board.actor.get_nowait_batch.remote(self.board.qsize()), time.monotonic()
+            return
+        if not ray.wait([self._taking], timeout=0)[0]:
+            return
+        lines, self._taking = ray.get(self._taking), None
+        for trial_id, line in lines:
+            if trial_id in self.rows:
+                self._show(f"progress  trial={trial_id}  student={self.rows[trial_id].student}  {line}")
 
     # --- rendering -------------------------------------------------------------------------
 
@@ -123,7 +147,10 @@ class ConsoleReporter(Callback):
 
     def _show(self, event: str) -> None:
         if not self.live:  # a line per event; the sweep line when a trial starts or ends
-            print(event if event.startswith("epoch") else f"{event}\n  {self.sweep_line()}", flush=True)
+            print(event if event.startswith(("epoch", "progress")) else f"{event}\n  {self.sweep_line()}", flush=True)
+            return
+        if event.startswith("progress") and self._live is not None:
+            self._live.console.print(event)  # above the live table
             return
         from rich.live import Live
 
@@ -140,3 +167,11 @@ class ConsoleReporter(Callback):
         for row in self.rows.values():
             table.add_row(*row.cells())
         return Group(table, self.sweep_line())
+
+
+def progress_board():
+    """Where trials post progress lines for the console (a ray.util.queue.Queue: an actor that
+    holds no CPU); the oldest lines are kept when it is full, later ones dropped."""
+    from ray.util.queue import Queue
+
+    return Queue(maxsize=1000, actor_options={"num_cpus": 0})

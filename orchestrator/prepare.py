@@ -211,6 +211,8 @@ def train_on_ray(cfg: SweepConfig, beside: Callable[[], None] | None = None) -> 
             item = ray.get(ref)
             if "epoch" in item:
                 log.info("teacher %s", format_epoch(item["epoch"]))
+            elif "progress" in item:
+                log.info("teacher %s", item["progress"])
             else:
                 return item["result"]
     except ray.exceptions.RayTaskError as e:

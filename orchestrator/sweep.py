@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from orchestrator.config import SweepConfig
 from orchestrator.confirm import cap as confirm_cap
-from orchestrator.console import ConsoleReporter
+from orchestrator.console import ConsoleReporter, progress_board
 from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
 from trainables.models.teacher import teacher_card_file
 from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, ray_address, wait_for_cluster
@@ -546,14 +546,15 @@ def _trials(cfg: SweepConfig, info: DataInfo, profiles: Profiles, tracker: Sweep
     # A one-worker trial trains in its Tune actor, which holds the trial's resources; a DDP
     # trial's actor only waits for its TorchTrainer, which reserves them (a token request here).
     resources = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial} if r.warm else {"memory": 2**20}
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, run=run, constants=constants), resources)
+    board = None if verbose else progress_board()
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, run=run, constants=constants, board=board), resources)
     model_info = {"num_classes": info.num_classes, "input_shape": list(info.input_shape), "classes": list(info.classes),
                   "fixed_params": {"dataset": cfg.dataset.name, "teacher": cfg.teacher_name}}
     callbacks = [MlflowTrialCallback(tracker, parent, cfg.name, model_info, profiles), TuneStateBackup()]
     if not r.warm:  # Ray Train worker groups: their placement groups can outlive a stopped trial
         callbacks.append(PlacementGroupReaper())
     if not verbose:
-        callbacks.append(ConsoleReporter(cfg, total=total))
+        callbacks.append(ConsoleReporter(cfg, total=total, board=board))
     return trainable, callbacks
 
 

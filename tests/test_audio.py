@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import wave
 from pathlib import Path
 
@@ -250,10 +251,14 @@ def test_an_image_model_name_for_audio_is_refused_the_other_way_round(tmp_path, 
 
 
 @pytest.mark.integration
-def test_audio_sweep_end_to_end(clips, tmp_path, ray_address, monkeypatch):
+def test_audio_sweep_end_to_end(clips, tmp_path, ray_address, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cfg = audio_yaml(tmp_path, clips)
+    cfg = audio_yaml(tmp_path, clips, **{"train.progress_every_s": 1e-9, "teacher.progress_every_s": 1e-9})
     assert main(["run", str(cfg), "--address", ray_address]) == 0
+    # Progress lines within epochs reach the console, from the teacher's task and from the trials' actors.
+    out = capsys.readouterr().out
+    assert re.search(r"^teacher epoch=1/6  batch 1/\d+ \(\d+ %\)  \d+ clips/s  epoch ETA \d+ s$", out, re.M), out[:2000]
+    assert re.search(r"^progress  trial=\w+  student=audio.cnn_tiny  epoch=1/4  batch 1/\d+ ", out, re.M), out[:2000]
     db = tmp_path / "mlruns" / "mlflow.db"
     teacher_dir = next((tmp_path / "teachers").glob("audio-audio.cnn_small-*"))
     card = json.loads((teacher_dir / "teacher.json").read_text())

@@ -102,6 +102,45 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class Watched(LocalReporter):
+    """What a person watching would see (progress lines) apart from what Tune would get (reports)."""
+
+    def __init__(self):
+        super().__init__(None, log_epochs=False)
+        self.lines, self.reports = [], []
+
+    def progress(self, line):
+        self.lines.append(line)
+
+    def report(self, metrics, state):
+        self.reports.append(metrics)
+
+
+def test_a_long_epoch_shows_progress_lines_that_never_become_results_nor_host_syncs(digits_teacher):
+    """A line at most every train.progress_every_s (here: at every batch after the first): batches
+    done, examples/s in the task's unit, the epoch's ETA; results stay one per epoch, and the lines
+    cost no device sync (the same syncs as with the default 10 s)."""
+    import re
+
+    watched = Watched()
+    cfg = trial(epochs=2, batch_size=64, progress_every_s=1e-9, robust_samples=0, teacher_path=str(digits_teacher), loss={"alpha": 0.5})
+    train_student(cfg, watched)
+    steps = 1150 // 64
+    assert len(watched.reports) == 2 and not any("batch" in k or "progress" in k for r in watched.reports for k in r)
+    assert len(watched.lines) == 2 * (steps - 1), watched.lines[:3]
+    pattern = re.compile(rf"^epoch=([12])/2  batch (\d+)/{steps} \((\d+) %\)  (\d+) images/s  epoch ETA (\d+) s$")
+    parsed = [pattern.match(line) for line in watched.lines]
+    assert all(parsed), watched.lines[:3]
+    assert [int(m[2]) for m in parsed[: steps - 1]] == list(range(1, steps)) and all(int(m[4]) > 0 for m in parsed)
+    counts = []
+    for every in (1e-9, 10.0):
+        with HostSyncs() as syncs:
+            train_student(trial(epochs=1, progress_every_s=every, robust_samples=0, teacher_path=str(digits_teacher), loss={"alpha": 0.5}),
+                          Watched())
+        counts.append(syncs.count)
+    assert counts[0] == counts[1], counts
+
+
 @pytest.mark.parametrize("augment", [{"crop_pad": 0, "flip": False}, {"crop_pad": 1, "flip": True}])
 def test_host_syncs_do_not_grow_with_the_number_of_batches(augment, digits_teacher):
     """One sync per epoch, as the loop promises: 4x the batches must not add a single sync."""

@@ -669,7 +669,7 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     once per epoch)."""
     cfg = sweep_yaml(tmp_path, digits_teacher, "lostworker", students=["cnn_tiny"], search={},
                      **{"budget.num_samples": 1, "budget.max_concurrent": 1, "budget.max_failures": 2, "train.epochs": 8,
-                        "train.batch_size": 16, "train.checkpoint_every": 2, "train.robust_samples": 0,
+                        "train.batch_size": 16, "train.checkpoint_every": 2, "train.robust_samples": 0, "train.progress_every_s": 0.05,
                         "resources.warm_trials": warm, "resources.num_workers": workers})
     db = tmp_path / "mlruns" / "mlflow.db"
     tune_dir = tmp_path / "runs" / "lostworker" / "tune-joint"
@@ -702,7 +702,11 @@ def test_a_killed_trial_process_resumes_from_its_checkpoint_in_the_same_run(tmp_
     assert count_rows(db, "select count(*) from runs where status='RUNNING'") == 0
     assert all(w.pid != killed for w in _trial_processes(title, tune_dir))
     console.close()
-    reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/8", (tmp_path / "console.txt").read_text(), re.M)]
+    shown = (tmp_path / "console.txt").read_text()
+    reported = [int(m) for m in re.findall(r"^epoch .* epoch=(\d+)/8", shown, re.M)]
+    # Progress within epochs reaches the console from the actor, or from a DDP group's rank 0 alone.
+    progress = re.findall(r"^progress  trial=\w+  student=cnn_tiny  epoch=(\d+)/8  batch (\d+)/(\d+) ", shown, re.M)
+    assert progress and all(int(b) < int(n) for _, b, n in progress), shown[-2000:]
     # The restored trial started after its last checkpoint (an even epoch), not from epoch 1: where
     # it re-ran epochs the console shows them again; killed just after a checkpoint, it goes on
     # with the next epoch and the console shows no step back (the new pid above is the restore).

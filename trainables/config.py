@@ -304,6 +304,8 @@ class TrainConfig(Strict):
         "bucket", description="how top-k targets give the other classes their mass: as one class, shaped as the student's own "
                               "(bucket), or evenly (spread: FKD's marginal smoothing)")
     robust_samples: int = Field(1000, ge=0, description="val images in the final-epoch corruption suite (0: off)")
+    progress_every_s: float = Field(10.0, gt=0, description="a console line (batches done, examples/s, the epoch's ETA) at most this "
+                                                            "often within a long epoch; never a Tune result or an MLflow metric")
     checkpoint_every: int | str = Field(1, description="checkpoint every N epochs, or every '<seconds>s' (e.g. '120s'); the last epoch always")
 
     @field_validator("checkpoint_every", mode="before")

@@ -35,7 +35,7 @@ from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
 from trainables.models.profile import profile_together, size_report
 from trainables.registry import ConfigError
-from trainables.reporters import LocalReporter, RayTrainReporter, Reporter, TrialStopped
+from trainables.reporters import PROGRESS, LocalReporter, RayTrainReporter, Reporter, TrialStopped, post_to
 from trainables.tasks import Task, task_for
 from trainables.targets import teacher_targets
 from trainables.models.hf import check_copies_teacher, init_from_teacher
@@ -289,11 +289,16 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         student.train()
         loss_fn.set_epoch(epoch + 1, cfg.train.epochs)
         t0 = time.perf_counter()
+        next_line = time.monotonic() + cfg.train.progress_every_s
         sums = torch.zeros(3, device=t.device)
         batches = train_batches(splits, cfg, epoch, t.device if t.on_device else "cpu", t.rank, t.world)
-        for _, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, t.device, t.on_device):
+        for b, idx, images, y, view in device_batches(splits.train_x, splits.train_y, batches, t.device, t.on_device):
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
+            if b and time.monotonic() >= next_line:  # a clock read; the line holds no tensor value
+                reporter.progress(progress_line(epoch + 1, cfg.train.epochs, b, steps_per_epoch, b * batch_size, time.perf_counter() - t0,
+                                                t.task.unit))
+                next_line = time.monotonic() + cfg.train.progress_every_s
             raw = augment(images, view, t.aug)
             x = norm(raw)
             if channels_last:
@@ -357,7 +362,16 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
                        preprocess={"mean": list(t.mean), "std": list(t.std)})
 
 
+def progress_line(epoch: int, epochs: int, done: int, steps: int, examples: int, seconds: float, unit: str) -> str:
+    """`epoch=3/10  batch 120/400 (30 %)  850 images/s  epoch ETA 33 s`: `done` batches (of this
+    process's share) after `seconds`. On a GPU the rate is the host's: kernels may still be queued."""
+    rate = examples / seconds if seconds > 0 else 0.0
+    eta = (steps - done) * seconds / done if done else float("nan")
+    return f"epoch={epoch}/{epochs}  batch {done}/{steps} ({100 * done // max(1, steps)} %)  {rate:.0f} {unit}/s  epoch ETA {eta:.0f} s"
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point for ray.train.torch.TorchTrainer(train_loop_per_worker=...): the TrialConfig the
     driver built, under TRIAL_CONFIG."""
-    train_student(config[TRIAL_CONFIG], RayTrainReporter())
+    board, trial_id = config.get(PROGRESS) or (None, None)
+    train_student(config[TRIAL_CONFIG], RayTrainReporter(post_to(board, trial_id) if board is not None else None))

@@ -3,13 +3,14 @@ process, a Tune trial actor, a Ray Train worker, the teacher's Ray task). Each a
 a resumed trial finds its last checkpoint and whether the trial was stopped from outside."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from trainables.checkpoint import STATE_FILE, load_state, save_state
 from trainables.eval.metrics import format_epoch
@@ -36,6 +37,10 @@ class Reporter(Protocol):
     def stop_requested(self) -> bool:
         return False
 
+    def progress(self, line: str) -> None:
+        """A line on how a long epoch is going, for a person watching (never a result): dropped
+        where nobody would see it."""
+
 
 class TrialStopped(Exception):
     """Raised inside the loop when its reporter says the trial was stopped (ASHA, the driver)."""
@@ -59,12 +64,40 @@ class LocalReporter(Reporter):
         if self.log_epochs:
             log.info("%s", format_epoch(metrics))
 
+    def progress(self, line: str) -> None:
+        if self.log_epochs:
+            log.info("%s", line)
+
+
+#: The key of a worker group's train_loop_config that holds (board, trial id) for progress lines.
+PROGRESS = "kdsweep_progress"
+
+
+def post_to(board, trial_id: str) -> Callable[[str], None]:
+    """Progress lines into the driver's board (a ray.util.queue.Queue the console reads), tagged
+    with the trial; a full board drops the line rather than wait."""
+
+    def post(line: str) -> None:
+        with contextlib.suppress(Exception):  # queue.Full, or the board gone with its driver
+            board.put_nowait((trial_id, line))
+
+    return post
+
 
 class RayTrainReporter(Reporter):
     """Inside a TorchTrainer: ray.train.report every epoch; rank 0 attaches the checkpoint (Ray
-    Train ends its workers itself when a trial is stopped)."""
+    Train ends its workers itself when a trial is stopped) and posts progress lines."""
 
     in_worker_group = True
+
+    def __init__(self, post: Callable[[str], None] | None = None) -> None:
+        self.post = post
+
+    def progress(self, line: str) -> None:
+        import ray.train
+
+        if self.post is not None and ray.train.get_context().get_world_rank() == 0:
+            self.post(line)
 
     def restore(self) -> dict | None:
         import ray.train
@@ -99,10 +132,15 @@ class TuneReporter(Reporter):
 
     warm = True
 
-    def __init__(self, checkpoint) -> None:
+    def __init__(self, checkpoint, post: Callable[[str], None] | None = None) -> None:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.stop = threading.Event()
         self.checkpoint = checkpoint  # tune.get_checkpoint() of this (restored) trial
+        self.post = post  # progress lines to the driver's console (post_to)
+
+    def progress(self, line: str) -> None:
+        if self.post is not None:
+            self.post(line)
 
     def restore(self) -> dict | None:
         if self.checkpoint is None:
@@ -132,3 +170,6 @@ class QueueReporter(Reporter):
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         self.epochs.put(metrics)
+
+    def progress(self, line: str) -> None:
+        self.epochs.put(line)  # a str: the task streams it as {"progress": line}

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from ray.train.v2.api.callback import UserCallback
 
 from trainables.config import TRIAL_CONFIG, TrialConfig
-from trainables.reporters import QueueReporter, TrialStopped, TuneReporter
+from trainables.reporters import PROGRESS, QueueReporter, TrialStopped, TuneReporter, post_to
 
 _DONE = "__kdsweep_done__"
 
@@ -60,7 +60,7 @@ class QueueReport(UserCallback):
         self.queue.put(item)
 
 
-def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
+def _train_in_actor(trial: TrialConfig, extra: dict[str, float], board=None) -> None:
     """One-worker trial: the loop in a thread of this (reused) Tune actor; this thread reports.
 
     tune.report returns once the driver has taken the result, and raises SystemExit when Tune
@@ -72,7 +72,7 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
     from trainables.loop import train_student  # here, not at import: the driver imports this module, never the loop
 
     node = ray.get_runtime_context().get_node_id()
-    reporter = TuneReporter(tune.get_checkpoint())
+    reporter = TuneReporter(tune.get_checkpoint(), post_to(board, tune.get_context().get_trial_id()) if board is not None else None)
     errors: list[BaseException] = []
 
     def fit() -> None:
@@ -111,19 +111,19 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float]) -> None:
         raise errors[0]
 
 
-def tune_trial(config: dict[str, Any], run: TrialRun, constants: dict[str, dict[str, float]] | None = None) -> None:
+def tune_trial(config: dict[str, Any], run: TrialRun, constants: dict[str, dict[str, float]] | None = None, board=None) -> None:
     """Tune function trainable: one-worker trials train in this actor, DDP trials in a Ray Train
     worker group. `constants[student]` joins every report (the architecture's sizes, when Optuna
-    optimizes them)."""
+    optimizes them); `board` (a ray.util.queue.Queue of the driver's console) takes progress lines."""
     trial: TrialConfig = config[TRIAL_CONFIG]
     extra = (constants or {}).get(trial.student, {})
     if run.warm:
-        _train_in_actor(trial, extra)
+        _train_in_actor(trial, extra, board)
     else:
-        _train_in_worker_group(trial, run, extra)
+        _train_in_worker_group(trial, run, extra, board)
 
 
-def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, float]) -> None:
+def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, float], board=None) -> None:
     """A worker-group trial (DDP, or warm_trials off): a TorchTrainer runs in a thread; this
     thread forwards its reports to Tune with tune.report, so ASHA sees every epoch."""
     import ray.train
@@ -136,7 +136,7 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={TRIAL_CONFIG: trial},
+        train_loop_config={TRIAL_CONFIG: trial, PROGRESS: (board, tune.get_context().get_trial_id())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.num_workers, use_gpu=run.gpus_per_worker > 0,
             resources_per_worker={"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})},
@@ -205,7 +205,7 @@ def teacher_task(trial: TrialConfig) -> Iterator[dict[str, Any]]:
     thread = threading.Thread(target=fit, name="kdsweep-teacher", daemon=True)
     thread.start()
     while (metrics := epochs.get()) != _DONE:
-        yield {"epoch": metrics}
+        yield {"progress": metrics} if isinstance(metrics, str) else {"epoch": metrics}
     thread.join()
     if "error" in out:
         raise out["error"]
