@@ -207,13 +207,13 @@ def audio_yaml(path: Path, clips: Path, name: str = "words", **over) -> Path:
         "name": name, "storage": str(path / "runs"),
         "dataset": {"name": "audio", "root": str(clips), "kwargs": {"sample_rate": RATE, "clip_seconds": 0.25}, "val_fraction": 0.2,
                     "test_fraction": 0.2, "cache": str(path / "cache")},
-        "teacher": {"arch": "audio.cnn_small", "epochs": 6, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05}},
+        "teacher": {"arch": "audio.cnn_small", "epochs": 4, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05}},
         "students": ["audio.cnn_tiny"],
         "loss": {"name": "kd", "temperature": 4.0, "alpha": 0.9},
-        "train": {"epochs": 4, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "robust_samples": 64},
+        "train": {"epochs": 3, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "robust_samples": 64},
         "search": {"temperature": {"type": "float", "low": 1.0, "high": 8.0, "log": True}, "alpha": {"type": "float", "low": 0.0, "high": 1.0},
                    "loss.name": {"type": "categorical", "choices": ["kd", "at"]}},
-        "budget": {"num_samples": 3, "max_concurrent": 1, "grace_period": 4, "confirm": {"top": 0}},
+        "budget": {"num_samples": 3, "max_concurrent": 1, "grace_period": 3, "confirm": {"top": 0}},
         "resources": {"cpus_per_trial": 1},
     }
     for k, v in over.items():
@@ -257,8 +257,8 @@ def test_audio_sweep_end_to_end(clips, tmp_path, ray_address, monkeypatch, capsy
     assert main(["run", str(cfg), "--address", ray_address]) == 0
     # Progress lines within epochs reach the console, from the teacher's task and from the trials' actors.
     out = capsys.readouterr().out
-    assert re.search(r"^teacher epoch=1/6  batch 1/\d+ \(\d+ %\)  \d+ clips/s  epoch ETA \d+ s$", out, re.M), out[:2000]
-    assert re.search(r"^progress  trial=\w+  student=audio.cnn_tiny  epoch=1/4  batch 1/\d+ ", out, re.M), out[:2000]
+    assert re.search(r"^teacher epoch=1/4  batch 1/\d+ \(\d+ %\)  \d+ clips/s  epoch ETA \d+ s$", out, re.M), out[:2000]
+    assert re.search(r"^progress  trial=\w+  student=audio.cnn_tiny  epoch=1/3  batch 1/\d+ ", out, re.M), out[:2000]
     db = tmp_path / "mlruns" / "mlflow.db"
     teacher_dir = next((tmp_path / "teachers").glob("audio-audio.cnn_small-*"))
     card = json.loads((teacher_dir / "teacher.json").read_text())
