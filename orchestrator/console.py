@@ -3,6 +3,7 @@ live in a terminal (rich), one line per event otherwise (CI, files). Tune's own 
 off unless --verbose."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from orchestrator.confirm import CONFIRM
 from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
+from trainables.reporters import ProgressBoard
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("trial", "student", "loss", "T", "alpha", "lr", "seed", "epoch", "{objective}", "status", "role")
 
@@ -104,11 +108,17 @@ class ConsoleReporter(Callback):
 
         if self._taking is None:
             if time.monotonic() - self._took >= 1.0:
-                self._taking, self._took = self.board.actor.get_nowait_batch.remote(self.board.qsize()), time.monotonic()
+                self._taking, self._took = self.board.take.remote(), time.monotonic()
             return
         if not ray.wait([self._taking], timeout=0)[0]:
             return
-        lines, self._taking = ray.get(self._taking), None
+        taking, self._taking = self._taking, None
+        try:
+            lines = ray.get(taking)
+        except ray.exceptions.RayError as err:  # its node lost: epochs and results still come through Tune
+            log.warning("progress lines within epochs stop here: the console's board is gone (%s)", type(err).__name__)
+            self.board = None
+            return
         for trial_id, line in lines:
             if trial_id in self.rows:
                 self._show(f"progress  trial={trial_id}  student={self.rows[trial_id].student}  {line}")
@@ -170,8 +180,10 @@ class ConsoleReporter(Callback):
 
 
 def progress_board():
-    """Where trials post progress lines for the console (a ray.util.queue.Queue: an actor that
-    holds no CPU); the oldest lines are kept when it is full, later ones dropped."""
-    from ray.util.queue import Queue
+    """Where trials post progress lines for the console: a ProgressBoard actor that holds no CPU,
+    pinned to the driver's node, so that losing a worker node never takes the console's board."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()

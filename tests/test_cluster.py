@@ -18,10 +18,11 @@ from tests.conftest import count_rows, sweep_yaml
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _trial_actor_on(node) -> bool:
-    """Whether a Tune trial actor runs under `node`'s raylet (workers are the raylet's children)."""
+def _trial_actor_on(node, title: str = "ImplicitFunc") -> bool:
+    """Whether an actor (a Tune trial's by default) runs under `node`'s raylet (workers are the
+    raylet's children, titled ray::<class>)."""
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    return any("ImplicitFunc" in " ".join(c.cmdline()) for c in raylet.children(recursive=True) if c.is_running())
+    return any(title in " ".join(c.cmdline()) for c in raylet.children(recursive=True) if c.is_running())
 
 
 def _reporting_nodes(tmp_path) -> set[str]:
@@ -62,6 +63,8 @@ def test_a_missing_teacher_trains_on_a_worker_trials_run_on_both_and_a_lost_node
         while time.time() < deadline and proc.poll() is None:
             # a trial on the second node has reported an epoch and its actor still runs there: take the node away
             if second.node_id in _reporting_nodes(tmp_path) and _trial_actor_on(second):
+                # the console's board is beside the driver (the head), never on a node that may go
+                assert _trial_actor_on(cluster.head_node, "ProgressBoard") and not _trial_actor_on(second, "ProgressBoard")
                 cluster.remove_node(second, allow_graceful=False)
                 removed = True
                 break

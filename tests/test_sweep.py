@@ -801,3 +801,40 @@ def test_sweep_from_a_dict_returns_its_champion_leaderboard_and_mlflow_ids(tmp_p
     assert again.champion.run_id == result.champion.run_id and again.champion.version == result.champion.version
     with pytest.raises(ConfigError, match="`loss.alpha`"):
         run_sweep_from(data, {"alpha": 2.0})
+
+
+def test_the_console_shows_posted_progress_and_goes_on_when_its_board_is_lost(ray_address, capsys, caplog):
+    """Trials post progress lines without waiting; the console takes them without blocking Tune's
+    loop. The board lives beside the driver; were it lost all the same, the sweep goes on without
+    the lines (a lost worker node once took a board with it and failed the whole sweep)."""
+    import ray
+
+    from orchestrator.config import load_config
+    from orchestrator.console import ConsoleReporter, Row, progress_board
+    from trainables.reporters import post_to
+
+    board = progress_board()
+    console = ConsoleReporter(load_config(None), total=1, board=board, live=False)
+    console.rows["t1"] = Row("t1", "cnn_tiny", "kd", 4.0, 0.9, 0.01, 0, 3, "search")
+    post_to(board, "t1")("batch 5/10  1200 images/s  epoch ETA 3s")
+    post_to(board, "t2")("a trial the console never started")
+
+    shown = []
+
+    def poll_until(seen):
+        deadline = time.time() + 30
+        while time.time() < deadline and not seen():
+            console._took = 0.0  # no 1 s pacing in a test
+            console.on_step_end(0, [])
+            shown.append(capsys.readouterr().out)
+            time.sleep(0.05)
+
+    poll_until(lambda: "batch 5/10" in "".join(shown))
+    assert "progress  trial=t1  student=cnn_tiny  batch 5/10  1200 images/s  epoch ETA 3s" in "".join(shown)
+    assert "never started" not in "".join(shown)
+    ray.kill(board)
+    post_to(board, "t1")("after the board is gone")  # a trial's post neither raises nor waits
+    with caplog.at_level("WARNING", logger="orchestrator.console"):
+        poll_until(lambda: console.board is None)
+    assert console.board is None and "board is gone" in caplog.text
+    console.on_step_end(0, [])  # and polling on is a no-op

@@ -130,10 +130,13 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
     from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from trainables.loop import train_loop_per_worker
 
-    reports = Queue(actor_options={"num_cpus": 0})
+    # Beside this trial's actor: a node lost elsewhere never takes another trial's reports with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reports = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={TRIAL_CONFIG: trial, PROGRESS: (board, tune.get_context().get_trial_id())},
