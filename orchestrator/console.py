@@ -16,7 +16,7 @@ from orchestrator.confirm import CONFIRM
 from orchestrator.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
-from trainables.reporters import ProgressBoard
+from trainables.board import ProgressBoard
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class ConsoleReporter(Callback):
         try:
             lines = ray.get(taking)
         except ray.exceptions.RayError as err:  # its node lost: epochs and results still come through Tune
-            log.warning("progress lines within epochs stop here: the console's board is gone (%s)", type(err).__name__)
+            log.warning("progress lines within epochs stop here: the console's board is gone (%s: %s)", type(err).__name__,
+                        str(err).strip().splitlines()[0] if str(err).strip() else "")
             self.board = None
             return
         for trial_id, line in lines:

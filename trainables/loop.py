@@ -35,7 +35,8 @@ from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
 from trainables.models.profile import profile_together, size_report
 from trainables.registry import ConfigError
-from trainables.reporters import PROGRESS, LocalReporter, RayTrainReporter, Reporter, TrialStopped, post_to
+from trainables.board import post_to
+from trainables.reporters import PROGRESS, LocalReporter, RayTrainReporter, Reporter, TrialStopped
 from trainables.tasks import Task, task_for
 from trainables.targets import teacher_targets
 from trainables.models.hf import check_copies_teacher, init_from_teacher

@@ -3,7 +3,6 @@ process, a Tune trial actor, a Ray Train worker, the teacher's Ray task). Each a
 a resumed trial finds its last checkpoint and whether the trial was stopped from outside."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import tempfile
@@ -71,34 +70,6 @@ class LocalReporter(Reporter):
 
 #: The key of a worker group's train_loop_config that holds (board, trial id) for progress lines.
 PROGRESS = "kdsweep_progress"
-
-
-class ProgressBoard:
-    """The driver's board of progress lines, run as a Ray actor beside the driver: trials post
-    (trial id, line) without waiting, the console takes what has come in. Bounded: when full, the
-    oldest lines are kept and later ones dropped (a line is a glance, never a record)."""
-
-    def __init__(self, maxsize: int = 1000) -> None:
-        self.maxsize, self.lines = maxsize, []
-
-    def post(self, item: tuple[str, str]) -> None:
-        if len(self.lines) < self.maxsize:
-            self.lines.append(item)
-
-    def take(self) -> list[tuple[str, str]]:
-        lines, self.lines = self.lines, []
-        return lines
-
-
-def post_to(board, trial_id: str) -> Callable[[str], None]:
-    """Progress lines into the driver's board (a ProgressBoard actor), tagged with the trial; fire
-    and forget: a trial never waits on its console, nor fails when the board is gone."""
-
-    def post(line: str) -> None:
-        with contextlib.suppress(Exception):  # the board gone with its driver
-            board.post.remote((trial_id, line))
-
-    return post
 
 
 class RayTrainReporter(Reporter):

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 from ray.train.v2.api.callback import UserCallback
 
 from trainables.config import TRIAL_CONFIG, TrialConfig
-from trainables.reporters import PROGRESS, QueueReporter, TrialStopped, TuneReporter, post_to
+from trainables.board import post_to
+from trainables.reporters import PROGRESS, QueueReporter, TrialStopped, TuneReporter
 
 _DONE = "__kdsweep_done__"
 
