@@ -36,7 +36,7 @@ def sweep_config(args, out: Path) -> dict:
     cfg["dataset"] = {"name": "synthetic", "val_fraction": args.n_val / n,
                       "augment": {"resized_crop": {}, "flip": True},
                       "kwargs": {"n_train": n, "n_test": args.n_val, "shape": [3, args.size, args.size], "num_classes": args.classes}}
-    cfg["teacher"] = {"arch": "torchvision.resnet50", "epochs": 1, "batch_size": args.batch, "path": str(out / "teacher"),
+    cfg["teacher"] = {"arch": "torchvision.resnet50", "epochs": 1, "batch_size": args.batch, "path": str(out / "teacher"), "robust_samples": 0,
                       "optimizer": {"name": "sgd", "lr": 0.01 if args.smoke else 0.1, "momentum": 0.9}}  # smoke: 2 steps at 0.1 diverge
     cfg["loss"] = {"name": "kd", "temperature": 4.0, "alpha": 0.9}
     cfg["train"] = {"epochs": args.epochs, "batch_size": args.batch, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},

@@ -306,50 +306,57 @@ def log_topk_mass(cfg: SweepConfig, cache: str | None, tracker: SweepTracker, pa
 
 
 class Profiles:
-    """Each architecture's size, once per sweep, in Ray tasks holding one trial's resources (the
-    trial's kind of device), never inside trials that compete for the machine.
+    """Each architecture's size, once per sweep, never inside trials that compete for the machine.
 
-    Static sizes (params, bytes, FLOPs: the same whenever they are measured) are tasks queued
-    behind the teacher's training, the rest once the first trial has started; no trial waits for
-    them unless an objective reads them: `ready()` says whether they are in, `reports()` waits.
+    Static sizes (params, bytes, FLOPs: the same whenever and wherever they are measured, on a CPU
+    copy) are worked out in one thread of this process, which already builds the config's models
+    and loads the teacher: a Ray task would start a worker process (seconds of imports) and wait
+    behind the trials for a CPU, which in a small sweep is its last seconds. The students' begin
+    beside the teacher's training, the teacher's once it is saved; no trial waits for them unless
+    an objective reads them: `ready()` says whether they are in, `reports()` waits.
     Latency is timed otherwise (measure_latency): the teacher and every student back to back,
-    interleaved, with a fixed thread count, in one task while no trial runs, so that the speedup
-    over the teacher and the students' order compare like with like."""
+    interleaved, with a fixed thread count, while no trial runs and no size is being worked out,
+    so that the speedup over the teacher and the students' order compare like with like."""
 
     def __init__(self, cfg: SweepConfig, info: DataInfo, local: bool = False) -> None:
         import ray
 
-        from trainables.models.profile import latency_task, profile_task
+        from trainables.models.profile import latency_task
 
         r = cfg.resources
         self.cfg, self.info = cfg, info
         self.task_name = cfg.task.name  # what the models' example inputs are
         self.here = local and not r.gpus_per_trial  # a local CPU sweep: this process is on the trials' kind of device
-        self.task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(profile_task)
         self.latency_task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial)(latency_task)
-        self.students: dict[str, Any] = {}
-        self.teacher = None
-        self.teacher_path: str | None = None  # the teacher's task is queued once this is known
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdsweep-sizes")
+        self.students: dict[str, Future] = {}
+        self.teacher: Future | None = None
+        self.teacher_path: str | None = None  # the teacher's size is worked out once this is known
         self.latency: dict[str, Any] | None = None  # measure_latency's record
 
     def start(self) -> None:
-        """Queue the tasks not queued yet: the students', and the teacher's once teacher_path is set."""
+        """Queue the sizes not queued yet: the students', and the teacher's once teacher_path is set."""
+        from trainables.models.profile import profile_sizes
+
         cfg, info = self.cfg, self.info
         if not self.students:
-            self.students = {s: self.task.remote(self.task_name, arch=s, shape=list(info.input_shape), num_classes=info.num_classes, plugins=cfg.plugins,
-                                                 arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
+            self.students = {s: self.pool.submit(profile_sizes, self.task_name, arch=s, shape=list(info.input_shape), num_classes=info.num_classes,
+                                                 plugins=cfg.plugins, arch_kwargs=cfg.student_kwargs(s)) for s in cfg.students}
         if self.teacher_path is not None and self.teacher is None:
-            self.teacher = self.task.remote(self.task_name, teacher_path=self.teacher_path, plugins=cfg.plugins)
+            self.teacher = self.pool.submit(profile_sizes, self.task_name, teacher_path=self.teacher_path, plugins=cfg.plugins)
 
     def measure_latency(self, when: str) -> dict[str, Any]:
         """Time the teacher and every student (latency_task), now: the caller makes sure no trial
-        runs (`when` says at which moment, for the record). Threads: the trial's CPUs, at least 1.
-        A local CPU sweep times them in this process (no worker to start), else a Ray task holding
-        one trial's resources does."""
+        runs (`when` says at which moment, for the record), and the sizes are waited for first.
+        Threads: the trial's CPUs, at least 1. A local CPU sweep times them in this process (no
+        worker to start), else a Ray task holding one trial's resources does."""
         import ray
 
         from trainables.models.profile import latency_task
 
+        self.start()
+        for f in filter(None, (self.teacher, *self.students.values())):
+            f.exception()  # done (a failure is raised by reports())
         cfg, info = self.cfg, self.info
         threads = max(1, int(cfg.resources.cpus_per_trial))
         log.info("timing the teacher and %d student(s) back to back, interleaved (%d thread%s), %s", len(cfg.students), threads,
@@ -359,23 +366,18 @@ class Profiles:
         return self.latency
 
     def reports(self) -> dict[str, dict[str, float]]:
-        """Each student's size_report (its latency keys once measured), waiting for the tasks
+        """Each student's size_report (its latency keys once measured), waiting for the sizes
         (queued now if they were not)."""
-        import ray
-
         from trainables.models.profile import TEACHER, size_report
 
         self.start()
         times = (self.latency or {}).get("latency", {})
-        teacher = {**ray.get(self.teacher), **times.get(TEACHER, {})}
-        return {name: size_report({**ray.get(f), **times.get(name, {})}, teacher) for name, f in self.students.items()}
+        teacher = {**self.teacher.result(), **times.get(TEACHER, {})}
+        return {name: size_report({**f.result(), **times.get(name, {})}, teacher) for name, f in self.students.items()}
 
     def ready(self) -> dict[str, dict[str, float]] | None:
-        """reports() once every task is done, else None at once."""
-        import ray
-
-        refs = [self.teacher, *self.students.values()]
-        if self.teacher is None or len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+        """reports() once every size is in, else None at once."""
+        if self.teacher is None or not all(f.done() for f in (self.teacher, *self.students.values())):
             return None
         return self.reports()
 

@@ -176,10 +176,10 @@ def _build(arch: str | None, shape: list[int] | None, num_classes: int | None, t
     return create_model(arch, num_classes, shape, **(arch_kwargs or {})), tuple(shape)
 
 
-def profile_task(task: str, arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
-                 teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
-    """Ray task body (orchestrator.sweep.Profiles): the static sizes (static_size) of one
-    architecture, freshly built, or of the saved teacher. Nothing here is timed: it may run beside
+def profile_sizes(task: str, arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
+                  teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
+    """The static sizes (static_size) of one architecture, freshly built, or of the saved teacher
+    (orchestrator.sweep.Profiles, in a driver thread). Nothing here is timed: it may run beside
     anything."""
     from trainables.plugins import load_plugins
 
