@@ -23,7 +23,6 @@ from orchestrator.config import load_config
 from orchestrator.prepare import check_data, ensure_teacher
 from orchestrator.selection import evaluate_on_test
 from trainables.data.normalize import Normalized
-from trainables.data import load_splits
 from trainables.models.profile import profile_together
 from trainables.loop import train_student
 from trainables.reporters import LocalReporter
@@ -50,7 +49,7 @@ def main() -> None:
     teacher_dir = ensure_teacher(cfg, info)
     student = args.student or cfg.students[0]
     ds = cfg.dataset
-    splits = load_splits(ds)
+    splits = cfg.task.splits(ds)
     teacher, card = load_teacher(teacher_dir)
     raw = teacher
     teacher = Normalized(teacher, *card.stats).eval()

@@ -15,7 +15,6 @@ import torch
 from orchestrator.selection import load_student
 from orchestrator.store import SweepTracker, Tag
 from trainables.card import StudentCard, build, read, write
-from trainables.data import load_splits
 from trainables.registry import ConfigError
 from trainables.tasks import Task, task_for
 
@@ -43,7 +42,7 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
     if fmt not in FORMATS:
         raise ConfigError(f"`--format` must be one of {list(FORMATS)}, but got {fmt!r}")
     run_id = student_run(tracker, parent_id, trial)
-    splits = load_splits(saved.config.dataset)
+    splits = saved.config.task.splits(saved.config.dataset)
     model = load_student(tracker, run_id)
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +117,7 @@ def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker
     card = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
                 shown_as=f"runs:/{run_id}/student/student.json")
     tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
-    splits = load_splits(dataset.resolved().model_copy(update={"tokenizer": card.arch_kwargs["tokenizer"]}))
+    splits = task_for(dataset.name).splits(dataset.resolved().model_copy(update={"tokenizer": card.arch_kwargs["tokenizer"]}))
     tokenizer.save_pretrained(str(out_dir))
     if fmt == "safetensors":
         from safetensors.torch import save_file

@@ -10,7 +10,7 @@ from typing import Callable
 
 from orchestrator.config import SweepConfig, preparing
 from trainables.config import TEACHER_LAYERS
-from trainables.data import DataSplits, load_splits
+from trainables.data import DataSplits
 from trainables.data.normalize import model_stats
 from trainables.models import create_model
 from trainables.registry import ConfigError
@@ -39,7 +39,7 @@ def check_data(cfg: SweepConfig) -> DataInfo:
     """Load the dataset once on the driver: a missing root fails here, not inside a worker, and an
     image folder is decoded here, before Ray starts, for every later load to memory-map."""
     with preparing(cfg.prepare):
-        s = load_splits(cfg.dataset)
+        s = cfg.task.splits(cfg.dataset)
         info = DataInfo(s.num_classes, s.input_shape, s.n_labeled, len(s.val_y), len(s.test_y), s.classes, s.skipped, s.decode_s, s.n_unlabeled)
         check_models_fit(cfg, info)
     return info
@@ -140,7 +140,7 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
         card.update(weights=t.weights, weights_sha256=weights_sha256(t.weights), finetune=t.finetune.model_dump())
     if t.weights and t.finetune.epochs == 0:
         log.info("teacher %s from %s as is (finetune.epochs=0) -> %s", t.arch, t.weights, path)
-        model, preprocess, val_acc = pretrained_as_is(cfg, load_splits(cfg.dataset))
+        model, preprocess, val_acc = pretrained_as_is(cfg, cfg.task.splits(cfg.dataset))
         card.update(val_acc=val_acc, epochs=0)
     else:
         how = f"fine-tuning {t.weights} for {t.finetune.epochs} epochs" if t.weights else f"{t.epochs} epochs"
@@ -181,7 +181,7 @@ def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ra
             raise _as_member(i, e) from None
     loaded = [load_teacher(m) for m in members]
     model = EnsembleTeacher([net for net, _ in loaded], [card.stats for _, card in loaded], cfg.ensemble_weights, cfg.ensemble.combine)
-    s = load_splits(cfg.dataset)
+    s = cfg.task.splits(cfg.dataset)
     logits = predict(model, s.val_x, lambda x: x.float() / 255.0, 1024, contextlib.nullcontext, False)
     val_acc = classification_metrics(logits, s.val_y)["val_acc"]
     path = cfg.teacher_dir()

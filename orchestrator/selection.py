@@ -16,7 +16,6 @@ from typing import Any
 from orchestrator import confirm
 from orchestrator.config import SweepConfig, canonical
 from orchestrator.store import LATENCY_RECORD, SweepTracker, Tag
-from trainables.data import load_splits
 from trainables.data.normalize import Normalized
 from trainables.eval.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
@@ -328,8 +327,8 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
                         "(`kdsweep best %s --confirm-seeds N --confirm-top K` confirms more finalists)", cfg.name)
     if winner is None:
         winner = choose(searched, objs[0], minimum, maximum)
-    splits = load_splits(cfg.dataset)  # the teacher's inputs
-    own = load_splits(cfg.student_dataset(winner["student"]))  # the champion's (text: its own tokenizer's ids)
+    splits = cfg.task.splits(cfg.dataset)  # the teacher's inputs
+    own = cfg.task.splits(cfg.student_dataset(winner["student"]))  # the champion's (text: its own tokenizer's ids)
     model = load_student(tracker, winner["run_id"])
     tags = client.get_run(winner["run_id"]).data.tags
     if tags.get(Tag.TEST_EVALUATED) == "true":  # touch the test split once per model

@@ -14,8 +14,11 @@ from trainables.losses import build_loss, kd_kl
 from trainables.loop import LocalReporter, train_student
 from trainables.models.teacher import load_teacher
 from trainables.registry import ConfigError
+from trainables.tasks import task_for
 from trainables.teacher_cache import TeacherCache, build_teacher_cache
 from tests.conftest import trial_dict
+from tests.test_audio import RATE, tone, write_clips, write_wav
+from tests.test_text import BAD, FILL, GOOD, make_checkpoint, write_texts
 
 AUG = AugmentConfig(crop_pad=1, flip=True)
 
@@ -67,10 +70,10 @@ def test_an_unlabelled_folder_is_decoded_once_to_the_train_shape(tmp_path):
     _pngs(tmp_path / "unl", 7, mode="RGB")
     (tmp_path / "unl" / "notes.txt").write_text("not an image")
     ds = DatasetConfig(name="digits", val_fraction=0.2, cache=str(tmp_path / "cache"), unlabeled={"root": str(tmp_path / "unl")})
-    s = load_splits(ds)
+    s = task_for("digits").splits(ds)
     assert s.n_unlabeled == 7 and s.train_x.shape[1:] == (1, 8, 8) and (s.train_y[-7:] == UNLABELED).all()
     assert len(list((tmp_path / "cache").rglob("*-unlabeled-*.npy"))) == 1
-    again = load_splits(ds)  # memory-mapped from the cache
+    again = task_for("digits").splits(ds)  # memory-mapped from the cache
     assert torch.equal(again.train_x, s.train_x)
 
 
@@ -92,7 +95,7 @@ def test_bad_unlabelled_folders_are_one_line_errors(tmp_path, layout, match):
         (root / "a.txt").write_text("hello")
     ds = DatasetConfig(name="digits", cache=str(tmp_path / "cache"), unlabeled={"root": str(root)})
     with pytest.raises(ConfigError, match=match) as e:
-        load_splits(ds)
+        task_for("digits").splits(ds)
     assert "\n" not in str(e.value) and "dataset.unlabeled.root" in str(e.value)
     assert not list((tmp_path / "cache").rglob("*.npy"))
 
@@ -206,3 +209,117 @@ def test_a_ratio_that_does_not_divide_over_ddp_workers_fails_the_plan(tmp_path, 
     assert len(err.splitlines()) == 1 and "`dataset.unlabeled.ratio` splits each batch of 64 into 45 labelled and 19 unlabelled" in err, err
     assert main(args[:-4] + ["--set", "dataset.unlabeled.ratio=0.25"]) == 0  # 48 + 16: halves
     assert re.search(r"data: \d+ train \+ \d+ unlabelled \(the distillation term only", capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled data of the other tasks: read as each task reads its labelled examples
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unl-text")
+    return make_checkpoint(root / "bert", layers=1), write_texts(root / "reviews.csv", n=120)
+
+
+def _ids(tokenizer_dir, texts, max_length):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return torch.tensor(tok(texts, truncation=True, max_length=max_length, padding="max_length")["input_ids"], dtype=torch.int32)
+
+
+def test_unlabelled_text_is_tokenized_as_the_labelled_text_in_each_form_and_with_each_models_tokenizer(text_data, tmp_path):
+    """A .txt file (a text per line), a .jsonl table's text column (dataset.kwargs.text_column, as
+    for the labelled table) and a folder of .txt files (a text each) give the same examples, tokenized with the dataset's tokenizer and max_length, after
+    the labelled ones; a student with its own tokenizer reads the same texts in its own ids."""
+    import json
+
+    ckpt, table = text_data
+    texts = ["the plot was brilliant", "quite dull and very tedious film", "a charming story", "boring"]
+    (tmp_path / "more.txt").write_text("\n".join(texts[:2]) + "\n\n" + "\n".join(texts[2:]) + "\n")
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"text": t, "stars": 3}) + "\n" for t in texts))
+    for i, t in enumerate(texts):
+        (tmp_path / "more" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "more" / f"{i}.txt").write_text(t + "\n")
+    plain = task_for("text").splits(DatasetConfig(name="text", root=str(table), tokenizer=str(ckpt), max_length=12))
+    expected = _ids(ckpt, texts, 12)
+    for root, kwargs in ((tmp_path / "more.txt", {}), (tmp_path / "more.jsonl", {}), (tmp_path / "more", {})):
+        ds = DatasetConfig(name="text", root=str(table), tokenizer=str(ckpt), max_length=12, kwargs=kwargs,
+                           cache=str(tmp_path / "cache"), unlabeled={"root": str(root), "ratio": 0.25})
+        s = task_for("text").splits(ds)
+        assert s.n_unlabeled == 4 and torch.equal(s.train_x[-4:], expected), root
+        assert torch.equal(s.train_x[:-4], plain.train_x) and (s.train_y[-4:] == UNLABELED).all() and torch.equal(s.val_x, plain.val_x)
+        assert torch.equal(task_for("text").splits(ds).train_x, s.train_x)  # again: from the cache
+    assert len(list((tmp_path / "cache").rglob("*-unlabeled-*.npy"))) == 3
+    words = sorted(set(GOOD + BAD + FILL), reverse=True)  # another numbering of the same words
+    own = make_checkpoint(tmp_path / "own", layers=1, words=words)
+    mine = task_for("text").splits(ds.model_copy(update={"tokenizer": str(own)}))
+    assert torch.equal(mine.train_x[-4:], _ids(own, texts, 12)) and not torch.equal(mine.train_x[-4:], expected)
+
+
+@pytest.mark.parametrize("layout, match", [
+    ("classes", "has sub-folders"),
+    ("empty", "holds no text"),
+    ("missing", "does not exist: nothing at"),
+    ("image", "must be a .txt file"),
+    ("column", "text_column"),
+])
+def test_bad_unlabelled_text_is_a_one_line_error_and_nothing_is_cached(text_data, tmp_path, layout, match):
+    ckpt, table = text_data
+    root = tmp_path / "unl"
+    if layout == "classes":
+        for c in ("pos", "neg"):
+            (root / c).mkdir(parents=True)
+            (root / c / "a.txt").write_text("great film")
+    elif layout == "empty":
+        root.mkdir()
+    elif layout == "image":
+        root = tmp_path / "photo.png"
+        root.write_bytes(b"\x89PNG")
+    elif layout == "column":
+        root = tmp_path / "more.csv"
+        root.write_text("review\ngreat\n")
+    ds = DatasetConfig(name="text", root=str(table), tokenizer=str(ckpt), max_length=12, cache=str(tmp_path / "cache"),
+                       unlabeled={"root": str(root)})
+    with pytest.raises(ConfigError, match=match) as e:
+        task_for("text").splits(ds)
+    assert "\n" not in str(e.value) and "dataset.unlabeled.root" in str(e.value) or "text_column" in str(e.value)
+    assert not list((tmp_path / "cache").rglob("*unlabeled*"))
+
+
+def test_unlabelled_clips_are_decoded_as_the_labelled_ones_and_a_bad_file_is_named(tmp_path, caplog, capsys):
+    """Clips at another rate and in stereo are resampled and mixed down to the labelled clips' form;
+    a text file named .wav and an empty clip are skipped and named in one warning."""
+    from trainables.data.audio import clip_decoding
+
+    labelled = write_clips(tmp_path / "words", per_class=6, seconds=0.25)
+    rng = np.random.default_rng(1)
+    unl = tmp_path / "unl"
+    write_wav(unl / "a.wav", tone(700.0, 0.3, rng))
+    write_wav(unl / "b.wav", tone(1300.0, 0.2, rng, rate=8000), rate=8000, channels=2)
+    write_wav(unl / "c.wav", tone(300.0, 0.25, rng), width=3)
+    write_wav(unl / "empty.wav", np.zeros(0))
+    (unl / "notes.wav").write_text("not a clip")
+    ds = DatasetConfig(name="audio", root=str(labelled), cache=str(tmp_path / "cache"), kwargs={"sample_rate": RATE, "clip_seconds": 0.25},
+                       unlabeled={"root": str(unl)})
+    with caplog.at_level("WARNING"):
+        s = task_for("audio").splits(ds)
+    assert s.n_unlabeled == 3 and s.train_x.dtype == torch.float32 and s.train_x.shape[1:] == (RATE // 4,)
+    decode = clip_decoding(RATE, 0.25).decode
+    for i, name in enumerate(("a.wav", "b.wav", "c.wav")):
+        assert torch.equal(s.train_x[-3 + i], torch.from_numpy(decode(str(unl / name))))
+    # the warning reaches the log: caplog's, or the console's handler where a test ran the CLI in this process
+    (warning,) = [line for line in caplog.text.splitlines() + capsys.readouterr().out.splitlines() if "skipped 2 file(s)" in line]
+    assert "empty.wav" in warning and "notes.wav" in warning and "\n" not in warning
+
+
+def test_a_task_that_reads_no_unlabelled_root_says_so_and_loading_around_the_task_is_refused(tmp_path):
+    from trainables.tasks import Task
+
+    class Bare(Task):
+        name = "bare_task"
+
+    with pytest.raises(ConfigError, match="`dataset.unlabeled.root` is not read for bare task: use labels_kept"):
+        Bare().read_unlabeled("x", torch.zeros(1), {})
+    with pytest.raises(TypeError, match="Task.splits"):
+        load_splits(DatasetConfig(name="digits", unlabeled={"root": str(tmp_path)}))

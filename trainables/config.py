@@ -104,7 +104,9 @@ class UnlabeledConfig(Strict):
     """Transfer data without labels (unsupervised KD): the distillation term sees them, CE never
     does. Val and test stay labelled."""
 
-    root: str | None = Field(None, description="a folder of images with no class sub-folders, decoded once to the train split's shape")
+    root: str | None = Field(None, description="examples without labels, read by the task as it reads the labelled ones: a folder of "
+                                               "images (or of .wav clips) with no class sub-folders, decoded once to the train split's form; "
+                                               "for text a .txt file (a text per line), a table's text column, or a folder of .txt files")
     labels_kept: float | None = Field(None, gt=0.0, lt=1.0, description="keep the labels of this share of the train split (stratified), "
                                                                           "the rest become unlabelled (the semi-supervised protocol)")
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="the unlabelled share of every batch (0: none, KD on the labelled "
@@ -113,7 +115,7 @@ class UnlabeledConfig(Strict):
     @model_validator(mode="after")
     def _some(self) -> "UnlabeledConfig":
         if self.root is None and self.labels_kept is None:
-            raise ValueError("`dataset.unlabeled` needs `root` (a folder of images without labels) or `labels_kept` (a share of train "
+            raise ValueError("`dataset.unlabeled` needs `root` (examples without labels) or `labels_kept` (a share of train "
                              "that keeps its labels), or both")
         return self
 

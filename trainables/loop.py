@@ -27,7 +27,7 @@ from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.inference import predict, suite_autocast
-from trainables.data import DataSplits, augment, batch_layout, device_batches, load_splits, place, resolved_augment, train_batches
+from trainables.data import DataSplits, augment, batch_layout, device_batches, place, resolved_augment, train_batches
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss, check_fits
 from trainables.eval.metrics import classification_metrics, per_class
@@ -102,7 +102,7 @@ def _placement(cfg: TrialConfig, in_worker_group: bool) -> tuple[int, int, torch
 @functools.lru_cache(maxsize=2)
 def _warm_splits(ds_json: str, device: str) -> tuple[DataSplits, bool]:
     ds = DatasetConfig.model_validate_json(ds_json)
-    return place(load_splits(ds), ds, device)
+    return place(task_for(ds.name).splits(ds), ds, device)
 
 
 def _load_teacher(path: str, num_classes: int, shape: tuple[int, ...], dataset: str, device: str, channels_last: bool):
@@ -120,7 +120,7 @@ def _splits(ds: DatasetConfig, device: torch.device, warm: bool) -> tuple[DataSp
     device when they fit, so only its first trial reads, decodes and copies them."""
     if warm:
         return _warm_splits(ds.model_dump_json(), str(device))
-    return place(load_splits(ds), ds, device)
+    return place(task_for(ds.name).splits(ds), ds, device)
 
 
 def _teacher(cfg: TrialConfig, num_classes: int, shape: tuple[int, ...], device: torch.device, channels_last: bool,

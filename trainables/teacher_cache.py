@@ -47,9 +47,10 @@ from torch import Tensor
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
 from trainables.config import TrialConfig
-from trainables.data import DataSplits, augment, epoch_views, load_splits, place, resolved_augment
+from trainables.data import DataSplits, augment, epoch_views, place, resolved_augment
 from trainables.data.normalize import normalizer
 from trainables.models.ensemble import members_of, target_model
+from trainables.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: Teache
     and the static targets when views never change (augmented epochs are left to the trials). For
     benchmarks and tests that train outside a sweep. Returns its folder and the teacher image
     forwards run now (0 when those files existed)."""
-    s, on_device = place(load_splits(cfg.dataset), cfg.dataset, device)
+    s, on_device = place(task_for(cfg.dataset.name).splits(cfg.dataset), cfg.dataset, device)
     cache = TeacherCache.open(create_cache(cfg, card, root, s.num_classes), cfg, card)
     cache.builder = Builder(cfg, teacher.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format),
                             card, s, on_device, device)

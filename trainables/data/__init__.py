@@ -8,6 +8,7 @@ caching, exact resume) without saving RNG state, whatever the batch size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import importlib.util
 import inspect
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainables.data.images import RawData, decode_folder, decode_unlabeled, read_arrays, stratified_split
+from trainables.data.images import RawData, decode_folder, read_arrays, stratified_split
 from trainables.data.text import tokenize_text
 from trainables.registry import ConfigError, Registry, missing
 
@@ -116,6 +117,7 @@ def load_dataset(
     unlabeled: "UnlabeledConfig | None" = None,
     tokenizer: str | None = None,
     max_length: int = 128,
+    read_unlabeled: "ReadUnlabeled | None" = None,
     **kwargs,
 ) -> DataSplits:
     """Load a registered dataset; carve what it lacks from its train split: the test split
@@ -125,8 +127,9 @@ def load_dataset(
     teacher, see the same train/val partition and the test split is never touched by the search.
     Built-in datasets keep their original (unstratified) val carve, so their numbers do not move.
     `unlabeled` (dataset.unlabeled) then drops the labels of all but `labels_kept` of the train
-    split (stratified, seeded by split_seed + 2) and appends the images of its `root` folder,
-    unlabelled, after the labelled ones.
+    split (stratified, seeded by split_seed + 2) and appends the examples at its `root`, unlabelled,
+    after the labelled ones: read by `read_unlabeled` (the task's: Task.read_unlabeled, handed the
+    root, the train split and the loader's arguments), so they come in the train split's form.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"`0 < dataset.val_fraction < 1` must hold, but got dataset.val_fraction={val_fraction}")
@@ -137,7 +140,7 @@ def load_dataset(
     if CARVES.issubset(params):  # a loader that carves its own splits (image_folder: into its decode cache)
         extra.update(val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
     try:
-        inspect.signature(loader).bind(root=root, download=download, cache=cache, **extra, **kwargs)
+        bound = inspect.signature(loader).bind(root=root, download=download, cache=cache, **extra, **kwargs)
     except TypeError as e:
         raise ConfigError(f"`dataset.kwargs` do not fit dataset.name={name!r} ({e}): fix or remove them") from None
     out = loader(root=root, download=download, cache=cache, **extra, **kwargs)
@@ -166,7 +169,10 @@ def load_dataset(
         raise ConfigError(f"`dataset.name` {name!r} gave {num_classes} class: classification needs at least two classes (check its labels)")
     n_unlabeled = 0
     if unlabeled is not None:
-        train_x, train_y, n_unlabeled = _with_unlabeled(train_x, train_y, unlabeled, cache, split_seed)
+        bound.apply_defaults()  # what the loader read the data with: the unlabelled examples are read the same way
+        options = {k: v for k, v in bound.arguments.items() if k != "kwargs"} | bound.arguments.get("kwargs", {})
+        read = functools.partial(read_unlabeled, options=options) if read_unlabeled else None
+        train_x, train_y, n_unlabeled = _with_unlabeled(train_x, train_y, unlabeled, split_seed, read)
     mean, std = channel_stats(train_x) if train_x.dim() == 4 else ((), ())
     return DataSplits(
         name=name,
@@ -190,7 +196,13 @@ def load_dataset(
     )
 
 
-def _with_unlabeled(x: Tensor, y: Tensor, unlabeled: "UnlabeledConfig", cache: str | None, split_seed: int) -> tuple[Tensor, Tensor, int]:
+#: How a task reads `dataset.unlabeled.root` (Task.read_unlabeled): (root, the train split's
+#: examples, the loader's arguments by name) -> examples in the train split's form.
+ReadUnlabeled = Callable[..., Tensor]
+
+
+def _with_unlabeled(x: Tensor, y: Tensor, unlabeled: "UnlabeledConfig", split_seed: int,
+                    read: Callable[[str, Tensor], Tensor] | None) -> tuple[Tensor, Tensor, int]:
     """The train split with its unlabelled examples last (labels UNLABELED), and their count."""
     parts = []
     if unlabeled.labels_kept is not None:
@@ -198,15 +210,16 @@ def _with_unlabeled(x: Tensor, y: Tensor, unlabeled: "UnlabeledConfig", cache: s
         parts.append(x[dropped])
         x, y = x[kept], y[kept]
     if unlabeled.root:
-        if x.dim() != 4:
-            raise ConfigError("`dataset.unlabeled.root` is a folder of images, but this dataset is text: use labels_kept")
-        c, h, w = x.shape[1:]
-        if h != w:
-            raise ConfigError(f"`dataset.unlabeled.root` images are decoded square, but the train images are {h}x{w}: use square images")
-        parts.append(decode_unlabeled(unlabeled.root, cache_dir(cache), h, c)[0])
+        if read is None:
+            raise TypeError("dataset.unlabeled.root is read by the task: load the splits with Task.splits")
+        extra = read(unlabeled.root, x)
+        if extra.shape[1:] != x.shape[1:] or extra.dtype != x.dtype:
+            raise ConfigError(f"`dataset.unlabeled.root` examples are {tuple(extra.shape[1:])} {extra.dtype}, but the train split's are "
+                              f"{tuple(x.shape[1:])} {x.dtype}: its reader must give them in the train split's form")
+        parts.append(extra)
     n = sum(len(p) for p in parts)
     if n == 0:
-        raise ConfigError("`dataset.unlabeled` gave no unlabelled examples: lower labels_kept or add images to root")
+        raise ConfigError("`dataset.unlabeled` gave no unlabelled examples: lower labels_kept or add examples to root")
     return torch.cat([x, *parts]), torch.cat([y, torch.full((n,), UNLABELED, dtype=y.dtype)]), n
 
 
@@ -225,11 +238,12 @@ def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tupl
     return tuple(mean.float().tolist()), tuple(std.float().tolist())
 
 
-def load_splits(ds: "DatasetConfig") -> DataSplits:
-    """`load_dataset` for a validated dataset config (the form every caller holds)."""
+def load_splits(ds: "DatasetConfig", read_unlabeled: ReadUnlabeled | None = None) -> DataSplits:
+    """`load_dataset` for a validated dataset config (the form every caller holds). Callers load
+    through their task (Task.splits), which reads `dataset.unlabeled.root`."""
     ds = ds.resolved()
     return load_dataset(ds.name, ds.root, ds.val_fraction, ds.split_seed, ds.download, ds.cache, ds.test_fraction, ds.image_size,
-                        ds.channels, ds.unlabeled, ds.tokenizer, ds.max_length, **ds.kwargs)
+                        ds.channels, ds.unlabeled, ds.tokenizer, ds.max_length, read_unlabeled, **ds.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

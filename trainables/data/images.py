@@ -238,49 +238,49 @@ def decode_tree(root: str | Path, cache: str | Path, how: Decoding, workers: int
     return RawData(train_x, train_y, test_x, test_y, val_x, val_y, classes, meta["skipped"], decode_s)
 
 
-def decode_unlabeled(root: str | Path, cache: str | Path, image_size: int, channels: int, workers: int | None = None) -> tuple[Tensor, list[str]]:
-    """`dataset.unlabeled.root`: every image under a folder with no class sub-folders, decoded once
-    (as decode_folder does, keyed by files, sizes, mtimes and the shape) to uint8 (N, C, S, S).
-    Returns the images and the files skipped as undecodable."""
+def decode_unlabeled(root: str | Path, cache: str | Path, how: Decoding, workers: int | None = None) -> tuple[Tensor, list[str]]:
+    """`dataset.unlabeled.root`: every file under a folder with no class sub-folders, decoded once
+    by `how` (as decode_tree decodes a labelled tree; keyed by files, sizes, mtimes and `how`'s
+    params) to the train split's example shape. Returns the examples and the files skipped as
+    undecodable (named in one warning)."""
     root = Path(root).expanduser()
-    field = "dataset.unlabeled.root"
+    field, kind = "dataset.unlabeled.root", how.kind
     if not root.exists():
-        raise ConfigError(f"`{field}` {missing(str(root), 'a folder of images')}")
+        raise ConfigError(f"`{field}` {missing(str(root), f'a folder of {kind}')}")
     if not root.is_dir():
-        raise ConfigError(f"`{field}` must be a folder of images, but got the file {str(root)!r}")
+        raise ConfigError(f"`{field}` must be a folder of {kind}, but got the file {str(root)!r}")
     files = sorted(f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
     classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
     if len(classes) > 1:
-        raise ConfigError(f"`{field}` has sub-folders {classes[:3]}{' ...' if len(classes) > 3 else ''}, as a labelled ImageFolder has: "
-                          "unlabelled data are one folder of images without class sub-folders (move them up, or use labels_kept)")
+        raise ConfigError(f"`{field}` has sub-folders {classes[:3]}{' ...' if len(classes) > 3 else ''}, as a labelled class tree has: "
+                          f"unlabelled data are one folder of {kind} without class sub-folders (move them up, or use labels_kept)")
     if not files:
-        raise ConfigError(f"`{field}` {root} holds no files: point it at a folder of images")
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "channels": channels}, sort_keys=True).encode())
+        raise ConfigError(f"`{field}` {root} holds no files: point it at a folder of {kind}")
+    h = hashlib.sha256(json.dumps({"format": FORMAT, **how.params}, sort_keys=True).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    out = Path(cache) / "folders" / f"{root.name}-unlabeled-{h.hexdigest()[:20]}.npy"
+    out = Path(cache) / how.folder / f"{root.name}-unlabeled-{h.hexdigest()[:20]}.npy"
     skipped_file = out.with_suffix(".skipped.json")
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         workers = workers or min(8, os.cpu_count() or 1)
         with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(functools.partial(_decode, size=image_size, channels=channels), [str(f) for f in files],
-                                    chunksize=max(1, len(files) // (4 * workers))))
-        images = [r for r in decoded if not isinstance(r, str)]
+            decoded = list(pool.map(how.decode, [str(f) for f in files], chunksize=max(1, len(files) // (4 * workers))))
+        examples = [r for r in decoded if not isinstance(r, str)]
         skipped = [f"{f.relative_to(root)} ({r})" for f, r in zip(files, decoded) if isinstance(r, str)]
-        if not images:
-            raise ConfigError(f"`{field}` {root} has no decodable images ({len(files)} files, none an image): point it at a folder of images")
+        if not examples:
+            raise ConfigError(f"`{field}` {root} has no decodable {kind} ({len(files)} files, none decodable): point it at a folder of {kind}")
         with atomic_path(skipped_file) as tmp:
             tmp.write_text(json.dumps(skipped))
         with atomic_path(out) as tmp:  # written last: its presence means complete
             with open(tmp, "wb") as f:
-                np.save(f, np.stack(images))
-        log.info("decoded %s: %d unlabelled images -> %s", root, len(images), out)
+                np.save(f, np.stack(examples).astype(how.dtype, copy=False))
+        log.info("decoded %s: %d unlabelled %s -> %s", root, len(examples), kind, out)
     skipped = json.loads(skipped_file.read_text())
     if skipped and str(out) not in _warned:
         _warned.add(str(out))
-        log.warning("%s %s: skipped %d file(s) that are not decodable images: %s", field, root, len(skipped), ", ".join(skipped[:SHOW]))
+        log.warning("%s %s: skipped %d file(s) that are not decodable %s: %s", field, root, len(skipped), kind, ", ".join(skipped[:SHOW]))
     return torch.from_numpy(np.load(out, mmap_mode="c")), skipped
 
 

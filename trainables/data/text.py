@@ -120,7 +120,8 @@ def _source(root: Path) -> tuple[str, dict[str, Any], list[Path]]:
     return "folders", splits, [f for d in splits.values() for f in d.rglob("*.txt")]
 
 
-def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+def _read_table(path: Path, text_column: str, label_column: str | None, field: str = "dataset.root") -> tuple[list[str], list[Any]]:
+    """A table's texts and labels (label_column None: texts alone, labels None)."""
     rows: list[dict[str, Any]] = []
     if TABLES[path.suffix] is None:
         with open(path, encoding="utf-8") as f:
@@ -129,7 +130,7 @@ def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[s
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ConfigError(f"`dataset.root` {path.name} line {n} is not JSON ({e.msg}): one JSON object per line") from None
+                        raise ConfigError(f"`{field}` {path.name} line {n} is not JSON ({e.msg}): one JSON object per line") from None
         columns = sorted({k for r in rows for k in r}) if rows else []
     else:
         with open(path, encoding="utf-8", newline="") as f:
@@ -137,15 +138,15 @@ def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[s
             rows = list(reader)
             columns = list(reader.fieldnames or [])
     if not rows:
-        raise ConfigError(f"`dataset.root` {path} has no examples: give it a header row and one row per example")
+        raise ConfigError(f"`{field}` {path} has no examples: give it a header row and one row per example")
     for key, col in (("text_column", text_column), ("label_column", label_column)):
-        if col not in columns:
+        if col is not None and col not in columns:
             raise ConfigError(f"`dataset.kwargs.{key}` {col!r} is not a column of {path.name} (columns: {columns}): set dataset.kwargs.{key}")
     texts = [r.get(text_column) for r in rows]
     if any(not isinstance(t, str) for t in texts):
         n = next(i for i, t in enumerate(texts) if not isinstance(t, str))
         raise ConfigError(f"`dataset.kwargs.text_column` {text_column!r} of {path.name} row {n + 1} is not text ({texts[n]!r})")
-    return texts, [r.get(label_column) for r in rows]
+    return texts, [r.get(label_column) for r in rows] if label_column is not None else [None] * len(rows)
 
 
 def _read_folders(split_dir: Path) -> tuple[list[str], list[Any]]:
@@ -305,3 +306,48 @@ def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_lengt
     strings = {s: json.loads((out_dir / f"{s}_text.json").read_text()) for s in ("val", "test") if (out_dir / f"{s}_text.json").is_file()}
     return RawData(train_x, train_y, test_x, test_y, val_x, val_y, tuple(meta["classes"]), [], decode_s, texts=strings,
                    pad_id=int(meta["pad_token_id"]))
+
+
+def _unlabeled_texts(root: Path, text_column: str) -> tuple[list[str], list[Path]]:
+    """`dataset.unlabeled.root`'s texts and the files they come from: a .txt file (one example per
+    non-blank line), a table's text column, or a folder of .txt files (one example each)."""
+    field = "dataset.unlabeled.root"
+    what = "a .txt file (one text per line), a .csv/.tsv/.jsonl file with a text column, or a folder of .txt files"
+    if not root.exists():
+        raise ConfigError(f"`{field}` {missing(str(root), what)}")
+    if root.is_file():
+        if root.suffix == ".txt":
+            return [line.strip() for line in root.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()], [root]
+        if root.suffix not in TABLES:
+            raise ConfigError(f"`{field}` must be {what}, but got {root.name!r}")
+        return _read_table(root, text_column, None, field)[0], [root]
+    files = sorted(f for f in root.rglob("*.txt") if not any(p.startswith(".") for p in f.relative_to(root).parts))
+    classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    if len(classes) > 1:
+        raise ConfigError(f"`{field}` has sub-folders {classes[:3]}{' ...' if len(classes) > 3 else ''} of .txt files, as labelled "
+                          "class folders have: unlabelled text is one folder of .txt files (move them up, or use labels_kept)")
+    return [t for t in (f.read_text(encoding="utf-8", errors="replace").strip() for f in files) if t], files
+
+
+def tokenize_unlabeled(root: str | Path, cache: str | Path, tokenizer: str, max_length: int, text_column: str = "text") -> torch.Tensor:
+    """`dataset.unlabeled.root` for text: its texts tokenized as the labelled ones are (the same
+    tokenizer, truncation and padding to max_length) into int32 (N, max_length), at most once per
+    (files, tokenizer, max_length, column); memory-mapped from the cache after that."""
+    root = Path(root).expanduser()
+    texts, files = _unlabeled_texts(root, text_column)
+    if not texts:
+        raise ConfigError(f"`dataset.unlabeled.root` {root} holds no text: point it at text without labels")
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "max_length": max_length, "text": text_column, "root": str(root.resolve())},
+                                  sort_keys=True).encode())
+    _files_digest(files, h)
+    _files_digest([f for f in Path(tokenizer).iterdir() if f.is_file()], h)
+    out = Path(cache) / "text" / f"{root.stem}-unlabeled-{h.hexdigest()[:20]}.npy"
+    if not out.exists():
+        t0 = time.perf_counter()
+        enc = load_tokenizer(tokenizer)(texts, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(texts), max_length))
+        log.info("tokenized %s: %d unlabelled texts in %.1f s -> %s", root, len(texts), time.perf_counter() - t0, out)
+    return torch.from_numpy(np.load(out, mmap_mode="c"))

@@ -126,6 +126,18 @@ class Task:
         and the data's shape."""
         return {}
 
+    def splits(self, dataset: "DatasetConfig") -> "DataSplits":
+        """The dataset's splits (trainables.data.load_splits), with `dataset.unlabeled.root` read as
+        this task reads examples (read_unlabeled)."""
+        from trainables.data import load_splits
+
+        return load_splits(dataset, self.read_unlabeled)
+
+    def read_unlabeled(self, root: str, like: "Tensor", options: dict[str, Any]) -> "Tensor":
+        """`dataset.unlabeled.root`: examples without labels in the train split's form (`like`: its
+        labelled examples; `options`: what the dataset's loader was called with, by name)."""
+        raise ConfigError(f"`dataset.unlabeled.root` is not read for {self.name.replace('_', ' ')}: use labels_kept")
+
     def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
         """What a trained teacher's folder keeps beside its weights to be used on its own."""
 

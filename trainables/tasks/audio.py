@@ -52,3 +52,12 @@ class AudioClassification(Task):
                    tokenizer: str | None = None):
         x, y = getattr(splits, f"{split}_x")[:n], getattr(splits, f"{split}_y")[:n]
         return robustness(predict, x, y, seed, batch, clean_acc, suite=SOUNDS, corrupt_fn=corrupt_clips)
+
+    def read_unlabeled(self, root, like, options):
+        """A folder of .wav clips, decoded once as the labelled ones are (mono, the loader's rate,
+        fitted to its clip length)."""
+        from trainables.data import cache_dir
+        from trainables.data.audio import clip_decoding
+        from trainables.data.images import decode_unlabeled
+
+        return decode_unlabeled(root, cache_dir(options.get("cache")), clip_decoding(options["sample_rate"], options["clip_seconds"]))[0]

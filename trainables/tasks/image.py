@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trainables.eval.corruptions import CORRUPTIONS, SEVERITIES, robustness
+from trainables.registry import ConfigError
 from trainables.tasks import TASKS, Predict, Task
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from trainables.data import DataSplits
 
 
@@ -38,3 +41,13 @@ class ImageClassification(Task):
                    tokenizer: str | None = None):
         x, y = getattr(splits, f"{split}_x")[:n], getattr(splits, f"{split}_y")[:n]
         return robustness(predict, x, y, seed, batch, clean_acc)
+
+    def read_unlabeled(self, root, like: "Tensor", options):
+        """A folder of images, decoded once to the train images' channels and (square) size."""
+        from trainables.data import cache_dir
+        from trainables.data.images import decode_unlabeled, image_decoding
+
+        c, h, w = like.shape[1:]
+        if h != w:
+            raise ConfigError(f"`dataset.unlabeled.root` images are decoded square, but the train images are {h}x{w}: use square images")
+        return decode_unlabeled(root, cache_dir(options.get("cache")), image_decoding(h, c))[0]

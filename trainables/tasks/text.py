@@ -47,6 +47,16 @@ class TextClassification(Task):
         texts, y = getattr(splits, f"{split}_text")[:n], getattr(splits, f"{split}_y")[:n]
         return text_robustness(predict, texts, y, tokenizer or splits.tokenizer, splits.input_shape[0], seed, clean_acc)
 
+    def read_unlabeled(self, root, like, options):
+        """Raw text, tokenized once as the labelled text is (the same tokenizer and max_length): a
+        .txt file (one example per line), a .csv/.jsonl/.json table's text column, or a folder
+        of .txt files (one example each)."""
+        from trainables.data import cache_dir
+        from trainables.data.text import tokenize_unlabeled
+
+        return tokenize_unlabeled(root, cache_dir(options.get("cache")), options["tokenizer"], options["max_length"],
+                                  options.get("text_column", "text"))
+
     def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
         """No dataset.tokenizer: the teacher checkpoint's."""
         if dataset.tokenizer is None and checkpoint:
@@ -73,7 +83,6 @@ class TextClassification(Task):
         tokenizer gets its own ids (tokenized here, once) and distils from logits only; a student
         taking the teacher's layers, or compared with its hidden states (cosine), has its sizes."""
         from trainables.config import TEACHER_LAYERS
-        from trainables.data import load_splits
         from trainables.data.text import tokenizer_info
         from trainables.losses import LOSSES
         from trainables.models.hf import PREFIX, card_config, check_fit, check_layers_fit, family_config, model_config
@@ -97,7 +106,7 @@ class TextClassification(Task):
         for s in cfg.students:
             own = cfg.student_kwargs(s)["tokenizer"]
             if own != tokenizer:  # its own tokenizer: the text tokenized for it too, once, here
-                load_splits(cfg.student_dataset(s))
+                self.splits(cfg.student_dataset(s))
                 if any(LOSSES.get(m).needs_teacher_features for m in cfg.methods) or cfg.train.teacher_targets == "online":
                     raise ConfigError(f"`student_weights.{s}` brings its own tokenizer, so its tokens are not the teacher's: distil it from "
                                       "cached logits (loss kd, dkd or dist; train.teacher_targets auto), not token-aligned features")
