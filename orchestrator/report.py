@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.confirm import confirmations, table
-from orchestrator.selection import COMPLETE, GAINS_BY_METHOD, USABLE, gains_by_method, leaderboard, pareto_front
+from orchestrator.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, label, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
 from trainables.tasks import Task, task_for
@@ -26,10 +26,11 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(fmt(v) for v in r) + " |" for r in rows)])
 
 
-def kd_gains(rows: list[dict]) -> list[list[Any]]:
+def kd_gains(rows: list[dict], primary: Objective) -> list[list[Any]]:
     """Per student, from the search: its alpha=0 control and its KD trial with the largest gain at
-    an equal budget: finished trials against the finished control; only when no KD trial finished,
-    the best stopped one, against the control at the epoch ASHA stopped it (labelled so)."""
+    an equal budget (in `primary`, the sweep's first objective, whichever its direction): finished
+    trials against the finished control; only when no KD trial finished, the best stopped one,
+    against the control at the epoch ASHA stopped it (labelled so)."""
     out = []
     for student in sorted({r["student"] for r in rows}):
         mine = [r for r in rows if r["student"] == student and not r["confirms"] and r.get("kd_gain") is not None]
@@ -40,37 +41,39 @@ def kd_gains(rows: list[dict]) -> list[list[Any]]:
         if best is None:
             best = max(kd, key=lambda r: r["kd_gain"], default=None)
             budget = best and f"epoch {best['epochs']} (KD trial stopped there)"
-        out.append([student, control and control["val_acc"], best and best["val_acc"], best and best["epochs"],
+        out.append([student, control and control.get(primary.key), best and best.get(primary.key), best and best["epochs"],
                     best and f"{best['loss']}, T={best['temperature']:.2f}, alpha={best['alpha']:.2f}", best and best["kd_gain"], budget,
                     control and control.get("robust_acc"), best and best.get("robust_acc")])
     return out
 
 
-def pareto_plot(rows: list[dict], path: Path) -> None:
+def pareto_plot(rows: list[dict], path: Path, primary: Objective) -> None:
+    """The primary objective against parameters, each student's trials, its controls marked."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objs = [Objective.parse("val_acc"), Objective.parse("params")]
+    key = primary.key
+    objs = [primary, Objective.parse("params")]
     front = {id(r) for r in pareto_front(rows, objs)}
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
-    usable = [r for r in rows if r["status"] in COMPLETE and r.get("size_params")]
+    usable = [r for r in rows if r["status"] in COMPLETE and r.get("size_params") and r.get(key) is not None]
     for student in sorted({r["student"] for r in usable}):
         pts = [r for r in usable if r["student"] == student]
-        ax.scatter([r["size_params"] for r in pts], [r["val_acc"] for r in pts], label=student, alpha=0.75,
+        ax.scatter([r["size_params"] for r in pts], [r[key] for r in pts], label=student, alpha=0.75,
                    marker="o", edgecolors=["black" if id(r) in front else "none" for r in pts], linewidths=1.5)
         ctrl = [r for r in pts if r["control"]]
-        ax.scatter([r["size_params"] for r in ctrl], [r["val_acc"] for r in ctrl], marker="x", color="red", s=60)
+        ax.scatter([r["size_params"] for r in ctrl], [r[key] for r in ctrl], marker="x", color="red", s=60)
     fr = sorted((r for r in usable if id(r) in front), key=lambda r: r["size_params"])
-    ax.plot([r["size_params"] for r in fr], [r["val_acc"] for r in fr], "k--", lw=1, label="Pareto front")
+    ax.plot([r["size_params"] for r in fr], [r[key] for r in fr], "k--", lw=1, label="Pareto front")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters (log)")
-    ax.set_ylabel("val accuracy")
-    ax.set_title("Finished trials: accuracy vs size (x = alpha=0 control)")
+    ax.set_ylabel(f"{label(primary)} ({'higher' if primary.maximize else 'lower'} is better)")
+    ax.set_title(f"Finished trials: {label(primary)} vs size (x = alpha=0 control)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -97,8 +100,8 @@ def robustness_plot(task: Task, rows: list[list[Any]], path: Path) -> None:
     panels = [(axes[0], "test split: champion vs teacher", [("teacher", 1), ("champion", 2)]),
               (axes[1], "val split: champion vs its alpha=0 control", [("champion", 3), ("alpha=0 control", 4)])]
     for ax, title, series in panels:
-        for i, (label, col) in enumerate(series):
-            ax.bar(x + (i - 0.5) * 0.4, [r[col] or 0.0 for r in rows], 0.4, label=label)
+        for i, (name, col) in enumerate(series):
+            ax.bar(x + (i - 0.5) * 0.4, [r[col] or 0.0 for r in rows], 0.4, label=name)
         ax.set_xticks(x, [r[0].replace("_", "\n") for r in rows], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"accuracy (mean over severities {task.severities[0]}-{task.severities[-1]})")
@@ -132,17 +135,18 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     (out_dir / "optuna").mkdir(exist_ok=True)
     for a in client.list_artifacts(parent_id, "optuna"):  # Optuna's plots, logged by the sweep
         optuna_pngs.append(Path(client.download_artifacts(parent_id, a.path, str(out_dir / "optuna"))).relative_to(out_dir))
-    pareto_plot([r for r in rows if not r["confirms"]], out_dir / "pareto.png")
+    pareto_plot([r for r in rows if not r["confirms"]], out_dir / "pareto.png", cfg.primary)
     task = task_for(cfg.dataset.name)
     robust = robustness_rows(task, test, champion, control)
     robustness_plot(task, robust, out_dir / "robustness.png")
 
     lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.get(c)) for c in LEADERBOARD] + [r["seed"], r["confirms"]] for r in rows])
     searched = [r for r in rows if not r["confirms"]]
-    gains = md_table(["student", "alpha=0 val acc (final)", "KD val acc", "KD epochs", "KD setting", "KD gain", "compared at",
-                      "alpha=0 robust acc", "KD robust acc"], kd_gains(searched))
+    what = label(cfg.primary)
+    gains = md_table(["student", f"alpha=0 {what} (final)", f"KD {what}", "KD epochs", "KD setting", "KD gain", "compared at",
+                      "alpha=0 robust acc", "KD robust acc"], kd_gains(searched, cfg.primary))
     confirmed = confirmations(rows, cfg.primary)
-    methods = md_table(GAINS_BY_METHOD, gains_by_method(searched)) if len({r["loss"] for r in searched}) > 1 else None
+    methods = md_table(gains_by_method_header(cfg.primary), gains_by_method(searched, cfg.primary)) if len({r["loss"] for r in searched}) > 1 else None
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",
         f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher_name}`, loss `{cfg.loss.name}`, {len(searched)} search trials "
@@ -156,7 +160,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
         "## KD gain over each student's alpha=0 control in the search (val split, one seed)", gains,
         *(["## KD gain by method (finished search trials, against the control at the same epoch)", methods] if methods else []),
         "## Champion vs teacher (test split, evaluated once)", vs_table or "_No champion selected yet: run `kdsweep best NAME`._",
-        "## Accuracy vs size", "![Pareto front](pareto.png)",
+        f"## {what[0].upper() + what[1:]} vs size", "![Pareto front](pareto.png)",
         "## Robustness per corruption", "![Robustness](robustness.png)",
         md_table(["corruption", "teacher (test)", "champion (test)", "champion (val)", "alpha=0 control (val)"], robust),
         "## Leaderboard (val split)", lb,

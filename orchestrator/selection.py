@@ -96,20 +96,27 @@ def leaderboard(tracker: SweepTracker, parent_id: str, primary: Objective) -> li
     return sorted(rows, key=lambda r: (r["status"] in USABLE, sign * r.get(key, -sign * math.inf)), reverse=True)
 
 
-def gains_by_method(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """Per loss and student, over the search's finished KD trials: how many, the best val accuracy,
-    and the KD gain (best and mean) over the control at the same epoch."""
+def gains_by_method(rows: list[dict[str, Any]], primary: Objective) -> list[list[Any]]:
+    """Per loss and student, over the search's finished KD trials: how many, the best value of the
+    primary objective (its direction), and the KD gain (best and mean) over the control at the same epoch."""
     out = []
     done = [r for r in rows if not r["confirms"] and not r["control"] and r["status"] in COMPLETE]
+    best = max if primary.maximize else min
     for loss, student in sorted({(r["loss"], r["student"]) for r in done}):
         mine = [r for r in done if (r["loss"], r["student"]) == (loss, student)]
         gains = [r["kd_gain"] for r in mine if r.get("kd_gain") is not None]
-        out.append([loss, student, len(mine), max(r["val_acc"] for r in mine), max(gains, default=None),
-                    sum(gains) / len(gains) if gains else None])
+        out.append([loss, student, len(mine), best((r[primary.key] for r in mine if r.get(primary.key) is not None), default=None),
+                    max(gains, default=None), sum(gains) / len(gains) if gains else None])
     return out
 
 
-GAINS_BY_METHOD = ["loss", "student", "finished KD trials", "best val acc", "best KD gain", "mean KD gain"]
+def gains_by_method_header(primary: Objective) -> list[str]:
+    return ["loss", "student", "finished KD trials", f"best {label(primary)}", "best KD gain", "mean KD gain"]
+
+
+def label(objective: Objective) -> str:
+    """An objective as a column says it: `val_acc` -> "val acc"."""
+    return objective.key.replace("_", " ")
 
 
 def ended_trials(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[confirm.Done]:
@@ -304,7 +311,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     log.info("%s", format_table(searched, "leaderboard (search trials; kd_gain@N: stopped at epoch N, against the control at epoch N)"))
     log_leaderboard(tracker, parent_id, rows)
     if len({r["loss"] for r in searched}) > 1:  # a method search: which method helped which student
-        log.info("%s", text_table(GAINS_BY_METHOD, gains_by_method(searched),
+        log.info("%s", text_table(gains_by_method_header(cfg.primary), gains_by_method(searched, cfg.primary),
                                   "KD gain by method (finished search trials, against the control at the same epoch)"))
     log.info("%s", format_table(pareto_front(searched, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
     if not any(r["status"] in COMPLETE for r in rows):

@@ -43,6 +43,7 @@ def export_study(cfg: SweepConfig, study: str, students: list[str], results, swe
         optuna.delete_study(study_name=name, storage=url)  # a resumed sweep: write it whole again
     metrics, modes = objectives(cfg)
     out = optuna.create_study(study_name=name, storage=url, directions=["maximize" if m == "max" else "minimize" for m in modes])
+    out.set_user_attr("objectives", list(metrics))  # the plots' axes name them
     dists = space(cfg, students)
     for result in results:
         if CONFIRM in (result.config or {}) or outside(cfg, point_of(result.config or {})):
@@ -74,12 +75,14 @@ def plot_study(study: optuna.Study, out_dir: Path) -> list[Path]:
     written = []
     multi = len(study.directions) > 1
     plots = {**PLOTS, "pareto_front": "plot_pareto_front"} if multi else PLOTS
-    first = {"target": lambda t: t.values[0], "target_name": "val_acc"} if multi else {}
+    named = {"target_name": study.user_attrs["objectives"][0]} if study.user_attrs.get("objectives") else {}  # the first objective's name
+    first = {"target": lambda t: t.values[0], **named} if multi else named
     for stem, fn in plots.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental-API and degenerate-axis warnings from optuna/matplotlib
-                ax = getattr(vis, fn)(study, **({} if stem == "pareto_front" else first))
+                pareto = {"target_names": study.user_attrs["objectives"]} if named else {}
+                ax = getattr(vis, fn)(study, **(pareto if stem == "pareto_front" else first))
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             log.info("Optuna plot %s skipped for %s: %s", stem, study.study_name, e)
             continue

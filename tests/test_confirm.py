@@ -159,9 +159,9 @@ def test_gains_compare_equal_budgets_and_a_stopped_trial_says_where_it_stopped()
     rows = [row("c", "cnn_tiny", 0, 0.962, control=True, epochs=12, kd_gain=0.0),
             row("stopped", "cnn_tiny", 0, 0.934, status="stopped", epochs=4, kd_gain=0.010),
             row("finished", "cnn_tiny", 0, 0.965, epochs=12, kd_gain=0.003)]
-    (gain,) = kd_gains(rows)
+    (gain,) = kd_gains(rows, Objective("val_acc", True))
     assert gain[:4] == ["cnn_tiny", 0.962, 0.965, 12] and gain[5:7] == [0.003, "final (both finished)"]
-    (only,) = kd_gains([rows[0], rows[1]])
+    (only,) = kd_gains([rows[0], rows[1]], Objective("val_acc", True))
     assert only[2:4] == [0.934, 4] and only[6] == "epoch 4 (KD trial stopped there)"
     table = format_table(rows, "leaderboard")
     assert "+0.0100@4" in table and "+0.0030 " in table + " " and "+0.0030@" not in table
@@ -179,10 +179,11 @@ def _run(trial_id, seed, metrics, control=False, status="finished"):
     return SimpleNamespace(info=SimpleNamespace(run_id=f"run-{trial_id}"), data=SimpleNamespace(params=params, tags=tags, metrics=metrics))
 
 
-def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_round():
+def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_round(tmp_path):
     """With val_loss:min first (as a language model's perplexity will be), lower is better
     everywhere the objective is read: ASHA's mode, Optuna's, the leaderboard's order and KD gain,
-    the confirmation's gain, verdict and registered seed."""
+    the confirmation's gain, verdict and registered seed, and the report's tables, plot and
+    Optuna's plots, which name it."""
     from types import SimpleNamespace
 
     from orchestrator.search import scheduler, searcher
@@ -220,3 +221,49 @@ def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_
     assert c.verdict().startswith("KD gain +0.0950 +- ") and "val_loss down" in c.verdict() and c.verdict().endswith("holds")
     assert c.best_run()["trial_id"] == "f1"
     assert "| val loss (KD) | val loss (alpha=0 control) |" in confirm.table([c])
+
+    # the report: each student's gain and each method's best read val_loss, lowest best
+    from orchestrator.report import kd_gains, pareto_plot
+    from orchestrator.selection import gains_by_method, gains_by_method_header
+
+    rows = [r("k1", 0, 0.30), r("k2", 0, 0.25), r("c", 0, 0.40, control=True)]
+    for x, gain in zip(rows, (0.10, 0.15, 0.0)):
+        x.update(kd_gain=gain, epochs=3)
+    (g,) = kd_gains(rows, cfg.primary)
+    assert g[1:3] == [0.40, 0.25] and g[5] == 0.15  # the control's val_loss, the best KD trial's (k2), its gain
+    assert gains_by_method(rows, cfg.primary) == [["kd", "mlp_32", 2, 0.25, 0.15, pytest.approx(0.125)]]
+    assert gains_by_method_header(cfg.primary)[3] == "best val loss"
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    real = plt.Axes.set_ylabel
+    plt.Axes.set_ylabel = lambda ax, text, *a, **k: drawn.setdefault("y", text) and real(ax, text, *a, **k)
+    try:
+        pareto_plot(rows, tmp_path / "pareto.png", cfg.primary)
+    finally:
+        plt.Axes.set_ylabel = real
+    assert drawn["y"] == "val loss (lower is better)" and (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_optuna_plots_name_the_sweeps_objective(tmp_path, monkeypatch):
+    """The study carries its objectives' names (export_study); every plot's axis takes the first,
+    and a multi-objective Pareto front all of them (Optuna would say "Objective Value")."""
+    import optuna
+    import optuna.visualization.matplotlib as vis
+
+    from orchestrator.study import plot_study
+
+    seen = {}
+    for fn in ("plot_optimization_history", "plot_slice", "plot_pareto_front"):
+        real = getattr(vis, fn)
+        monkeypatch.setattr(vis, fn, lambda study, _fn=fn, _real=real, **kw: seen.setdefault(_fn, kw) and _real(study, **kw))
+    for directions, names in ((["minimize"], ["val_loss"]), (["minimize", "minimize"], ["val_loss", "size_params"])):
+        seen.clear()
+        study = optuna.create_study(directions=directions)
+        study.set_user_attr("objectives", names)
+        for i in range(3):
+            study.add_trial(optuna.trial.create_trial(params={"x": float(i)}, distributions={"x": optuna.distributions.FloatDistribution(0, 3)},
+                                                      values=[1.0 / (i + 1), float(i)][: len(names)]))
+        assert plot_study(study, tmp_path / str(len(names)))
+        assert seen["plot_optimization_history"]["target_name"] == "val_loss" and seen["plot_slice"]["target_name"] == "val_loss"
+        assert len(names) == 1 or seen["plot_pareto_front"] == {"target_names": names}
