@@ -111,7 +111,7 @@ def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker
     """A text student to ONNX (dynamic batch and sequence axes) with its tokenizer's files beside
     it, checked with onnxruntime against PyTorch on test examples (tokenized with the student's
     tokenizer, its card's); or its safetensors and card."""
-    from trainables.data.text import load_tokenizer
+    from trainables.hf_files import load_tokenizer
 
     model = normalized.model
     card = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),

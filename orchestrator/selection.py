@@ -243,7 +243,7 @@ def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, norma
     code): the student saved with save_pretrained beside its tokenizer, needing transformers alone."""
     import mlflow.pyfunc
 
-    from trainables.data.text import load_tokenizer
+    from trainables.hf_files import load_tokenizer
 
     model = normalized.model
     with tempfile.TemporaryDirectory() as d:

@@ -39,7 +39,7 @@ from trainables.config import validate
 from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
-from trainables.data import BatchLayout, resolved_augment
+from trainables.data import BatchLayout
 from trainables.teacher_cache import bytes_per_view
 from trainables.trial import TrialRun, tune_trial
 
@@ -111,7 +111,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
                 first_trials(cfg, sum(n for _, _, n in trial_budget(cfg))), (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
-                not resolved_augment(cfg.trial(cfg.students[0], distill=False)).static, warmup_notes(cfg), cache_line(cfg, info))
+                not cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static, warmup_notes(cfg), cache_line(cfg, info))
     return plan, info
 
 
@@ -124,7 +124,7 @@ def cache_line(cfg: SweepConfig, info: DataInfo) -> str:
     views = info.n_train + info.n_unlabeled
     what = (f"top-{cfg.train.teacher_topk} of {info.num_classes} logits (the rest: {cfg.train.teacher_topk_rest})" if cfg.train.teacher_topk
             else f"all {info.num_classes} logits")
-    static = resolved_augment(cfg.trial(cfg.students[0], distill=False)).static
+    static = cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static
     when = ("fixed views: built once, by the first trial (the others wait for it, then read it)" if static else
             "random views: each epoch built by the first trial that needs it (the others wait for it, then read it)")
     return f"{what}, {per_view} bytes a view{' (every member)' if members > 1 else ''}, {per_view * views / 2**20:.1f} MiB an epoch; {when}"

@@ -276,3 +276,50 @@ def test_the_driver_never_imports_the_trial_loop():
             "orchestrator.tracking, orchestrator.prepare; print(sorted(m for m in sys.modules if m == 'trainables.loop'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the kdsweep modules it imports anywhere in its body (in functions too; not those
+    under `if TYPE_CHECKING:`, which never run)."""
+    import ast
+
+    repo = Path(__file__).resolve().parents[1]
+    files = {".".join(f.relative_to(repo).with_suffix("").parts).removesuffix(".__init__"): f
+             for pkg in ("orchestrator", "trainables") for f in (repo / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+                node.body = []
+        for node in ast.walk(tree):
+            names = ([f"{node.module}.{a.name}" for a in node.names] + [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            target = next((n for n in names if n in files), None)
+            if target and target != mod:
+                graph[mod].add(target)
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back_but_a_registry_and_its_members():
+    """The import graph's cycles (strongly connected sets) are each a registry package with the
+    built-in members it imports to register them, nothing more (config, data, losses and models
+    once formed one knot of 14 modules)."""
+    graph = _import_graph()
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    reached = {m: reach(m) for m in graph}
+    cycles = {frozenset({m} | {o for o in reached[m] if m in reached[o]}) for m in graph if m in reached[m]}
+    registries = {"trainables.models", "trainables.data", "trainables.losses", "trainables.tasks"}
+    for cycle in cycles:
+        (package,) = cycle & registries or {None}
+        assert package is not None and all(m == package or m.startswith(package + ".") for m in cycle), sorted(cycle)
+        assert all(package in graph[m] for m in cycle - {package}), sorted(cycle)  # members that register into it
+    assert not {"trainables.config", "trainables.data.text", "trainables.models.weights"} & set().union(*cycles)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from orchestrator.cli import main
 from trainables.config import TrialConfig
-from trainables.data import load_splits, resolved_augment, train_batches, augment, device_batches
+from trainables.data import load_splits, train_batches, augment, device_batches
 from trainables.data.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.models.ensemble import combine_targets, soft_target
@@ -68,7 +68,7 @@ def test_the_cache_holds_one_target_per_view_and_the_trial_mixes_it_at_its_tempe
     cache.builder = build
     members = [load_teacher(p) for p in (digits_teacher, mlp_teacher)]
     w = torch.tensor([0.25, 0.75])
-    aug = resolved_augment(c)
+    aug = c.dataset.augment_or_default()
     for _, idx, x, _, view in device_batches(s.train_x, s.train_y, train_batches(s, c, 1, "cpu"), "cpu", True):
         raw = augment(x, view, aug)
         with torch.no_grad():

@@ -260,7 +260,7 @@ def test_config_takes_the_new_keys_only_where_they_apply():
 
 @pytest.mark.parametrize("name,mid", [("linear", 2.5), ("cosine", 2.5), ("constant", 4.0)])
 def test_a_ramp_runs_from_the_loss_value_at_epoch_1_to_its_end_at_the_last(name, mid):
-    from trainables.config import Ramp
+    from trainables.schema import Ramp
 
     ramp = Ramp(name=name, end=None if name == "constant" else 1.0)
     values = [ramp.at(4.0, e, 5) for e in range(1, 6)]

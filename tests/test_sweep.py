@@ -491,7 +491,7 @@ def test_own_torchvision_teacher_from_imagenet_weights_plugin_student_at_loss_on
     import yaml
 
     from trainables.data import load_splits
-    from trainables.data.normalize import IMAGENET_MEAN
+    from trainables.models.zoo import IMAGENET_MEAN
     from trainables.config import DatasetConfig
 
     monkeypatch.chdir(tmp_path)

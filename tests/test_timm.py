@@ -11,7 +11,8 @@ timm = pytest.importorskip("timm")
 
 from trainables.config import DatasetConfig  # noqa: E402
 from trainables.data import load_splits  # noqa: E402
-from trainables.data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalized, model_stats  # noqa: E402
+from trainables.data.normalize import Normalized, model_stats  # noqa: E402
+from trainables.models.zoo import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from trainables.loop import LocalReporter, train_student  # noqa: E402
 from trainables.models import check_model, create_model, tap_layers, zoo_names  # noqa: E402
 from trainables.models.teacher import save_teacher  # noqa: E402

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from trainables.config import AugmentConfig, DatasetConfig, TrainConfig, TrialConfig
 from trainables.data import load_splits
-from trainables.data.normalize import IMAGENET_MEAN, IMAGENET_STD, model_stats, normalizer
+from trainables.data.normalize import model_stats, normalizer
+from trainables.models.zoo import IMAGENET_MEAN, IMAGENET_STD
 from trainables.eval.inference import predict
 from trainables.loop import LocalReporter, train_student
 from trainables.models import create_model

@@ -13,7 +13,8 @@ from typing import Any, ClassVar, Mapping, TypeVar
 from pydantic import Field, ValidationError, model_validator
 
 from trainables.atomic import atomic_path
-from trainables.config import Normalize, Strict, format_errors
+from trainables.config import Normalize
+from trainables.schema import Strict, format_errors
 from trainables.registry import ConfigError
 
 

@@ -4,22 +4,18 @@ Errors are reported all at once, one line, in optuna's form: the rule, then the 
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainables.registry import MISSING, ConfigError
+from trainables.registry import ConfigError
+from trainables.schema import DEFAULT_CACHE, LossSchedule, Strict, validate  # noqa: F401  (DEFAULT_CACHE, validate: part of this module's face)
 
-M = TypeVar("M", bound=BaseModel)
 #: Where a Tune trial's config (and a Ray Train loop config) holds its TrialConfig object.
 TRIAL_CONFIG = "trial_config"
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _model_name(name: str) -> str:
@@ -97,9 +93,6 @@ class AugmentConfig(Strict):
 Normalize = Literal["auto", "dataset", "imagenet"]
 
 #: Where decompressed data go when neither dataset.cache nor $KDSWEEP_CACHE says.
-DEFAULT_CACHE = Path.home() / ".cache" / "kdsweep"
-
-
 class UnlabeledConfig(Strict):
     """Transfer data without labels (unsupervised KD): the distillation term sees them, CE never
     does. Val and test stay labelled."""
@@ -147,6 +140,12 @@ class DatasetConfig(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     unlabeled: UnlabeledConfig | None = Field(None, description="transfer data without labels, for the distillation term only")
 
+    def augment_or_default(self) -> AugmentConfig:
+        """The augmentation its batches take: its own, else its dataset's default (CIFAR: crop and flip)."""
+        from trainables.data import DEFAULT_AUGMENT
+
+        return self.augment or AugmentConfig(**DEFAULT_AUGMENT.get(self.name, {}))
+
     @property
     def unlabeled_ratio(self) -> float | None:
         """The unlabelled share of every batch (None: their share of the data, or no unlabelled data)."""
@@ -189,34 +188,6 @@ class ScheduleConfig(Strict):
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step: fractions of the epochs")
     gamma: float = Field(0.1, gt=0.0)
 
-
-class Ramp(Strict):
-    """One loss value over a trial's epochs: the loss's own value at epoch 1, `end` at the last."""
-
-    name: Literal["constant", "linear", "cosine"] = "linear"
-    end: float | None = Field(None, description="the value at the last epoch (linear, cosine)")
-
-    @model_validator(mode="after")
-    def _end(self) -> "Ramp":
-        if (self.name == "constant") != (self.end is None):
-            raise ValueError("a linear or cosine schedule needs `end`; a constant one takes none")
-        return self
-
-    def at(self, start: float, epoch: int, epochs: int) -> float:
-        """The value for `epoch` (from 1) of `epochs`."""
-        if self.end is None:
-            return start
-        u = (epoch - 1) / (epochs - 1) if epochs > 1 else 1.0
-        if self.name == "linear":
-            return start + (self.end - start) * u
-        return self.end + (start - self.end) * (1 + math.cos(math.pi * u)) / 2
-
-
-class LossSchedule(Strict):
-    """How `alpha` and `temperature` move over a trial (from their loss values to each ramp's end)."""
-
-    alpha: Ramp | None = None
-    temperature: Ramp | None = None
 
 
 class LossConfig(BaseModel):
@@ -380,36 +351,6 @@ def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
     return validate(TrialConfig, data, prefix="trial.")
 
 
-def _loc(err: dict) -> str:
-    """`a.b[0].c` from pydantic's location tuple (list items by index)."""
-    out = ""
-    for p in err["loc"]:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif not str(p).startswith("function-"):
-            out += f".{p}" if out else str(p)
-    return out
-
-
-def format_errors(e: ValidationError, source: str | None = None, prefix: str = "") -> str:
-    """All pydantic errors as one line: "`field`: rule, but got field=value (source)"."""
-    where = f" ({source})" if source else ""
-    parts = []
-    for err in e.errors():
-        field = prefix + _loc(err)
-        msg = err["msg"].removeprefix("Value error, ")
-        if not _loc(err) or msg.startswith("`"):  # a message that already names its field
-            parts.append(f"{msg}{where}")
-        elif err["type"] == "extra_forbidden":
-            parts.append(f"`{field}` is not a known key: remove it or fix its spelling{where}")
-        elif err["type"] == "missing":
-            parts.append(f"`{field}` is required{where}")
-        elif "but got" in msg or msg.startswith(MISSING):
-            parts.append(f"`{field}` {msg}{where}")
-        else:
-            parts.append(f"`{field}`: {msg[0].lower() + msg[1:]}, but got {field}={err.get('input')!r}{where}")
-    return "; ".join(parts)
-
 
 def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
     """A trial config from a dict (standalone callers, tests): its plugins imported first, so
@@ -419,11 +360,3 @@ def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
 
     load_plugins(data.get("plugins", []))
     return validate(TrialConfig, data)
-
-
-def validate(model: type[M], data: Any, source: str | None = None, prefix: str = "") -> M:
-    """Validate `data` as `model`, raising one ConfigError that lists every problem."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_errors(e, source, prefix)) from None

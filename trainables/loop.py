@@ -27,7 +27,7 @@ from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.inference import predict, suite_autocast
-from trainables.data import DataSplits, augment, batch_layout, device_batches, place, resolved_augment, train_batches
+from trainables.data import DataSplits, augment, batch_layout, device_batches, place, train_batches
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss, check_fits
 from trainables.eval.metrics import classification_metrics, per_class
@@ -269,7 +269,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
                               lambda model, x: predict(model, x, t_norm, cfg.train.eval_batch_size, autocast, eval_channels_last, device),
                               None if tuple(t_stats) == (tuple(mean), tuple(std)) else t_norm, channels_last)
     phase("targets")
-    return Trial(cfg, rank, world, device, autocast, channels_last, eval_channels_last, splits, on_device, resolved_augment(cfg), mean, std, norm, student,
+    return Trial(cfg, rank, world, device, autocast, channels_last, eval_channels_last, splits, on_device, cfg.dataset.augment_or_default(), mean, std, norm, student,
                  step_model, loss_fn, params, opt, sched, targets, size, setup, batching.steps, start_epoch, history)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from trainables.card import TeacherCard
 from trainables.config import TrialConfig
 from trainables.registry import ConfigError
-from trainables.data import DataSplits, resolved_augment
+from trainables.data import DataSplits
 from trainables.models.ensemble import EnsembleTeacher, combine_targets, members_of, target_model
 from trainables.teacher_cache import Builder, TeacherCache
 
@@ -74,7 +74,7 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
     with the teacher's inputs; `norm` is its input normalization (from its card), None when it
     equals the student's. A file missing from the sweep's cache (val, an epoch) is built by this trial's teacher."""
     train_x, val_x = splits.train_x, splits.val_x
-    static = resolved_augment(cfg).static
+    static = cfg.dataset.augment_or_default().static
     if cfg.train.teacher_targets == "precomputed" and not static:
         raise ConfigError("`train.teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
     if teacher is None:

@@ -47,7 +47,7 @@ from torch import Tensor
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
 from trainables.config import TrialConfig
-from trainables.data import DataSplits, augment, epoch_views, place, resolved_augment
+from trainables.data import DataSplits, augment, epoch_views, place
 from trainables.data.normalize import normalizer
 from trainables.models.ensemble import members_of, target_model
 from trainables.tasks import task_for
@@ -62,7 +62,7 @@ STALE_S = 900.0  # an epoch's builder with no chunk done for this long is taken 
 
 def cache_key(cfg: TrialConfig, card: TeacherCard) -> dict:
     """What the cached targets depend on; `card` is the teacher's (weights hash, input statistics)."""
-    aug = resolved_augment(cfg)
+    aug = cfg.dataset.augment_or_default()
     # mode="json": as meta.json holds it (a resized crop's scale is a tuple here, a list read back)
     key = {"teacher_sha256": card.sha256, "teacher_norm": [list(card.mean), list(card.std)], "augment": aug.model_dump(mode="json"),
            "format": FORMAT, "topk": cfg.train.teacher_topk,  # not the unlabelled ratio: targets are per example, whatever the mix
@@ -175,7 +175,7 @@ class Builder:
     def train(self, epoch: int | None, beat: Callable[[], None] | None = None) -> Tensor | dict[str, Tensor]:
         """Every train example's target for `epoch`'s views (None: the fixed views); `beat()` after
         each chunk tells the trials waiting for this epoch that its builder is alive."""
-        x_all, aug, parts = self.splits.train_x, resolved_augment(self.cfg), []
+        x_all, aug, parts = self.splits.train_x, self.cfg.dataset.augment_or_default(), []
         views = None if epoch is None else epoch_views(len(x_all), self.cfg.seed, epoch, aug, self.splits.input_shape[1:])
         for i in range(0, len(x_all), CHUNK):
             x = x_all[i : i + CHUNK].to(self.device, non_blocking=True)
@@ -270,7 +270,7 @@ class TeacherCache:
         meta = json.loads((Path(path) / META).read_text())
         if meta["key"] != cache_key(cfg, card):
             return None
-        return cls(Path(path), resolved_augment(cfg).static, meta["num_classes"], cfg.train.teacher_topk, cfg.train.teacher_topk_rest)
+        return cls(Path(path), cfg.dataset.augment_or_default().static, meta["num_classes"], cfg.train.teacher_topk, cfg.train.teacher_topk_rest)
 
     def val(self, device) -> Tensor:
         """The val split's teacher logits; the trial that builds them records topk_mass beside them."""

@@ -49,7 +49,7 @@ DEFAULT_AUGMENT = {"cifar10": {"crop_pad": 4, "flip": True}, "cifar100": {"crop_
 def cache_dir(cache: str | None) -> Path:
     """Where decompressed files go: never inside a user's (possibly read-only) data root.
     `cache` is dataset.cache, resolved on the driver (DatasetConfig.resolved)."""
-    from trainables.config import DEFAULT_CACHE
+    from trainables.schema import DEFAULT_CACHE
 
     return Path(cache or DEFAULT_CACHE) / "data"
 
@@ -594,7 +594,7 @@ def epoch_batches(
 def train_batches(splits: DataSplits, cfg: "TrialConfig", epoch: int, device: torch.device | str, rank: int = 0, world: int = 1):
     """epoch_batches for a trial's train split: the one call the trial loop and the teacher cache
     share, so the cache holds exactly the views a trial trains on."""
-    return epoch_batches(splits.n_labeled, cfg.train.batch_size, cfg.seed, epoch, resolved_augment(cfg), splits.input_shape[1:], device,
+    return epoch_batches(splits.n_labeled, cfg.train.batch_size, cfg.seed, epoch, cfg.dataset.augment_or_default(), splits.input_shape[1:], device,
                          rank, world, splits.n_unlabeled, cfg.dataset.unlabeled_ratio, text_lengths(splits))
 
 
@@ -608,13 +608,6 @@ def text_lengths(splits: DataSplits) -> Tensor | None:
 def batch_layout(splits: DataSplits, cfg: "TrialConfig") -> BatchLayout:
     """A trial's BatchLayout over its train split."""
     return BatchLayout.of(splits.n_labeled, cfg.train.batch_size, splits.n_unlabeled, cfg.dataset.unlabeled_ratio)
-
-
-def resolved_augment(cfg: "TrialConfig"):
-    """The trial's augmentation: its dataset's, else that dataset's default."""
-    from trainables.config import AugmentConfig
-
-    return cfg.dataset.augment or AugmentConfig(**DEFAULT_AUGMENT.get(cfg.dataset.name, {}))
 
 
 def place(splits: DataSplits, ds: "DatasetConfig", device: torch.device | str) -> tuple[DataSplits, bool]:

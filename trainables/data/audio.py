@@ -102,7 +102,7 @@ def decode_clips(root: Path, cache: Path, sample_rate: int, clip_seconds: float,
 
 def read_clip_arrays(path: Path, sample_rate: int, clip_seconds: float) -> RawData:
     """An arrays file of waveforms, at `sample_rate` and `clip_seconds`, float32 in [-1, 1]."""
-    from trainables.models.weights import load_tensor_file
+    from trainables.tensor_files import load_tensor_file
 
     samples = clip_samples(sample_rate, clip_seconds)
     try:

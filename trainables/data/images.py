@@ -27,7 +27,7 @@ from torch import Tensor
 
 from trainables.atomic import atomic_path
 from trainables.registry import ConfigError, missing
-from trainables.models.weights import load_tensor_file
+from trainables.tensor_files import load_tensor_file
 
 log = logging.getLogger(__name__)
 

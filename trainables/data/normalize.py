@@ -13,16 +13,13 @@ from torch import Tensor
 if TYPE_CHECKING:
     from trainables.data import DataSplits
 
-#: torchvision's ImageNet statistics: what its pretrained weights expect.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def model_stats(normalize: str, pretrained: bool, arch: str, splits: "DataSplits") -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) a model's inputs are normalized with: with `auto` and a weights file on a
     library's model, what that library's weights expect (ImageNet's for torchvision.<name>, the
     model's own pretrained_cfg for timm.<name>); ImageNet's for `imagenet`; else the train split's.
     Grey images get the channel means (the network sees three equal channels)."""
     from trainables.models import zoo_of
+    from trainables.models.zoo import IMAGENET_MEAN, IMAGENET_STD
 
     if not splits.mean:
         return (), ()  # inputs without channel statistics (token ids) take none

@@ -88,7 +88,7 @@ def text_robustness(predict_fn: Callable[[Tensor], Tensor], texts: list[str] | t
     (mean over severities), `robust_acc`, `relative_robustness` (robust_acc / clean_acc), and each
     corruption's accuracies at severities 1..3. `predict_fn` maps token ids (N, max_length) of
     `tokenizer` (a folder) to logits."""
-    from trainables.data.text import load_tokenizer
+    from trainables.hf_files import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     y = y.cpu()

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.config import LossSchedule, validate
+from trainables.schema import LossSchedule, validate
 from trainables.registry import ConfigError, Registry
 
 LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", "loss.name")

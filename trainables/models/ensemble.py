@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import Tensor
 
 from trainables.card import TeacherCard
-from trainables.config import Strict
+from trainables.schema import Strict
 from trainables.registry import ConfigError
 
 ENSEMBLE = "ensemble.json"

@@ -13,7 +13,6 @@ safetensors only, and remote code never runs.
 """
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from trainables.hf_files import quiet
 from trainables.models import MODELS, FeatureTaps, Zoo
 from trainables.registry import ConfigError
 
@@ -29,16 +29,6 @@ PREFIX = "hf."
 NAME = re.compile(r"^hf\.(?P<family>[a-z][a-z0-9_]*)(?P<sizes>(?:-[LHAI]\d+)*)$")
 SIZES = {"L": "num_hidden_layers", "H": "hidden_size", "A": "num_attention_heads", "I": "intermediate_size"}
 LAYER = re.compile(r"^(?P<head>.*\.layers?\.)(?P<i>\d+)(?P<tail>\..*)$")
-
-
-@functools.cache
-def quiet() -> None:
-    """transformers without its progress bars and load reports on the console (a sweep's output is
-    its own); called before any model is built or loaded."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def parse_name(name: str) -> tuple[str, dict[str, int]]:
@@ -54,13 +44,6 @@ def parse_name(name: str) -> tuple[str, dict[str, int]]:
         raise ValueError(f"names no transformers model type {family!r} (e.g. bert, distilbert, roberta), in {name!r}")
     sizes = {SIZES[part[0]]: int(part[1:]) for part in m["sizes"].split("-")[1:]}
     return family, sizes
-
-
-def hub_name(path: str) -> bool:
-    """A name that is no path here but has a hub id's shape (`bert-base-uncased`, `org/model`):
-    what a user means who expects a download."""
-    p = Path(path).expanduser()
-    return not p.exists() and not p.is_absolute() and path.count("/") <= 1 and not path.startswith(".")
 
 
 def check_checkpoint(path: str) -> str:
@@ -177,7 +160,7 @@ def family_config(name: str, tokenizer: str | None, **overrides):
     `overrides`, with the vocabulary and pad id of `tokenizer` (the data's)."""
     from transformers import AutoConfig
 
-    from trainables.data.text import tokenizer_info
+    from trainables.hf_files import tokenizer_info
 
     family, sizes = parse_name(name)
     if not tokenizer:

@@ -13,11 +13,11 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from trainables.registry import ConfigError, missing
+from trainables.tensor_files import load_tensor_file
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 #: Keys shown in an error before "...".
@@ -56,7 +56,7 @@ def check_weights_path(path: str) -> str:
         from trainables.models.hf import check_checkpoint
 
         return check_checkpoint(path)
-    from trainables.models.hf import hub_name
+    from trainables.hf_files import hub_name
 
     if not p.exists() and not hub_name(path):
         raise ValueError(missing(path, f"a state_dict file ({', '.join(SUFFIXES)}) or a Hugging Face checkpoint folder"))
@@ -68,23 +68,6 @@ def check_weights_path(path: str) -> str:
     if not p.is_file():
         raise ValueError(f"must be an existing file, but got {path!r}: fix the path")
     return str(p.resolve())
-
-
-def load_tensor_file(path: str | Path):
-    """What a tensor file holds, never unpickling anything but tensors and plain containers:
-    `.safetensors` via safetensors, `.npz` via numpy (allow_pickle=False), else torch.load(weights_only=True).
-    Raises whatever the reader raises on a foreign or truncated file."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    if p.suffix == ".npz":
-        import numpy as np
-
-        with np.load(p, allow_pickle=False) as z:
-            return {k: torch.from_numpy(z[k]) for k in z.files}
-    return torch.load(p, map_location="cpu", weights_only=True)
 
 
 def read_weights(path: str | Path, field: str) -> dict[str, Tensor]:

@@ -10,6 +10,10 @@ from trainables.models import FeatureTaps, Zoo
 from trainables.registry import ConfigError
 
 
+#: torchvision's ImageNet statistics: what its pretrained weights expect.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 class LibraryModel(FeatureTaps, nn.Module):
     """A library's network (`net`) built for the dataset: grey images fed to a 3-channel first layer
     as three equal channels (`expand`), so 3-channel weights files load as they are. Features: the
@@ -108,8 +112,6 @@ def timm_names() -> list[str]:
 
 def imagenet_stats(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """What torchvision's pretrained weights expect, for every model."""
-    from trainables.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-
     return IMAGENET_MEAN, IMAGENET_STD
 
 

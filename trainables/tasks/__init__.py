@@ -3,9 +3,10 @@ classification, ...) lives in one `Task` each, chosen once from the dataset (`ta
 trial loop, the driver's checks, the metrics' declarations and the report ask the task; they do
 not test the modality.
 
-A task owns: the datasets it reads, the model families it takes, the unit its throughput is
-counted in, its default objective (metric and direction), and its robustness suite (names,
-severities, and how a model is scored under them)."""
+A task owns: the datasets it reads (its splits, and unlabelled examples read as its labelled
+ones), the model families it takes, the unit its throughput is counted in, its default objective
+(metric and direction), and its robustness suite (names, severities, and how a model is scored
+under them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

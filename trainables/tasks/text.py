@@ -65,7 +65,7 @@ class TextClassification(Task):
 
     def model_kwargs(self, arch: str, weights: str | None, dataset: "DatasetConfig") -> dict[str, Any]:
         """An hf.<family> model's tokenizer: the one saved with its weights checkpoint, else the data's."""
-        from trainables.data.text import has_tokenizer
+        from trainables.hf_files import has_tokenizer
         from trainables.models.hf import PREFIX
 
         if not arch.startswith(PREFIX):
@@ -74,7 +74,7 @@ class TextClassification(Task):
 
     def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
         """The tokenizer beside the weights: the folder is a teacher.path (and a checkpoint) on its own."""
-        from trainables.data.text import load_tokenizer
+        from trainables.hf_files import load_tokenizer
 
         load_tokenizer(dataset.resolved().tokenizer).save_pretrained(str(folder))
 
@@ -83,7 +83,7 @@ class TextClassification(Task):
         tokenizer gets its own ids (tokenized here, once) and distils from logits only; a student
         taking the teacher's layers, or compared with its hidden states (cosine), has its sizes."""
         from trainables.config import TEACHER_LAYERS
-        from trainables.data.text import tokenizer_info
+        from trainables.hf_files import tokenizer_info
         from trainables.losses import LOSSES
         from trainables.models.hf import PREFIX, card_config, check_fit, check_layers_fit, family_config, model_config
         from trainables.models.teacher import CARD, read_card
