@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PEER = REPO.parent / "shared" / "bench" / "peer_sweep.py"
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the benchmark scripts end to end: CI runs them, the fast loop leaves them out
 
 
 def _run_alone(cmd: list[str], tmp_path, timeout: float, **env: str) -> subprocess.CompletedProcess:
