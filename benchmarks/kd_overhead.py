@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from trainables.config import TrialConfig
-from trainables.data import load_splits, place
+from trainables.data import load_splits
+from trainables.data.placement import place
 from trainables.loop import train_student
 from trainables.models import create_model
 from trainables.models.teacher import load_teacher, save_teacher

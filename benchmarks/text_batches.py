@@ -15,10 +15,11 @@ from unittest import mock
 
 import torch
 
-import trainables.data as data
+import trainables.data.batches as batches
 from orchestrator.config import load_config
 from orchestrator.prepare import check_data
-from trainables.data import epoch_batches, load_splits, text_lengths
+from trainables.data import load_splits
+from trainables.data.batches import epoch_batches, text_lengths
 from trainables.loop import train_student
 from trainables.reporters import LocalReporter
 
@@ -53,7 +54,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {"grouped": [], "plain": []}
     for _ in range(args.repeats):
         for kind in ("plain", "grouped"):
-            patch = mock.patch.object(data, "text_lengths", lambda s: None) if kind == "plain" else mock.patch.object(data, "text_lengths", text_lengths)
+            patch = mock.patch.object(batches, "text_lengths", lambda s: None) if kind == "plain" else mock.patch.object(batches, "text_lengths", text_lengths)
             with patch:
                 r = train_student(trial, LocalReporter(None, log_epochs=False))
             seconds[kind].append(statistics.median(h["epoch_time_s"] for h in r.history))

@@ -39,7 +39,7 @@ from trainables.config import validate
 from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
 from trainables.registry import ConfigError
-from trainables.data import BatchLayout
+from trainables.data.batches import BatchLayout
 from trainables.teacher_cache import bytes_per_view
 from trainables.trial import TrialRun, tune_trial
 

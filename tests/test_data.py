@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trainables.config import AugmentConfig, DatasetConfig
-from trainables.data import augment, epoch_batches, epoch_views, load_dataset, load_splits
+from trainables.data import load_dataset, load_splits
+from trainables.data.batches import augment, epoch_batches, epoch_views
 from trainables.registry import ConfigError
 
 
@@ -106,7 +107,7 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
 
     from sklearn.datasets import load_digits
 
-    import trainables.data as data
+    import trainables.data.builtin as data
 
     d = load_digits()
     want = torch.from_numpy(d.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
@@ -119,5 +120,5 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)  # another layout: load_digits itself
     for a, b in zip(data.digits(), (x_tr, y_tr, x_te, y_te, classes)):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-    code = "import sys; from trainables.data import digits; digits(); print('sklearn.datasets' in sys.modules)"
+    code = "import sys; from trainables.data.builtin import digits; digits(); print('sklearn.datasets' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from orchestrator.cli import main
 from trainables.config import TrialConfig
-from trainables.data import load_splits, train_batches, augment, device_batches
+from trainables.data import load_splits
+from trainables.data.batches import train_batches, augment
+from trainables.data.placement import device_batches
 from trainables.data.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.models.ensemble import combine_targets, soft_target

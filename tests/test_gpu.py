@@ -78,7 +78,8 @@ def test_bf16_reaches_float32_accuracy():
 def test_teacher_cache_built_on_the_gpu_matches_the_cpu_one_and_trials_read_it(tmp_path, digits_teacher):
     from trainables.config import trial_from_dict
     from trainables.models.teacher import load_teacher
-    from trainables.data import load_splits, place
+    from trainables.data import load_splits
+    from trainables.data.placement import place
     from trainables.teacher_cache import Builder, TeacherCache, build_teacher_cache
 
     cfg = trial_from_dict(trial(teacher_path=str(digits_teacher), loss={"alpha": 0.9, "temperature": 4.0},

@@ -153,7 +153,8 @@ def test_bad_arrays_are_one_line_errors(tmp_path, content, needle):
 
 def test_host_and_device_placement_give_the_same_batches_and_weights(tmp_path):
     from trainables.config import AugmentConfig
-    from trainables.data import device_batches, epoch_batches, place
+    from trainables.data.batches import epoch_batches
+    from trainables.data.placement import device_batches, place
     from trainables.loop import LocalReporter, train_student
 
     write_folder(tmp_path / "p", bad=False)
@@ -178,7 +179,7 @@ def test_host_and_device_placement_give_the_same_batches_and_weights(tmp_path):
 
 def test_resized_crop_views_are_torchvision_like_and_repeatable():
     from trainables.config import AugmentConfig
-    from trainables.data import augment, epoch_views
+    from trainables.data.batches import augment, epoch_views
 
     aug = AugmentConfig(resized_crop={"scale": [0.25, 0.5], "ratio": [0.5, 2.0]})
     p = epoch_views(512, 3, 2, aug, (32, 48))

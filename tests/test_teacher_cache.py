@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from trainables.config import AugmentConfig, TrialConfig
-from trainables.data import augment, epoch_batches, load_dataset, place
+from trainables.data import load_dataset
+from trainables.data.batches import augment, epoch_batches
+from trainables.data.placement import place
 from trainables.data.normalize import normalizer
 from trainables.loop import LocalReporter, train_student
 from trainables.models.teacher import load_teacher

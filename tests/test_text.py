@@ -176,7 +176,7 @@ def test_student_from_family_and_teacher_layers(text_case):
 
 def test_batches_group_similar_lengths():
     from trainables.config import AugmentConfig
-    from trainables.data import epoch_batches, epoch_permutation
+    from trainables.data.batches import epoch_batches, epoch_permutation
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 48, (1000,), generator=g)

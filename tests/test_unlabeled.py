@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainables.config import AugmentConfig, DatasetConfig, TrialConfig
-from trainables.data import UNLABELED, BatchLayout, epoch_batches, load_splits
+from trainables.data import UNLABELED, load_splits
+from trainables.data.batches import BatchLayout, epoch_batches
 from trainables.losses import build_loss, kd_kl
 from trainables.loop import LocalReporter, train_student
 from trainables.models.teacher import load_teacher
@@ -158,7 +159,8 @@ def test_kd_trials_train_on_mixed_batches_and_controls_on_the_labelled_alone(dig
 
 
 def test_the_cache_holds_the_unlabelled_views_too(tmp_path, digits_teacher):
-    from trainables.data import augment, device_batches, train_batches
+    from trainables.data.batches import augment, train_batches
+    from trainables.data.placement import device_batches
     from trainables.data.normalize import normalizer
     from trainables.teacher_cache import Builder
 

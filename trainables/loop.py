@@ -27,7 +27,9 @@ from trainables.checkpoint import restore, snapshot
 from trainables.card import TeacherCard
 from trainables.config import TEACHER_LAYERS, TRIAL_CONFIG, DatasetConfig, OptimizerConfig, ScheduleConfig, TrialConfig, trial_from_dict
 from trainables.eval.inference import predict, suite_autocast
-from trainables.data import DataSplits, augment, batch_layout, device_batches, place, train_batches
+from trainables.data import DataSplits
+from trainables.data.batches import augment, batch_layout, train_batches
+from trainables.data.placement import device_batches, place
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss, check_fits
 from trainables.eval.metrics import classification_metrics, per_class

@@ -47,7 +47,9 @@ from torch import Tensor
 from trainables.atomic import atomic_path
 from trainables.card import TeacherCard
 from trainables.config import TrialConfig
-from trainables.data import DataSplits, augment, epoch_views, place
+from trainables.data import DataSplits
+from trainables.data.batches import augment, epoch_views
+from trainables.data.placement import place
 from trainables.data.normalize import normalizer
 from trainables.models.ensemble import members_of, target_model
 from trainables.tasks import task_for
