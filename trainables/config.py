@@ -17,7 +17,6 @@ from trainables.schema import DEFAULT_CACHE, LossSchedule, Strict, validate  # n
 TRIAL_CONFIG = "trial_config"
 
 
-
 def _model_name(name: str) -> str:
     from trainables.models import check_model
 
@@ -92,7 +91,7 @@ class AugmentConfig(Strict):
 #: How a model's inputs are normalized (trainables.data.normalize.model_stats).
 Normalize = Literal["auto", "dataset", "imagenet"]
 
-#: Where decompressed data go when neither dataset.cache nor $KDSWEEP_CACHE says.
+
 class UnlabeledConfig(Strict):
     """Transfer data without labels (unsupervised KD): the distillation term sees them, CE never
     does. Val and test stay labelled."""
@@ -187,7 +186,6 @@ class ScheduleConfig(Strict):
     warmup_epochs: float = Field(0.0, ge=0.0)
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step: fractions of the epochs")
     gamma: float = Field(0.1, gt=0.0)
-
 
 
 class LossConfig(BaseModel):
@@ -349,7 +347,6 @@ def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
     for path, value in overrides.items():
         set_dotted(data, path, value)
     return validate(TrialConfig, data, prefix="trial.")
-
 
 
 def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
