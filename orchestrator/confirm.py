@@ -230,7 +230,7 @@ def table(confirmed: list[Confirmed]) -> str:
         m = sum(values) / len(values)
         return f"{m:.4f} +- {statistics.stdev(values):.4f}" if len(values) > 1 else f"{m:.4f}"
 
-    what = confirmed[0].primary.key.replace("_", " ") if confirmed else "val acc"
+    what = confirmed[0].primary.label if confirmed else "val acc"
     lines = [f"| finalist | student | T | alpha | lr | seeds | {what} (KD) | {what} (alpha=0 control) | paired KD gain (95% CI) | not averaged |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in confirmed:

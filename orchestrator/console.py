@@ -117,7 +117,7 @@ class ConsoleReporter(Callback):
             lines = ray.get(taking)
         except ray.exceptions.RayError as err:  # its node lost: epochs and results still come through Tune
             log.warning("progress lines within epochs stop here: the console's board is gone (%s: %s)", type(err).__name__,
-                        str(err).strip().splitlines()[0] if str(err).strip() else "")
+                        (str(err).strip().splitlines() or [""])[0])
             self.board = None
             return
         for trial_id, line in lines:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.confirm import confirmations, table
-from orchestrator.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, label, leaderboard, pareto_front
+from orchestrator.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
 from trainables.tasks import Task, task_for
@@ -72,8 +72,8 @@ def pareto_plot(rows: list[dict], path: Path, primary: Objective) -> None:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters (log)")
-    ax.set_ylabel(f"{label(primary)} ({'higher' if primary.maximize else 'lower'} is better)")
-    ax.set_title(f"Finished trials: {label(primary)} vs size (x = alpha=0 control)")
+    ax.set_ylabel(f"{primary.label} ({'higher' if primary.maximize else 'lower'} is better)")
+    ax.set_title(f"Finished trials: {primary.label} vs size (x = alpha=0 control)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -142,7 +142,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
 
     lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.get(c)) for c in LEADERBOARD] + [r["seed"], r["confirms"]] for r in rows])
     searched = [r for r in rows if not r["confirms"]]
-    what = label(cfg.primary)
+    what = cfg.primary.label
     gains = md_table(["student", f"alpha=0 {what} (final)", f"KD {what}", "KD epochs", "KD setting", "KD gain", "compared at",
                       "alpha=0 robust acc", "KD robust acc"], kd_gains(searched, cfg.primary))
     confirmed = confirmations(rows, cfg.primary)

@@ -111,12 +111,7 @@ def gains_by_method(rows: list[dict[str, Any]], primary: Objective) -> list[list
 
 
 def gains_by_method_header(primary: Objective) -> list[str]:
-    return ["loss", "student", "finished KD trials", f"best {label(primary)}", "best KD gain", "mean KD gain"]
-
-
-def label(objective: Objective) -> str:
-    """An objective as a column says it: `val_acc` -> "val acc"."""
-    return objective.key.replace("_", " ")
+    return ["loss", "student", "finished KD trials", f"best {primary.label}", "best KD gain", "mean KD gain"]
 
 
 def ended_trials(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[confirm.Done]:

@@ -24,9 +24,12 @@ class ProgressBoard:
         return lines
 
 
-def post_to(board, trial_id: str) -> Callable[[str], None]:
+def post_to(board, trial_id: str) -> Callable[[str], None] | None:
     """Progress lines into the driver's board (a ProgressBoard actor), tagged with the trial; fire
-    and forget: a trial never waits on its console, nor fails when the board is gone."""
+    and forget: a trial never waits on its console, nor fails when the board is gone. No board
+    (--verbose: Tune's own output), nothing to post to: None."""
+    if board is None:
+        return None
 
     def post(line: str) -> None:
         with contextlib.suppress(Exception):  # the board gone with its driver

@@ -377,4 +377,4 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point for ray.train.torch.TorchTrainer(train_loop_per_worker=...): the TrialConfig the
     driver built, under TRIAL_CONFIG."""
     board, trial_id = config.get(PROGRESS) or (None, None)
-    train_student(config[TRIAL_CONFIG], RayTrainReporter(post_to(board, trial_id) if board is not None else None))
+    train_student(config[TRIAL_CONFIG], RayTrainReporter(post_to(board, trial_id)))

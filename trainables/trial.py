@@ -73,7 +73,7 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float], board=None) -> 
     from trainables.loop import train_student  # here, not at import: the driver imports this module, never the loop
 
     node = ray.get_runtime_context().get_node_id()
-    reporter = TuneReporter(tune.get_checkpoint(), post_to(board, tune.get_context().get_trial_id()) if board is not None else None)
+    reporter = TuneReporter(tune.get_checkpoint(), post_to(board, tune.get_context().get_trial_id()))
     errors: list[BaseException] = []
 
     def fit() -> None:
@@ -115,7 +115,7 @@ def _train_in_actor(trial: TrialConfig, extra: dict[str, float], board=None) -> 
 def tune_trial(config: dict[str, Any], run: TrialRun, constants: dict[str, dict[str, float]] | None = None, board=None) -> None:
     """Tune function trainable: one-worker trials train in this actor, DDP trials in a Ray Train
     worker group. `constants[student]` joins every report (the architecture's sizes, when Optuna
-    optimizes them); `board` (a ray.util.queue.Queue of the driver's console) takes progress lines."""
+    optimizes them); `board` (the driver console's ProgressBoard actor) takes progress lines."""
     trial: TrialConfig = config[TRIAL_CONFIG]
     extra = (constants or {}).get(trial.student, {})
     if run.warm:

@@ -188,6 +188,13 @@ def _classes(splits: dict[str, tuple[list[str], list[Any]]], names: list[str] | 
     return classes, out
 
 
+def token_ids(tok, strings: list[str], max_length: int) -> np.ndarray:
+    """Texts as int32 ids (N, max_length), truncated and right-padded: one tokenization for the
+    labelled splits and the unlabelled examples alike."""
+    enc = tok(strings, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
+    return np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(strings), max_length)
+
+
 def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_length: int, text_column: str = "text",
                   label_column: str = "label", val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0) -> RawData:
     """The text at `root` as RawData of int32 token ids (N, max_length), tokenized at most once per
@@ -226,8 +233,7 @@ def tokenize_text(root: str | Path, cache: str | Path, tokenizer: str, max_lengt
                     part["train"] = [part["train"][i] for i in kept.tolist()]
         out_dir.mkdir(parents=True, exist_ok=True)
         for split, strings in texts.items():
-            enc = tok(strings, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
-            ids = np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(strings), max_length)
+            ids = token_ids(tok, strings, max_length)
             for name, arr in (("x", ids), ("y", np.asarray(labels[split], dtype=np.int64))):
                 with atomic_path(out_dir / f"{split}_{name}.npy") as tmp:
                     with open(tmp, "wb") as f:
@@ -291,10 +297,10 @@ def tokenize_unlabeled(root: str | Path, cache: str | Path, tokenizer: str, max_
     out = Path(cache) / "text" / f"{root.stem}-unlabeled-{h.hexdigest()[:20]}.npy"
     if not out.exists():
         t0 = time.perf_counter()
-        enc = load_tokenizer(tokenizer)(texts, truncation=True, max_length=max_length, padding="max_length", return_attention_mask=False)
+        ids = token_ids(load_tokenizer(tokenizer), texts, max_length)
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, np.asarray(enc["input_ids"], dtype=np.int32).reshape(len(texts), max_length))
+                np.save(f, ids)
         log.info("tokenized %s: %d unlabelled texts in %.1f s -> %s", root, len(texts), time.perf_counter() - t0, out)
     return torch.from_numpy(np.load(out, mmap_mode="c"))

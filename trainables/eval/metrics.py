@@ -126,6 +126,11 @@ class Objective:
     def __str__(self) -> str:
         return f"{self.key}:{'max' if self.maximize else 'min'}"
 
+    @property
+    def label(self) -> str:
+        """As a table's column or a plot's axis says it: `val_acc` -> "val acc"."""
+        return self.key.replace("_", " ")
+
 
 def confusion(pred: Tensor, y: Tensor, num_classes: int) -> Tensor:
     """(true, predicted) counts, int64."""
