@@ -98,6 +98,20 @@ class ConsoleReporter(Callback):
         if self._live is not None:
             self._live.stop()
             self._live = None
+        self._release_board()
+
+    def _release_board(self) -> None:
+        """The board ends with its Tune run: an API caller's process runs sweep after sweep on one
+        Ray, and each board is a process of its own (a CLI's would end with its driver)."""
+        if self.board is None:
+            return
+        import ray
+
+        board, self.board, self._taking = self.board, None, None
+        try:
+            ray.kill(board)
+        except ray.exceptions.RayError:  # already gone with its node
+            pass
 
     def _progress(self) -> None:
         """The board's lines, read without blocking Tune's loop: one take in flight at a time, at

@@ -840,3 +840,21 @@ def test_the_console_shows_posted_progress_and_goes_on_when_its_board_is_lost(ra
     # the warning reaches the log: caplog's, or the console's handler where an earlier test ran the CLI in this process
     assert console.board is None and "board is gone (ActorDiedError" in caplog.text + "".join(shown) + capsys.readouterr().out
     console.on_step_end(0, [])  # and polling on is a no-op
+
+
+def test_the_progress_board_ends_with_its_tune_run(ray_address):
+    """A process that runs sweep after sweep on one Ray (an API caller, a notebook) does not keep
+    one board process per sweep alive: the console releases its board when the Tune run ends."""
+    import ray
+
+    from orchestrator.config import load_config
+    from orchestrator.console import ConsoleReporter, progress_board
+
+    board = progress_board()
+    assert ray.get(board.take.remote(), timeout=60) == []
+    console = ConsoleReporter(load_config(None), total=1, board=board, live=False)
+    console.on_experiment_end([])
+    assert console.board is None
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(board.take.remote(), timeout=60)
+    console.on_experiment_end([])  # ending twice (a resumed run's callbacks) is harmless
