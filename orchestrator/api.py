@@ -3,7 +3,7 @@
     from orchestrator.api import run_sweep_from
     result = run_sweep_from("search_spaces/default.yaml", {"train.epochs": 4, "budget.num_samples": 6})
     result.champion.student, result.champion.val_acc, result.model_uri
-    [row["val_acc"] for row in result.leaderboard]
+    [(row.student, row.val_acc, row.kd_gain) for row in result.leaderboard]
 
 User errors raise trainables.registry.ConfigError (the CLI prints it as one line and exits 2).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import SweepConfig, load_config
+from orchestrator.rows import TrialRow
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class SweepResult:
     experiment_id: str
     parent_run_id: str
     teacher: str
-    leaderboard: list[dict[str, Any]]  # one row per trial, best first (selection.leaderboard)
+    leaderboard: list[TrialRow]  # one row per trial, best first (selection.leaderboard)
     champion: Champion
 
     @property
@@ -113,10 +114,9 @@ def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objective
             wait([plots])
     if plots is not None and plots.exception() is not None:  # the champion is registered: say so, do not fail for a plot
         log.warning("Optuna's plots were not logged to the sweep's run: %s", plots.exception())
-    confirmed = None
-    if won.get("confirmed"):
-        confirmed = {k.removeprefix("champion_").removeprefix("confirmed_"): v for k, v in confirmed_metrics(won).items()}
-        confirmed["verdict"] = won["confirmed"].verdict()
-    champion = Champion(won["run_id"], won["trial_id"], won["student"], won["val_acc"], won["test"]["student"], won["version"],
-                        won["seed"], confirmed)
-    return SweepResult(cfg, tracker.uri, tracker.experiment_id, parent_id, teacher, won["leaderboard"], champion)
+    row, confirmed = won.champion, None
+    if row.confirmed:
+        confirmed = {k.removeprefix("champion_").removeprefix("confirmed_"): v for k, v in confirmed_metrics(row).items()}
+        confirmed["verdict"] = row.confirmed.verdict()
+    champion = Champion(row.run_id, row.trial_id, row.student, row.val_acc, won.test["student"], won.version, row.seed, confirmed)
+    return SweepResult(cfg, tracker.uri, tracker.experiment_id, parent_id, teacher, won.leaderboard, champion)

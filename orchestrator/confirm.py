@@ -16,33 +16,22 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
+from orchestrator.rows import TrialRow, with_seed
 from trainables.eval.metrics import Objective
 
 #: Where a confirmation trial's Tune config says what it confirms: {"of": finalist trial id, "control": bool}.
 CONFIRM = "confirm"
-#: The resolved trial config's flattened keys a control shares with the KD run it controls.
-SETTINGS = ("trial.student", "trial.seed", "trial.train.")
 #: How a run ended when its seed counts as measured (a diverged one is reported, not run again);
 #: a failed or orphaned (killed) run's seed is trained again by the next plan.
 MEASURED = ("finished", "diverged")
 
 
 def numbers(d: dict[str, Any]) -> dict[str, float]:
-    """The numeric fields of a result or leaderboard row (booleans are not numbers here)."""
+    """The numeric fields of a Tune result (booleans are not numbers here)."""
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def settings_key(flat: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """Student (and its kwargs and weights), seed and every train setting, as MLflow holds them
-    (strings): `flat` is a trial config flattened as `trial.<path>` (a run's params)."""
-    return tuple(sorted((k, str(v)) for k, v in flat.items() if k.startswith(SETTINGS)))
-
-
-def with_seed(settings: tuple[tuple[str, str], ...], seed: int) -> tuple[tuple[str, str], ...]:
-    return tuple((k, str(seed) if k == "trial.seed" else v) for k, v in settings)
 
 
 @dataclass
@@ -125,15 +114,15 @@ def cap(top: int, seeds: int) -> int:
 class Confirmed:
     """A finalist measured on several seeds: its KD runs and its controls, by seed."""
 
-    finalist: dict[str, Any]  # the search trial's leaderboard row
-    kd: dict[int, dict[str, Any]]  # seed -> finished run (the finalist's own seed included)
-    controls: dict[int, dict[str, Any]]  # seed -> finished control at the same settings
+    finalist: TrialRow  # the search trial's leaderboard row
+    kd: dict[int, TrialRow]  # seed -> finished run (the finalist's own seed included)
+    controls: dict[int, TrialRow]  # seed -> finished control at the same settings
     excluded: list[tuple[int, str, str]]  # (seed, "kd" | "control", status): runs that did not finish, not averaged
     primary: Objective  # the sweep's first objective: what the gain and verdict are measured in
 
     def values(self, key: str | None = None) -> list[float]:
         key = key or self.primary.key
-        return [r[key] for r in self.kd.values() if r.get(key) is not None]
+        return [r.value(key) for r in self.kd.values() if r.value(key) is not None]
 
     def mean(self, key: str | None = None) -> float | None:
         v = self.values(key)
@@ -146,14 +135,14 @@ class Confirmed:
     def gain(self) -> tuple[float | None, float | None, int]:
         """(mean, 95% CI half-width, pairs) of the KD run's improvement over its control, per seed,
         in the primary objective: positive is better (a minimised metric's gain is control - KD)."""
-        if self.finalist["control"]:
+        if self.finalist.control:
             return None, None, 0
         key, sign = self.primary.key, 1.0 if self.primary.maximize else -1.0
-        d = [sign * (self.kd[s][key] - self.controls[s][key]) for s in sorted(self.kd) if s in self.controls]
+        d = [sign * (self.kd[s].value(key) - self.controls[s].value(key)) for s in sorted(self.kd) if s in self.controls]
         return paired(d)
 
     def verdict(self) -> str:
-        if self.finalist["control"]:
+        if self.finalist.control:
             return "no KD (the alpha=0 control itself)"
         mean, half, n = self.gain()
         if n == 0:
@@ -166,11 +155,11 @@ class Confirmed:
             return text + ", one pair: no interval"
         return text + (", holds" if mean - half > 0 else ", hurts" if mean + half < 0 else ", within noise")
 
-    def best_run(self, objective: Objective | None = None) -> dict[str, Any]:
+    def best_run(self, objective: Objective | None = None) -> TrialRow:
         """The seed registered as the champion: the best on val in `objective` (default: the primary;
         selection may look at val freely; the test split is touched once, for this run alone)."""
         o = objective or self.primary
-        return max(self.kd.values(), key=lambda r: r[o.key] if o.maximize else -r[o.key])
+        return max(self.kd.values(), key=lambda r: r.value(o.key) if o.maximize else -r.value(o.key))
 
 
 def paired(d: list[float]) -> tuple[float | None, float | None, int]:
@@ -186,40 +175,42 @@ def paired(d: list[float]) -> tuple[float | None, float | None, int]:
     return mean, float(t.ppf(0.975, n - 1)) * statistics.stdev(d) / math.sqrt(n), n
 
 
-def confirmations(rows: list[dict[str, Any]], primary: Objective) -> list[Confirmed]:
+def confirmations(rows: list[TrialRow], primary: Objective) -> list[Confirmed]:
     """Each confirmed finalist from leaderboard rows (their `confirms`, `seed`, `settings` and
     `control` fields), in the order the stage confirmed them, measured in `primary`."""
-    search = {r["trial_id"]: r for r in rows if not r.get("confirms")}
-    controls: dict[tuple, dict[str, Any]] = {}
+    search = {r.trial_id: r for r in rows if not r.confirms}
+    controls: dict[tuple, TrialRow] = {}
     for r in rows:
-        if r["control"] and r["status"] == "finished":
-            controls.setdefault(r["settings"], r)
+        if r.control and r.status == "finished":
+            controls.setdefault(r.settings, r)
     out = []
-    for fid in dict.fromkeys(r["confirms"] for r in rows if r.get("confirms")):
+    for fid in dict.fromkeys(r.confirms for r in rows if r.confirms):
         f = search.get(fid)
         if f is None:
             continue
-        runs = [f] + [r for r in rows if r.get("confirms") == fid and r["control"] == f["control"]]
-        kd = {r["seed"]: r for r in runs if r["status"] == "finished"}
-        excluded = [(r["seed"], "kd", r["status"]) for r in runs if r["status"] != "finished"]
+        runs = [f] + [r for r in rows if r.confirms == fid and r.control == f.control]
+        kd = {r.seed: r for r in runs if r.status == "finished"}
+        excluded = [(r.seed, "kd", r.status) for r in runs if r.status != "finished"]
         ctrl = {}
-        if not f["control"]:
-            for s in sorted({r["seed"] for r in runs}):
-                c = controls.get(with_seed(f["settings"], s))
+        if not f.control:
+            for s in sorted({r.seed for r in runs}):
+                c = controls.get(with_seed(f.settings, s))
                 if c is not None:
                     ctrl[s] = c
-            excluded += [(r["seed"], "control", r["status"]) for r in rows
-                         if r.get("confirms") == fid and r["control"] and r["status"] != "finished"]
+            excluded += [(r.seed, "control", r.status) for r in rows if r.confirms == fid and r.control and r.status != "finished"]
         out.append(Confirmed(f, kd, ctrl, excluded, primary))
     return out
 
 
-def mean_row(c: Confirmed) -> dict[str, Any]:
+def mean_row(c: Confirmed) -> TrialRow:
     """The finalist's row with every metric its finished KD runs share replaced by their mean
     (constraints and the objective read the confirmed numbers)."""
-    runs = [numbers(r) for r in c.kd.values()]
+    runs = [r.numbers() for r in c.kd.values()]
     shared = set.intersection(*(set(r) for r in runs)) if runs else set()
-    return {**c.finalist, **{k: sum(r[k] for r in runs) / len(runs) for k in shared}, "confirmed": c}
+    means = {k: sum(r[k] for r in runs) / len(runs) for k in shared}
+    if "val_acc" in means:  # the row's val_acc is its final one
+        means["final_val_acc"] = means["val_acc"]
+    return replace(c.finalist, metrics={**c.finalist.metrics, **means}, confirmed=c)
 
 
 def table(confirmed: list[Confirmed]) -> str:
@@ -235,10 +226,10 @@ def table(confirmed: list[Confirmed]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in confirmed:
         f = c.finalist
-        setting = [f"{f[k]:.2f}" if isinstance(f.get(k), float) else "-" for k in ("temperature", "alpha")]
-        lr = f"{f['lr']:.4g}" if isinstance(f.get("lr"), float) else "-"
+        setting = [f"{v:.2f}" if isinstance(v, float) else "-" for v in (f.temperature, f.alpha)]
+        lr = f"{f.lr:.4g}" if isinstance(f.lr, float) else "-"
         seeds = ", ".join(str(s) for s in sorted(c.kd))
         dropped = "; ".join(f"seed {s} {who} {status}" for s, who, status in c.excluded) or "-"
-        lines.append(f"| {f['trial_id']} | {f['student']} | {setting[0]} | {setting[1]} | {lr} | {seeds} | {ms(c.values())} | "
-                     f"{ms([r[c.primary.key] for r in c.controls.values()]) if not f['control'] else '-'} | {c.verdict()} | {dropped} |")
+        lines.append(f"| {f.trial_id} | {f.student} | {setting[0]} | {setting[1]} | {lr} | {seeds} | {ms(c.values())} | "
+                     f"{ms([r.value(c.primary.key) for r in c.controls.values()]) if not f.control else '-'} | {c.verdict()} | {dropped} |")
     return "\n".join(lines) + "\n"

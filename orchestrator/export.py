@@ -32,7 +32,7 @@ def student_run(tracker: SweepTracker, parent_id: str, trial: str | None) -> str
         if not runs:
             raise ConfigError(f"`--trial` {trial!r} is not a trial of this sweep: see `kdsweep best NAME` for trial ids")
         return runs[0].info.run_id
-    champion = tracker.client.get_run(parent_id).data.tags.get(Tag.CHAMPION)
+    champion = tracker.tags(parent_id).get(Tag.CHAMPION)
     if champion is None:
         raise ConfigError("`NAME` has no champion yet: run `kdsweep best NAME` first, or pass --trial ID")
     return champion
@@ -61,14 +61,14 @@ def export_tensors(model, splits, task: Task, dataset, tracker: SweepTracker, ru
 
         path = out_dir / "student.safetensors"
         save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
-        logged = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
+        logged = read(StudentCard, tracker.download(run_id, "student/student.json", out_dir),
                       shown_as=f"runs:/{run_id}/student/student.json")
         # mean/std: the logged card's, which load_student built into `model`
         described = task.input_description(tuple(logged.input_shape), logged.arch_kwargs)
         card = build(StudentCard, {**logged.model_dump(), "input": described + ("; normalize with mean/std x 255" if logged.mean else "")})
         write(card, out_dir / "student.json")
         for f in (path, out_dir / "student.json"):
-            tracker.client.log_artifact(run_id, str(f), "export")
+            tracker.log_files(run_id, f, "export")
         log.info("exported %s (weights and card; preprocessing in the card) to %s", run_id, path)
         return path
     if fmt == "onnx":
@@ -91,7 +91,7 @@ def export_tensors(model, splits, task: Task, dataset, tracker: SweepTracker, ru
     if not diff <= bound:
         raise ConfigError(f"`--format {fmt}` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test {task.unit}: try --format torchscript")
     tracker.log_metrics(run_id, {f"export_{fmt}_max_abs_diff": diff}, step=0)
-    tracker.client.log_artifact(run_id, str(path), "export")
+    tracker.log_files(run_id, path, "export")
     return path
 
 
@@ -114,7 +114,7 @@ def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker
     from trainables.hf_files import load_tokenizer
 
     model = normalized.model
-    card = read(StudentCard, tracker.client.download_artifacts(run_id, "student/student.json", str(out_dir)),
+    card = read(StudentCard, tracker.download(run_id, "student/student.json", out_dir),
                 shown_as=f"runs:/{run_id}/student/student.json")
     tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
     splits = task_for(dataset.name).splits(dataset.resolved().model_copy(update={"tokenizer": card.arch_kwargs["tokenizer"]}))
@@ -150,7 +150,7 @@ def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker
     else:
         raise ConfigError("`--format torchscript` takes tensors, not strings: export a text student with --format onnx or safetensors")
     for f in [path, *(out_dir / n for n in os.listdir(out_dir) if n.startswith(("tokenizer", "vocab", "special_tokens", "merges")))]:
-        tracker.client.log_artifact(run_id, str(f), "export")
+        tracker.log_files(run_id, f, "export")
     log.info("exported %s to %s (tokenizer files beside it)", run_id, path)
     return path
 

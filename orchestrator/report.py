@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.confirm import confirmations, table
+from orchestrator.rows import TrialRow
 from orchestrator.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, leaderboard, pareto_front
 from orchestrator.store import SweepTracker, Tag
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
@@ -26,28 +27,28 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(fmt(v) for v in r) + " |" for r in rows)])
 
 
-def kd_gains(rows: list[dict], primary: Objective) -> list[list[Any]]:
+def kd_gains(rows: list[TrialRow], primary: Objective) -> list[list[Any]]:
     """Per student, from the search: its alpha=0 control and its KD trial with the largest gain at
     an equal budget (in `primary`, the sweep's first objective, whichever its direction): finished
     trials against the finished control; only when no KD trial finished, the best stopped one,
     against the control at the epoch ASHA stopped it (labelled so)."""
     out = []
-    for student in sorted({r["student"] for r in rows}):
-        mine = [r for r in rows if r["student"] == student and not r["confirms"] and r.get("kd_gain") is not None]
-        control = next((r for r in mine if r["control"] and r["status"] in COMPLETE), None)
-        kd = [r for r in mine if not r["control"]]
-        best = max((r for r in kd if r["status"] in COMPLETE), key=lambda r: r["kd_gain"], default=None)
+    for student in sorted({r.student for r in rows}):
+        mine = [r for r in rows if r.student == student and not r.confirms and r.kd_gain is not None]
+        control = next((r for r in mine if r.control and r.status in COMPLETE), None)
+        kd = [r for r in mine if not r.control]
+        best = max((r for r in kd if r.status in COMPLETE), key=lambda r: r.kd_gain, default=None)
         budget = "final (both finished)"
         if best is None:
-            best = max(kd, key=lambda r: r["kd_gain"], default=None)
-            budget = best and f"epoch {best['epochs']} (KD trial stopped there)"
-        out.append([student, control and control.get(primary.key), best and best.get(primary.key), best and best["epochs"],
-                    best and f"{best['loss']}, T={best['temperature']:.2f}, alpha={best['alpha']:.2f}", best and best["kd_gain"], budget,
-                    control and control.get("robust_acc"), best and best.get("robust_acc")])
+            best = max(kd, key=lambda r: r.kd_gain, default=None)
+            budget = best and f"epoch {best.epochs} (KD trial stopped there)"
+        out.append([student, control and control.value(primary.key), best and best.value(primary.key), best and best.epochs,
+                    best and f"{best.loss}, T={best.temperature:.2f}, alpha={best.alpha:.2f}", best and best.kd_gain, budget,
+                    control and control.value("robust_acc"), best and best.value("robust_acc")])
     return out
 
 
-def pareto_plot(rows: list[dict], path: Path, primary: Objective) -> None:
+def pareto_plot(rows: list[TrialRow], path: Path, primary: Objective) -> None:
     """The primary objective against parameters, each student's trials, its controls marked."""
     import matplotlib
     import matplotlib.ticker
@@ -59,15 +60,15 @@ def pareto_plot(rows: list[dict], path: Path, primary: Objective) -> None:
     objs = [primary, Objective.parse("params")]
     front = {id(r) for r in pareto_front(rows, objs)}
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
-    usable = [r for r in rows if r["status"] in COMPLETE and r.get("size_params") and r.get(key) is not None]
-    for student in sorted({r["student"] for r in usable}):
-        pts = [r for r in usable if r["student"] == student]
-        ax.scatter([r["size_params"] for r in pts], [r[key] for r in pts], label=student, alpha=0.75,
+    usable = [r for r in rows if r.status in COMPLETE and r.value("size_params") and r.value(key) is not None]
+    for student in sorted({r.student for r in usable}):
+        pts = [r for r in usable if r.student == student]
+        ax.scatter([r.value("size_params") for r in pts], [r.value(key) for r in pts], label=student, alpha=0.75,
                    marker="o", edgecolors=["black" if id(r) in front else "none" for r in pts], linewidths=1.5)
-        ctrl = [r for r in pts if r["control"]]
-        ax.scatter([r["size_params"] for r in ctrl], [r[key] for r in ctrl], marker="x", color="red", s=60)
-    fr = sorted((r for r in usable if id(r) in front), key=lambda r: r["size_params"])
-    ax.plot([r["size_params"] for r in fr], [r[key] for r in fr], "k--", lw=1, label="Pareto front")
+        ctrl = [r for r in pts if r.control]
+        ax.scatter([r.value("size_params") for r in ctrl], [r.value(key) for r in ctrl], marker="x", color="red", s=60)
+    fr = sorted((r for r in usable if id(r) in front), key=lambda r: r.value("size_params"))
+    ax.plot([r.value("size_params") for r in fr], [r.value(key) for r in fr], "k--", lw=1, label="Pareto front")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -80,11 +81,11 @@ def pareto_plot(rows: list[dict], path: Path, primary: Objective) -> None:
     plt.close(fig)
 
 
-def robustness_rows(task: Task, test: dict | None, champion: dict | None, control: dict | None) -> list[list[Any]]:
+def robustness_rows(task: Task, test: dict | None, champion: TrialRow | None, control: TrialRow | None) -> list[list[Any]]:
     """Per corruption of the sweep's task: the teacher and champion on test, the champion and its
     alpha=0 control on val (accuracy, mean over the task's severities; None where not measured)."""
     series = [((test or {}).get("teacher", {}), "test_corr_"), ((test or {}).get("student", {}), "test_corr_"),
-              (champion or {}, "corr_"), (control or {}, "corr_")]
+              (champion.metrics if champion else {}, "corr_"), (control.metrics if control else {}, "corr_")]
     return [[name, *(m.get(prefix + name) for m, prefix in series)] for name in task.corruptions]
 
 
@@ -117,46 +118,43 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     out_dir = Path(out) if out else saved.directory / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = leaderboard(tracker, parent_id, cfg.primary)
-    client = tracker.client
-    parent = client.get_run(parent_id)
-    champ_id = parent.data.tags.get(Tag.CHAMPION)
-    champion = next((r for r in rows if r["run_id"] == champ_id), None)
+    champ_id = tracker.tags(parent_id).get(Tag.CHAMPION)
+    champion = next((r for r in rows if r.run_id == champ_id), None)
     test = vs_table = None
     if champ_id:
         with tempfile.TemporaryDirectory() as d:
-            test = json.loads(Path(client.download_artifacts(champ_id, "eval/test.json", d)).read_text())
-            vs_table = Path(client.download_artifacts(parent_id, "champion_vs_teacher.md", d)).read_text()
+            test = json.loads(tracker.download(champ_id, "eval/test.json", d).read_text())
+            vs_table = tracker.download(parent_id, "champion_vs_teacher.md", d).read_text()
     control = None
     if champion:  # its control at the same settings and seed, else its student's control from the search
-        controls = [r for r in rows if r["student"] == champion["student"] and r["control"] and r["status"] in COMPLETE]
-        control = next((r for r in controls if r["settings"] == champion["settings"]),
-                       next((r for r in controls if not r["confirms"]), None))
+        controls = [r for r in rows if r.student == champion.student and r.control and r.status in COMPLETE]
+        control = next((r for r in controls if r.settings == champion.settings), next((r for r in controls if not r.confirms), None))
     optuna_pngs = []
     (out_dir / "optuna").mkdir(exist_ok=True)
-    for a in client.list_artifacts(parent_id, "optuna"):  # Optuna's plots, logged by the sweep
-        optuna_pngs.append(Path(client.download_artifacts(parent_id, a.path, str(out_dir / "optuna"))).relative_to(out_dir))
-    pareto_plot([r for r in rows if not r["confirms"]], out_dir / "pareto.png", cfg.primary)
+    for path in tracker.artifact_paths(parent_id, "optuna"):  # Optuna's plots, logged by the sweep
+        optuna_pngs.append(tracker.download(parent_id, path, out_dir / "optuna").relative_to(out_dir))
+    pareto_plot([r for r in rows if not r.confirms], out_dir / "pareto.png", cfg.primary)
     task = task_for(cfg.dataset.name)
     robust = robustness_rows(task, test, champion, control)
     robustness_plot(task, robust, out_dir / "robustness.png")
 
-    lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.get(c)) for c in LEADERBOARD] + [r["seed"], r["confirms"]] for r in rows])
-    searched = [r for r in rows if not r["confirms"]]
+    lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.value(c)) for c in LEADERBOARD] + [r.seed, r.confirms] for r in rows])
+    searched = [r for r in rows if not r.confirms]
     what = cfg.primary.label
     gains = md_table(["student", f"alpha=0 {what} (final)", f"KD {what}", "KD epochs", "KD setting", "KD gain", "compared at",
                       "alpha=0 robust acc", "KD robust acc"], kd_gains(searched, cfg.primary))
     confirmed = confirmations(rows, cfg.primary)
-    methods = md_table(gains_by_method_header(cfg.primary), gains_by_method(searched, cfg.primary)) if len({r["loss"] for r in searched}) > 1 else None
+    methods = md_table(gains_by_method_header(cfg.primary), gains_by_method(searched, cfg.primary)) if len({r.loss for r in searched}) > 1 else None
     md = "\n\n".join([
         f"# kdsweep report: {cfg.name}",
         f"Dataset `{cfg.dataset.name}`, teacher `{cfg.teacher_name}`, loss `{cfg.loss.name}`, {len(searched)} search trials "
-        f"({sum(r['status'] in USABLE for r in searched)} usable) and {len(rows) - len(searched)} confirmation trials, mode `{cfg.mode}`. "
+        f"({sum(r.status in USABLE for r in searched)} usable) and {len(rows) - len(searched)} confirmation trials, mode `{cfg.mode}`. "
         f"Tracking: `{saved.tracking_uri}`, parent run `{parent_id}`.",
         "## Confirmation: the finalists on several seeds, each beside its alpha=0 control at the same settings and seeds (val split)",
         table(confirmed) if confirmed else "_No confirmation stage ran (budget.confirm.top: 0): `kdsweep best NAME --confirm-seeds 3` runs one._",
-        *[f"Champion: finalist {c.finalist['trial_id']}, the best mean over its seeds; registered: its seed {champion['seed']} "
-          f"(run `{champion['run_id']}`), the best on val of its seeds, the one model that saw the test split."
-          for c in confirmed if champion and champion["run_id"] in {r["run_id"] for r in c.kd.values()}],
+        *[f"Champion: finalist {c.finalist.trial_id}, the best mean over its seeds; registered: its seed {champion.seed} "
+          f"(run `{champion.run_id}`), the best on val of its seeds, the one model that saw the test split."
+          for c in confirmed if champion and champion.run_id in {r.run_id for r in c.kd.values()}],
         "## KD gain over each student's alpha=0 control in the search (val split, one seed)", gains,
         *(["## KD gain by method (finished search trials, against the control at the same epoch)", methods] if methods else []),
         "## Champion vs teacher (test split, evaluated once)", vs_table or "_No champion selected yet: run `kdsweep best NAME`._",
@@ -168,7 +166,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     ]) + "\n"
     (out_dir / "report.md").write_text(md)
     (out_dir / "report.html").write_text(markdown_to_html(md, cfg.name))
-    client.log_artifacts(parent_id, str(out_dir), "report")
+    tracker.log_files(parent_id, out_dir, "report")
     return out_dir
 
 

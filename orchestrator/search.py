@@ -13,6 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import confirm
 from orchestrator.config import SearchParam, SweepConfig, short_name
+from orchestrator.rows import settings_key
 from orchestrator.store import flatten
 from trainables.config import TRIAL_CONFIG, LossConfig, TrialConfig
 from trainables.eval.metrics import Objective
@@ -452,7 +453,7 @@ class ResolvedSearch(Searcher):
 def done(trial_id: str, point: dict[str, Any], trial: TrialConfig, status: str, metrics: dict[str, Any],
          meta: dict[str, Any] | None) -> confirm.Done:
     """An ended trial as the confirmation stage reads it."""
-    return confirm.Done(trial_id, point, confirm.settings_key(flatten(trial.model_dump(mode="json"), "trial.")), trial.seed,
+    return confirm.Done(trial_id, point, settings_key(flatten(trial.model_dump(mode="json"), "trial.")), trial.seed,
                         not trial.loss.distills, status, confirm.numbers(metrics), (meta or {}).get("of"))
 
 

@@ -9,15 +9,15 @@ import logging
 import math
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
 from orchestrator import confirm
-from orchestrator.config import SweepConfig, canonical
-from orchestrator.store import LATENCY_RECORD, SweepTracker, Tag
+from orchestrator.config import SweepConfig
+from orchestrator.store import LATENCY_RECORD, SweepTracker, Tag, TrialRow
 from trainables.data.normalize import Normalized
-from trainables.eval.metrics import ALIASES, DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
+from trainables.eval.metrics import DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
 from trainables.tasks import task_for
 
@@ -41,71 +41,47 @@ def parse_bounds(pairs: list[str], flag: str) -> dict[str, float]:
     return out
 
 
-def _float(v: str | None) -> float | None:
-    return None if v in (None, "None") else float(v)
-
-
-def _trained_with(params: dict[str, str], key: str) -> float | None:
-    """What a trial trained with, from its resolved config logged whole as trial.<path> (runs
-    logged before the trial config was nested: trial.<path without train.>)."""
-    path = canonical(key)
-    return _float(params.get(f"trial.{path}", params.get(f"trial.{path.removeprefix('train.')}")))
-
-
-def leaderboard(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[dict[str, Any]]:
-    """One row per trial (confirmation trials included, marked by `confirms`): its params, every
-    logged metric, and its KD gain over the alpha=0 control at the same settings and seed (else its
-    student's control from the search), both at the trial's last epoch, in `primary` (the sweep's
-    first objective): positive is better whichever its direction. Best first."""
-    rows = []
-    for r in tracker.trial_runs(parent_id):
-        p, tags = r.data.params, r.data.tags
-        row = dict(r.data.metrics)
-        row.update({
-            "run_id": r.info.run_id, "trial_id": tags.get(Tag.TRIAL), "status": tags.get(Tag.STATUS, "?"), "student": p.get("student", "?"),
-            "loss": p.get("loss", p.get("trial.loss.name", "?")),
-            "error": tags.get(Tag.ERROR), "confirms": tags.get(Tag.CONFIRMS), "point": json.loads(tags[Tag.POINT]) if Tag.POINT in tags else None,
-            "seed": int(p.get("seed", p.get("trial.seed", 0))), "settings": confirm.settings_key(p),
-            # what the trial trained with: its resolved config, logged whole (searched or not)
-            **{k: _trained_with(p, k) for k in ("temperature", "alpha", "lr")},
-            "val_acc": row.get("final_val_acc", row.get("val_acc", 0.0)), "epochs": int(row.get("epochs_run", 0)),
-        })
-        # a no-KD control (its loss gives the distillation term no weight), as its trial config said; older runs: alpha=0
-        row["control"] = p.get("control", str(row["alpha"] == 0.0)) == "True"
-        rows.append(row)
-    for row in rows:
-        for alias, key in ALIASES.items():  # the short names the tables and constraints use
-            row.setdefault(alias, row.get(key))
+def leaderboard(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[TrialRow]:
+    """One row per trial (confirmation trials included, marked by `confirms`), with its KD gain over
+    the alpha=0 control at the same settings and seed (else its student's control from the search),
+    both at the trial's last epoch, in `primary` (the sweep's first objective): positive is better
+    whichever its direction. Best first."""
+    rows = tracker.trial_rows(parent_id)
     key, sign = primary.key, 1.0 if primary.maximize else -1.0
     # KD gain compares like with like: against the control's value at the trial's own last epoch,
     # so a trial ASHA stopped early is not charged for the epochs it never ran (tables mark it).
-    same: dict[tuple, dict[str, Any]] = {}
-    search: dict[tuple[str, int], dict[str, Any]] = {}
+    same: dict[tuple, TrialRow] = {}
+    search: dict[tuple[str, int], TrialRow] = {}
     for row in rows:
-        if row["control"] and row["status"] in USABLE:
-            same.setdefault(row["settings"], row)
-            if not row["confirms"]:
-                search.setdefault((row["student"], row["seed"]), row)
+        if row.control and row.status in USABLE:
+            same.setdefault(row.settings, row)
+            if not row.confirms:
+                search.setdefault((row.student, row.seed), row)
     histories: dict[str, dict[int, float]] = {}
     for row in rows:
-        c = same.get(row["settings"]) or search.get((row["student"], row["seed"]))
-        if c is not None and c["run_id"] not in histories:
-            histories[c["run_id"]] = {m.step: m.value for m in tracker.client.get_metric_history(c["run_id"], primary.key)}
-        at = histories[c["run_id"]].get(row["epochs"]) if c is not None and row["epochs"] else None
-        row["kd_gain"] = None if at is None or row.get(key) is None else sign * (row[key] - at)
-    return sorted(rows, key=lambda r: (r["status"] in USABLE, sign * r.get(key, -sign * math.inf)), reverse=True)
+        c = same.get(row.settings) or search.get((row.student, row.seed))
+        if c is not None and c.run_id not in histories:
+            histories[c.run_id] = tracker.metric_history(c.run_id, key)
+        at = histories[c.run_id].get(row.epochs) if c is not None and row.epochs else None
+        row.kd_gain = None if at is None or row.value(key) is None else sign * (row.value(key) - at)
+
+    def rank(r: TrialRow) -> tuple[bool, float]:
+        v = r.value(key)
+        return r.status in USABLE, -math.inf if v is None else sign * v
+
+    return sorted(rows, key=rank, reverse=True)
 
 
-def gains_by_method(rows: list[dict[str, Any]], primary: Objective) -> list[list[Any]]:
+def gains_by_method(rows: list[TrialRow], primary: Objective) -> list[list[Any]]:
     """Per loss and student, over the search's finished KD trials: how many, the best value of the
     primary objective (its direction), and the KD gain (best and mean) over the control at the same epoch."""
     out = []
-    done = [r for r in rows if not r["confirms"] and not r["control"] and r["status"] in COMPLETE]
+    done = [r for r in rows if not r.confirms and not r.control and r.status in COMPLETE]
     best = max if primary.maximize else min
-    for loss, student in sorted({(r["loss"], r["student"]) for r in done}):
-        mine = [r for r in done if (r["loss"], r["student"]) == (loss, student)]
-        gains = [r["kd_gain"] for r in mine if r.get("kd_gain") is not None]
-        out.append([loss, student, len(mine), best((r[primary.key] for r in mine if r.get(primary.key) is not None), default=None),
+    for loss, student in sorted({(r.loss, r.student) for r in done}):
+        mine = [r for r in done if (r.loss, r.student) == (loss, student)]
+        gains = [r.kd_gain for r in mine if r.kd_gain is not None]
+        out.append([loss, student, len(mine), best((r.value(primary.key) for r in mine if r.value(primary.key) is not None), default=None),
                     max(gains, default=None), sum(gains) / len(gains) if gains else None])
     return out
 
@@ -117,29 +93,28 @@ def gains_by_method_header(primary: Objective) -> list[str]:
 def ended_trials(tracker: SweepTracker, parent_id: str, primary: Objective) -> list[confirm.Done]:
     """A sweep's ended trials as the confirmation stage reads them (`kdsweep best --confirm-seeds`)."""
     rows = leaderboard(tracker, parent_id, primary)
-    if any(r["point"] is None for r in rows):
+    if any(r.point is None for r in rows):
         raise ConfigError("`--confirm-seeds` needs each trial's sampled point, which runs logged by an older kdsweep lack: "
                           "start a new sweep (--set name=NEW)")
-    return [confirm.Done(r["trial_id"], r["point"], r["settings"], r["seed"], r["control"], r["status"], confirm.numbers(r), r["confirms"])
-            for r in rows]
+    return [confirm.Done(r.trial_id, r.point, r.settings, r.seed, r.control, r.status, r.numbers(), r.confirms) for r in rows]
 
 
-def pareto_front(rows: list[dict[str, Any]], objectives: list[Objective]) -> list[dict[str, Any]]:
+def pareto_front(rows: list[TrialRow], objectives: list[Objective]) -> list[TrialRow]:
     """Finished rows that no other row beats on every objective (and strictly on one)."""
-    cands = [r for r in rows if r["status"] in COMPLETE and all(r.get(o.key) is not None for o in objectives)]
-    return confirm.pareto(cands, objectives, lambda r, k: r[k])
+    cands = [r for r in rows if r.status in COMPLETE and all(r.value(o.key) is not None for o in objectives)]
+    return confirm.pareto(cands, objectives, TrialRow.value)
 
 
-def choose(rows: list[dict[str, Any]], objective: Objective, minimum: dict[str, float] | None = None,
-           maximum: dict[str, float] | None = None) -> dict[str, Any]:
+def choose(rows: list[TrialRow], objective: Objective, minimum: dict[str, float] | None = None,
+           maximum: dict[str, float] | None = None) -> TrialRow:
     """The best finished row on `objective` meeting every bound (a missing metric fails)."""
     minimum, maximum = minimum or {}, maximum or {}
-    ok = [r for r in rows if r["status"] in COMPLETE and r.get(objective.key) is not None
-          and all(r.get(k) is not None and r[k] >= v for k, v in minimum.items())
-          and all(r.get(k) is not None and r[k] <= v for k, v in maximum.items())]
+    ok = [r for r in rows if r.status in COMPLETE and r.value(objective.key) is not None
+          and all(r.value(k) is not None and r.value(k) >= v for k, v in minimum.items())
+          and all(r.value(k) is not None and r.value(k) <= v for k, v in maximum.items())]
     if not ok:
         raise ConfigError(f"no finished trial meets --min {minimum} --max {maximum}: relax the constraints")
-    return max(ok, key=lambda r: (r[objective.key] if objective.maximize else -r[objective.key], -(r.get("size_params") or 0)))
+    return max(ok, key=lambda r: (r.value(objective.key) if objective.maximize else -r.value(objective.key), -(r.value("size_params") or 0)))
 
 
 def load_student(tracker: SweepTracker, run_id: str) -> "Normalized":
@@ -151,7 +126,7 @@ def load_student(tracker: SweepTracker, run_id: str) -> "Normalized":
     from trainables.models import create_model
 
     with tempfile.TemporaryDirectory() as d:
-        local = Path(tracker.client.download_artifacts(run_id, "student", d))
+        local = tracker.download(run_id, "student", d)
         card = read(StudentCard, local / "student.json", shown_as=f"runs:/{run_id}/student/student.json")
         model = create_model(card.arch, card.num_classes, card.input_shape, **card.arch_kwargs)
         model.load_state_dict(load_file(str(local / "student.safetensors")))
@@ -202,17 +177,11 @@ def teacher_models(path: str | Path) -> tuple["Normalized", list[tuple[str, "Nor
 def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits, student: str) -> int:
     """Log the winner as an MLflow model (as its task serves it: Task.serving), register it, point
     alias `champion` at it. A champion that is already this run's registered model is kept: no new version."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        current = tracker.client.get_model_version_by_alias(cfg.registered_model, "champion")
-    except MlflowException:  # no such model or alias yet
-        current = None
-    if current is not None and current.run_id == run_id:
-        return int(current.version)
-
+    current = tracker.registered_run(cfg.registered_model)
+    if current is not None and current[0] == run_id:
+        return current[1]
     version = REGISTER[cfg.task.serving](tracker, cfg, run_id, model, splits, student)
-    tracker.client.set_registered_model_alias(cfg.registered_model, "champion", str(version))
+    tracker.point_alias(cfg.registered_model, version)
     return version
 
 
@@ -224,7 +193,7 @@ def _register_tensors(tracker: SweepTracker, cfg: SweepConfig, run_id: str, mode
 
     example = splits.val_x[:2].float().numpy().astype(np.float32)
     described = cfg.task.input_description(splits.input_shape, cfg.student_kwargs(student))
-    with mlflow.start_run(run_id=run_id):
+    with tracker.active(run_id):
         # The model is saved as a torch.export program (MLflow's default): it needs torch alone. Named
         # here, MLflow does not infer requirements by loading the model in a subprocess (5 s on CPU).
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=cfg.registered_model,
@@ -249,7 +218,7 @@ def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, norma
         net.save_pretrained(str(folder))
         load_tokenizer(splits.tokenizer).save_pretrained(str(folder))
         (folder / "kdsweep.json").write_text(json.dumps({"classes": list(splits.classes), "max_length": splits.input_shape[0]}))
-        with mlflow.start_run(run_id=run_id):
+        with tracker.active(run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("text_model.py")), artifacts={"student": str(folder)},
                 input_example=list(splits.test_text[:2]), registered_model_name=cfg.registered_model,
@@ -274,7 +243,7 @@ def latency_how(record: dict[str, Any] | None) -> str:
     return f"{record['threads']} thread{'' if record['threads'] == 1 else 's'}, interleaved with the teacher, {record['when']}"
 
 
-def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any], how: str) -> str:
+def student_vs_teacher(test: dict[str, dict[str, float]], winner: TrialRow, how: str) -> str:
     """Markdown table: the winner beside its teacher on the test split, with compression ratios;
     `how` says how the latencies behind the speedup were timed (latency_how)."""
     lines = ["| | " + " | ".join(label for _, label in VS_KEYS) + f" | params | compression (params) | speedup (CPU, batch 1; {how}) |",
@@ -284,88 +253,99 @@ def student_vs_teacher(test: dict[str, dict[str, float]], winner: dict[str, Any]
             continue
         m = test[who]
         member = who.startswith("teacher[")
-        params = m.get("params") if member else winner.get("teacher_params") if who == "teacher" else winner.get("size_params")
-        ratio = "-" if member else "1.00x" if who == "teacher" else f"{winner.get('compression_params', float('nan')):.2f}x"
-        speed = "-" if member else "1.00x" if who == "teacher" else f"{winner.get('speedup_latency_cpu_b1', float('nan')):.2f}x"
-        name = f"{who} (member)" if member else "teacher" if who == "teacher" else f"champion ({winner['student']})"
+        params = m.get("params") if member else winner.metrics.get("teacher_params" if who == "teacher" else "size_params")
+        ratio = "-" if member else "1.00x" if who == "teacher" else f"{winner.metrics.get('compression_params', float('nan')):.2f}x"
+        speed = "-" if member else "1.00x" if who == "teacher" else f"{winner.metrics.get('speedup_latency_cpu_b1', float('nan')):.2f}x"
+        name = f"{who} (member)" if member else "teacher" if who == "teacher" else f"champion ({winner.student})"
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k, _ in VS_KEYS)
                      + f" | {params if params is None else int(params)} | {ratio} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Selected:
+    """The champion's row (with its seeds, when confirmed), its once-only test metrics, its
+    registered version, the student-vs-teacher table, and the whole leaderboard."""
+
+    champion: TrialRow
+    test: dict[str, dict[str, float]]
+    version: int
+    table: str
+    leaderboard: list[TrialRow]
+
+
 def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: list[str] | None = None,
            minimum: dict[str, float] | None = None, maximum: dict[str, float] | None = None,
-           teacher_path: str | None = None) -> dict[str, Any]:
+           teacher_path: str | None = None) -> Selected:
     """The champion: the best confirmed finalist (its mean over seeds), registered as its best
     seed's run; without a confirmation stage, the best single-seed trial. Its test split is touched once."""
     objs = [Objective.parse(o) for o in (objectives or (cfg.objectives[0], *DEFAULT_OBJECTIVES[1:]))]
     rows = leaderboard(tracker, parent_id, cfg.primary)
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
-    searched = [r for r in rows if not r["confirms"]]
+    searched = [r for r in rows if not r.confirms]
     log.info("%s", format_table(searched, "leaderboard (search trials; kd_gain@N: stopped at epoch N, against the control at epoch N)"))
     log_leaderboard(tracker, parent_id, rows)
-    if len({r["loss"] for r in searched}) > 1:  # a method search: which method helped which student
+    if len({r.loss for r in searched}) > 1:  # a method search: which method helped which student
         log.info("%s", text_table(gains_by_method_header(cfg.primary), gains_by_method(searched, cfg.primary),
                                   "KD gain by method (finished search trials, against the control at the same epoch)"))
     log.info("%s", format_table(pareto_front(searched, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
-    if not any(r["status"] in COMPLETE for r in rows):
-        counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r["status"] for r in rows).items()))
-        error = next((r["error"] for r in rows if r.get("error")), None)
+    if not any(r.status in COMPLETE for r in rows):
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r.status for r in rows).items()))
+        error = next((r.error for r in rows if r.error), None)
         raise ConfigError(f"sweep {cfg.name!r} has no finished trial ({counts})" + (f"; first error: {error}" if error else "")
                           + ": fix the cause and start a new sweep (--set name=NEW)")
     confirmed = confirm.confirmations(rows, cfg.primary)
-    client = tracker.client
     winner = None
     if confirmed:
         summary = confirm.table(confirmed)
         log.info("\nconfirmation (val split; each finalist on several seeds beside its alpha=0 control at the same settings and seeds)\n%s", summary)
-        client.log_text(parent_id, summary, "confirmation.md")
+        tracker.log_text(parent_id, summary, "confirmation.md")
         try:
-            best = choose([confirm.mean_row(c) for c in confirmed if c.kd], objs[0], minimum, maximum)["confirmed"]
-            winner = {**best.best_run(objs[0]), "confirmed": best}
+            best = choose([confirm.mean_row(c) for c in confirmed if c.kd], objs[0], minimum, maximum).confirmed
+            winner = replace(best.best_run(objs[0]), confirmed=best)
         except ConfigError:
             log.warning("no confirmed finalist meets the constraints: the champion is the best single-seed search trial "
                         "(`kdsweep best %s --confirm-seeds N --confirm-top K` confirms more finalists)", cfg.name)
     if winner is None:
         winner = choose(searched, objs[0], minimum, maximum)
     splits = cfg.task.splits(cfg.dataset)  # the teacher's inputs
-    own = cfg.task.splits(cfg.student_dataset(winner["student"]))  # the champion's (text: its own tokenizer's ids)
-    model = load_student(tracker, winner["run_id"])
-    tags = client.get_run(winner["run_id"]).data.tags
+    own = cfg.task.splits(cfg.student_dataset(winner.student))  # the champion's (text: its own tokenizer's ids)
+    model = load_student(tracker, winner.run_id)
+    tags = tracker.tags(winner.run_id)
     if tags.get(Tag.TEST_EVALUATED) == "true":  # touch the test split once per model
         with tempfile.TemporaryDirectory() as d:
-            test = json.loads(Path(client.download_artifacts(winner["run_id"], "eval/test.json", d)).read_text())
+            test = json.loads(tracker.download(winner.run_id, "eval/test.json", d).read_text())
     else:
         teacher, members = None, []
         if teacher_path or cfg.teacher_dir().exists():
             teacher, members = teacher_models(teacher_path or cfg.teacher_dir())
         test = evaluate_on_test(cfg, model, teacher, splits, members, own)
-        tracker.log_metrics(winner["run_id"], test["student"], step=0)
-        client.log_text(winner["run_id"], json.dumps(test, indent=2), "eval/test.json")
-        client.set_tag(winner["run_id"], Tag.TEST_EVALUATED, "true")
+        tracker.log_metrics(winner.run_id, test["student"], step=0)
+        tracker.log_text(winner.run_id, json.dumps(test, indent=2), "eval/test.json")
+        tracker.set_tag(winner.run_id, Tag.TEST_EVALUATED, "true")
     table = student_vs_teacher(test, winner, latency_how(tracker.read_json(parent_id, LATENCY_RECORD)))
-    tracker.log_metrics(parent_id, {"champion_val_acc": winner["val_acc"], **{f"champion_{k}": v for k, v in test["student"].items()},
+    tracker.log_metrics(parent_id, {"champion_val_acc": winner.val_acc, **{f"champion_{k}": v for k, v in test["student"].items()},
                                     **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}, **confirmed_metrics(winner),
                                     **{f"teacher_member{who[8:who.index(']')]}_test_acc": m["test_acc"] for who, m in test.items()
                                        if who.startswith("teacher[")}}, step=0)
-    client.set_tag(parent_id, Tag.CHAMPION, winner["run_id"])
-    client.log_text(parent_id, table, "champion_vs_teacher.md")
-    version = register(tracker, cfg, winner["run_id"], model, own, winner["student"])
+    tracker.set_tag(parent_id, Tag.CHAMPION, winner.run_id)
+    tracker.log_text(parent_id, table, "champion_vs_teacher.md")
+    version = register(tracker, cfg, winner.run_id, model, own, winner.student)
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
-    log.info(f"champion: {winner['student']} (trial {winner['trial_id']}) val_acc={winner['val_acc']:.4f} "
+    log.info(f"champion: {winner.student} (trial {winner.trial_id}) val_acc={winner.val_acc:.4f} "
              f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
-    if winner.get("confirmed"):
-        c = winner["confirmed"]
+    if winner.confirmed:
+        c = winner.confirmed
         log.info(f"  confirmed on {len(c.kd)} seed(s): val_acc {c.mean():.4f}" + (f" +- {c.std():.4f}" if c.std() is not None else "")
-                 + f"; {c.verdict()}. Registered: seed {winner['seed']} (run {winner['run_id']}), the best val_acc of its seeds; "
+                 + f"; {c.verdict()}. Registered: seed {winner.seed} (run {winner.run_id}), the best val_acc of its seeds; "
                  "the test split was touched for it alone")
-    return {**winner, "test": test, "version": version, "table": table, "leaderboard": rows}
+    return Selected(winner, test, version, table, rows)
 
 
-def confirmed_metrics(winner: dict[str, Any]) -> dict[str, float]:
+def confirmed_metrics(winner: TrialRow) -> dict[str, float]:
     """The champion's confirmed numbers, for the parent run."""
-    c = winner.get("confirmed")
+    c = winner.confirmed
     if c is None:
         return {}
     mean, half, pairs = c.gain()
@@ -379,14 +359,14 @@ def confirmed_metrics(winner: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[dict[str, Any]]) -> None:
+def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[TrialRow]) -> None:
     """Each trial's KD gain as a metric of its run (a column in the MLflow UI), and the leaderboard
     as a table artifact of the parent run (MLflow's table view)."""
     for r in rows:
-        if r["kd_gain"] is not None:
-            tracker.log_metrics(r["run_id"], {"kd_gain": r["kd_gain"]}, step=r["epochs"])
+        if r.kd_gain is not None:
+            tracker.log_metrics(r.run_id, {"kd_gain": r.kd_gain}, step=r.epochs)
     columns = [*LEADERBOARD, "seed", "confirms", "trial_id", "run_id"]
-    tracker.client.log_table(parent_id, {c: [r.get(c) for r in rows] for c in columns}, "leaderboard.json")
+    tracker.log_table(parent_id, {c: [r.value(c) for r in rows] for c in columns}, "leaderboard.json")
 
 
 def _render(title: str, header: list[str], cells: list[list[str]]) -> str:
@@ -402,11 +382,11 @@ def text_table(header: list[str], rows: list[list[Any]], title: str) -> str:
     return _render(title, header, [[show(h, v) for h, v in zip(header, r)] for r in rows])
 
 
-def format_table(rows: list[dict[str, Any]], title: str, columns=LEADERBOARD) -> str:
+def format_table(rows: list[TrialRow], title: str, columns=LEADERBOARD) -> str:
     """Leaderboard rows as their declared metrics show them; a stopped trial's kd_gain shows the
     epoch it was compared at (`+0.0208@4`)."""
-    def cell(r, c):
-        shown = metric(c).show(r.get(c))
-        return f"{shown}@{r['epochs']}" if c == "kd_gain" and r.get(c) is not None and r["status"] != "finished" else shown
+    def cell(r: TrialRow, c: str) -> str:
+        shown = metric(c).show(r.value(c))
+        return f"{shown}@{r.epochs}" if c == "kd_gain" and r.kd_gain is not None and r.status != "finished" else shown
 
     return _render(title, list(columns), [[cell(r, c) for c in columns] for r in rows])

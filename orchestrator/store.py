@@ -17,7 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from orchestrator.config import short_name
+from orchestrator.config import canonical, short_name
+from orchestrator.rows import TrialRow, settings_key
 from trainables.eval.metrics import LEADERBOARD, metric
 from trainables.registry import ConfigError
 
@@ -48,6 +49,25 @@ class Tag:
     @staticmethod
     def version(name: str) -> str:
         return f"kdsweep.version.{name}"
+
+
+def read_trial(run) -> TrialRow:
+    """An MLflow run of a trial, read: its params are its resolved trial config logged whole
+    (trial.<path>), its tags how it ended. The one place that knows how MLflow spells a trial."""
+    p, tags = run.data.params, run.data.tags
+
+    def trained_with(key: str) -> float | None:  # runs logged before the config was nested: trial.<path without train.>
+        path = canonical(key)
+        v = p.get(f"trial.{path}", p.get(f"trial.{path.removeprefix('train.')}"))
+        return None if v in (None, "None") else float(v)
+
+    alpha = trained_with("alpha")
+    return TrialRow(run_id=run.info.run_id, trial_id=tags.get(Tag.TRIAL), status=tags.get(Tag.STATUS, "?"), student=p.get("student", "?"),
+                    loss=p.get("loss", p.get("trial.loss.name", "?")), seed=int(p.get("seed", p.get("trial.seed", 0))), settings=settings_key(p),
+                    # a no-KD control, as its trial config said; older runs: alpha=0
+                    control=p.get("control", str(alpha == 0.0)) == "True", temperature=trained_with("temperature"), alpha=alpha,
+                    lr=trained_with("lr"), epochs=int(run.data.metrics.get("epochs_run", 0)), metrics=dict(run.data.metrics),
+                    confirms=tags.get(Tag.CONFIRMS), point=json.loads(tags[Tag.POINT]) if Tag.POINT in tags else None, error=tags.get(Tag.ERROR))
 
 
 #: The MLflow UI's shared view of a sweep (`kdsweep ui` prints its address); its metric columns are
@@ -125,6 +145,68 @@ class SweepTracker:
             where.append("attributes.status = 'RUNNING'")
         return self.find_runs(" and ".join(where))
 
+    def trial_rows(self, parent_id: str) -> list[TrialRow]:
+        """The sweep's trials, read (the one typed reader of trial runs)."""
+        return [read_trial(r) for r in self.trial_runs(parent_id)]
+
+    def metric_history(self, run_id: str, key: str) -> dict[int, float]:
+        """step -> value of one metric of a run."""
+        return {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+
+    # --- the tracking surface: every MLflow call the driver makes goes through the methods here ---
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        return self.client.get_run(run_id).data.tags
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_files(self, run_id: str, local: str | Path, folder: str | None = None) -> None:
+        """A file, or a folder's files, as artifacts of the run under `folder`."""
+        if Path(local).is_dir():
+            self.client.log_artifacts(run_id, str(local), folder)
+        else:
+            self.client.log_artifact(run_id, str(local), folder)
+
+    def log_table(self, run_id: str, columns: dict[str, list], path: str) -> None:
+        self.client.log_table(run_id, columns, path)
+
+    def download(self, run_id: str, path: str, dest: str | Path) -> Path:
+        """A run's artifact (file or folder) copied under `dest`."""
+        return Path(self.client.download_artifacts(run_id, path, str(dest)))
+
+    def artifact_paths(self, run_id: str, folder: str | None = None) -> list[str]:
+        return [a.path for a in self.client.list_artifacts(run_id, folder)]
+
+    def reopen(self, run_id: str) -> None:
+        """A run picked up again (a restored sweep's parent, a resumed trial's)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def registered_run(self, model: str, alias: str = "champion") -> tuple[str, int] | None:
+        """(run id, version) the registered model's alias points at; None when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            v = self.client.get_model_version_by_alias(model, alias)
+        except MlflowException:
+            return None
+        return v.run_id, int(v.version)
+
+    def point_alias(self, model: str, version: int, alias: str = "champion") -> None:
+        self.client.set_registered_model_alias(model, alias, str(version))
+
+    def active(self, run_id: str):
+        """The run as MLflow's active run (a context), for its model-logging APIs (log_model)."""
+        import mlflow
+
+        return mlflow.start_run(run_id=run_id)
+
     def create_run(self, run_name: str, tags: dict[str, str]) -> str:
         """A run made once: when the answer to its creation is cut short, the store is searched by
         its tags (each run's are unique: sweep and role, or parent and trial id) before asking again."""
@@ -137,15 +219,15 @@ class SweepTracker:
         runs = self.parent_runs(sweep)
         if runs:
             run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            self.reopen(run_id)
             return run_id
         run_id = self.create_run(sweep, {Tag.SWEEP: sweep, Tag.ROLE: "parent"})
         self.set_ui_view([short_name(k) for k in config.get("search", {})])
         flat = flatten(config)
         self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("search.")})
-        self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "sweep_config.json")
+        self.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), "sweep_config.json")
         for k, v in versions().items():
-            self.client.set_tag(run_id, Tag.version(k), v)
+            self.set_tag(run_id, Tag.version(k), v)
         return run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -169,10 +251,10 @@ class SweepTracker:
         import tempfile
 
         folder = str(Path(path).parent) if Path(path).parent != Path(".") else None
-        if not any(a.path == path for a in self.client.list_artifacts(run_id, folder)):
+        if path not in self.artifact_paths(run_id, folder):
             return None
         with tempfile.TemporaryDirectory() as d:
-            return json.loads(Path(self.client.download_artifacts(run_id, path, d)).read_text())
+            return json.loads(self.download(run_id, path, d).read_text())
 
     def close_orphans(self, parent_id: str) -> int:
         """Children still RUNNING when the sweep ends belong to trials that will never report again

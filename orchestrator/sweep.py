@@ -396,7 +396,7 @@ def log_latency(profiles: Profiles, tracker: SweepTracker, parent: str, teacher_
         if teacher_training and teacher_training[0] < record["window"][1] and teacher_training[1] > record["window"][0]:
             record["running"].append("teacher training")
         record["teacher_training"] = list(teacher_training) if teacher_training else None
-    tracker.client.log_text(parent, json.dumps(record, indent=2), LATENCY_RECORD)
+    tracker.log_text(parent, json.dumps(record, indent=2), LATENCY_RECORD)
     reports = profiles.reports()
     for r in runs:
         student = r.data.params.get("student")
@@ -490,11 +490,11 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
         tracker = opening.result() if opening else SweepTracker(plan.tracking_uri, plan.experiment)
         parent = tracker.parent_run(cfg.name, cfg.model_dump())
         log.info("%s", plan.describe())
-        tracker.client.log_artifact(parent, str(teacher_card_file(teacher)), "teacher")  # an ensemble's records every member
+        tracker.log_files(parent, teacher_card_file(teacher), "teacher")  # an ensemble's records every member
         cache = ensure_cache(cfg, teacher, sweep_dir, info.num_classes)
         tracker.log_metrics(parent, {"data_skipped_files": len(info.skipped), "data_decode_s": info.decode_s}, step=0)
         if info.skipped:
-            tracker.client.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
+            tracker.log_text(parent, "\n".join(info.skipped) + "\n", "data/skipped_files.txt")
         build = TrialBuilder(cfg, teacher_path=teacher, teacher_cache=cache, profile=False)
         trainable, callbacks = _trials(cfg, info, profiles, tracker, parent, sum(n for _, _, n in plan.studies), verbose)
         server_down = False
@@ -518,7 +518,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, tracking_uri: str | 
                 closed = tracker.close_orphans(parent)
                 if closed:
                     log.info("closed %d orphaned trial run(s)", closed)
-        tracker.client.set_terminated(parent, "FINISHED")
+        tracker.end_run(parent)
     return {"tracker": tracker, "parent_run_id": parent, "teacher": teacher, "data": asdict(info), "plots": plots}
 
 
@@ -527,7 +527,7 @@ def _log_plots(tracker: SweepTracker, parent: str, studies: list, out_dir: Path)
     `plots`), beside Ray's shutdown and the selection: they take seconds of imports and drawing."""
     pngs = [png for study in studies for png in plot_study(study, out_dir)]
     for png in pngs:
-        tracker.client.log_artifact(parent, str(png), "optuna")
+        tracker.log_files(parent, png, "optuna")
     return pngs
 
 

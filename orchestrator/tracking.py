@@ -58,9 +58,8 @@ class MlflowTrialCallback(Callback):
         found = t.trial_runs(self.parent_id, trial.trial_id)
         if found:
             run_id = found[0].info.run_id
-            t.client.update_run(run_id, status="RUNNING")
-            history = t.client.get_metric_history(run_id, "val_acc")
-            last = max((m.step for m in history), default=0)
+            t.reopen(run_id)
+            last = max(t.metric_history(run_id, "val_acc"), default=0)
             if not any(k.startswith("size_") for k in found[0].data.metrics):  # its driver died before the sizes were in
                 self._unsized.append((run_id, trial.config[TRIAL_CONFIG].student))
         else:
@@ -75,7 +74,7 @@ class MlflowTrialCallback(Callback):
             searched = {short_name(k): v for k, v in point.items()}
             t.log_params(run_id, {**searched, "trial_id": trial.trial_id, "loss": cfg.loss.name, "control": not cfg.loss.distills, "seed": cfg.seed,
                                   **self.model_info["fixed_params"], **flatten(resolved, "trial.")})
-            t.client.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
+            t.log_text(run_id, json.dumps(resolved, indent=2, sort_keys=True), "trial_config.json")
             self._unsized.append((run_id, cfg.student))
             self._log_sizes()
         self._runs[trial.trial_id] = (run_id, last)
@@ -120,9 +119,9 @@ class MlflowTrialCallback(Callback):
             log_student_weights(t, run_id, ckpt, trial.config[TRIAL_CONFIG], self.model_info)
         for key in TEXT_METRICS:
             if key in last:
-                t.client.set_tag(run_id, Tag.text(key), str(last[key]))
-        t.client.set_tag(run_id, Tag.STATUS, status)
-        t.client.set_terminated(run_id, "FINISHED")
+                t.set_tag(run_id, Tag.text(key), str(last[key]))
+        t.set_tag(run_id, Tag.STATUS, status)
+        t.end_run(run_id)
 
     def on_experiment_end(self, trials, **info):
         self._log_sizes(wait=True)
@@ -135,10 +134,10 @@ class MlflowTrialCallback(Callback):
         text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
         if text:
             last = [line for line in text.splitlines() if line.strip()][-1]
-            self.tracker.client.set_tag(run_id, Tag.ERROR, last[:500])
-            self.tracker.client.log_text(run_id, text, "error.txt")
-        self.tracker.client.set_tag(run_id, Tag.STATUS, "failed")
-        self.tracker.client.set_terminated(run_id, "FAILED")
+            self.tracker.set_tag(run_id, Tag.ERROR, last[:500])
+            self.tracker.log_text(run_id, text, "error.txt")
+        self.tracker.set_tag(run_id, Tag.STATUS, "failed")
+        self.tracker.end_run(run_id, "FAILED")
 
 
 def completed_status(trial) -> str:
@@ -174,15 +173,15 @@ def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, trial, m
                                    "input_shape": model_info["input_shape"], "classes": model_info.get("classes", []), "epoch": state["epoch"],
                                    **state.get("preprocess", {})})  # mean/std: what export and the registered model normalize with
         write(card, Path(out, "student.json"))
-        tracker.client.log_artifacts(run_id, out, "student")
+        tracker.log_files(run_id, out, "student")
     tables = state.get("eval") or {}
     if "per_class" in tables:
         pc = tables["per_class"]
         rows = ["class,precision,recall,f1,support"] + [
             f"{c},{pc['precision'][c]:.6f},{pc['recall'][c]:.6f},{pc['f1'][c]:.6f},{int(pc['support'][c])}" for c in range(len(pc["f1"]))]
-        tracker.client.log_text(run_id, "\n".join(rows) + "\n", "eval/per_class.csv")
+        tracker.log_text(run_id, "\n".join(rows) + "\n", "eval/per_class.csv")
     if "corruptions" in tables:
-        tracker.client.log_text(run_id, corruption_csv(tables["corruptions"]), "eval/corruptions.csv")
+        tracker.log_text(run_id, corruption_csv(tables["corruptions"]), "eval/corruptions.csv")
 
 
 def corruption_csv(table: dict[str, list[float]]) -> str:

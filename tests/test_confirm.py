@@ -7,9 +7,10 @@ from ray.tune.search import Searcher
 
 from orchestrator import confirm
 from orchestrator.config import load_config
+from orchestrator.rows import TrialRow, settings_key
 from orchestrator.search import ConfirmStage, ResolvedSearch, TrialBuilder, control_point, done
 from orchestrator.selection import choose
-from orchestrator.store import flatten
+from orchestrator.store import SweepTracker, flatten
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import Objective
 
@@ -77,11 +78,10 @@ def test_paired_gain_is_the_paired_t_interval():
     assert confirm.paired([0.01]) == (0.01, None, 1) and confirm.paired([]) == (None, None, 0)
 
 
-def row(trial_id, student, seed, val, control=False, confirms=None, status="finished", lr=0.05, **extra):
+def row(trial_id, student, seed, val, control=False, confirms=None, status="finished", lr=0.05, epochs=3, kd_gain=None, **metrics):
     flat = flatten({"student": student, "seed": seed, "train": {"optimizer": {"lr": lr}, "epochs": 3}}, "trial.")
-    return {"run_id": f"run-{trial_id}", "trial_id": trial_id, "student": student, "seed": seed, "val_acc": val, "control": control,
-            "confirms": confirms, "status": status, "settings": confirm.settings_key(flat), "temperature": 4.0, "loss": "kd",
-            "alpha": 0.0 if control else 0.9, "lr": lr, "size_params": 100.0, **extra}
+    return TrialRow(f"run-{trial_id}", trial_id, status, student, "kd", seed, settings_key(flat), control, 4.0, 0.0 if control else 0.9, lr,
+                    epochs, {"final_val_acc": val, "size_params": 100.0, **metrics}, confirms, kd_gain=kd_gain)
 
 
 def test_selection_crowns_the_best_mean_not_the_lucky_seed_and_reports_diverged_runs():
@@ -95,15 +95,16 @@ def test_selection_crowns_the_best_mean_not_the_lucky_seed_and_reports_diverged_
         row("sc2", "steady", 2, 0.89, control=True, confirms="steady"),
     ]
     confirmed = confirm.confirmations(rows, VAL[0])
-    assert [c.finalist["trial_id"] for c in confirmed] == ["lucky", "steady"]
+    assert [c.finalist.trial_id for c in confirmed] == ["lucky", "steady"]
     lottery, steady = confirmed
     assert lottery.mean() == pytest.approx((0.99 + 0.60 + 0.61) / 3) and sorted(steady.kd) == [0, 1]
     assert steady.excluded == [(2, "kd", "diverged")]  # reported, not averaged
     assert steady.gain()[2] == 2 and steady.gain()[0] == pytest.approx(((0.90 - 0.88) + (0.91 - 0.88)) / 2)
     assert "2 seeds" in steady.verdict() and "3 seeds" in lottery.verdict()
-    best = choose([confirm.mean_row(c) for c in confirmed], VAL[0])["confirmed"]
-    assert best is steady and best.best_run()["trial_id"] == "s1"  # the registered seed: the best of its seeds on val
-    assert choose([r for r in rows if not r["confirms"]], VAL[0])["trial_id"] == "lucky"  # what a single-seed search would crown
+    best = choose([confirm.mean_row(c) for c in confirmed], VAL[0]).confirmed
+    assert best is steady and best.best_run().trial_id == "s1"  # the registered seed: the best of its seeds on val
+    assert confirm.mean_row(steady).val_acc == pytest.approx((0.90 + 0.91) / 2)  # the objective reads the mean over seeds
+    assert choose([r for r in rows if not r.confirms], VAL[0]).trial_id == "lucky"  # what a single-seed search would crown
     text = confirm.table(confirmed)
     assert "| lucky | lottery |" in text and "seed 2 kd diverged" in text
 
@@ -203,11 +204,13 @@ def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_
             _run("worse", 0, {"val_loss": 0.45, "val_acc": 0.85, "epochs_run": 2.0}),
             _run("ctrl", 0, {"val_loss": 0.40, "val_acc": 0.82, "epochs_run": 2.0}, control=True)]
     history = {"run-ctrl": [SimpleNamespace(step=1, value=0.9), SimpleNamespace(step=2, value=0.40)]}
-    tracker = SimpleNamespace(trial_runs=lambda parent: runs,
-                              client=SimpleNamespace(get_metric_history=lambda run_id, key: history[run_id] if key == "val_loss" else []))
+    tracker = SweepTracker.__new__(SweepTracker)
+    tracker.trial_runs = lambda parent: runs
+    tracker.client = SimpleNamespace(get_metric_history=lambda run_id, key: history[run_id] if key == "val_loss" else [])
     rows = leaderboard(tracker, "parent", cfg.primary)
-    assert [r["trial_id"] for r in rows] == ["kd", "ctrl", "worse"]
-    gains = {r["trial_id"]: r["kd_gain"] for r in rows}
+    assert [r.trial_id for r in rows] == ["kd", "ctrl", "worse"]
+    assert [(r.control, r.alpha, r.temperature, r.lr) for r in rows] == [(False, 0.9, 4.0, 0.05), (True, 0.0, 4.0, 0.05), (False, 0.9, 4.0, 0.05)]
+    gains = {r.trial_id: r.kd_gain for r in rows}
     assert gains["kd"] == pytest.approx(0.10) and gains["worse"] == pytest.approx(-0.05)
 
     # confirmation: lower val_loss than the controls on both seeds holds; the registered seed is the lowest
@@ -219,7 +222,7 @@ def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_
     mean, half, n = c.gain()
     assert n == 2 and mean == pytest.approx(((0.40 - 0.30) + (0.37 - 0.28)) / 2)
     assert c.verdict().startswith("KD gain +0.0950 +- ") and "val_loss down" in c.verdict() and c.verdict().endswith("holds")
-    assert c.best_run()["trial_id"] == "f1"
+    assert c.best_run().trial_id == "f1"
     assert "| val loss (KD) | val loss (alpha=0 control) |" in confirm.table([c])
 
     # the report: each student's gain and each method's best read val_loss, lowest best
@@ -228,7 +231,7 @@ def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_
 
     rows = [r("k1", 0, 0.30), r("k2", 0, 0.25), r("c", 0, 0.40, control=True)]
     for x, gain in zip(rows, (0.10, 0.15, 0.0)):
-        x.update(kd_gain=gain, epochs=3)
+        x.kd_gain = gain
     (g,) = kd_gains(rows, cfg.primary)
     assert g[1:3] == [0.40, 0.25] and g[5] == 0.15  # the control's val_loss, the best KD trial's (k2), its gain
     assert gains_by_method(rows, cfg.primary) == [["kd", "mlp_32", 2, 0.25, 0.15, pytest.approx(0.125)]]

@@ -788,8 +788,9 @@ def test_sweep_from_a_dict_returns_its_champion_leaderboard_and_mlflow_ids(tmp_p
                                    "train.teacher_topk": 4}, address=ray_address, maximum={"params": 5000})
     assert yaml.safe_dump(data) == before  # the caller's dict is not changed
     assert result.config.train.epochs == 2 and list(result.config.search) == ["loss.alpha"]
-    assert len(result.leaderboard) == 3 and result.champion.run_id in {r["run_id"] for r in result.leaderboard}
-    assert result.champion.val_acc == max(r["val_acc"] for r in result.leaderboard if r["status"] == "finished" and r["params"] <= 5000)
+    assert len(result.leaderboard) == 3 and result.champion.run_id in {r.run_id for r in result.leaderboard}
+    assert result.champion.val_acc == max(r.val_acc for r in result.leaderboard if r.status == "finished" and r.value("params") <= 5000)
+    assert {r.alpha for r in result.leaderboard if r.control} == {0.0} and all(r.kd_gain is not None for r in result.leaderboard)
     assert 0 < result.champion.test["test_acc"] <= 1 and result.champion.version >= 1
     client = mlflow.tracking.MlflowClient(result.tracking_uri)
     assert client.get_run(result.parent_run_id).info.experiment_id == result.experiment_id
