@@ -60,7 +60,7 @@ def in_sweep(cfg) -> dict[str, dict[str, float]]:
     """Each student's images/s inside a sweep of `cfg`: {student: {"steady": ..., "first": ...}}."""
     import mlflow
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.run.sweep import run_sweep
 
     h = run_sweep(cfg)
     client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
@@ -106,7 +106,7 @@ def main() -> None:
     config.write_text(json.dumps(sweep_config(args, out)))
     subprocess.run([sys.executable, "-m", "orchestrator.cli", "teacher", str(config)], check=True, cwd=REPO)
 
-    from orchestrator.config import SweepConfig, validate
+    from orchestrator.plan.config import SweepConfig, validate
 
     cfg = validate(SweepConfig, json.loads(config.read_text()), "benchmark")
     swept = in_sweep(cfg)

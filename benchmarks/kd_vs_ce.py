@@ -19,9 +19,9 @@ import logging
 import statistics
 import time
 
-from orchestrator.config import load_config
-from orchestrator.prepare import check_data, ensure_teacher
-from orchestrator.selection import evaluate_on_test
+from orchestrator.plan.config import load_config
+from orchestrator.plan.prepare import check_data, ensure_teacher
+from orchestrator.select.selection import evaluate_on_test
 from trainables.data.normalize import Normalized
 from trainables.models.profile import profile_together
 from trainables.loop import train_student

@@ -146,7 +146,7 @@ def floor_process(spec: str) -> None:
     import torch
     from ray import tune
 
-    from orchestrator.sweep import ray_session
+    from orchestrator.run.sweep import ray_session
 
     o = json.loads(spec)
 
@@ -169,8 +169,8 @@ def sweep_process(config: Path) -> None:
     """The timed kdsweep process: the sweep of `config`, then one JSON line of what it measured."""
     import logging
 
-    from orchestrator.config import SweepConfig, validate
-    from orchestrator.sweep import run_sweep
+    from orchestrator.plan.config import SweepConfig, validate
+    from orchestrator.run.sweep import run_sweep
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the timeline, in process.log
     cfg = validate(SweepConfig, json.loads(config.read_text()), "benchmark")

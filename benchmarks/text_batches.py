@@ -16,8 +16,8 @@ from unittest import mock
 import torch
 
 import trainables.data.batches as batches
-from orchestrator.config import load_config
-from orchestrator.prepare import check_data
+from orchestrator.plan.config import load_config
+from orchestrator.plan.prepare import check_data
 from trainables.data import load_splits
 from trainables.data.batches import epoch_batches, text_lengths
 from trainables.loop import train_student

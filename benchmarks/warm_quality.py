@@ -42,9 +42,9 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from orchestrator.config import SweepConfig, validate
-    from orchestrator.prepare import check_data, ensure_teacher
-    from orchestrator.sweep import ray_session, run_sweep
+    from orchestrator.plan.config import SweepConfig, validate
+    from orchestrator.plan.prepare import check_data, ensure_teacher
+    from orchestrator.run.sweep import ray_session, run_sweep
 
     out = args.out or Path(tempfile.mkdtemp(prefix="kdsweep-quality-"))
     rows = []

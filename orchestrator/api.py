@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import SweepConfig, load_config
-from orchestrator.rows import TrialRow
+from orchestrator.plan.config import SweepConfig, load_config
+from orchestrator.track.rows import TrialRow
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run_sweep_from(config: str | Path | dict | None = None, overrides: list[str]
     `config`: a YAML path, a dict of the YAML's content, or None (the embedded default);
     `overrides`: `--set` pairs or a dict of keys (aliases or dotted paths) to values;
     `objectives`/`minimum`/`maximum`: as --objective/--min/--max (metric names or aliases)."""
-    from orchestrator.sweep import run_sweep
+    from orchestrator.run.sweep import run_sweep
 
     cfg = load_config(config, overrides)
     handles = run_sweep(cfg, address, tracking_uri, verbose=verbose)
@@ -71,7 +71,7 @@ def resume_sweep(name: str, storage: str | None = None, *, address: str | None =
                  objectives: list[str] | None = None, minimum: dict[str, float] | None = None,
                  maximum: dict[str, float] | None = None, verbose: bool = False) -> SweepResult:
     """Finish a sweep whose driver died, then select, as `kdsweep resume` does."""
-    from orchestrator.sweep import load_sweep, run_sweep
+    from orchestrator.run.sweep import load_sweep, run_sweep
 
     saved = load_sweep(name, storage)
     handles = run_sweep(saved.config, address, tracking_uri or saved.tracking_uri, restore=True, verbose=verbose)
@@ -86,7 +86,7 @@ def best_of(name: str, storage: str | None = None, tracking_uri: str | None = No
     once per model: a champion already tested is not tested again). With `confirm_seeds`, first
     train its top `confirm_top` finalists (default: the sweep's budget.confirm.top, at least 1)
     until each has that many seeds, beside their controls, without searching again."""
-    from orchestrator.sweep import confirm_sweep, open_sweep
+    from orchestrator.run.sweep import confirm_sweep, open_sweep
     from trainables.registry import ConfigError
 
     saved, tracker, parent = open_sweep(name, storage, tracking_uri)
@@ -102,7 +102,7 @@ def best_of(name: str, storage: str | None = None, tracking_uri: str | None = No
 def _selected(cfg: SweepConfig, tracker, parent_id: str, teacher: str, objectives, minimum, maximum, plots: Future | None = None) -> SweepResult:
     """Select (and register) the champion; `plots`, the sweep's Optuna plots still being drawn, are
     waited for after it (they are drawn beside it)."""
-    from orchestrator.selection import confirmed_metrics, select
+    from orchestrator.select.selection import confirmed_metrics, select
     from trainables.eval.metrics import metric
 
     minimum = {metric(k).name: float(v) for k, v in (minimum or {}).items()}  # aliases (params, latency_ms) as on the CLI

@@ -25,8 +25,8 @@ def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data, ensure_teacher
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data, ensure_teacher
 
     cfg = load_config(args.config, args.overrides)
     info = check_data(cfg)
@@ -36,8 +36,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """One standalone trial of the config's base values (no Ray), per-epoch metrics printed."""
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data, check_teacher, ensure_teacher
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data, check_teacher, ensure_teacher
     from trainables.loop import train_student
     from trainables.models import check_model
 
@@ -63,7 +63,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def _selection(args: argparse.Namespace) -> dict:
     """The selection flags as the Python API takes them (parsed before anything runs, so a typo
     fails in the first second)."""
-    from orchestrator.selection import parse_bounds
+    from orchestrator.select.selection import parse_bounds
     from trainables.eval.metrics import Objective, metric
 
     for o in args.objective or []:
@@ -79,8 +79,8 @@ def _selection(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.api import run_sweep_from
-    from orchestrator.config import load_config
-    from orchestrator.sweep import make_plan
+    from orchestrator.plan.config import load_config
+    from orchestrator.run.sweep import make_plan
 
     selection = _selection(args)
     if args.dry_run:
@@ -109,9 +109,9 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import write_report
+    from orchestrator.select.report import write_report
 
-    from orchestrator.sweep import open_sweep
+    from orchestrator.run.sweep import open_sweep
 
     saved, tracker, parent = open_sweep(args.name, args.storage, args.tracking_uri)
     out = write_report(saved, tracker, parent, args.out)
@@ -120,9 +120,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.export import export
+    from orchestrator.select.export import export
 
-    from orchestrator.sweep import open_sweep
+    from orchestrator.run.sweep import open_sweep
 
     saved, tracker, parent = open_sweep(args.name, args.storage, args.tracking_uri)
     export(saved, tracker, parent, args.format, args.out, args.trial)
@@ -132,7 +132,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from orchestrator.store import default_tracking_uri, sweep_views
+    from orchestrator.track.store import default_tracking_uri, sweep_views
 
     uri = args.tracking_uri or default_tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdsweep: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from orchestrator.store import TrackingUnavailable
+        from orchestrator.track.store import TrackingUnavailable
 
         if not isinstance(e, TrackingUnavailable):
             raise

@@ -18,8 +18,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory) -> Path:
     """A cnn_small teacher on digits (about 5 s on 2 CPU cores)."""
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data, ensure_teacher
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data, ensure_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "digits-cnn_small"
     cfg = load_config(None, [f"teacher.path={out}", "teacher.epochs=10"])
@@ -153,7 +153,7 @@ def ray_address(tmp_path_factory, plugin_dir):
     """One local Ray instance for every integration test; its GCS address lets a subprocess join."""
     import ray
 
-    from orchestrator.sweep import init_ray
+    from orchestrator.run.sweep import init_ray
 
     temp = tmp_path_factory.mktemp("ray")
     # A 2-CPU instance shared by every test: a DDP trial's two workers may wait for the previous
@@ -170,7 +170,7 @@ def sweep_yaml(path: Path, teacher: Path, name: str, **over) -> Path:
     suite unless a test asks for it (train.robust_samples)."""
     import yaml
 
-    from orchestrator.config import set_dotted
+    from orchestrator.plan.config import set_dotted
 
     cfg = yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())
     cfg.update(name=name, storage=str(path / "runs"))

@@ -201,7 +201,7 @@ def test_the_audio_corruptions_are_seeded_and_do_what_they_say():
 def audio_yaml(path: Path, clips: Path, name: str = "words", **over) -> Path:
     import yaml
 
-    from orchestrator.config import set_dotted
+    from orchestrator.plan.config import set_dotted
 
     cfg = {
         "name": name, "storage": str(path / "runs"),
@@ -291,8 +291,8 @@ def test_audio_sweep_end_to_end(clips, tmp_path, ray_address, monkeypatch, capsy
     # Out: ONNX of raw waveforms, checked with onnxruntime inside export, and here again.
     import onnxruntime
 
-    from orchestrator.selection import load_student
-    from orchestrator.store import SweepTracker, Tag
+    from orchestrator.select.selection import load_student
+    from orchestrator.track.store import SweepTracker, Tag
 
     assert main(["export", "words", "--storage", str(tmp_path / "runs"), "--format", "onnx"]) == 0
     session = onnxruntime.InferenceSession(str(tmp_path / "runs" / "words" / "export" / "student.onnx"), providers=["CPUExecutionProvider"])

@@ -11,9 +11,9 @@ DEFAULT = os.path.join(os.path.dirname(__file__), "..", "search_spaces", "defaul
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """Checks that the command started no Ray: it never called orchestrator.sweep.init_ray, and,
+    """Checks that the command started no Ray: it never called orchestrator.run.sweep.init_ray, and,
     unless an earlier test left the session's shared Ray up in this process, none is initialized."""
-    import orchestrator.sweep as sweep
+    import orchestrator.run.sweep as sweep
 
     starts, real = [], sweep.init_ray
     monkeypatch.setattr(sweep, "init_ray", lambda *a, **k: (starts.append(a), real(*a, **k))[1])
@@ -260,8 +260,8 @@ def test_bad_confirmation_flags_exit_2_before_ray(args, needle, capsys, in_tmp, 
     """A saved sweep (its sweep.json and parent run) is enough to reach the flag checks."""
     import json
 
-    from orchestrator.config import load_config
-    from orchestrator.store import SweepTracker
+    from orchestrator.plan.config import load_config
+    from orchestrator.track.store import SweepTracker
 
     cfg = load_config(None, ["name=done"])
     (in_tmp / "runs" / "done").mkdir(parents=True)

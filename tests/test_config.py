@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.search import control_points, trial_budget
+from orchestrator.plan.config import load_config
+from orchestrator.plan.search import control_points, trial_budget
 
 SPACES = sorted(Path(__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml"))
 
@@ -133,7 +133,7 @@ def test_per_student_budget_split():
 def test_per_student_search_hands_out_each_students_share_round_robin_controls_first(tmp_path):
     import pickle
 
-    from orchestrator.search import PerStudentSearch
+    from orchestrator.plan.search import PerStudentSearch
     from ray.tune.search import Searcher
 
     cfg = load_config(None, ["mode=per_student", "budget.num_samples=5"])
@@ -224,14 +224,14 @@ def test_search_objectives():
 
 
 def validate_again(cfg):
-    from orchestrator.config import SweepConfig
+    from orchestrator.plan.config import SweepConfig
 
     return SweepConfig.model_validate(cfg.model_dump())  # what sweep.json / resume do
 
 
 def test_dotted_search_keys_plan_the_same_controls_as_aliases():
     """`loss.alpha` and `alpha` are one key: the same canonical search, controls and standard points."""
-    from orchestrator.search import CONTROL_POINT, STANDARD_POINT
+    from orchestrator.plan.search import CONTROL_POINT, STANDARD_POINT
 
     space = "{%s: {type: float, low: 0.0, high: 1.0}, %s: {type: float, low: 1.0, high: 8.0, log: true}}"
     alias = load_config(None, ["search=" + space % ("alpha", "temperature")])
@@ -249,7 +249,7 @@ def test_asha_never_stops_a_control_whichever_key_searched_alpha():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from orchestrator.search import ControlKeepingASHA, TrialBuilder
+    from orchestrator.plan.search import ControlKeepingASHA, TrialBuilder
     from trainables.config import TRIAL_CONFIG
 
     cfg = load_config(None, ["search={loss.alpha: {type: float, low: 0.0, high: 1.0}}", "teacher.path=/tmp/t"])
@@ -272,8 +272,8 @@ def test_the_driver_never_imports_the_trial_loop():
     import subprocess
     import sys
 
-    code = ("import sys, orchestrator.cli, orchestrator.sweep, orchestrator.selection, orchestrator.report, orchestrator.export, "
-            "orchestrator.tracking, orchestrator.prepare; print(sorted(m for m in sys.modules if m == 'trainables.loop'))")
+    code = ("import sys, orchestrator.cli, orchestrator.run.sweep, orchestrator.select.selection, orchestrator.select.report, orchestrator.select.export, "
+            "orchestrator.track.tracking, orchestrator.plan.prepare; print(sorted(m for m in sys.modules if m == 'trainables.loop'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from ray.tune.search import Searcher
 
-from orchestrator import confirm
-from orchestrator.config import load_config
-from orchestrator.rows import TrialRow, settings_key
-from orchestrator.search import ConfirmStage, ResolvedSearch, TrialBuilder, control_point, done
-from orchestrator.selection import choose
-from orchestrator.store import SweepTracker, flatten
+from orchestrator.plan import confirm
+from orchestrator.plan.config import load_config
+from orchestrator.track.rows import TrialRow, settings_key
+from orchestrator.plan.search import ConfirmStage, ResolvedSearch, TrialBuilder, control_point, done
+from orchestrator.select.selection import choose
+from orchestrator.track.store import SweepTracker, flatten
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import Objective
 
@@ -154,8 +154,8 @@ def test_gains_compare_equal_budgets_and_a_stopped_trial_says_where_it_stopped()
     """The embedded default's old report showed a 4-epoch ASHA-stopped trial (val 0.934, below the
     control's 0.962) with a positive gain "at the same epoch": the finished trial that beat its
     control is the one to show, and a stopped trial's gain is labelled with its epoch."""
-    from orchestrator.report import kd_gains
-    from orchestrator.selection import format_table
+    from orchestrator.select.report import kd_gains
+    from orchestrator.select.selection import format_table
 
     rows = [row("c", "cnn_tiny", 0, 0.962, control=True, epochs=12, kd_gain=0.0),
             row("stopped", "cnn_tiny", 0, 0.934, status="stopped", epochs=4, kd_gain=0.010),
@@ -172,7 +172,7 @@ def _run(trial_id, seed, metrics, control=False, status="finished"):
     """An MLflow run as selection.leaderboard reads it (params, tags, latest metrics)."""
     from types import SimpleNamespace
 
-    from orchestrator.store import Tag
+    from orchestrator.track.store import Tag
 
     params = {"student": "mlp_32", "seed": str(seed), "control": str(control), "trial.seed": str(seed), "trial.student": "mlp_32",
               "trial.train.optimizer.lr": "0.05", "trial.loss.alpha": "0.0" if control else "0.9", "trial.loss.temperature": "4.0"}
@@ -187,8 +187,8 @@ def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_
     Optuna's plots, which name it."""
     from types import SimpleNamespace
 
-    from orchestrator.search import scheduler, searcher
-    from orchestrator.selection import leaderboard
+    from orchestrator.plan.search import scheduler, searcher
+    from orchestrator.select.selection import leaderboard
 
     cfg = cfg_("search.objectives=[val_loss:min]")
     assert cfg.primary == Objective("val_loss", False) and cfg_().primary == Objective("val_acc", True)  # the task's default
@@ -226,8 +226,8 @@ def test_a_minimised_objective_runs_asha_the_gain_and_the_verdict_the_right_way_
     assert "| val loss (KD) | val loss (alpha=0 control) |" in confirm.table([c])
 
     # the report: each student's gain and each method's best read val_loss, lowest best
-    from orchestrator.report import kd_gains, pareto_plot
-    from orchestrator.selection import gains_by_method, gains_by_method_header
+    from orchestrator.select.report import kd_gains, pareto_plot
+    from orchestrator.select.selection import gains_by_method, gains_by_method_header
 
     rows = [r("k1", 0, 0.30), r("k2", 0, 0.25), r("c", 0, 0.40, control=True)]
     for x, gain in zip(rows, (0.10, 0.15, 0.0)):
@@ -254,7 +254,7 @@ def test_optuna_plots_name_the_sweeps_objective(tmp_path, monkeypatch):
     import optuna
     import optuna.visualization.matplotlib as vis
 
-    from orchestrator.study import plot_study
+    from orchestrator.track.study import plot_study
 
     seen = {}
     for fn in ("plot_optimization_history", "plot_slice", "plot_pareto_front"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.cli import build_parser
-from orchestrator.config import parse_overrides
+from orchestrator.plan.config import parse_overrides
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -32,7 +32,7 @@ def test_rayjob_manifest(tmp_path):
     assert all(g["template"]["spec"]["containers"][0]["image"] and g["groupName"] for g in cluster["workerGroupSpecs"])
     args = parses(spec["entrypoint"])
     # the sweep the job mounts (ConfigMap -> /config) validates as kdsweep would read it
-    from orchestrator.config import load_config
+    from orchestrator.plan.config import load_config
 
     assert config_map["kind"] == "ConfigMap" and args.config == "/config/sweep.yaml"
     (tmp_path / "sweep.yaml").write_text(config_map["data"]["sweep.yaml"])

@@ -27,8 +27,8 @@ from tests.conftest import sweep_yaml, trial_dict
 @pytest.fixture(scope="module")
 def mlp_teacher(tmp_path_factory):
     """A second, different digits teacher (mlp_32, a few epochs)."""
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data, ensure_teacher
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data, ensure_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "digits-mlp_32"
     cfg = load_config(None, [f"teacher.path={out}", "teacher.arch=mlp_32", "teacher.epochs=3"])
@@ -130,7 +130,7 @@ def ensemble_yaml(tmp_path, digits_teacher, name, members, **over):
 
 
 def load_config_of(path):
-    from orchestrator.config import load_config
+    from orchestrator.plan.config import load_config
 
     return load_config(str(path))
 

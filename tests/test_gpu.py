@@ -118,8 +118,8 @@ def test_four_trials_share_one_gpu_at_once(tmp_path, digits_teacher, monkeypatch
     intervals overlap)."""
     import ray
 
-    from orchestrator.config import load_config
-    from orchestrator.sweep import run_sweep
+    from orchestrator.plan.config import load_config
+    from orchestrator.run.sweep import run_sweep
     from tests.conftest import sweep_yaml
 
     monkeypatch.chdir(tmp_path)

@@ -80,7 +80,7 @@ def test_a_local_ray_is_its_own_stops_its_autoscaler_monitor_first_and_leaves_no
     code = """if True:
         import json, ray
         from ray._private import ray_constants
-        from orchestrator.sweep import ray_session
+        from orchestrator.run.sweep import ray_session
         seen, real = {}, ray.shutdown
         def shutdown(*a, **k):
             node = ray._private.worker._global_node

@@ -2,9 +2,9 @@
 drawn only with it, its standard point evaluated first, its trials built with its keys alone."""
 from __future__ import annotations
 
-from orchestrator.config import load_config
-from orchestrator.search import TrialBuilder, control_point, control_points, searcher
-from orchestrator.sweep import warmup_notes
+from orchestrator.plan.config import load_config
+from orchestrator.plan.search import TrialBuilder, control_point, control_points, searcher
+from orchestrator.run.sweep import warmup_notes
 
 METHODS = ("search={loss.name: {type: categorical, choices: [kd, dkd, dist]}, loss.dkd_beta: {type: float, low: 2, high: 8}, "
            "loss.gamma: {type: float, low: 0.5, high: 2}, alpha: {type: float, low: 0, high: 1}, temperature: {type: float, low: 1, high: 8}}")
@@ -64,7 +64,7 @@ def test_a_control_is_alpha_zero_whatever_the_searched_range():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from orchestrator.search import ControlKeepingASHA, ResolvedSearch, is_control
+    from orchestrator.plan.search import ControlKeepingASHA, ResolvedSearch, is_control
     from trainables.config import TRIAL_CONFIG
 
     cfg = load_config(None, ["teacher.path=/tmp/t", "search.alpha.low=0.1"])
@@ -84,7 +84,7 @@ def test_a_control_is_alpha_zero_whatever_the_searched_range():
         search.on_trial_complete(f"t{i}", {"val_acc": 0.5, "training_iteration": 1, "epoch": 1})
     assert len(inner.inner._ot_study.trials) == 6  # the two controls never fed TPE
     assert all(t.params["loss.alpha"] >= 0.1 for t in inner.inner._ot_study.trials)
-    from orchestrator.search import first_trials
+    from orchestrator.plan.search import first_trials
 
     line = first_trials(cfg, 8)
     assert "alpha=0 control (alpha=0 exactly; search.alpha [0.1, 1] leaves 0 out" in line and "standard point (T=4, alpha=0.9)" in line
@@ -98,7 +98,7 @@ def test_a_control_sets_the_distill_weight_to_zero_and_a_left_out_standard_point
     assert not TrialBuilder(cfg, teacher_path="/tmp/t")(points[0]).loss.distills
     cfg = load_config(None, ["search.alpha.high=0.5"])
     assert [p["loss.alpha"] for p in control_points(cfg, ["mlp_32"])] == [0.0]  # no standard point moved to alpha=0.5
-    from orchestrator.search import first_trials
+    from orchestrator.plan.search import first_trials
 
     assert first_trials(cfg, 8) == ("first 2 trials: each student's alpha=0 control; the T=4, alpha=0.9 standard point is skipped: "
                                     "search.alpha [0, 0.5] leaves alpha=0.9 out")

@@ -3,7 +3,7 @@ import json
 import pickle
 import time
 
-from orchestrator.tune_state import BACKUP, TuneStateBackup, _snapshot, _state_is_valid, repair_state
+from orchestrator.run.tune_state import BACKUP, TuneStateBackup, _snapshot, _state_is_valid, repair_state
 
 
 def make_state(d, n_trials):

@@ -298,10 +298,10 @@ def test_runs_created_before_the_profiles_finish_get_their_sizes_when_they_do(tm
     """The sizes are queued when the first trial starts (if not before), and no trial waits for them: a run
     made before the sizes are in gets them at a later report, at the latest when the experiment
     ends, once, at step 0."""
-    from orchestrator.config import load_config
-    from orchestrator.search import TrialBuilder
-    from orchestrator.store import SweepTracker
-    from orchestrator.tracking import MlflowTrialCallback
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.search import TrialBuilder
+    from orchestrator.track.store import SweepTracker
+    from orchestrator.track.tracking import MlflowTrialCallback
     from trainables.config import TRIAL_CONFIG
 
     class Sizes:
@@ -558,8 +558,8 @@ def test_sweep_over_an_image_folder_decodes_once_and_names_bad_files(tmp_path, r
     sweep decodes)."""
     import yaml
 
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data
     from tests.test_images import CLASSES, write_folder
 
     monkeypatch.chdir(tmp_path)
@@ -723,7 +723,7 @@ def test_placement_groups_left_by_ended_trials_are_removed(ray_address):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from orchestrator.resources import PlacementGroupReaper
+    from orchestrator.plan.resources import PlacementGroupReaper
 
     @ray.remote(num_cpus=0.25)
     class Worker:
@@ -810,8 +810,8 @@ def test_the_console_shows_posted_progress_and_goes_on_when_its_board_is_lost(ra
     the lines (a lost worker node once took a board with it and failed the whole sweep)."""
     import ray
 
-    from orchestrator.config import load_config
-    from orchestrator.console import ConsoleReporter, Row, progress_board
+    from orchestrator.plan.config import load_config
+    from orchestrator.run.console import ConsoleReporter, Row, progress_board
     from trainables.board import post_to
 
     board = progress_board()
@@ -836,7 +836,7 @@ def test_the_console_shows_posted_progress_and_goes_on_when_its_board_is_lost(ra
     assert "never started" not in "".join(shown)
     ray.kill(board)
     post_to(board, "t1")("after the board is gone")  # a trial's post neither raises nor waits
-    with caplog.at_level("WARNING", logger="orchestrator.console"):
+    with caplog.at_level("WARNING", logger="orchestrator.run.console"):
         poll_until(lambda: console.board is None)
     # the warning reaches the log: caplog's, or the console's handler where an earlier test ran the CLI in this process
     assert console.board is None and "board is gone (ActorDiedError" in caplog.text + "".join(shown) + capsys.readouterr().out
@@ -848,8 +848,8 @@ def test_the_progress_board_ends_with_its_tune_run(ray_address):
     one board process per sweep alive: the console releases its board when the Tune run ends."""
     import ray
 
-    from orchestrator.config import load_config
-    from orchestrator.console import ConsoleReporter, progress_board
+    from orchestrator.plan.config import load_config
+    from orchestrator.run.console import ConsoleReporter, progress_board
 
     board = progress_board()
     assert ray.get(board.take.remote(), timeout=60) == []

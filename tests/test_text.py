@@ -200,8 +200,8 @@ def test_a_student_with_its_own_tokenizer_reads_its_own_ids(text_case, tmp_path,
     it trains and is tested on its own ids while the teacher's cached logits come from the
     teacher's ids, example by example. Pure distillation (alpha=1): had either side read the other's
     ids, the student would learn nothing the teacher knows."""
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data, ensure_teacher
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data, ensure_teacher
     from trainables.data import load_splits
     from trainables.eval.inference import predict
     from trainables.loop import train_student
@@ -238,8 +238,8 @@ def test_a_teacher_from_a_config_with_a_wordpiece_tokenizer_trained_on_the_data(
     BERT teacher trained from scratch on it, and a student distilled from it."""
     import yaml
 
-    from orchestrator.config import load_config
-    from orchestrator.prepare import check_data, ensure_teacher
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data, ensure_teacher
     from trainables.loop import train_student
     from trainables.models.teacher import load_teacher
 
@@ -272,7 +272,7 @@ def test_a_teacher_from_a_config_with_a_wordpiece_tokenizer_trained_on_the_data(
 def text_yaml(path: Path, ckpt: Path, data: Path, name: str = "text", **over) -> Path:
     import yaml
 
-    from orchestrator.config import set_dotted
+    from orchestrator.plan.config import set_dotted
 
     cfg = {
         "name": name, "storage": str(path / "runs"),
@@ -334,9 +334,9 @@ def _bad_cases(root: Path, ckpt: Path, table: Path) -> list[tuple[dict, str]]:
 
 
 def test_bad_text_inputs_exit_2_with_one_line(text_case, tmp_path, capsys, monkeypatch):
-    import orchestrator.sweep
+    import orchestrator.run.sweep
 
-    monkeypatch.setattr(orchestrator.sweep, "init_ray", lambda *a, **k: pytest.fail("Ray started"))  # (a shared Ray may be up already)
+    monkeypatch.setattr(orchestrator.run.sweep, "init_ray", lambda *a, **k: pytest.fail("Ray started"))  # (a shared Ray may be up already)
     ckpt, table = text_case
     cases = _bad_cases(tmp_path / "inputs", *text_case) if (tmp_path / "inputs").mkdir() is None else []
     capsys.readouterr()  # (save_pretrained's own progress bars)
@@ -411,8 +411,8 @@ def test_text_sweep_end_to_end(text_case, tmp_path, ray_address, monkeypatch):
     import onnxruntime
     from transformers import AutoTokenizer
 
-    from orchestrator.selection import load_student
-    from orchestrator.store import SweepTracker, Tag
+    from orchestrator.select.selection import load_student
+    from orchestrator.track.store import SweepTracker, Tag
 
     assert main(["export", "text", "--storage", str(tmp_path / "runs"), "--format", "onnx"]) == 0
     out = tmp_path / "runs" / "text" / "export"

@@ -38,7 +38,7 @@ def test_timm_names_are_checked_against_timms_lists():
 
 
 def test_unknown_timm_names_in_a_sweep_config_name_the_field():
-    from orchestrator.config import load_config
+    from orchestrator.plan.config import load_config
 
     cfg = load_config(None, ["teacher.arch=timm.resnet10t", "students=[timm.mobilenetv3_small_050, cnn_tiny]"])
     assert cfg.teacher.arch == "timm.resnet10t" and cfg.students[0] == "timm.mobilenetv3_small_050"

@@ -291,7 +291,7 @@ class CuttingProxy:
 def test_answers_cut_short_are_asked_again_and_nothing_is_written_twice(tmp_path):
     """The request went through, its answer did not (MLflow's HTTP retries do not cover this):
     the run is found by its tags instead of made twice, the epoch is not logged twice."""
-    from orchestrator.store import SweepTracker, Tag
+    from orchestrator.track.store import SweepTracker, Tag
 
     server = Server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
     server.start()

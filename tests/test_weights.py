@@ -141,7 +141,7 @@ def test_the_teacher_sees_its_own_statistics_online_and_in_the_cache(tmp_path, m
 
 
 def test_teacher_from_weights_is_fine_tuned_with_its_own_settings_and_cached_by_the_file_hash(tmp_path):
-    from orchestrator.config import load_config
+    from orchestrator.plan.config import load_config
 
     torch.save(create_model("cnn_small", 5, (1, 8, 8)).state_dict(), tmp_path / "t.pth")
     sets = [f"teacher.weights={tmp_path / 't.pth'}", "teacher.finetune={epochs: 3, lr: 0.002, freeze_backbone: true}",

@@ -242,7 +242,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     check_fits(cfg.loss.name, task.features, task.name.replace("_", " "))  # the driver's rule, again where the loss is built
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {}
-    if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.sweep)
+    if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.run.sweep)
         both = profile_together({"student": student, **({"teacher": teacher} if teacher is not None else {})}, task.inputs(shape))
         size = size_report(both["student"], both.get("teacher"))
     if channels_last:

@@ -185,7 +185,7 @@ def _train_in_worker_group(trial: TrialConfig, run: TrialRun, extra: dict[str, f
 
 
 def teacher_task(trial: TrialConfig) -> Iterator[dict[str, Any]]:
-    """Ray streaming-generator task body (orchestrator.prepare.train_on_ray): the teacher trained (or
+    """Ray streaming-generator task body (orchestrator.plan.prepare.train_on_ray): the teacher trained (or
     fine-tuned) by the trial loop on a node where trials train, with one trial's resources. Yields
     {"epoch": metrics} as each epoch ends, then {"result": ...}: its weights, final metrics, input
     statistics and the node that trained it; the driver writes the folder."""

@@ -179,7 +179,7 @@ def _build(arch: str | None, shape: list[int] | None, num_classes: int | None, t
 def profile_sizes(task: str, arch: str | None = None, shape: list[int] | None = None, num_classes: int | None = None,
                   teacher_path: str | None = None, plugins: list[str] = (), arch_kwargs: dict | None = None) -> dict[str, float]:
     """The static sizes (static_size) of one architecture, freshly built, or of the saved teacher
-    (orchestrator.sweep.Profiles, in a driver thread). Nothing here is timed: it may run beside
+    (orchestrator.run.sweep.Profiles, in a driver thread). Nothing here is timed: it may run beside
     anything."""
     from trainables.plugins import load_plugins
 
@@ -194,7 +194,7 @@ TEACHER = "teacher"
 
 def latency_task(task: str, teacher_path: str, students: dict[str, dict], shape: list[int], num_classes: int, plugins: list[str] = (),
                  threads: int = 1, rounds: int = 7) -> dict:
-    """Ray task body (orchestrator.sweep.Profiles.measure_latency), run while no trial runs: the
+    """Ray task body (orchestrator.run.sweep.Profiles.measure_latency), run while no trial runs: the
     teacher and every student (name -> create_model kwargs) timed interleaved, `threads` threads.
     Returns the latencies by model, and how and when they were measured (wall-clock window)."""
     import socket

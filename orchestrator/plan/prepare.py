@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.config import SweepConfig, preparing
+from orchestrator.plan.config import SweepConfig, preparing
 from trainables.config import TEACHER_LAYERS
 from trainables.data import DataSplits
 from trainables.data.normalize import model_stats

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.rows import TrialRow, with_seed
+from orchestrator.track.rows import TrialRow, with_seed
 from trainables.eval.metrics import Objective
 
 #: Where a confirmation trial's Tune config says what it confirms: {"of": finalist trial id, "control": bool}.

@@ -23,18 +23,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from orchestrator.config import SweepConfig
-from orchestrator.confirm import cap as confirm_cap
-from orchestrator.console import ConsoleReporter, progress_board
-from orchestrator.prepare import DataInfo, check_data, check_teacher, ensure_teacher
+from orchestrator.plan.config import SweepConfig
+from orchestrator.plan.confirm import cap as confirm_cap
+from orchestrator.run.console import ConsoleReporter, progress_board
+from orchestrator.plan.prepare import DataInfo, check_data, check_teacher, ensure_teacher
 from trainables.models.teacher import teacher_card_file
-from orchestrator.resources import PlacementGroupReaper, check_local, check_reachable, ray_address, wait_for_cluster
-from orchestrator.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, first_trials,
+from orchestrator.plan.resources import PlacementGroupReaper, check_local, check_reachable, ray_address, wait_for_cluster
+from orchestrator.plan.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, first_trials,
                                  objectives, scheduler, searcher, trial_budget)
-from orchestrator.study import export_study, plot_study
-from orchestrator.store import LATENCY_RECORD, SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
-from orchestrator.tracking import MlflowTrialCallback
-from orchestrator.tune_state import TuneStateBackup, repair_state
+from orchestrator.track.study import export_study, plot_study
+from orchestrator.track.store import LATENCY_RECORD, SweepTracker, TrackingUnavailable, check_tracking_uri, default_tracking_uri, outage_message, unreachable
+from orchestrator.track.tracking import MlflowTrialCallback
+from orchestrator.run.tune_state import TuneStateBackup, repair_state
 from trainables.config import validate
 from trainables.eval.metrics import metric
 from trainables.plugins import load_plugins
@@ -567,7 +567,7 @@ def confirm_sweep(saved: "SavedSweep", tracker: SweepTracker, parent: str, top: 
     search's ended trials read back from MLflow. Returns the trials it ran."""
     from ray import tune
 
-    from orchestrator.selection import ended_trials
+    from orchestrator.select.selection import ended_trials
 
     cfg, address = saved.config, ray_address(address)
     stage = ConfirmStage(cfg, top, seeds, ended_trials(tracker, parent, cfg.primary))

@@ -11,9 +11,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from orchestrator.config import SweepConfig
-from orchestrator.confirm import CONFIRM
-from orchestrator.tracking import completed_status
+from orchestrator.plan.config import SweepConfig
+from orchestrator.plan.confirm import CONFIRM
+from orchestrator.track.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
 from trainables.board import ProgressBoard

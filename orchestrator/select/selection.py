@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator import confirm
-from orchestrator.config import SweepConfig
-from orchestrator.store import LATENCY_RECORD, SweepTracker, Tag, TrialRow
+from orchestrator.plan import confirm
+from orchestrator.plan.config import SweepConfig
+from orchestrator.track.store import LATENCY_RECORD, SweepTracker, Tag, TrialRow
 from trainables.data.normalize import Normalized
 from trainables.eval.metrics import DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
@@ -203,7 +203,7 @@ def _register_tensors(tracker: SweepTracker, cfg: SweepConfig, run_id: str, mode
 
 
 def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, normalized: Normalized, splits, student: str) -> int:
-    """A text champion as an MLflow model that takes strings (orchestrator/text_model.py, logged as
+    """A text champion as an MLflow model that takes strings (orchestrator/select/text_model.py, logged as
     code): the student saved with save_pretrained beside its tokenizer, needing transformers alone."""
     import mlflow.pyfunc
 

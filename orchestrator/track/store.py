@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from orchestrator.config import canonical, short_name
-from orchestrator.rows import TrialRow, settings_key
+from orchestrator.plan.config import canonical, short_name
+from orchestrator.track.rows import TrialRow, settings_key
 from trainables.eval.metrics import LEADERBOARD, metric
 from trainables.registry import ConfigError
 

@@ -33,7 +33,7 @@ ALIASES = {
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
 }
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+DEFAULT_CONFIG = Path(__file__).parents[1] / "default.yaml"
 
 
 def canonical(key: str) -> str:
@@ -161,7 +161,7 @@ class SearchParam(Strict):
 
 
 class Confirm(Strict):
-    """The confirmation stage after the search (orchestrator.confirm): the `top` finalists trained on
+    """The confirmation stage after the search (orchestrator.plan.confirm): the `top` finalists trained on
     `seeds` seeds in all (the search trial's included), each beside its alpha=0 control at the same
     settings and seeds; the champion is the best mean."""
 

@@ -14,7 +14,7 @@ import time
 
 from ray.tune import Callback
 
-from orchestrator.config import Resources
+from orchestrator.plan.config import Resources
 from trainables.registry import ConfigError
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator import confirm
-from orchestrator.config import SearchParam, SweepConfig, short_name
-from orchestrator.rows import settings_key
-from orchestrator.store import flatten
+from orchestrator.plan import confirm
+from orchestrator.plan.config import SearchParam, SweepConfig, short_name
+from orchestrator.track.rows import settings_key
+from orchestrator.track.store import flatten
 from trainables.config import TRIAL_CONFIG, LossConfig, TrialConfig
 from trainables.eval.metrics import Objective
 from trainables.losses import loss_defaults
@@ -375,7 +375,7 @@ class ResolvedSearch(Searcher):
     callbacks (MLflow, console, ASHA's control rule) read the same object. Nothing rebuilds it.
 
     It hands out `search_trials` points of the inner searcher, then, once every one of them has
-    ended, the confirmation stage's trials (orchestrator.confirm), and then says FINISHED. `inner`
+    ended, the confirmation stage's trials (orchestrator.plan.confirm), and then says FINISHED. `inner`
     None: the stage alone (`kdsweep best --confirm-seeds`, over a finished search's `done`)."""
 
     def __init__(self, inner: Searcher | None, build: Callable[[dict[str, Any]], TrialConfig], search_trials: int,
@@ -458,7 +458,7 @@ def done(trial_id: str, point: dict[str, Any], trial: TrialConfig, status: str, 
 
 
 class ConfirmStage:
-    """The trials the searcher hands out after the search (orchestrator.confirm.plan), planned
+    """The trials the searcher hands out after the search (orchestrator.plan.confirm.plan), planned
     once every search trial has ended, from the ended trials it has recorded."""
 
     def __init__(self, cfg: SweepConfig, top: int, seeds: int, ended: list[confirm.Done] | None = None) -> None:

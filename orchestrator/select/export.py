@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.selection import load_student
-from orchestrator.store import SweepTracker, Tag
+from orchestrator.select.selection import load_student
+from orchestrator.track.store import SweepTracker, Tag
 from trainables.card import StudentCard, build, read, write
 from trainables.registry import ConfigError
 from trainables.tasks import Task, task_for

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import optuna
 
-from orchestrator.config import SweepConfig
-from orchestrator.confirm import CONFIRM
-from orchestrator.search import objectives, outside, point_of, space
+from orchestrator.plan.config import SweepConfig
+from orchestrator.plan.confirm import CONFIRM
+from orchestrator.plan.search import objectives, outside, point_of, space
 
 log = logging.getLogger(__name__)
 

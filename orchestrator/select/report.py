@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.confirm import confirmations, table
-from orchestrator.rows import TrialRow
-from orchestrator.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, leaderboard, pareto_front
-from orchestrator.store import SweepTracker, Tag
+from orchestrator.plan.confirm import confirmations, table
+from orchestrator.track.rows import TrialRow
+from orchestrator.select.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, leaderboard, pareto_front
+from orchestrator.track.store import SweepTracker, Tag
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
 from trainables.tasks import Task, task_for
 

@@ -1,6 +1,6 @@
 """MLflow tracking of a running sweep (driver side): the Tune callback that gives every trial
 exactly one child run, and the artifacts a trial leaves (weights, card, evaluation tables).
-The store, its client and its tags: orchestrator.store."""
+The store, its client and its tags: orchestrator.track.store."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 from ray.tune import Callback
 
-from orchestrator.config import short_name
-from orchestrator.confirm import CONFIRM
-from orchestrator.search import point_of
-from orchestrator.store import Tag, SweepTracker, flatten
+from orchestrator.plan.config import short_name
+from orchestrator.plan.confirm import CONFIRM
+from orchestrator.plan.search import point_of
+from orchestrator.track.store import Tag, SweepTracker, flatten
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class SizeSource(Protocol):
-    """Each architecture's size metrics, profiled once per sweep (orchestrator.sweep.Profiles)."""
+    """Each architecture's size metrics, profiled once per sweep (orchestrator.run.sweep.Profiles)."""
 
     def start(self) -> None: ...
 
