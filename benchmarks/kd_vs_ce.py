@@ -21,8 +21,7 @@ import time
 
 from orchestrator.plan.config import load_config
 from orchestrator.plan.prepare import check_data, ensure_teacher
-from orchestrator.select.selection import evaluate_on_test
-from trainables.data.normalize import Normalized
+from trainables.api import Normalized, evaluate_on_split
 from trainables.models.profile import profile_together
 from trainables.loop import train_student
 from trainables.reporters import LocalReporter
@@ -53,7 +52,7 @@ def main() -> None:
     teacher, card = load_teacher(teacher_dir)
     raw = teacher
     teacher = Normalized(teacher, *card.stats).eval()
-    t_eval = evaluate_on_test(cfg, teacher, None, splits)["student"]
+    t_eval = evaluate_on_split(cfg.task, teacher, None, splits, seed=cfg.seed)["student"]
     t_eval.setdefault("test_robust_acc", None)  # text: no corruption suite
     kd = {"loss.alpha": args.alpha if args.alpha is not None else cfg.loss.alpha,
           "loss.temperature": args.temperature if args.temperature is not None else cfg.loss.temperature}
@@ -75,7 +74,7 @@ def main() -> None:
                 runs.append({"diverged": True, "epoch": r.metrics["epoch"]})
                 log.info("%s seed=%d: diverged at epoch %d", label, seed, r.metrics["epoch"])
                 continue
-            test = evaluate_on_test(cfg, Normalized(r.model, r.preprocess["mean"], r.preprocess["std"]).eval(), teacher, splits)["student"]
+            test = evaluate_on_split(cfg.task, Normalized(r.model, r.preprocess["mean"], r.preprocess["std"]).eval(), teacher, splits, seed=cfg.seed)["student"]
             both = profile_together({"s": r.model, "t": raw}, cfg.task.inputs(splits.input_shape))  # timed interleaved, one thread
             size, t_size = both["s"], both["t"]
             runs.append({"val_acc": r.metrics["val_acc"], "test_acc": test["test_acc"], "macro_f1": test["test_macro_f1"],

@@ -38,8 +38,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """One standalone trial of the config's base values (no Ray), per-epoch metrics printed."""
     from orchestrator.plan.config import load_config
     from orchestrator.plan.prepare import check_data, check_teacher, ensure_teacher
-    from trainables.loop import train_student
-    from trainables.models import check_model
+    from trainables.api import check_model, train
 
     cfg = load_config(args.config, args.overrides)
     student = args.student or cfg.students[0]
@@ -55,7 +54,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         check_teacher(cfg, info) or ensure_teacher(cfg, info)
     log.info("distilling %s (loss=%s, T=%s, alpha=%s, lr=%s) on %s", student, cfg.loss.name, cfg.loss.temperature, cfg.loss.alpha,
              cfg.train.optimizer.lr, cfg.dataset.name)
-    result = train_student(trial)
+    result = train(trial)
     log.info("final val_acc=%.4f params=%d", result.metrics["val_acc"], int(result.metrics.get("size_params", 0)))
     return 0
 

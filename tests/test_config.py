@@ -278,6 +278,25 @@ def test_the_driver_never_imports_the_trial_loop():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_driver_reaches_trainables_through_its_face_and_the_config_types_only():
+    """orchestrator/ imports from trainables its face (trainables.api) and the config types
+    (trainables.config and .schema, .registry's ConfigError, eval.metrics' objective parser and
+    metric declarations), in functions too; every name the face lists is there."""
+    import trainables.api as face
+
+    config_types = {"trainables.config", "trainables.schema", "trainables.registry", "trainables.eval.metrics"}
+    graph = _import_graph()
+    beyond = sorted((m, t) for m, targets in graph.items() if m.startswith("orchestrator") for t in targets
+                    if t.startswith("trainables") and t not in config_types | {"trainables.api"})
+    assert beyond == [], beyond
+    assert any("trainables.api" in targets for m, targets in graph.items() if m.startswith("orchestrator"))
+    for module, names in face.ENTRY_POINTS.items():
+        for name in names:
+            assert getattr(face, name) is not None, (module, name)
+    with pytest.raises(AttributeError):
+        face.train_student  # the loop is reached through face.train, when called
+
+
 def _import_graph() -> dict[str, set[str]]:
     """module -> the kdsweep modules it imports anywhere in its body (in functions too; not those
     under `if TYPE_CHECKING:`, which never run)."""

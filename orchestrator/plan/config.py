@@ -16,11 +16,8 @@ from pydantic import Field, field_validator, model_validator
 from trainables.config import (AugmentConfig, DatasetConfig, LossConfig, ModelName, Normalize, StudentWeights, Strict, TrainConfig,
                                TrialConfig, WeightsFile, set_dotted, validate, with_overrides)
 from trainables.eval.metrics import SEARCH_OBJECTIVES, Objective
-from trainables.losses import LOSSES
-from trainables.plugins import load_plugins
+from trainables.api import LOSSES, Task, load_plugins, task_for, weights_sha256
 from trainables.registry import MISSING, ConfigError
-from trainables.tasks import Task, task_for
-from trainables.models.weights import weights_sha256
 
 #: Short names for searched and --set keys: alias -> dotted path in the sweep config. Input sugar
 #: only: validation turns every key into its path, which is also its path in the trial config.
@@ -75,7 +72,7 @@ class TeacherSpec(TrainConfig):
         if self.weights and Path(self.weights).is_dir():  # a Hugging Face checkpoint folder: its own architecture
             if "arch" in self.model_fields_set and self.arch != "hf":
                 raise ValueError(f"`teacher.arch` must be hf for a Hugging Face checkpoint folder (teacher.weights), but got {self.arch!r}")
-            from trainables.models.hf import config_dict
+            from trainables.api import config_dict
 
             self.arch = "hf"
             self.arch_kwargs = {"config": config_dict(self.weights), **self.arch_kwargs}

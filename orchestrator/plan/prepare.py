@@ -9,15 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.plan.config import SweepConfig, preparing
+from trainables.api import (CARD, WEIGHTS, check_copies_teacher, check_fits, check_weights_file, ensemble_val_acc, is_ensemble, load_teacher,
+                            model_from_state, read_card, save_ensemble, save_teacher, score_pretrained, task_for, teacher_task, train,
+                            weights_sha256)
 from trainables.config import TEACHER_LAYERS
-from trainables.data import DataSplits
-from trainables.data.normalize import model_stats
-from trainables.models import create_model
 from trainables.registry import ConfigError
-from trainables.tasks import task_for
-from trainables.models.ensemble import is_ensemble
-from trainables.models.teacher import CARD, WEIGHTS, load_teacher, read_card, save_ensemble, save_teacher
-from trainables.models.weights import load_weights, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +46,6 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
     give, one teacher or an ensemble, and the task's own checks (text: vocabularies and positions
     hold the data's tokens, a student taking the teacher's layers has its sizes). From configs only,
     before anything is built."""
-    from trainables.losses import check_fits
-    from trainables.models.hf import check_copies_teacher
-
     for s, weights in cfg.student_weights.items():
         if weights == TEACHER_LAYERS:
             t = cfg.teacher
@@ -73,16 +66,14 @@ def check_weights(cfg: SweepConfig, info: DataInfo, teacher: bool = True) -> Non
     shapes or a file that holds no tensors fail here with the keys named, never in a worker."""
     if teacher and cfg.teacher.weights:
         t = cfg.teacher
-        model = create_model(t.arch, info.num_classes, info.input_shape, **cfg.teacher_kwargs())
-        new_head = load_weights(model, t.weights, "teacher.weights", new_head_ok=True)
+        new_head = check_weights_file(t.arch, info.num_classes, info.input_shape, cfg.teacher_kwargs(), t.weights, "teacher.weights")
         if new_head and t.finetune.epochs == 0:
             raise ConfigError(f"`teacher.finetune.epochs` must be >= 1: teacher.weights has a head of another class count than the "
                               f"dataset's {info.num_classes}, and the new head must be trained")
     for student, path in cfg.student_weights.items():
         if path == TEACHER_LAYERS:  # the teacher's layers: checked against the teacher's config (check_models_fit)
             continue
-        model = create_model(student, info.num_classes, info.input_shape, **cfg.student_kwargs(student))
-        load_weights(model, path, f"student_weights.{student}", new_head_ok=True)
+        check_weights_file(student, info.num_classes, info.input_shape, cfg.student_kwargs(student), path, f"student_weights.{student}")
 
 
 def _as_member(i: int, e: ConfigError) -> ConfigError:
@@ -147,14 +138,11 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
         log.info("training teacher %s on %s (%s) -> %s", t.arch, cfg.dataset.name, how, path)
         if on_ray:
             out = train_on_ray(cfg, beside)
-            model = create_model(t.arch, info.num_classes, info.input_shape, **cfg.teacher_kwargs())
-            model.load_state_dict(out["state"])
+            model = model_from_state(t.arch, info.num_classes, info.input_shape, cfg.teacher_kwargs(), out["state"])
             metrics, preprocess = out["metrics"], out["preprocess"]
             card.update(node_id=out["node_id"])
         else:
-            from trainables.loop import train_student  # standalone commands (kdsweep teacher, distill) train in-process
-
-            result = train_student(cfg.teacher_trial())
+            result = train(cfg.teacher_trial())  # standalone commands (kdsweep teacher, distill) train in-process
             model, metrics, preprocess = result.model, result.metrics, result.preprocess
         card.update(val_acc=metrics["val_acc"], epochs=metrics["epoch"])
     card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
@@ -167,27 +155,17 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
 def ensure_ensemble(cfg: SweepConfig, info: DataInfo, train_missing: bool, on_ray: bool, beside: Callable[[], None] | None = None) -> Path:
     """Each member found or trained (as a single teacher is), then the ensemble's card written
     beside them, with the ensemble's own val accuracy (each member's is on its own card)."""
-    import contextlib
-
-    from trainables.eval.inference import predict
-    from trainables.eval.metrics import classification_metrics
-    from trainables.models.ensemble import EnsembleTeacher
-
     members = []
     for i in range(len(cfg.members)):
         try:
             members.append(ensure_teacher(cfg.member(i), info, train_missing, on_ray, beside).resolve())
         except ConfigError as e:
             raise _as_member(i, e) from None
-    loaded = [load_teacher(m) for m in members]
-    model = EnsembleTeacher([net for net, _ in loaded], [card.stats for _, card in loaded], cfg.ensemble_weights, cfg.ensemble.combine)
-    s = cfg.task.splits(cfg.dataset)
-    logits = predict(model, s.val_x, lambda x: x.float() / 255.0, 1024, contextlib.nullcontext, False)
-    val_acc = classification_metrics(logits, s.val_y)["val_acc"]
+    val_acc, cards = ensemble_val_acc(members, cfg.ensemble_weights, cfg.ensemble.combine, cfg.task.splits(cfg.dataset))
     path = cfg.teacher_dir()
-    save_ensemble(path, members, cfg.ensemble_weights, cfg.ensemble.combine, val_acc, [card for _, card in loaded])  # checked above
+    save_ensemble(path, members, cfg.ensemble_weights, cfg.ensemble.combine, val_acc, cards)  # checked above
     log.info("teacher ensemble %s (%s): val_acc=%.4f (members %s) -> %s", cfg.teacher_name, cfg.ensemble.combine, val_acc,
-             ", ".join(f"{card.val_acc:.4f}" for _, card in loaded), path)
+             ", ".join(f"{card.val_acc:.4f}" for card in cards), path)
     return path
 
 
@@ -198,7 +176,6 @@ def train_on_ray(cfg: SweepConfig, beside: Callable[[], None] | None = None) -> 
     import ray
 
     from trainables.eval.metrics import format_epoch
-    from trainables.trial import teacher_task
 
     r = cfg.resources
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=cfg.budget.max_failures,
@@ -222,17 +199,7 @@ def train_on_ray(cfg: SweepConfig, beside: Callable[[], None] | None = None) -> 
     raise RuntimeError("the teacher's task ended without its result")
 
 
-def pretrained_as_is(cfg: SweepConfig, splits: DataSplits):
+def pretrained_as_is(cfg: SweepConfig, splits):
     """A teacher whose weights file already fits the dataset: loaded and scored on val, not trained."""
-    import contextlib
-
-    from trainables.data.normalize import normalizer
-    from trainables.eval.inference import predict
-    from trainables.eval.metrics import classification_metrics
-
     t = cfg.teacher
-    model = create_model(t.arch, splits.num_classes, splits.input_shape, **cfg.teacher_kwargs())
-    load_weights(model, t.weights, "teacher.weights", new_head_ok=False)
-    mean, std = model_stats(t.normalize, True, t.arch, splits)
-    logits = predict(model, splits.val_x, normalizer(mean, std, "cpu"), t.eval_batch_size, contextlib.nullcontext, False)
-    return model.eval(), {"mean": list(mean), "std": list(std)}, classification_metrics(logits, splits.val_y)["val_acc"]
+    return score_pretrained(t.arch, cfg.teacher_kwargs(), t.weights, t.normalize, splits, t.eval_batch_size)

@@ -17,7 +17,7 @@ from orchestrator.track.rows import settings_key
 from orchestrator.track.store import flatten
 from trainables.config import TRIAL_CONFIG, LossConfig, TrialConfig
 from trainables.eval.metrics import Objective
-from trainables.losses import loss_defaults
+from trainables.api import loss_defaults
 
 #: The alpha=0 control and the standard KD point, evaluated first for every student (search keys
 #: are canonical paths: an alias in the YAML was turned into its path by validation).

@@ -16,7 +16,7 @@ from orchestrator.plan.confirm import CONFIRM
 from orchestrator.track.tracking import completed_status
 from trainables.config import TRIAL_CONFIG
 from trainables.eval.metrics import metric
-from trainables.board import ProgressBoard
+from trainables.api import ProgressBoard
 
 log = logging.getLogger(__name__)
 

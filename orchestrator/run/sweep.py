@@ -27,7 +27,6 @@ from orchestrator.plan.config import SweepConfig
 from orchestrator.plan.confirm import cap as confirm_cap
 from orchestrator.run.console import ConsoleReporter, progress_board
 from orchestrator.plan.prepare import DataInfo, check_data, check_teacher, ensure_teacher
-from trainables.models.teacher import teacher_card_file
 from orchestrator.plan.resources import PlacementGroupReaper, check_local, check_reachable, ray_address, wait_for_cluster
 from orchestrator.plan.search import (ConfirmStage, PerStudentScheduler, PerStudentSearch, ResolvedSearch, TrialBuilder, first_trials,
                                  objectives, scheduler, searcher, trial_budget)
@@ -37,11 +36,8 @@ from orchestrator.track.tracking import MlflowTrialCallback
 from orchestrator.run.tune_state import TuneStateBackup, repair_state
 from trainables.config import validate
 from trainables.eval.metrics import metric
-from trainables.plugins import load_plugins
+from trainables.api import BatchLayout, TrialRun, bytes_per_view, load_plugins, teacher_card_file, tune_trial
 from trainables.registry import ConfigError
-from trainables.data.batches import BatchLayout
-from trainables.teacher_cache import bytes_per_view
-from trainables.trial import TrialRun, tune_trial
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +139,7 @@ def check_against_data(cfg: SweepConfig, info: DataInfo) -> None:
 def warmup_notes(cfg: SweepConfig) -> list[str]:
     """The losses whose distillation warm-up outlasts a trial (dkd's 20 epochs in a 12-epoch sweep):
     they never reach full weight."""
-    from trainables.losses import LOSSES
+    from trainables.api import LOSSES
 
     if "loss.warmup_epochs" in cfg.search:
         return []
@@ -280,9 +276,7 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, num_classes: i
     """The sweep's teacher cache: keyed here, built by the trials (val, and each set of views, by the
     first trial that needs it), so teacher forwards per sweep do not grow with trials and no trial
     waits for views it will not reach. None when no trial would read it."""
-    from trainables.losses import LOSSES
-    from trainables.models.teacher import read_teacher_card
-    from trainables.teacher_cache import create_cache
+    from trainables.api import LOSSES, create_cache, read_teacher_card
 
     if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
         return None
@@ -294,7 +288,7 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, num_classes: i
 def log_topk_mass(cfg: SweepConfig, cache: str | None, tracker: SweepTracker, parent: str) -> None:
     """With top-k targets, the share of the teacher's softened mass they keep (teacher_cache.topk_mass,
     recorded by the trial that built val): said, and logged to the sweep's run."""
-    from trainables.teacher_cache import read_topk_mass
+    from trainables.api import read_topk_mass
 
     mass = read_topk_mass(cache) if cache and cfg.train.teacher_topk else None
     if not mass:
@@ -321,7 +315,7 @@ class Profiles:
     def __init__(self, cfg: SweepConfig, info: DataInfo, local: bool = False) -> None:
         import ray
 
-        from trainables.models.profile import latency_task
+        from trainables.api import latency_task
 
         r = cfg.resources
         self.cfg, self.info = cfg, info
@@ -336,7 +330,7 @@ class Profiles:
 
     def start(self) -> None:
         """Queue the sizes not queued yet: the students', and the teacher's once teacher_path is set."""
-        from trainables.models.profile import profile_sizes
+        from trainables.api import profile_sizes
 
         cfg, info = self.cfg, self.info
         if not self.students:
@@ -352,7 +346,7 @@ class Profiles:
         worker to start), else a Ray task holding one trial's resources does."""
         import ray
 
-        from trainables.models.profile import latency_task
+        from trainables.api import latency_task
 
         self.start()
         for f in filter(None, (self.teacher, *self.students.values())):
@@ -368,7 +362,7 @@ class Profiles:
     def reports(self) -> dict[str, dict[str, float]]:
         """Each student's size_report (its latency keys once measured), waiting for the sizes
         (queued now if they were not)."""
-        from trainables.models.profile import TEACHER, size_report
+        from trainables.api import TEACHER, size_report
 
         self.start()
         times = (self.latency or {}).get("latency", {})

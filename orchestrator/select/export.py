@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
-from orchestrator.select.selection import load_student
 from orchestrator.track.store import SweepTracker, Tag
-from trainables.card import StudentCard, build, read, write
+from trainables.api import STUDENT_CARD, StudentCard, Task, build_card, load_student, load_tokenizer, task_for, write_card
 from trainables.registry import ConfigError
-from trainables.tasks import Task, task_for
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,15 @@ def export(saved, tracker: SweepTracker, parent_id: str, fmt: str, out: str | No
         raise ConfigError(f"`--format` must be one of {list(FORMATS)}, but got {fmt!r}")
     run_id = student_run(tracker, parent_id, trial)
     splits = saved.config.task.splits(saved.config.dataset)
-    model = load_student(tracker, run_id)
+    with tempfile.TemporaryDirectory() as d:  # the run's student folder: weights and card
+        model, card = load_student(tracker.download(run_id, "student", d), shown_as=f"runs:/{run_id}/student/{STUDENT_CARD}")
     out_dir = Path(out) if out else saved.directory / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     task = task_for(saved.config.dataset.name)
-    return SERVING[task.serving](model, splits, task, saved.config.dataset, tracker, run_id, fmt, out_dir)
+    return SERVING[task.serving](model, card, splits, task, saved.config.dataset, tracker, run_id, fmt, out_dir)
 
 
-def export_tensors(model, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
+def export_tensors(model, logged: StudentCard, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
     """A student that takes its split's tensors as they are (raw pixels, waveforms: `model` has
     the normalization built in), with a dynamic batch axis."""
     example = splits.test_x[:256].float()
@@ -61,12 +61,10 @@ def export_tensors(model, splits, task: Task, dataset, tracker: SweepTracker, ru
 
         path = out_dir / "student.safetensors"
         save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
-        logged = read(StudentCard, tracker.download(run_id, "student/student.json", out_dir),
-                      shown_as=f"runs:/{run_id}/student/student.json")
         # mean/std: the logged card's, which load_student built into `model`
         described = task.input_description(tuple(logged.input_shape), logged.arch_kwargs)
-        card = build(StudentCard, {**logged.model_dump(), "input": described + ("; normalize with mean/std x 255" if logged.mean else "")})
-        write(card, out_dir / "student.json")
+        card = build_card(StudentCard, {**logged.model_dump(), "input": described + ("; normalize with mean/std x 255" if logged.mean else "")})
+        write_card(card, out_dir / "student.json")
         for f in (path, out_dir / "student.json"):
             tracker.log_files(run_id, f, "export")
         log.info("exported %s (weights and card; preprocessing in the card) to %s", run_id, path)
@@ -107,15 +105,11 @@ class TokensIn(torch.nn.Module):
         return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
+def export_tokens(normalized, card: StudentCard, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str, out_dir: Path) -> Path:
     """A text student to ONNX (dynamic batch and sequence axes) with its tokenizer's files beside
     it, checked with onnxruntime against PyTorch on test examples (tokenized with the student's
     tokenizer, its card's); or its safetensors and card."""
-    from trainables.hf_files import load_tokenizer
-
     model = normalized.model
-    card = read(StudentCard, tracker.download(run_id, "student/student.json", out_dir),
-                shown_as=f"runs:/{run_id}/student/student.json")
     tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
     splits = task_for(dataset.name).splits(dataset.resolved().model_copy(update={"tokenizer": card.arch_kwargs["tokenizer"]}))
     tokenizer.save_pretrained(str(out_dir))
@@ -124,7 +118,7 @@ def export_tokens(normalized, splits, task: Task, dataset, tracker: SweepTracker
 
         path = out_dir / "student.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        write(build(StudentCard, {**card.model_dump(), "arch_kwargs": {**card.arch_kwargs, "tokenizer": "."},
+        write_card(build_card(StudentCard, {**card.model_dump(), "arch_kwargs": {**card.arch_kwargs, "tokenizer": "."},
                                   "input": task.input_description(tuple(card.input_shape), card.arch_kwargs)}), out_dir / "student.json")
     elif fmt == "onnx":
         ids = splits.test_x[:256].long()

@@ -13,7 +13,7 @@ from orchestrator.track.rows import TrialRow
 from orchestrator.select.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, leaderboard, pareto_front
 from orchestrator.track.store import SweepTracker, Tag
 from trainables.eval.metrics import LEADERBOARD, Objective, metric
-from trainables.tasks import Task, task_for
+from trainables.api import Task, task_for
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:

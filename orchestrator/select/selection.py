@@ -3,7 +3,6 @@ over any logged metrics, a constrained winner tested once on the test split (bes
 own numbers) and registered as `champion`."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -16,10 +15,9 @@ from typing import Any
 from orchestrator.plan import confirm
 from orchestrator.plan.config import SweepConfig
 from orchestrator.track.store import LATENCY_RECORD, SweepTracker, Tag, TrialRow
-from trainables.data.normalize import Normalized
+from trainables.api import STUDENT_CARD, Normalized, evaluate_on_split, load_student as from_folder, load_teacher_models, load_tokenizer
 from trainables.eval.metrics import DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
-from trainables.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -118,60 +116,11 @@ def choose(rows: list[TrialRow], objective: Objective, minimum: dict[str, float]
 
 
 def load_student(tracker: SweepTracker, run_id: str) -> "Normalized":
-    """A trial's student as logged (weights + card), with its own input statistics built in:
-    raw 0..255 images in, logits out. A card without them is an error naming the run's file."""
-    from safetensors.torch import load_file
-
-    from trainables.card import StudentCard, read
-    from trainables.models import create_model
-
+    """A trial's student as logged (its `student/` folder), its own input statistics built in: raw
+    inputs in, logits out. A card without them is an error naming the run's file."""
     with tempfile.TemporaryDirectory() as d:
-        local = tracker.download(run_id, "student", d)
-        card = read(StudentCard, local / "student.json", shown_as=f"runs:/{run_id}/student/student.json")
-        model = create_model(card.arch, card.num_classes, card.input_shape, **card.arch_kwargs)
-        model.load_state_dict(load_file(str(local / "student.safetensors")))
-    return Normalized(model, card.mean, card.std).eval()
-
-
-def evaluate_on_test(cfg: SweepConfig, student: "Normalized", teacher: "Normalized | None", s,
-                     members: list[tuple[str, "Normalized"]] = (), student_splits=None) -> dict[str, dict[str, float]]:
-    """The once-only look at the test split: clean metrics and the corruption suite, for the winner
-    and for its teacher (and an ensemble's `members`, by name), so "student vs teacher" is one
-    table. All take raw pixels (their own normalization inside) or token ids: the student those of
-    `student_splits` when it has its own tokenizer (the same examples in the same order)."""
-    from trainables.eval.inference import predict
-    from trainables.eval.metrics import classification_metrics
-
-    raw = lambda x: x.float()  # noqa: E731
-    out = {}
-    t_logits = predict(teacher, s.test_x, raw, 2048, contextlib.nullcontext, False) if teacher is not None else None
-    for who, model in (("student", student), ("teacher", teacher), *members):
-        if model is None:
-            continue
-        x = student_splits.test_x if who == "student" and student_splits is not None else s.test_x
-        logits = t_logits if who == "teacher" else predict(model, x, raw, 2048, contextlib.nullcontext, False)
-        m = classification_metrics(logits, s.test_y, t_logits if who == "student" else None, prefix="test_")
-        fn = lambda x, model=model: predict(model, x, raw, 2048, contextlib.nullcontext, False)
-        own = student_splits.tokenizer if who == "student" and student_splits is not None else None  # text: its tokens, its tokenizer
-        summary, _ = task_for(cfg.dataset.name).robustness(fn, s, "test", None, cfg.seed, 2048, m["test_acc"], own)
-        m.update({f"test_{k}": v for k, v in summary.items()})
-        if who not in ("student", "teacher"):
-            m["params"] = sum(p.numel() for p in model.parameters())
-        out[who] = m
-    return out
-
-
-def teacher_models(path: str | Path) -> tuple["Normalized", list[tuple[str, "Normalized"]]]:
-    """The teacher as it takes raw pixels, and an ensemble's members each alone (`teacher[i] arch`)."""
-    from trainables.models.ensemble import EnsembleTeacher
-    from trainables.models.teacher import load_teacher
-
-    net, card = load_teacher(path)
-    members = []
-    if isinstance(net, EnsembleTeacher):
-        for i, (m, spec) in enumerate(zip(net.members, card.members)):
-            members.append((f"teacher[{i}] {spec.arch}", Normalized(m, net.mean[i].flatten().tolist(), net.std[i].flatten().tolist()).eval()))
-    return Normalized(net, *card.stats).eval(), members
+        model, _ = from_folder(tracker.download(run_id, "student", d), shown_as=f"runs:/{run_id}/student/{STUDENT_CARD}")
+    return model
 
 
 def register(tracker: SweepTracker, cfg: SweepConfig, run_id: str, model: Normalized, splits, student: str) -> int:
@@ -206,8 +155,6 @@ def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, norma
     """A text champion as an MLflow model that takes strings (orchestrator/select/text_model.py, logged as
     code): the student saved with save_pretrained beside its tokenizer, needing transformers alone."""
     import mlflow.pyfunc
-
-    from trainables.hf_files import load_tokenizer
 
     model = normalized.model
     with tempfile.TemporaryDirectory() as d:
@@ -319,8 +266,8 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     else:
         teacher, members = None, []
         if teacher_path or cfg.teacher_dir().exists():
-            teacher, members = teacher_models(teacher_path or cfg.teacher_dir())
-        test = evaluate_on_test(cfg, model, teacher, splits, members, own)
+            teacher, members = load_teacher_models(teacher_path or cfg.teacher_dir())
+        test = evaluate_on_split(cfg.task, model, teacher, splits, "test", members, own, cfg.seed)  # the once-only look at test
         tracker.log_metrics(winner.run_id, test["student"], step=0)
         tracker.log_text(winner.run_id, json.dumps(test, indent=2), "eval/test.json")
         tracker.set_tag(winner.run_id, Tag.TEST_EVALUATED, "true")

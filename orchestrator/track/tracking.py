@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -157,24 +156,16 @@ def run_name(trial, trial_id: str, confirms: str | None = None) -> str:
 
 
 def log_student_weights(tracker: SweepTracker, run_id: str, checkpoint, trial, model_info: dict) -> None:
-    """The student's weights (safetensors) and card from the trial's last checkpoint (a
-    ray.train.Checkpoint), and its evaluation tables (per class, per corruption and severity) as CSV."""
+    """The student of the trial's last checkpoint (a ray.train.Checkpoint) as the run's `student/`
+    folder (weights and card: trainables.api.save_student), and its evaluation tables (per class,
+    per corruption and severity) as CSV."""
     import tempfile
 
-    from safetensors.torch import save_file
-
-    from trainables.card import StudentCard, build, write
-    from trainables.checkpoint import STATE_FILE, load_state
+    from trainables.api import save_student
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
-        state = load_state(Path(d) / STATE_FILE)
-        save_file({k: v.contiguous() for k, v in state["model"].items()}, os.path.join(out, "student.safetensors"))
-        card = build(StudentCard, {"arch": trial.student, "arch_kwargs": trial.student_kwargs, "num_classes": model_info["num_classes"],
-                                   "input_shape": model_info["input_shape"], "classes": model_info.get("classes", []), "epoch": state["epoch"],
-                                   **state.get("preprocess", {})})  # mean/std: what export and the registered model normalize with
-        write(card, Path(out, "student.json"))
+        tables = save_student(d, out, trial, model_info)
         tracker.log_files(run_id, out, "student")
-    tables = state.get("eval") or {}
     if "per_class" in tables:
         pc = tables["per_class"]
         rows = ["class,precision,recall,f1,support"] + [
