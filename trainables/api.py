@@ -1,6 +1,13 @@
-"""The driver's door into trainables: whole steps the driver asks for, so that what they compose
-(cards, checkpoint states, input normalization, the model registry, inference and the task's
-corruption suite) stays on this side.
+"""The driver's one door into trainables (besides the config types: config, schema, registry and
+eval.metrics' declarations): orchestrator/ imports this module and nothing else of trainables.
+
+Two kinds of names. Whole steps the driver asks for, defined here so that what they compose
+(cards, checkpoint states, input normalization, the model registry, inference, the task's
+corruption suite) stays on this side: a student folder written from a trial's checkpoint and read
+back, a model evaluated on a split, a teacher folder's models, a weights file checked, a pretrained
+teacher scored, an ensemble's val accuracy, a standalone run of the loop. And the entry points
+trainables defines elsewhere (the task and the registries, what Ray runs, teacher folders, the
+cache), named by module in ENTRY_POINTS and loaded on first use.
 
 A student is a folder: `student.safetensors` (its weights) beside `student.json` (its card: the
 architecture, the classes, the input statistics). A trial's checkpoint becomes one (`save_student`,
@@ -10,10 +17,9 @@ export writes out.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
-
-import importlib
 
 from trainables.config import TrialConfig
 
@@ -56,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
+
 
 #: A student folder's files.
 STUDENT_WEIGHTS, STUDENT_CARD = "student.safetensors", "student.json"
