@@ -1,5 +1,7 @@
-"""The sweep's MLflow store, driver side: the client (every call asked again when an answer is cut
-short), the tag names, the one query for a sweep's runs, and what a server outage means.
+"""The sweep's MLflow store, driver side: the one tracking surface every driver module writes and
+reads through (SweepTracker; every call asked again when an answer is cut short), the tag names,
+the one query for a sweep's runs, the one reader that turns a trial's run into a TrialRow
+(read_trial), and what a server outage means.
 
 Run identity lives in MLflow itself (tags `kdsweep.sweep`, `kdsweep.trial_id`), not in memory, so a
 restored sweep reattaches to its runs instead of duplicating them. Only the driver writes, so a
@@ -97,7 +99,7 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
 
 
 class SweepTracker:
-    """Thin wrapper over MlflowClient for one sweep's experiment."""
+    """One sweep's experiment: every MLflow call the driver makes goes through its methods."""
 
     def __init__(self, uri: str, experiment: str) -> None:
         import mlflow
