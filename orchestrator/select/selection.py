@@ -14,7 +14,8 @@ from typing import Any
 
 from orchestrator.plan import confirm
 from orchestrator.plan.config import SweepConfig
-from orchestrator.track.store import LATENCY_RECORD, SweepTracker, Tag, TrialRow
+from orchestrator.track.rows import TrialRow
+from orchestrator.track.store import LATENCY_RECORD, SweepTracker, Tag
 from trainables.api import STUDENT_CARD, Normalized, evaluate_on_split, load_student as from_folder, load_teacher_models, load_tokenizer
 from trainables.eval.metrics import DEFAULT_OBJECTIVES, LEADERBOARD, Objective, metric
 from trainables.registry import ConfigError
