@@ -1,6 +1,6 @@
 """The figures the reference checks compare against: values and gradients of the authors' own code,
-run on the seeded inputs of tests/test_losses_modern.py, tests/test_losses_text.py and
-tests/test_teacher_cache.py, written to tests/fixtures/reference/*.npz.
+run on the seeded inputs of tests/test_losses_modern.py, tests/test_losses_text.py,
+tests/test_losses_tokens.py and tests/test_teacher_cache.py, written to tests/fixtures/reference/*.npz.
 
 kdsweep keeps none of the authors' code. This script imports it from local snapshots of their
 repositories, one folder per repository under --ref, named <owner>+<name> and holding the repository
@@ -28,6 +28,12 @@ References (figure file: repository @ commit, file: function):
   att_mse_loss, hid_mse_loss, cos_loss (with src/textbrewer/compatibility.py: mask_dtype).
 - fkd.npz: szq0214/FKD @ afd5294b43c8b8c437c4d314c01661b24569aa0e, FKD/utils_FKD.py: Recover_soft_label
   (label_type 'marginal_smoothing_k5').
+- trl.npz: huggingface/trl @ f2cd57710ae345ea6428ae95363267fcf38a3dc8, trl/experimental/gkd/gkd_trainer.py:
+  GKDTrainer.generalized_jsd_loss (compiled from its own lines; run on float32 and float64 tensors).
+- distillm.npz: jongwooko/distillm @ d47e77ff9d27721783b32213be38c1204230cc0a, distillm/losses.py: forward_kl,
+  reverse_kl, js_distance, tv_distance, skewed_forward_kl, skewed_reverse_kl (float32: they cast to it).
+- torchtune.npz: pytorch/torchtune @ bd2a0fc7c31430972728494fa01aaeeb0ebf1ba1, torchtune/modules/loss/kd_losses.py:
+  ForwardKLLoss, ReverseKLLoss (float32: they cast to it).
 
 How the code is reached, unmodified:
 - Files are loaded as modules by path. Package __init__ files that pull in whole frameworks
@@ -86,6 +92,7 @@ sys.path.insert(0, str(REPO))
 
 from tests import test_losses_modern as modern  # noqa: E402  (the tests' inputs and case names)
 from tests import test_losses_text as text  # noqa: E402
+from tests import test_losses_tokens as tokens  # noqa: E402
 from tests import test_teacher_cache as cache_tests  # noqa: E402
 from tests.test_losses_reference import rel_err  # noqa: E402
 
@@ -107,6 +114,13 @@ SOURCES = {
                     "src/textbrewer/compatibility.py": ["mask_dtype"]}),
     "fkd": ("szq0214/FKD", "afd5294b43c8b8c437c4d314c01661b24569aa0e",
             {"FKD/utils_FKD.py": ["Recover_soft_label (label_type 'marginal_smoothing_k5')"]}),
+    "trl": ("huggingface/trl", "f2cd57710ae345ea6428ae95363267fcf38a3dc8",
+            {"trl/experimental/gkd/gkd_trainer.py": ["GKDTrainer.generalized_jsd_loss"]}),
+    "distillm": ("jongwooko/distillm", "d47e77ff9d27721783b32213be38c1204230cc0a",
+                 {"distillm/losses.py": ["forward_kl", "reverse_kl", "js_distance", "tv_distance", "skewed_forward_kl",
+                                         "skewed_reverse_kl"]}),
+    "torchtune": ("pytorch/torchtune", "bd2a0fc7c31430972728494fa01aaeeb0ebf1ba1",
+                  {"torchtune/modules/loss/kd_losses.py": ["ForwardKLLoss.forward", "ReverseKLLoss.forward"]}),
 }
 
 
@@ -195,13 +209,14 @@ def authors_lines(path: Path, first: int, last: int, starts: str, ends: str) -> 
 
 
 class Figures:
-    def __init__(self, name: str, root: Path, how: str) -> None:
+    def __init__(self, name: str, root: Path, how: str, fingerprint=None) -> None:
         self.name, self.root, self.how = name, root, how
+        self.fingerprint = fingerprint or modern.fingerprint
         self.entries: dict[str, np.ndarray] = {}
 
     def add(self, case: str, inputs: tuple, **entries) -> None:
         assert not any(k.startswith(case + "|") for k in self.entries), case
-        self.entries[f"{case}|inputs"] = modern.fingerprint(*inputs).numpy()
+        self.entries[f"{case}|inputs"] = self.fingerprint(*inputs).numpy()
         for k, v in entries.items():
             v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None)
             if v.is_floating_point():  # gradients: float32 (plenty for a 1e-5 check); scalars: float64
@@ -454,8 +469,86 @@ def fkd_figures(ref: Path) -> Figures:
     return figs
 
 
+# --- token-level divergences (causal LMs) -----------------------------------------------------------
+
+
+def authors_function(path: Path, qualname: str, namespace: dict) -> types.FunctionType:
+    """One function of a snapshot file, compiled from its own lines (the file's other imports, e.g. a
+    whole trainer's, are not run): `Class.method` or `function`; decorators such as @staticmethod dropped."""
+    import ast
+
+    source = path.read_text()
+    scope = ast.parse(source)
+    for part in qualname.split("."):
+        scope = next(node for node in scope.body if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name == part)
+    lines = source.splitlines()[scope.lineno - 1 : scope.end_lineno]  # from `def`: the decorators sit above it
+    exec(compile(textwrap.dedent("\n".join(lines)) + "\n", str(path), "exec"), namespace)
+    return namespace[scope.name]
+
+
+def token_case(figs: Figures, case: str, entry: str, run, float64: bool = False) -> None:
+    """`run(student logits, teacher logits, labels, T)` -> the loss; its value and gradient w.r.t. the
+    student's logits (the kept entries where the vocabulary is large) under `case|entry|`: value32 and
+    grad32 run in float32, and with `float64` value64 and grad64 from the same code on float64 tensors."""
+    s, t, y, temp = tokens.token_cases()[case]
+    if f"{case}|inputs" not in figs.entries:
+        figs.entries[f"{case}|inputs"] = tokens.fingerprint(s, t, y).numpy()
+    at = tokens.kept(tuple(s.shape), t)
+    if at is not None:
+        figs.entries[f"{case}|{entry}|kept"] = at.numpy()
+    for bits, dtype in ((32, torch.float32), (64, torch.float64))[: 2 if float64 else 1]:
+        x = s.to(dtype).requires_grad_(True)
+        out = run(x, t.to(dtype), y, temp)
+        grad = torch.autograd.grad(out, x)[0] if out.requires_grad else torch.zeros_like(x)  # torchtune's 0 for no token
+        figs.entries[f"{case}|{entry}|value{bits}"] = out.detach().double().numpy()
+        figs.entries[f"{case}|{entry}|grad{bits}"] = (grad.reshape(-1)[at] if at is not None else grad.reshape(-1)).to(dtype).numpy()
+
+
+def trl_figures(ref: Path) -> Figures:
+    root = snapshot(ref, "trl")
+    jsd = authors_function(root / "trl/experimental/gkd/gkd_trainer.py", "GKDTrainer.generalized_jsd_loss",
+                           {"torch": torch, "F": torch.nn.functional})
+    figs = Figures("trl", root, "GKDTrainer.generalized_jsd_loss compiled from its own lines of gkd_trainer.py (the module's "
+                   "imports, i.e. the trainer's, not run); called with the raw logits, labels (-100 not counted), beta, "
+                   "temperature, reduction 'batchmean', on float32 and on float64 tensors")
+    for case in tokens.TRL_CASES:
+        for beta in tokens.TRL_BETAS:
+            token_case(figs, case, f"generalized_jsd_loss(beta={beta})",
+                       lambda s, t, y, temp, beta=beta: jsd(s, t, labels=y, beta=beta, temperature=temp), float64=True)
+    return figs
+
+
+def distillm_figures(ref: Path) -> Figures:
+    root = snapshot(ref, "distillm")
+    losses = load_file(root / "distillm/losses.py", "_ref_distillm_losses")
+    figs = Figures("distillm", root, "distillm/losses.py loaded as a module by path; each function called with the logits "
+                   "divided by T (it has no temperature) and no_model_batch={'label': labels}; float32 only (its softmaxes cast to it)")
+    for case in tokens.DISTILLM_CASES:
+        for entry in tokens.DISTILLM:
+            name, _, lam = entry.partition("(lam=")
+            kw = {"lam": float(lam.rstrip(")"))} if lam else {}
+            fn = getattr(losses, name)
+            token_case(figs, case, entry, lambda s, t, y, temp, fn=fn, kw=kw: fn(s / temp, t / temp, {"label": y}, **kw))
+    return figs
+
+
+def torchtune_figures(ref: Path) -> Figures:
+    root = snapshot(ref, "torchtune")
+    losses = load_file(root / "torchtune/modules/loss/kd_losses.py", "_ref_torchtune_kd_losses")
+    figs = Figures("torchtune", root, "torchtune/modules/loss/kd_losses.py loaded as a module by path; ForwardKLLoss() and "
+                   "ReverseKLLoss() called on (N*L, V) logits divided by T (no temperature there) and the labels; float32 only "
+                   "(its softmaxes cast to it)")
+    for case in tokens.TORCHTUNE_CASES:
+        for entry in tokens.TORCHTUNE:
+            loss = getattr(losses, entry)()
+            token_case(figs, case, entry,
+                       lambda s, t, y, temp, loss=loss: loss((s / temp).reshape(-1, s.shape[-1]), (t / temp).reshape(-1, t.shape[-1]), y))
+    return figs
+
+
 MAKERS = {"dist": dist_figures, "logit_standardization": logit_standardization_figures, "distilbert": distilbert_figures,
-          "tinybert": tinybert_figures, "textbrewer": textbrewer_figures, "fkd": fkd_figures}
+          "tinybert": tinybert_figures, "textbrewer": textbrewer_figures, "fkd": fkd_figures,
+          "trl": trl_figures, "distillm": distillm_figures, "torchtune": torchtune_figures}
 
 
 def main() -> None:
