@@ -39,7 +39,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--alpha", type=float, default=None, help="KD alpha (default: the config's)")
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--kd-only", action="store_true", help="only the KD student (its no-KD row measured before)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--kd-only", action="store_true", help="only the KD student (its no-KD row measured before)")
+    only.add_argument("--control-only", action="store_true",
+                      help="only the no-KD student (e.g. with more epochs: as many steps as the KD student's labelled + unlabelled epochs)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -60,7 +63,7 @@ def main() -> None:
     mixed = splits.n_unlabeled and (ds.unlabeled.ratio is None or ds.unlabeled.ratio > 0)  # ratio 0: KD on the labelled alone
     unlabeled = f" + {splits.n_unlabeled} unlabelled" if mixed else ""
     arms = (("no-KD (alpha=0)", {"loss.alpha": 0.0}), (f"KD (T={kd['loss.temperature']}, alpha={kd['loss.alpha']}){unlabeled}", kd))
-    for label, overrides in arms[1:] if args.kd_only else arms:
+    for label, overrides in arms[1:] if args.kd_only else arms[:1] if args.control_only else arms:
         runs = []
         for seed in args.seeds:
             trial = cfg.trial(student, {**overrides, "seed": seed, "train.robust_samples": 0}, teacher_path=teacher_dir, profile=False)

@@ -25,6 +25,9 @@ and torchtune's cast to float32, which at a 50k vocabulary is itself up to ~2e-4
 gradient: there ours is held to 1e-5 of our derivation, and theirs to the derivation at 1e-3 (the
 figures and the derivation compute the same thing). With -inf logits their gradients are NaN (the
 log of a zero probability, masked only after it is taken): the values are compared there.
+
+Last, the teacher cache's top-k targets read per token: with the rest shaped as the student's, every
+divergence is the one over k + 1 buckets; with k the vocabulary, the dense target to fp16 precision.
 """
 from __future__ import annotations
 
@@ -345,3 +348,42 @@ def test_the_teacher_gets_no_gradient_and_bad_parameters_are_refused():
         token_divergence("skl", s, t, skew=-0.1)
     with pytest.raises(ValueError, match="one of fkl, rkl, jsd"):
         token_divergence("kl", s, t)
+
+
+# --- per-token top-k targets (the teacher cache's layout, read per token) --------------------------
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("k", [4, 16])
+def test_topk_targets_per_token_give_the_divergence_over_k_plus_one_buckets(kind, k):
+    """The cache's top-k targets (trainables.teacher_cache: fp16 top-k logits, their indices and the
+    rest's fill per temperature) read with the student's shape for the rest: every divergence is then
+    the one over k + 1 buckets (the top k, and the rest as one), derived here in float64."""
+    from trainables.teacher_cache import FILL_TEMPERATURES, dense, sparse
+
+    s, t, y, temp = token_cases()["padded, T=2"]
+    stored = sparse(t, k)
+    got = token_divergence(kind, s, dense(stored, t.shape[-1], temp, student=s), y != -100, temperature=temp)
+
+    values, indices = stored["values"].double(), stored["indices"].long()
+    fill = stored["fill"].double()[..., FILL_TEMPERATURES.index(temp)]
+    rest = t.shape[-1] - k
+    t_top = torch.cat([values / temp, (fill / temp + math.log(rest)).unsqueeze(-1)], -1).softmax(-1)  # k + 1 buckets
+    p_s = (s.double() / temp).softmax(-1)
+    s_top = p_s.gather(-1, indices)
+    s_top = torch.cat([s_top, (1 - s_top.sum(-1)).unsqueeze(-1)], -1)
+    d = per_token(kind, s_top.log(), t_top.log(), beta=0.5, skew=0.1)
+    mask = (y != -100).double()
+    expected = (d * mask).sum() / mask.sum()
+    assert rel_err(got, expected) <= RTOL
+
+
+def test_topk_targets_with_k_the_vocabulary_are_the_dense_target_to_fp16_precision():
+    from trainables.teacher_cache import bytes_per_view, dense, sparse
+
+    s, t, y, temp = token_cases()["padded, T=2"]
+    vocab = t.shape[-1]
+    for kind in DIVERGENCES:
+        full = token_divergence(kind, s, dense(sparse(t, vocab), vocab, temp, student=s), y != -100, temperature=temp)
+        assert rel_err(full, token_divergence(kind, s, t, y != -100, temperature=temp)) <= 2e-3  # fp16's 11 bits on logits ~ 3 * 2
+    assert bytes_per_view(50257, None) == 2 * 50257 and bytes_per_view(50257, 32) < bytes_per_view(50257, None) / 300  # per token
