@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from tests.test_losses_modern import figures  # the one reader of tests/fixtures/reference/*.npz
 from tests.test_losses_reference import rel_err
 from trainables.losses.tokens import DIVERGENCES, per_token, tempered, token_divergence
 
 RTOL = 1e-5
 KEEP = 256
-FIGURES = Path(__file__).parent / "fixtures" / "reference"
 
 
 # --- the tests' inputs (the reference script imports these) -------------------------------------
@@ -120,12 +118,6 @@ def fingerprint(*inputs: torch.Tensor) -> torch.Tensor:
         x = x[torch.isfinite(x)]
         rows.append([x.sum().item(), x.pow(2).sum().item()])
     return torch.tensor(rows, dtype=torch.float64)
-
-
-@functools.cache
-def figures(name: str) -> dict[str, torch.Tensor]:
-    with np.load(FIGURES / f"{name}.npz", allow_pickle=False) as z:
-        return {k: torch.from_numpy(z[k]) for k in z.files if k != "meta"}
 
 
 def figure(name: str, case: str, entry: str) -> dict[str, torch.Tensor]:
