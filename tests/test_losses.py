@@ -120,7 +120,7 @@ def test_bad_loss_inputs_are_config_errors():
         LOSSES.get("kd")(alpha=0.5, temperature=0.0)
     with pytest.raises(ConfigError, match="loss.alpha"):
         LOSSES.get("kd")(alpha=1.5)
-    with pytest.raises(ConfigError, match=r"loss.name.*\['at', 'cosine', 'dist', 'dkd', 'hint', 'kd', 'tinybert'\]"):
+    with pytest.raises(ConfigError, match=r"loss.name.*\['at', 'cosine', 'dist', 'dkd', 'fkl', 'hint', 'jsd', 'kd', 'rkl', 'skl', 'srkl', 'tinybert', 'tvd'\]"):
         LOSSES.get("fitnet")
     with pytest.raises(ConfigError, match="does not take"):
         build_loss("kd", {"alpha": 0.5, "beta": 3})

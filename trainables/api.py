@@ -75,10 +75,11 @@ def save_student(checkpoint_dir: str | Path, out: str | Path, trial: TrialConfig
     from safetensors.torch import save_file
 
     from trainables.card import StudentCard, build, write
+    from trainables.tensor_files import untied
     from trainables.checkpoint import STATE_FILE, load_state
 
     state = load_state(Path(checkpoint_dir) / STATE_FILE)
-    save_file({k: v.contiguous() for k, v in state["model"].items()}, str(Path(out) / STUDENT_WEIGHTS))
+    save_file(untied(state["model"]), str(Path(out) / STUDENT_WEIGHTS))
     card = build(StudentCard, {"arch": trial.student, "arch_kwargs": trial.student_kwargs, "num_classes": model_info["num_classes"],
                                "input_shape": model_info["input_shape"], "classes": model_info.get("classes", []), "epoch": state["epoch"],
                                **state.get("preprocess", {})})  # mean/std: what export and the registered model normalize with
@@ -93,13 +94,14 @@ def load_student(folder: str | Path, shown_as: str | None = None):
     from safetensors.torch import load_file
 
     from trainables.card import StudentCard, read
+    from trainables.tensor_files import retied
     from trainables.data.normalize import Normalized
     from trainables.models import create_model
 
     folder = Path(folder)
     card = read(StudentCard, folder / STUDENT_CARD, shown_as=shown_as)
     model = create_model(card.arch, card.num_classes, card.input_shape, **card.arch_kwargs)
-    model.load_state_dict(load_file(str(folder / STUDENT_WEIGHTS)))
+    model.load_state_dict(retied(model, load_file(str(folder / STUDENT_WEIGHTS))))
     return Normalized(model, card.mean, card.std).eval(), card
 
 
@@ -120,35 +122,9 @@ def load_teacher_models(path: str | Path):
 
 def evaluate_on_split(task, student, teacher, splits, split: str = "test", members=(), student_splits=None, seed: int = 0,
                       batch: int = 2048) -> dict[str, dict[str, float]]:
-    """Clean metrics and the task's corruption suite on one split (`<split>_acc`, ...), for the
-    student and its teacher (and an ensemble's `members`, by name), so "student vs teacher" is one
-    table; the student's agreement with the teacher too. Models take raw inputs (their own
-    normalization inside) or token ids: the student those of `student_splits` when it has its own
-    tokenizer (the same examples in the same order)."""
-    import contextlib
-
-    from trainables.eval.inference import predict
-    from trainables.eval.metrics import classification_metrics
-
-    def logits_of(model, x):
-        return predict(model, x, lambda v: v.float(), batch, contextlib.nullcontext, False)
-
-    xs, ys = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
-    t_logits = logits_of(teacher, xs) if teacher is not None else None
-    out = {}
-    for who, model in (("student", student), ("teacher", teacher), *members):
-        if model is None:
-            continue
-        own = who == "student" and student_splits is not None
-        logits = t_logits if who == "teacher" else logits_of(model, getattr(student_splits, f"{split}_x") if own else xs)
-        m = classification_metrics(logits, ys, t_logits if who == "student" else None, prefix=f"{split}_")
-        summary, _ = task.robustness(lambda x, model=model: logits_of(model, x), splits, split, None, seed, batch, m[f"{split}_acc"],
-                                     student_splits.tokenizer if own else None)  # text: its tokens, its tokenizer
-        m.update({f"{split}_{k}": v for k, v in summary.items()})
-        if who not in ("student", "teacher"):
-            m["params"] = sum(p.numel() for p in model.parameters())
-        out[who] = m
-    return out
+    """The task's metrics on one split for the student, its teacher and an ensemble's members
+    (Task.evaluate_split), so "student vs teacher" is one table."""
+    return task.evaluate_split(student, teacher, splits, split, members, student_splits, seed, batch)
 
 
 # --- teachers: a folder (weights and card) the driver checks, trains into, or builds an ensemble in ---

@@ -72,6 +72,8 @@ def load_tokenizer(path: str, field: str = "dataset.tokenizer"):
 
 
 def tokenizer_info(path: str) -> dict[str, Any]:
-    """What a model built for this tokenizer needs: its vocabulary size (with added tokens) and pad id."""
+    """What a model built for this tokenizer needs: its vocabulary size (with added tokens), pad id,
+    and its begin/end-of-text ids where it has them (what a causal LM generates from and stops at)."""
     tok = load_tokenizer(path)
-    return {"vocab_size": len(tok), "pad_token_id": int(tok.pad_token_id)}
+    ends = {k: int(v) for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id)) if v is not None}
+    return {"vocab_size": len(tok), "pad_token_id": int(tok.pad_token_id), **ends}

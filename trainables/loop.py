@@ -32,7 +32,6 @@ from trainables.data.batches import augment, batch_layout, train_batches
 from trainables.data.placement import device_batches, place
 from trainables.data.normalize import model_stats, normalizer
 from trainables.losses import build_loss, check_fits
-from trainables.eval.metrics import classification_metrics, per_class
 from trainables.plugins import load_plugins
 from trainables.models import create_model, tap_layers
 from trainables.models.profile import profile_together, size_report
@@ -239,7 +238,7 @@ def set_up(cfg: TrialConfig, reporter: Reporter) -> Trial:
     if cfg.loss.teacher_layers and teacher is not None:
         tap_layers(teacher, cfg.loss.teacher_layers, "loss.teacher_layers")
     task = task_for(cfg.dataset.name)
-    check_fits(cfg.loss.name, task.features, task.name.replace("_", " "))  # the driver's rule, again where the loss is built
+    check_fits(cfg.loss.name, task.features, task.name.replace("_", " "), task.outputs)  # the driver's rule, again where the loss is built
     loss_fn = build_loss(cfg.loss.name, cfg.loss.params(), student, teacher if cfg.loss.distills else None, shape).to(device)
     size = {}
     if cfg.profile and rank == 0:  # standalone runs; a sweep profiles each architecture once (orchestrator.run.sweep)
@@ -321,8 +320,9 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
         train_loss, train_kd, train_ce = epoch_means(sums, steps_per_epoch, t.world)  # the epoch's one host sync
         seconds = time.perf_counter() - t0
 
-        logits = t.evaluate(student, splits.val_x)
-        val = classification_metrics(logits, splits.val_y, targets.val_logits)
+        diverged = not math.isfinite(train_loss)
+        final = epoch + 1 == cfg.train.epochs and not diverged
+        val, tables = t.task.validate(t, student, final)  # the task's numbers; after the final epoch, its tables and robustness suite
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -330,7 +330,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "train_ce": train_ce,
             **val,
             "val_loss": val["val_nll"],
-            t.task.throughput: steps_per_epoch * batch_size / seconds,
+            t.task.throughput: steps_per_epoch * batch_size * t.task.per_example(splits.input_shape) / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.teacher_forwards,
@@ -341,18 +341,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             **t.size,
             **(t.setup if epoch == t.start_epoch else {}),
         }
-        diverged = not math.isfinite(train_loss)
-        final = epoch + 1 == cfg.train.epochs and not diverged
         metrics["status"] = "diverged" if diverged else ("finished" if final else "running")
-        tables = {}
-        if final and t.rank == 0:
-            tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
-            n = min(cfg.train.robust_samples, len(splits.val_y))
-            clean = float((logits[:n].argmax(1) == splits.val_y[:n]).float().mean()) if n else 0.0
-            if n:  # the task's suite: corrupted images, or texts with typos and dropped or swapped words (tokenized again)
-                summary, tables["corruptions"] = t.task.robustness(lambda x: t.evaluate_counted(student, x), splits, "val", n, cfg.seed,
-                                                                   cfg.train.eval_batch_size, clean)
-                metrics.update(summary)
         history.append({k: v for k, v in metrics.items() if k not in t.size})
         state = None
         if t.rank == 0 and not diverged and cfg.train.checkpoint_due(epoch + 1, time.monotonic() - last_checkpoint):

@@ -19,6 +19,7 @@ from trainables.config import TrialConfig
 from trainables.registry import ConfigError
 from trainables.data import DataSplits
 from trainables.models.ensemble import EnsembleTeacher, combine_targets, members_of, target_model
+from trainables.tasks import task_for
 from trainables.teacher_cache import Builder, TeacherCache
 
 Source = Literal["cache", "precomputed", "online", "none"]
@@ -39,6 +40,7 @@ class TeacherTargets:
     forwards: int = 0  # teacher image forwards run outside the cache (an ensemble's: one per member and image)
     weights: Tensor | None = None  # an ensemble's member weights: its targets are mixed at the loss's temperature
     members: int = 1
+    val_model: nn.Module | None = None  # the teacher a token task scores val against each epoch (no (N, L, V) val logits are kept)
 
     @property
     def teacher_forwards(self) -> int:
@@ -79,6 +81,9 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
         raise ConfigError("`train.teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
     if teacher is None:
         return TeacherTargets("none", None, False, None)
+    if task_for(cfg.dataset.name).outputs == "tokens":  # next-token distributions: the teacher on every batch, and on val each epoch
+        source = "online" if cfg.loss.distills else "none"
+        return TeacherTargets(source, teacher if cfg.loss.distills else None, needs_features, None, val_model=teacher)
     cache = None
     if not needs_features and cfg.train.teacher_targets != "online":
         cache = TeacherCache.open(cfg.teacher_cache, cfg, card)

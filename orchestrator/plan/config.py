@@ -431,7 +431,7 @@ class SweepConfig(Strict):
         return validate(TrialConfig, {
             "train": train, "dataset": dataset, "student": t.arch, "student_kwargs": kwargs, "student_weights": t.weights,
             "freeze_backbone": t.finetune.freeze_backbone, "normalize": t.normalize,
-            "loss": LossConfig(name="kd", alpha=0.0), "seed": t.seed, "profile": False, "plugins": self.plugins,
+            "loss": LossConfig(name=self.task.ce_loss, alpha=0.0), "seed": t.seed, "profile": False, "plugins": self.plugins,
         }, prefix="teacher.")
 
     def trial(self, student: str, overrides: dict[str, Any] | None = None, teacher_path: str | Path | None = None, *,

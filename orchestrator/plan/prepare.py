@@ -57,7 +57,7 @@ def check_models_fit(cfg: SweepConfig, info: DataInfo) -> None:
     for field, arch in named + [("students", s) for s in cfg.students]:
         task.check_model(field, arch)
     for method in cfg.methods:
-        check_fits(method, task.features, task.name.replace("_", " "))
+        check_fits(method, task.features, task.name.replace("_", " "), task.outputs)
     task.check_models(cfg, info.input_shape)
 
 

@@ -164,6 +164,23 @@ def text(root: str | None = None, download: bool = False, cache: str | None = No
 
 
 @DATASETS.register
+def lm_text(root: str | None = None, download: bool = False, cache: str | None = None, tokenizer: str | None = None, max_length: int = 128,
+            text_column: str = "text", prompt_column: str | None = None, response_column: str | None = None, val_fraction: float = 0.1,
+            test_fraction: float = 0.1, split_seed: int = 0):
+    """Text for a causal language model: plain text packed into blocks of `max_length` tokens, or
+    prompt/response pairs scored on the response (trainables/data/lm.py); tokenized once into the cache."""
+    from trainables.data.lm import tokenize_lm
+
+    if not root:
+        raise ConfigError("`dataset.root` is required for lm_text: set it to a .txt file, a folder of .txt files or a .csv/.tsv/.jsonl table")
+    if not tokenizer:
+        raise ConfigError("`dataset.tokenizer` is required for lm_text: set it to a folder with tokenizer files (a sweep with a Hugging Face "
+                          "teacher uses the teacher's checkpoint folder)")
+    return tokenize_lm(root, cache_dir(cache), tokenizer, max_length, text_column, prompt_column, response_column, val_fraction,
+                       test_fraction, split_seed)
+
+
+@DATASETS.register
 def synthetic(
     root: str | None = None,
     download: bool = False,

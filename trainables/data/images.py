@@ -55,9 +55,12 @@ class RawData:
     decode_s: float = 0.0  # seconds spent decoding in this call (0: read from the cache)
     texts: dict[str, list[str]] = field(default_factory=dict)  # text: the val and test strings (the text corruption suite)
     pad_id: int | None = None  # text: the tokenizer's pad id (the ids are right-padded with it)
+    n_classes: int | None = None  # what the labels index when the train split need not show the largest (a vocabulary)
 
     @property
     def num_classes(self) -> int:
+        if self.n_classes is not None:
+            return self.n_classes
         return len(self.classes) if self.classes else int(self.train_y.max()) + 1
 
 

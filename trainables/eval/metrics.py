@@ -1,7 +1,4 @@
-"""Evaluation metrics on logits: accuracy, macro recall/F1, top-5, NLL, ECE, agreement with and KL
-to the teacher. Pure tensor functions, computed on the device where the logits are.
-
-Above them, the one declaration of every number kdsweep logs (`METRICS`): when it is reported, which
+"""The one declaration of every number kdsweep logs (`METRICS`): when it is reported, which
 way is better, its short name and how a table shows it, and the one parser of `METRIC[:max|min]`
 (`Objective.parse`). The trial loop reports these names, tracking logs them by kind, and the
 search, selection, leaderboard, console and report read them from here."""
@@ -10,10 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
+from trainables.eval.classification import classification_metrics, confusion, expected_calibration_error, per_class  # noqa: F401  (their home)
 from trainables.registry import ConfigError
 from trainables.tasks import TASKS, task_named
 
@@ -40,10 +34,9 @@ class Metric:
         return "-" if value is None else self.fmt.format(value)
 
 
-#: classification_metrics' keys, behind a split prefix (val_, test_), with their direction.
-SPLIT_METRICS = {"acc": True, "macro_recall": True, "macro_f1": True, "nll": False, "ece": False, "top5_acc": True, "agreement": True,
-                 "kl_teacher": False}
-_SPLIT_ALIASES = {"macro_f1": "macro_f1", "nll": "nll", "ece": "ece", "agreement": "agreement"}
+#: every task's split metrics (Task.split_metrics: classification_metrics', the LM's), behind a split prefix (val_, test_), with their direction.
+SPLIT_METRICS = {k: up for t in _TASKS for k, up in t.split_metrics.items()}
+_SPLIT_ALIASES = {"macro_f1": "macro_f1", "nll": "nll", "ece": "ece", "agreement": "agreement", "ppl": "ppl"}
 #: size metrics, logged as size_<name> (trainables.models.profile.size_metrics measures them).
 SIZE_KEYS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms",
              # text models: batch 1 at a quarter and half of dataset.max_length (the two above: at all of it)
@@ -86,7 +79,7 @@ DEFAULT_OBJECTIVES = ("val_acc:max", "size_params:min", "size_latency_cpu_b1_ms:
 LEADERBOARD = ("student", "loss", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "bytes",
                "latency_ms", "epochs")
 #: What one epoch line of a standalone run (and of the teacher's training) shows.
-EPOCH_LINE = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_macro_f1", "val_agreement", "robust_acc",
+EPOCH_LINE = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_ppl", "val_macro_f1", "val_agreement", "robust_acc",
               *THROUGHPUTS, "status")
 
 
@@ -130,54 +123,3 @@ class Objective:
     def label(self) -> str:
         """As a table's column or a plot's axis says it: `val_acc` -> "val acc"."""
         return self.key.replace("_", " ")
-
-
-def confusion(pred: Tensor, y: Tensor, num_classes: int) -> Tensor:
-    """(true, predicted) counts, int64."""
-    return torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
-
-
-def per_class(logits: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Precision, recall, F1 and support per class (a class never predicted has precision 0)."""
-    c = logits.shape[1]
-    cm = confusion(logits.argmax(1), y, c).double()
-    tp = cm.diag()
-    support, predicted = cm.sum(1), cm.sum(0)
-    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp))
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
-
-
-def expected_calibration_error(logits: Tensor, y: Tensor, n_bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al., 2017): sum_b |B|/n * |acc(B) - conf(B)|."""
-    probs = F.softmax(logits.float(), 1)
-    conf, pred = probs.max(1)
-    correct = (pred == y).double()
-    bins = torch.clamp((conf * n_bins).long(), max=n_bins - 1)  # bin b holds conf in (b/n, (b+1)/n]
-    bins = torch.where(conf * n_bins == bins.double(), bins - 1, bins).clamp_min(0)
-    acc = torch.bincount(bins, weights=correct, minlength=n_bins)
-    cnf = torch.bincount(bins, weights=conf.double(), minlength=n_bins)
-    return float(((acc - cnf).abs()).sum() / len(y))
-
-
-def classification_metrics(logits: Tensor, y: Tensor, teacher_logits: Tensor | None = None, prefix: str = "val_") -> dict[str, float]:
-    """The per-trial numbers: acc, macro recall/F1, top-5 (more than 5 classes), NLL, ECE (15 bins),
-    and with a teacher: argmax agreement and mean KL(teacher || student)."""
-    logits = logits.float()
-    pc = per_class(logits, y)
-    present = pc["support"] > 0  # macro averages over the classes that occur
-    out = {
-        "acc": (logits.argmax(1) == y).double().mean().item(),
-        "macro_recall": pc["recall"][present].mean().item(),
-        "macro_f1": pc["f1"][present].mean().item(),
-        "nll": F.cross_entropy(logits, y).item(),
-        "ece": expected_calibration_error(logits, y),
-    }
-    if logits.shape[1] > 5:
-        out["top5_acc"] = (logits.topk(5, 1).indices == y[:, None]).any(1).double().mean().item()
-    if teacher_logits is not None:
-        t = teacher_logits.float()
-        out["agreement"] = (logits.argmax(1) == t.argmax(1)).double().mean().item()
-        out["kl_teacher"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True).item()
-    return {prefix + k: v for k, v in out.items()}

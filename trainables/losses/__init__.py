@@ -130,6 +130,7 @@ class DistillLoss(nn.Module):
 
     needs_teacher_features = False
     features: str | None = None  # a FEATURES key: what it reads of both models besides logits (None: logits only)
+    reads = "classes"  # the logits it scores: "classes" (N, C) per example, or "tokens" (N, L, V) per next token (losses/lm.py)
     default_warmup_epochs = 0.0
 
     def __init__(
@@ -428,14 +429,21 @@ def _feature_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tupl
     return [tuple(f.shape[1:]) for f in feats]
 
 
-def check_fits(method: str, features: tuple[str, ...], task: str) -> None:
-    """A loss that reads features the models of `task` (its name, as a message says it) do not give
-    is refused, with the losses that fit: on the driver before Ray starts, and where a trial builds it."""
+def check_fits(method: str, features: tuple[str, ...], task: str, outputs: str = "classes") -> None:
+    """A loss that reads features the models of `task` (its name, as a message says it) do not give,
+    or scores other logits than its models' `outputs` (Task.outputs: classes or tokens), is refused,
+    with the losses that fit: on the driver before Ray starts, and where a trial builds it."""
+    if LOSSES.get(method).reads != outputs:
+        fit = [n for n in LOSSES if LOSSES.get(n).reads == outputs]
+        what = {"classes": "one class distribution per example", "tokens": "next-token distributions"}
+        raise ConfigError(f"`loss.name` {method} distils {what[LOSSES.get(method).reads]}, but the models of {task} give "
+                          f"{what[outputs]}: use {', '.join(fit)}")
     need = LOSSES.get(method).features
     if need is not None and need not in features:
         fit = [n for n in LOSSES if LOSSES.get(n).features in features]
+        logits = [n for n in LOSSES if LOSSES.get(n).features is None and LOSSES.get(n).reads == outputs]
         raise ConfigError(f"`loss.name` {method} distils {FEATURES[need]}, which the models of {task} lack: use "
-                          f"{' or '.join(fit) or 'a logit loss'} (or a logit loss: {', '.join(n for n in LOSSES if LOSSES.get(n).features is None)})")
+                          f"{' or '.join(fit) or 'a logit loss'} (or a logit loss: {', '.join(logits)})")
 
 
 def build_loss(
@@ -454,4 +462,5 @@ def build_loss(
     return loss
 
 
+import trainables.losses.lm  # noqa: E402,F401  registers the token losses of causal language models
 import trainables.losses.text  # noqa: E402,F401  registers the transformer losses

@@ -110,8 +110,9 @@ def members_of(teacher: nn.Module) -> int:
 
 
 def combine_targets(t: Tensor, weights: Tensor | None, temperature: float) -> Tensor:
-    """A batch of targets as logits for the loss: members' logits (3-D) mixed at `temperature`."""
-    return soft_target(t, weights, temperature) if t.dim() == 3 else t
+    """A batch of targets as logits for the loss: an ensemble's members' logits (N, members, C) mixed
+    at `temperature`; one teacher's (any shape: (N, C), or a causal LM's (N, L, V)) as they are."""
+    return soft_target(t, weights, temperature) if weights is not None and t.dim() == 3 else t
 
 
 def is_ensemble(path: str | Path) -> bool:

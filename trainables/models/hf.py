@@ -1,4 +1,6 @@
-"""Hugging Face transformers as models: sequence classifiers over token ids.
+"""Hugging Face transformers as models over token ids: the task decides the head
+(`head="classify"`: AutoModelForSequenceClassification; `head="causal_lm"`: AutoModelForCausalLM),
+as `AutoModelFor<Task>` does.
 
     hf                      a checkpoint's architecture: arch_kwargs {"config": DIR or config dict}
                             (a teacher from `teacher.weights: DIR`, a saved teacher's card)
@@ -8,7 +10,7 @@
                             {"tokenizer": DIR} gives the vocabulary and pad id
 
 Every model takes int token ids (N, L) right-padded with the tokenizer's pad id; the attention
-mask is `ids != pad_id`. Nothing is downloaded (`local_files_only`), weights are read from
+mask is `ids != pad_id`. A classifier gives (N, classes) logits, a causal LM (N, L, vocabulary). Nothing is downloaded (`local_files_only`), weights are read from
 safetensors only, and remote code never runs.
 """
 from __future__ import annotations
@@ -28,7 +30,9 @@ from trainables.registry import ConfigError
 PREFIX = "hf."
 NAME = re.compile(r"^hf\.(?P<family>[a-z][a-z0-9_]*)(?P<sizes>(?:-[LHAI]\d+)*)$")
 SIZES = {"L": "num_hidden_layers", "H": "hidden_size", "A": "num_attention_heads", "I": "intermediate_size"}
-LAYER = re.compile(r"^(?P<head>.*\.layers?\.)(?P<i>\d+)(?P<tail>\..*)$")
+LAYER = re.compile(r"^(?P<head>.*\.(?:layers?|h)\.)(?P<i>\d+)(?P<tail>\..*)$")  # BERT's layer.i, Llama's layers.i, GPT-2's h.i
+#: the heads a task asks for (Task.model_kwargs: "head"), as AutoModelFor<Task> names them
+HEADS = ("classify", "causal_lm")
 
 
 def parse_name(name: str) -> tuple[str, dict[str, int]]:
@@ -149,10 +153,61 @@ class HFClassifier(FeatureTaps, nn.Module):
         return out.logits, TextFeatures(tuple(out.hidden_states), tuple(out.attentions or ()), mask)
 
 
+class HFCausalLM(FeatureTaps, nn.Module):
+    """AutoModelForCausalLM on token ids: (N, L, vocabulary) next-token logits at every position.
+
+    Right padding needs no attention mask in a causal model (no real token attends to a later
+    position), so the ids go in as they are: a pad id that is also the end-of-text token (GPT-2's
+    habit) inside packed text is read as text. The labels (-100 on padding) decide what is scored."""
+
+    def __init__(self, config, input_shape: tuple[int, ...]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        quiet()
+        super().__init__()
+        if len(input_shape) != 1:
+            raise ConfigError(f"`students`/`teacher.arch` hf models take token ids, but the dataset gives {tuple(input_shape)} inputs: "
+                              "use a language-model dataset (dataset.name: lm_text)")
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and input_shape[0] > positions:
+            raise ConfigError(f"`dataset.max_length` {input_shape[0]} is more than the model's {positions} positions: "
+                              f"set dataset.max_length <= {positions}")
+        self.net = AutoModelForCausalLM.from_config(config)
+        self.pad_id = int(config.pad_token_id) if config.pad_token_id is not None else 0
+
+    @property
+    def config(self):
+        return self.net.config
+
+    def tap_root(self) -> nn.Module:
+        return self.net
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.net(input_ids=x.long()).logits
+
+    def forward(self, x: Tensor, with_features: bool = False):
+        if not with_features:
+            return self._logits(x)
+        if self.feature_layers:
+            return self.tapped(x, self._logits)
+        out = self.net(input_ids=x.long(), output_hidden_states=True)
+        return out.logits, TextFeatures(tuple(out.hidden_states), (), torch.ones_like(x, dtype=torch.long))
+
+
+def with_head(config, num_classes: int, input_shape: tuple[int, ...], head: str) -> nn.Module:
+    """The model `head` asks for on `config`: a classifier of `num_classes`, or a causal LM (whose
+    outputs are the config's vocabulary)."""
+    if head == "causal_lm":
+        return HFCausalLM(config, input_shape)
+    if head != "classify":
+        raise ConfigError(f"`head` must be one of {list(HEADS)}, but got {head!r}")
+    return HFClassifier(config, num_classes, input_shape)
+
+
 @MODELS.register(name="hf")
-def from_checkpoint_config(num_classes: int, input_shape: tuple[int, ...], config: dict[str, Any] | str) -> HFClassifier:
-    """`hf`: the architecture a checkpoint folder (or its recorded config) describes, head for `num_classes`."""
-    return HFClassifier(model_config(config), num_classes, input_shape)
+def from_checkpoint_config(num_classes: int, input_shape: tuple[int, ...], config: dict[str, Any] | str, head: str = "classify") -> nn.Module:
+    """`hf`: the architecture a checkpoint folder (or its recorded config) describes, with the task's head."""
+    return with_head(model_config(config), num_classes, input_shape, head)
 
 
 def family_config(name: str, tokenizer: str | None, **overrides):
@@ -172,16 +227,23 @@ def family_config(name: str, tokenizer: str | None, **overrides):
     for key, value in sizes.items():
         if key == "intermediate_size" and not hasattr(config, key) and hasattr(config, "hidden_dim"):
             key = "hidden_dim"  # DistilBERT's name for it
+        if key == "intermediate_size" and hasattr(config, "n_inner"):
+            key = "n_inner"  # GPT-2's
         setattr(config, key, value)
     heads, width = config.num_attention_heads, config.hidden_size
     if width % heads:
         raise ConfigError(f"`students` {name}: hidden size {width} is not a multiple of {heads} heads: change H or A")
+    if getattr(config, "num_key_value_heads", None) is not None and "num_key_value_heads" not in sizes:
+        config.num_key_value_heads = heads  # grouped-query families (llama, qwen2): one key/value head per head unless asked
+    if getattr(config, "head_dim", None) is not None and "head_dim" not in sizes:
+        config.head_dim = width // heads  # set from the defaults' sizes when the config was made
     return config
 
 
-def from_family(name: str, num_classes: int, input_shape: tuple[int, ...], tokenizer: str | None = None, **overrides) -> HFClassifier:
-    """`hf.<family>-L..-H..` built for the data (family_config)."""
-    return HFClassifier(family_config(name, tokenizer, **overrides), num_classes, input_shape)
+def from_family(name: str, num_classes: int, input_shape: tuple[int, ...], tokenizer: str | None = None, head: str = "classify",
+                **overrides) -> nn.Module:
+    """`hf.<family>-L..-H..` built for the data (family_config), with the task's head."""
+    return with_head(family_config(name, tokenizer, **overrides), num_classes, input_shape, head)
 
 
 def check_fit(config, field: str, max_length: int, vocab: int) -> None:
@@ -212,14 +274,15 @@ def check_layers_fit(student, teacher, name: str) -> None:
 def load_checkpoint(model: nn.Module, path: str | Path, field: str, new_head_ok: bool) -> bool:
     """A checkpoint folder's weights into an `hf` model (transformers' own loading: a base model's
     folder, or a classifier's of another class count, leaves the head new). Returns whether it did."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet()
-    if not isinstance(model, HFClassifier):
+    if not isinstance(model, (HFClassifier, HFCausalLM)):
         raise ConfigError(f"`{field}` {str(path)!r} is a Hugging Face checkpoint folder: use it with an hf model (teacher.arch: hf)")
     target = model.net
+    auto = AutoModelForCausalLM if isinstance(model, HFCausalLM) else AutoModelForSequenceClassification
     try:
-        loaded, info = AutoModelForSequenceClassification.from_pretrained(
+        loaded, info = auto.from_pretrained(
             str(path), config=target.config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
             ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:

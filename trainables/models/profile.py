@@ -15,6 +15,7 @@ from safetensors.torch import save as st_save
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.tasks import Inputs, task_named
+from trainables.tensor_files import untied
 
 
 def param_count(model: nn.Module) -> int:
@@ -23,7 +24,7 @@ def param_count(model: nn.Module) -> int:
 
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of the model's state dict as safetensors (what a deployment would ship)."""
-    return len(st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    return len(st_save(untied(model.state_dict())))
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from trainables.models.ensemble import ENSEMBLE, EnsembleCard, EnsembleTeacher, 
 from trainables.models import check_model, create_model
 from trainables.registry import ConfigError, missing
 from trainables.models.weights import file_sha256
+from trainables.tensor_files import retied, untied
 
 WEIGHTS, CARD = "teacher.safetensors", "teacher.json"
 
@@ -29,7 +30,7 @@ def save_teacher(model: nn.Module, out_dir: str | Path, card: TeacherCard | Mapp
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fields = card.model_dump() if isinstance(card, TeacherCard) else dict(card)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = untied(model.state_dict())
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(state, str(tmp))
         saved = build(TeacherCard, {**fields, "sha256": file_sha256(tmp)})
@@ -140,7 +141,7 @@ def load_teacher(
         raise ConfigError(f"`teacher.path` has a corrupt {WEIGHTS} ({e}) in {path}: retrain the teacher") from None
     model = create_model(card.arch, card.num_classes, card.input_shape, **card.arch_kwargs)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(retied(model, state))
     except RuntimeError as e:
         raise ConfigError(f"`teacher.path` weights do not fit arch={card.arch!r} ({str(e).splitlines()[0]}): retrain the teacher") from None
     for q in model.parameters():

@@ -1,5 +1,5 @@
-"""The task contract: what differs between kinds of work (image classification, text
-classification, ...) lives in one `Task` each, chosen once from the dataset (`task_for`). The
+"""The task contract: what differs between kinds of work (image, text and audio classification,
+causal language modelling) lives in one `Task` each, chosen once from the dataset (`task_for`). The
 trial loop, the driver's checks, the metrics' declarations and the report ask the task; they do
 not test the modality.
 
@@ -73,11 +73,76 @@ class Task:
     serving: ClassVar[str] = "tensors"
     #: the exported model's input name (ONNX)
     input_name: ClassVar[str] = "inputs"
+    #: the logits its models give and its losses score: "classes" (N, C) per example, or "tokens"
+    #: (N, L, V), one next-token distribution per position (trainables.losses: DistillLoss.reads)
+    outputs: ClassVar[str] = "classes"
+    #: the loss whose alpha=0 form is the task's plain cross-entropy (what a teacher trains with)
+    ce_loss: ClassVar[str] = "kd"
+    #: the numbers `validate` reports, behind a split prefix (val_, test_): name -> higher is better
+    split_metrics: ClassVar[dict[str, bool]] = {"acc": True, "macro_recall": True, "macro_f1": True, "nll": False, "ece": False,
+                                                "top5_acc": True, "agreement": True, "kl_teacher": False}
 
     @property
     def throughput(self) -> str:
         """The epoch metric that counts training examples per second."""
         return f"{self.unit}_per_s"
+
+    def per_example(self, shape: tuple[int, ...]) -> int:
+        """How many `unit`s one example of `shape` counts for in the throughput (1: the example itself)."""
+        return 1
+
+    def validate(self, trial: Any, model: "torch.nn.Module", final: bool) -> tuple[dict[str, float], dict[str, Any]]:
+        """The epoch's val numbers (`val_` + split_metrics' names, against the teacher where the
+        trial has one) and, after the final epoch (`final`, on rank 0), its tables and the
+        robustness suite's summary (`trial`: trainables.loop.Trial). Classification: every val
+        logit row at once (one (N, C) tensor), per-class scores, the task's corruption suite."""
+        from trainables.eval.classification import classification_metrics, per_class
+
+        splits, cfg = trial.splits, trial.cfg
+        logits = trial.evaluate(model, splits.val_x)
+        val = classification_metrics(logits, splits.val_y, trial.targets.val_logits)
+        tables: dict[str, Any] = {}
+        if final and trial.rank == 0:
+            tables["per_class"] = {k: v.tolist() for k, v in per_class(logits, splits.val_y).items()}
+            n = min(cfg.train.robust_samples, len(splits.val_y))
+            clean = float((logits[:n].argmax(1) == splits.val_y[:n]).float().mean()) if n else 0.0
+            if n:  # the task's suite: corrupted images, or texts with typos and dropped or swapped words (tokenized again)
+                summary, tables["corruptions"] = self.robustness(lambda x: trial.evaluate_counted(model, x), splits, "val", n, cfg.seed,
+                                                                 cfg.train.eval_batch_size, clean)
+                val.update(summary)
+        return val, tables
+
+    def evaluate_split(self, student, teacher, splits: "DataSplits", split: str = "test", members=(), student_splits=None, seed: int = 0,
+                       batch: int = 2048) -> dict[str, dict[str, float]]:
+        """Clean metrics and the task's corruption suite on one split (`<split>_acc`, ...), for the
+        student and its teacher (and an ensemble's `members`, by name), the student's agreement with
+        the teacher too. Models take raw inputs (their own normalization inside) or token ids: the
+        student those of `student_splits` when it has its own tokenizer (the same examples in the
+        same order)."""
+        import contextlib
+
+        from trainables.eval.inference import predict
+        from trainables.eval.classification import classification_metrics
+
+        def logits_of(model, x):
+            return predict(model, x, lambda v: v.float(), batch, contextlib.nullcontext, False)
+
+        xs, ys = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        t_logits = logits_of(teacher, xs) if teacher is not None else None
+        out = {}
+        for who, model in (("student", student), ("teacher", teacher), *members):
+            if model is None:
+                continue
+            own = who == "student" and student_splits is not None
+            logits = t_logits if who == "teacher" else logits_of(model, getattr(student_splits, f"{split}_x") if own else xs)
+            m = classification_metrics(logits, ys, t_logits if who == "student" else None, prefix=f"{split}_")
+            summary, _ = self.robustness(lambda x, model=model: logits_of(model, x), splits, split, None, seed, batch, m[f"{split}_acc"],
+                                         student_splits.tokenizer if own else None)  # text: its tokens, its tokenizer
+            m.update({f"{split}_{k}": v for k, v in summary.items()})
+            if who not in ("student", "teacher"):
+                m["params"] = sum(p.numel() for p in model.parameters())
+            out[who] = m
+        return out
 
     @classmethod
     def claims(cls, arch: str) -> bool:
@@ -166,4 +231,4 @@ def task_named(name: str) -> Task:
     return TASKS.get(name)()
 
 
-from trainables.tasks import audio, image, text  # noqa: E402,F401  (the built-in tasks register themselves)
+from trainables.tasks import audio, causal_lm, image, text  # noqa: E402,F401  (the built-in tasks register themselves)

@@ -1,0 +1,115 @@
+"""Causal language modelling: token ids (N, max_length) of the dataset's tokenizer with one label
+per position (-100 where nothing is scored); Hugging Face causal LMs (`hf` checkpoints,
+hf.<family> configs such as hf.gpt2-L2-H128-A2, hf.llama-..., hf.qwen2-...) with the
+AutoModelForCausalLM head; token losses (fkl, rkl, jsd, skl, srkl, tvd: trainables.losses.lm);
+perplexity, minimised, as the objective."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainables.registry import ConfigError
+from trainables.tasks import TASKS, Task
+
+if TYPE_CHECKING:
+    from trainables.config import DatasetConfig
+
+
+@TASKS.register(name="causal_lm")
+class CausalLM(Task):
+    name = "causal_lm"
+    input_words = "token ids for a causal language model"
+    unit = "tokens"
+    datasets = ("lm_text",)
+    models = ("hf", "hf.")
+    models_hint = "use hf.<family> causal LMs (hf.gpt2-L2-H128-A2, hf.llama-..., hf.qwen2-...) or teacher.arch hf with lm_text data"
+    objective = "val_ppl:min"
+    serving = "tokens"
+    input_name = "input_ids"
+    outputs = "tokens"
+    ce_loss = "fkl"
+    split_metrics = {"nll": False, "ppl": False, "acc": True, "agreement": True, "kl_teacher": False, "teacher_nll": False,
+                     "teacher_ppl": False}
+
+    def per_example(self, shape):
+        return int(shape[0])
+
+    def input_description(self, shape, model_kwargs):
+        return f"token ids (N, L <= {shape[0]}) from the tokenizer beside the weights; logits (N, L, vocabulary) for the next token"
+
+    def example_input(self, shape, batch, device, dtype=None):
+        """Token ids (N, L), all 1 (an id every vocabulary has)."""
+        import torch
+
+        return torch.ones(batch, *shape, dtype=torch.long, device=device)
+
+    def validate(self, trial, model, final):
+        """Streamed over val (trainables.eval.lm): NLL, perplexity, next-token accuracy, and against
+        the teacher (the trial's, a control's too) agreement, KL and the teacher's own perplexity."""
+        from trainables.eval.lm import eval_batch, lm_metrics
+
+        splits = trial.splits
+        batch = eval_batch(trial.cfg.train.eval_batch_size, splits.input_shape[0], splits.num_classes)
+        return lm_metrics(model, trial.targets.val_model, splits.val_x, splits.val_y, batch, trial.device, trial.autocast), {}
+
+    def evaluate_split(self, student, teacher, splits, split="test", members=(), student_splits=None, seed=0, batch=2048):
+        """NLL, perplexity and next-token accuracy of the student (with agreement and KL against the
+        teacher) and of the teacher, streamed over the split."""
+        import contextlib
+
+        import torch
+
+        from trainables.eval.lm import eval_batch, lm_metrics
+
+        xs, ys = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        batch = eval_batch(batch, splits.input_shape[0], splits.num_classes)
+        out = {"student": lm_metrics(student, teacher, xs, ys, batch, torch.device("cpu"), contextlib.nullcontext, prefix=f"{split}_")}
+        if teacher is not None:
+            out["teacher"] = lm_metrics(teacher, None, xs, ys, batch, torch.device("cpu"), contextlib.nullcontext, prefix=f"{split}_")
+        return out
+
+    def robustness(self, predict, splits, split, n, seed, batch, clean_acc, tokenizer=None):
+        return {}, {}
+
+    def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
+        """No dataset.tokenizer: the teacher checkpoint's."""
+        if dataset.tokenizer is None and checkpoint:
+            return dataset.model_copy(update={"tokenizer": checkpoint})
+        return dataset
+
+    def model_kwargs(self, arch: str, weights: str | None, dataset: "DatasetConfig") -> dict[str, Any]:
+        """The causal-LM head; an hf.<family> model's tokenizer: the one saved with its weights, else the data's."""
+        from trainables.hf_files import has_tokenizer
+        from trainables.models.hf import PREFIX
+
+        if arch == "hf":
+            return {"head": "causal_lm"}
+        if not arch.startswith(PREFIX):
+            return {}
+        return {"head": "causal_lm", "tokenizer": weights if weights and has_tokenizer(weights) else dataset.tokenizer}
+
+    def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
+        from trainables.hf_files import load_tokenizer
+
+        load_tokenizer(dataset.resolved().tokenizer).save_pretrained(str(folder))
+
+    def check_models(self, cfg: Any, input_shape: tuple[int, ...]) -> None:
+        """Every vocabulary and position table holds the data's tokens; every student reads the
+        teacher's tokenizer (token losses compare distributions over one vocabulary)."""
+        from trainables.hf_files import tokenizer_info
+        from trainables.models.hf import PREFIX, check_fit, family_config, model_config
+
+        length, tokenizer = input_shape[0], cfg.dataset.resolved().tokenizer
+        vocab = tokenizer_info(tokenizer)["vocab_size"]
+        for t in cfg.members:
+            if t.arch == "hf" and not t.path:
+                check_fit(model_config(t.arch_kwargs["config"]), "teacher.weights", length, vocab)
+            elif t.arch.startswith(PREFIX) and not t.path:
+                check_fit(family_config(t.arch, tokenizer, **{k: v for k, v in t.arch_kwargs.items() if k != "head"}), "teacher.arch",
+                          length, vocab)
+        for s in cfg.students:
+            own = cfg.student_kwargs(s).get("tokenizer")
+            if own != tokenizer and cfg.loss.distills:
+                raise ConfigError(f"`student_weights.{s}` brings its own tokenizer, whose vocabulary is not the teacher's: the token losses "
+                                  "(fkl, rkl, jsd, skl, srkl, tvd) compare one vocabulary: give the student the teacher's tokenizer")
+            check_fit(family_config(s, own), f"students {s}", length, tokenizer_info(own)["vocab_size"])
