@@ -47,6 +47,8 @@ ENTRY_POINTS = {
     "trainables.data.normalize": ("Normalized",),
     "trainables.card": ("StudentCard", "build_card", "write_card"),
     "trainables.hf_files": ("load_tokenizer",),
+    # a language model's prompts (its registered model's input example, its export's check)
+    "trainables.data.lm": ("prompts_of",),
 }
 _WHERE = {name: module for module, names in ENTRY_POINTS.items() for name in names}
 _RENAMED = {"build_card": "build", "write_card": "write"}

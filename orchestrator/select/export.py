@@ -149,5 +149,55 @@ def export_tokens(normalized, card: StudentCard, splits, task: Task, dataset, tr
     return path
 
 
+class NextTokenLogits(torch.nn.Module):
+    """A causal-LM student as its decoder's ONNX takes it: input_ids (int64, (batch, sequence)) in,
+    next-token logits (batch, sequence, vocabulary) out (right padding needs no mask in a causal model)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.net = model.net
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids, use_cache=False).logits
+
+
+def export_generator(normalized, card: StudentCard, splits, task: Task, dataset, tracker: SweepTracker, run_id: str, fmt: str,
+                     out_dir: Path) -> Path:
+    """A causal-LM student as a Hugging Face folder (save_pretrained, its tokenizer beside it: it
+    loads with AutoModelForCausalLM.from_pretrained and generates without kdsweep); `onnx` adds its
+    decoder's logits as student.onnx (dynamic batch and sequence), checked with onnxruntime against
+    PyTorch on test examples."""
+    model = normalized.model
+    tokenizer = load_tokenizer(card.arch_kwargs["tokenizer"], "student card arch_kwargs.tokenizer")
+    model.net.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    path = out_dir
+    if fmt == "onnx":
+        ids = splits.test_x[:64].long()
+        wrapped = NextTokenLogits(model).eval()
+        with torch.no_grad():
+            expected = wrapped(ids)
+        path = out_dir / "student.onnx"
+        batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=getattr(model.config, "max_position_embeddings", ids.shape[1]))
+        torch.onnx.export(wrapped, (ids[:2],), str(path), input_names=["input_ids"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq}}, dynamo=True, external_data=False, verbose=False)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
+        diff = (got - expected).abs().max().item()
+        bound = TOLERANCE * max(1.0, expected.abs().max().item())
+        log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test examples = %.3g (bound %.3g)", run_id, path, len(ids), diff, bound)
+        if not diff <= bound:
+            raise ConfigError(f"`--format onnx` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test examples")
+        tracker.log_metrics(run_id, {"export_onnx_max_abs_diff": diff}, step=0)
+    elif fmt != "safetensors":
+        raise ConfigError("`--format torchscript` is not made for causal LMs: export one with --format onnx or safetensors (a save_pretrained folder)")
+    for f in sorted(p for p in out_dir.iterdir() if p.is_file()):
+        tracker.log_files(run_id, f, "export")
+    log.info("exported %s to %s (save_pretrained folder%s, tokenizer beside it)", run_id, out_dir, " and student.onnx" if fmt == "onnx" else "")
+    return path
+
+
 #: Task.serving -> how a student of that kind is exported
-SERVING = {"tensors": export_tensors, "tokens": export_tokens}
+SERVING = {"tensors": export_tensors, "tokens": export_tokens, "generate": export_generator}

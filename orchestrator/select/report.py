@@ -12,7 +12,7 @@ from orchestrator.plan.confirm import confirmations, table
 from orchestrator.track.rows import TrialRow
 from orchestrator.select.selection import COMPLETE, USABLE, gains_by_method, gains_by_method_header, leaderboard, pareto_front
 from orchestrator.track.store import SweepTracker, Tag
-from trainables.eval.metrics import LEADERBOARD, Objective, metric
+from trainables.eval.metrics import Objective, metric
 from trainables.api import Task, task_for
 
 
@@ -138,7 +138,7 @@ def write_report(saved, tracker: SweepTracker, parent_id: str, out: str | None =
     robust = robustness_rows(task, test, champion, control)
     robustness_plot(task, robust, out_dir / "robustness.png")
 
-    lb = md_table([*LEADERBOARD, "seed", "confirms"], [[metric(c).show(r.value(c)) for c in LEADERBOARD] + [r.seed, r.confirms] for r in rows])
+    lb = md_table([*task.leaderboard, "seed", "confirms"], [[metric(c).show(r.value(c)) for c in task.leaderboard] + [r.seed, r.confirms] for r in rows])
     searched = [r for r in rows if not r.confirms]
     what = cfg.primary.label
     gains = md_table(["student", f"alpha=0 {what} (final)", f"KD {what}", "KD epochs", "KD setting", "KD gain", "compared at",

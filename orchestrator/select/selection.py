@@ -176,12 +176,32 @@ def _register_tokens(tracker: SweepTracker, cfg: SweepConfig, run_id: str, norma
     return int(info.registered_model_version)
 
 
+def _register_generator(tracker: SweepTracker, cfg: SweepConfig, run_id: str, normalized: Normalized, splits, student: str) -> int:
+    """A causal-LM champion as an MLflow model that generates: prompts in, continuations out
+    (orchestrator/select/lm_model.py, logged as code), the student saved with save_pretrained beside
+    its tokenizer, needing transformers alone. The input example: the starts of two test examples."""
+    import mlflow.pyfunc
+
+    from trainables.api import prompts_of
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "student"
+        tokenizer = load_tokenizer(splits.tokenizer)
+        normalized.model.net.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        with tracker.active(run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("lm_model.py")), artifacts={"student": str(folder)},
+                input_example=prompts_of(splits, "test", tokenizer, 2), params={"max_new_tokens": 20, "temperature": 0.0, "seed": 0},
+                registered_model_name=cfg.registered_model,
+                pip_requirements=[f"torch=={__import__('torch').__version__.split('+')[0]}", f"transformers=={__import__('transformers').__version__}",
+                                  "tokenizers", "pandas", f"mlflow=={mlflow.__version__}"],
+                metadata={"input": "prompts (a list of strings, or a DataFrame's first column)", "output": "prompt, generated"})
+    return int(info.registered_model_version)
+
+
 #: Task.serving -> how a champion of that kind is registered
-REGISTER = {"tensors": _register_tensors, "tokens": _register_tokens}
-
-
-VS_KEYS = (("test_acc", "clean acc"), ("test_macro_f1", "macro F1"), ("test_robust_acc", "mean corruption acc"),
-           ("test_relative_robustness", "relative robustness"), ("test_ece", "ECE"), ("test_nll", "NLL"))
+REGISTER = {"tensors": _register_tensors, "tokens": _register_tokens, "generate": _register_generator}
 
 
 def latency_how(record: dict[str, Any] | None) -> str:
@@ -191,11 +211,11 @@ def latency_how(record: dict[str, Any] | None) -> str:
     return f"{record['threads']} thread{'' if record['threads'] == 1 else 's'}, interleaved with the teacher, {record['when']}"
 
 
-def student_vs_teacher(test: dict[str, dict[str, float]], winner: TrialRow, how: str) -> str:
-    """Markdown table: the winner beside its teacher on the test split, with compression ratios;
-    `how` says how the latencies behind the speedup were timed (latency_how)."""
-    lines = ["| | " + " | ".join(label for _, label in VS_KEYS) + f" | params | compression (params) | speedup (CPU, batch 1; {how}) |",
-             "|---" * (len(VS_KEYS) + 4) + "|"]
+def student_vs_teacher(test: dict[str, dict[str, float]], winner: TrialRow, how: str, keys: tuple[tuple[str, str], ...]) -> str:
+    """Markdown table: the winner beside its teacher on the test split (`keys`: the task's numbers,
+    Task.versus), with compression ratios; `how` says how the latencies behind the speedup were timed (latency_how)."""
+    lines = ["| | " + " | ".join(label for _, label in keys) + f" | params | compression (params) | speedup (CPU, batch 1; {how}) |",
+             "|---" * (len(keys) + 4) + "|"]
     for who in ("teacher", *sorted(k for k in test if k.startswith("teacher[")), "student"):
         if who not in test:
             continue
@@ -205,7 +225,7 @@ def student_vs_teacher(test: dict[str, dict[str, float]], winner: TrialRow, how:
         ratio = "-" if member else "1.00x" if who == "teacher" else f"{winner.metrics.get('compression_params', float('nan')):.2f}x"
         speed = "-" if member else "1.00x" if who == "teacher" else f"{winner.metrics.get('speedup_latency_cpu_b1', float('nan')):.2f}x"
         name = f"{who} (member)" if member else "teacher" if who == "teacher" else f"champion ({winner.student})"
-        lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k, _ in VS_KEYS)
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k, _ in keys)
                      + f" | {params if params is None else int(params)} | {ratio} | {speed} |")
     return "\n".join(lines) + "\n"
 
@@ -232,12 +252,14 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     if not rows:
         raise ConfigError(f"`NAME` sweep {cfg.name!r} has no trial runs in MLflow yet: run it first")
     searched = [r for r in rows if not r.confirms]
-    log.info("%s", format_table(searched, "leaderboard (search trials; kd_gain@N: stopped at epoch N, against the control at epoch N)"))
-    log_leaderboard(tracker, parent_id, rows)
+    columns = cfg.task.leaderboard
+    log.info("%s", format_table(searched, "leaderboard (search trials; kd_gain@N: stopped at epoch N, against the control at epoch N)", columns))
+    log_leaderboard(tracker, parent_id, rows, columns)
     if len({r.loss for r in searched}) > 1:  # a method search: which method helped which student
         log.info("%s", text_table(gains_by_method_header(cfg.primary), gains_by_method(searched, cfg.primary),
                                   "KD gain by method (finished search trials, against the control at the same epoch)"))
-    log.info("%s", format_table(pareto_front(searched, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")"))
+    log.info("%s", format_table(pareto_front(searched, objs), "Pareto front (" + ", ".join(f"{o.key} {'up' if o.maximize else 'down'}" for o in objs) + ")",
+                                columns))
     if not any(r.status in COMPLETE for r in rows):
         counts = ", ".join(f"{n} {status}" for status, n in sorted(Counter(r.status for r in rows).items()))
         error = next((r.error for r in rows if r.error), None)
@@ -272,7 +294,7 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
         tracker.log_metrics(winner.run_id, test["student"], step=0)
         tracker.log_text(winner.run_id, json.dumps(test, indent=2), "eval/test.json")
         tracker.set_tag(winner.run_id, Tag.TEST_EVALUATED, "true")
-    table = student_vs_teacher(test, winner, latency_how(tracker.read_json(parent_id, LATENCY_RECORD)))
+    table = student_vs_teacher(test, winner, latency_how(tracker.read_json(parent_id, LATENCY_RECORD)), cfg.task.versus)
     tracker.log_metrics(parent_id, {"champion_val_acc": winner.val_acc, **{f"champion_{k}": v for k, v in test["student"].items()},
                                     **{f"teacher_{k}": v for k, v in test.get("teacher", {}).items()}, **confirmed_metrics(winner),
                                     **{f"teacher_member{who[8:who.index(']')]}_test_acc": m["test_acc"] for who, m in test.items()
@@ -281,12 +303,14 @@ def select(cfg: SweepConfig, tracker: SweepTracker, parent_id: str, objectives: 
     tracker.log_text(parent_id, table, "champion_vs_teacher.md")
     version = register(tracker, cfg, winner.run_id, model, own, winner.student)
     log.info("\nchampion vs teacher (test split, once)\n%s", table)
-    log.info(f"champion: {winner.student} (trial {winner.trial_id}) val_acc={winner.val_acc:.4f} "
-             f"test_acc={test['student']['test_acc']:.4f} -> models:/{cfg.registered_model}@champion (version {version})")
+    key = cfg.primary.key
+    test_key = "test_" + key.removeprefix("val_")
+    log.info(f"champion: {winner.student} (trial {winner.trial_id}) {key}={winner.value(key):.4f} "
+             f"{test_key}={test['student'].get(test_key, float('nan')):.4f} -> models:/{cfg.registered_model}@champion (version {version})")
     if winner.confirmed:
         c = winner.confirmed
-        log.info(f"  confirmed on {len(c.kd)} seed(s): val_acc {c.mean():.4f}" + (f" +- {c.std():.4f}" if c.std() is not None else "")
-                 + f"; {c.verdict()}. Registered: seed {winner.seed} (run {winner.run_id}), the best val_acc of its seeds; "
+        log.info(f"  confirmed on {len(c.kd)} seed(s): {key} {c.mean():.4f}" + (f" +- {c.std():.4f}" if c.std() is not None else "")
+                 + f"; {c.verdict()}. Registered: seed {winner.seed} (run {winner.run_id}), the best {key} of its seeds; "
                  "the test split was touched for it alone")
     return Selected(winner, test, version, table, rows)
 
@@ -307,13 +331,13 @@ def confirmed_metrics(winner: TrialRow) -> dict[str, float]:
     return out
 
 
-def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[TrialRow]) -> None:
+def log_leaderboard(tracker: SweepTracker, parent_id: str, rows: list[TrialRow], columns: tuple[str, ...] = LEADERBOARD) -> None:
     """Each trial's KD gain as a metric of its run (a column in the MLflow UI), and the leaderboard
     as a table artifact of the parent run (MLflow's table view)."""
     for r in rows:
         if r.kd_gain is not None:
             tracker.log_metrics(r.run_id, {"kd_gain": r.kd_gain}, step=r.epochs)
-    columns = [*LEADERBOARD, "seed", "confirms", "trial_id", "run_id"]
+    columns = [*columns, "seed", "confirms", "trial_id", "run_id"]
     tracker.log_table(parent_id, {c: [r.value(c) for r in rows] for c in columns}, "leaderboard.json")
 
 

@@ -167,3 +167,14 @@ def _read_columns(path: Path, prompt_column: str, response_column: str) -> tuple
         except ConfigError as e:
             raise ConfigError(str(e).replace("dataset.kwargs.text_column", f"dataset.kwargs.{key}")) from None
     return [path], (columns[0], columns[1])
+
+
+def prompts_of(splits, split: str, tokenizer, n: int, tokens: int = 8) -> list[str]:
+    """The first `n` prompts of a split as text: a pair's prompt (its tokens before the first
+    scored one), or a block's first `tokens` tokens."""
+    out = []
+    for ids, labels in zip(getattr(splits, f"{split}_x")[:n].tolist(), getattr(splits, f"{split}_y")[:n].tolist()):
+        scored = [i for i, v in enumerate(labels) if v != IGNORE]
+        end = scored[0] if scored and scored[0] > 1 else tokens
+        out.append(tokenizer.decode(ids[:end], skip_special_tokens=True))
+    return out

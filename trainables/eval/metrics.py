@@ -75,9 +75,8 @@ EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS, SIZE_METRICS = names("epoch"), names
 SEARCH_OBJECTIVES = tuple(n for n in (*EPOCH_METRICS, *SIZE_METRICS) if n.startswith(("val_", "size_")))
 #: Selection's default: accuracy first (it picks the champion), then the smallest and fastest.
 DEFAULT_OBJECTIVES = ("val_acc:max", "size_params:min", "size_latency_cpu_b1_ms:min")
-#: The leaderboard's columns (selection's table, its MLflow artifact, the report), by name or alias.
-LEADERBOARD = ("student", "loss", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1", "robust_acc", "ece", "params", "bytes",
-               "latency_ms", "epochs")
+#: Every task's leaderboard columns (Task.leaderboard), by name or alias: what the MLflow UI shows first.
+LEADERBOARD = tuple(dict.fromkeys(c for t in _TASKS for c in t.leaderboard))
 #: What one epoch line of a standalone run (and of the teacher's training) shows.
 EPOCH_LINE = ("epoch", "train_loss", "train_kd", "train_ce", "val_acc", "val_loss", "val_ppl", "val_macro_f1", "val_agreement", "robust_acc",
               *THROUGHPUTS, "status")

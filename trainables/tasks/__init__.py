@@ -68,14 +68,22 @@ class Task:
     #: whether train.channels_last applies (the inputs are NCHW images)
     channels_last: ClassVar[bool] = False
     #: how a model of this task is served alone (its registered MLflow model, its exports):
-    #: "tensors" (the splits' inputs as they are, e.g. raw pixels or waveforms) or "tokens" (strings
-    #: in, through its tokenizer); the driver's exporters are keyed by it
+    #: "tensors" (the splits' inputs as they are, e.g. raw pixels or waveforms), "tokens" (strings
+    #: in, through its tokenizer) or "generate" (prompts in, generated text out); the driver's
+    #: exporters are keyed by it
     serving: ClassVar[str] = "tensors"
     #: the exported model's input name (ONNX)
     input_name: ClassVar[str] = "inputs"
     #: the logits its models give and its losses score: "classes" (N, C) per example, or "tokens"
     #: (N, L, V), one next-token distribution per position (trainables.losses: DistillLoss.reads)
     outputs: ClassVar[str] = "classes"
+    #: the leaderboard's columns (selection's table, its MLflow artifact, the report), by metric name or alias
+    leaderboard: ClassVar[tuple[str, ...]] = ("student", "loss", "status", "temperature", "alpha", "lr", "val_acc", "kd_gain", "macro_f1",
+                                              "robust_acc", "ece", "params", "bytes", "latency_ms", "epochs")
+    #: the champion-vs-teacher table's test numbers: (metric, label)
+    versus: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("test_acc", "clean acc"), ("test_macro_f1", "macro F1"), ("test_robust_acc", "mean corruption acc"),
+        ("test_relative_robustness", "relative robustness"), ("test_ece", "ECE"), ("test_nll", "NLL"))
     #: the loss whose alpha=0 form is the task's plain cross-entropy (what a teacher trains with)
     ce_loss: ClassVar[str] = "kd"
     #: the numbers `validate` reports, behind a split prefix (val_, test_): name -> higher is better

@@ -24,12 +24,17 @@ class CausalLM(Task):
     models = ("hf", "hf.")
     models_hint = "use hf.<family> causal LMs (hf.gpt2-L2-H128-A2, hf.llama-..., hf.qwen2-...) or teacher.arch hf with lm_text data"
     objective = "val_ppl:min"
-    serving = "tokens"
+    serving = "generate"
     input_name = "input_ids"
     outputs = "tokens"
     ce_loss = "fkl"
     split_metrics = {"nll": False, "ppl": False, "acc": True, "agreement": True, "kl_teacher": False, "teacher_nll": False,
                      "teacher_ppl": False}
+
+    leaderboard = ("student", "loss", "status", "temperature", "alpha", "lr", "val_ppl", "kd_gain", "val_acc", "agreement", "val_kl_teacher",
+                   "params", "bytes", "latency_ms", "epochs")
+    versus = (("test_ppl", "perplexity"), ("test_nll", "NLL"), ("test_acc", "next-token acc"), ("test_agreement", "agreement with the teacher"),
+              ("test_kl_teacher", "KL(teacher || student)"))
 
     def per_example(self, shape):
         return int(shape[0])
