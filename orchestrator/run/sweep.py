@@ -57,6 +57,7 @@ class Plan:
     random_views: bool  # augmentation draws new views per seed: a confirmation seed's are not in the teacher cache
     notes: list[str]  # what will not take full effect (a loss's warm-up longer than the trials)
     cache: str  # what the teacher cache holds and costs
+    label_words: str = "classes"  # what a logit indexes (Task.label_words)
 
     def describe(self) -> str:
         total = sum(n for _, _, n in self.studies)
@@ -74,7 +75,7 @@ class Plan:
             f"  data: {self.data.n_train} train"
             + (f" + {self.data.n_unlabeled} unlabelled (the distillation term only; controls train on the labelled)"
                if self.data.n_unlabeled else "")
-            + f" / {self.data.n_val} val / {self.data.n_test} test, {self.data.num_classes} classes, input {self.data.input_shape}"
+            + f" / {self.data.n_val} val / {self.data.n_test} test, {self.data.num_classes} {self.label_words}, input {self.data.input_shape}"
             + (f", {len(self.data.skipped)} undecodable file(s) skipped" if self.data.skipped else ""),
             f"  teacher: {self.teacher}",
             f"  teacher cache: {self.cache}",
@@ -107,7 +108,8 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
                 first_trials(cfg, sum(n for _, _, n in trial_budget(cfg))), (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
-                not cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static, warmup_notes(cfg), cache_line(cfg, info))
+                not cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static, warmup_notes(cfg), cache_line(cfg, info),
+                cfg.task.label_words)
     return plan, info
 
 
@@ -115,6 +117,8 @@ def cache_line(cfg: SweepConfig, info: DataInfo) -> str:
     """The plan's line on the teacher cache: what a view costs, what an epoch costs, when it is built."""
     if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online":
         return "off (every KD trial runs the teacher)"
+    if not cfg.task.cached_targets:
+        return f"off: {cfg.task.name.replace('_', ' ')} targets are not cached (every KD trial runs the teacher on every batch)"
     members = len(cfg.members) if cfg.is_ensemble and cfg.ensemble.combine == "probs" else 1
     per_view = bytes_per_view(info.num_classes, cfg.train.teacher_topk, members)
     views = info.n_train + info.n_unlabeled
@@ -278,7 +282,8 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, num_classes: i
     waits for views it will not reach. None when no trial would read it."""
     from trainables.api import LOSSES, create_cache, read_teacher_card
 
-    if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
+    if (not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or not cfg.task.cached_targets
+            or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods)):
         return None
     path = create_cache(cfg.trial(cfg.students[0], teacher_path=teacher), read_teacher_card(teacher), sweep_dir / "teacher_cache", num_classes)
     log.info("teacher cache: %s", path)

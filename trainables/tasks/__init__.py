@@ -84,6 +84,11 @@ class Task:
     versus: ClassVar[tuple[tuple[str, str], ...]] = (
         ("test_acc", "clean acc"), ("test_macro_f1", "macro F1"), ("test_robust_acc", "mean corruption acc"),
         ("test_relative_robustness", "relative robustness"), ("test_ece", "ECE"), ("test_nll", "NLL"))
+    #: what a logit indexes, in messages ("classes"; a language model's "vocabulary tokens")
+    label_words: ClassVar[str] = "classes"
+    #: whether the sweep's teacher cache holds its targets (one row of logits per example); a task
+    #: without runs the teacher on every batch
+    cached_targets: ClassVar[bool] = True
     #: the loss whose alpha=0 form is the task's plain cross-entropy (what a teacher trains with)
     ce_loss: ClassVar[str] = "kd"
     #: the numbers `validate` reports, behind a split prefix (val_, test_): name -> higher is better

@@ -27,6 +27,8 @@ class CausalLM(Task):
     serving = "generate"
     input_name = "input_ids"
     outputs = "tokens"
+    label_words = "vocabulary tokens"
+    cached_targets = False  # per-token top-k targets are not cached yet: the teacher runs on every batch
     ce_loss = "fkl"
     split_metrics = {"nll": False, "ppl": False, "acc": True, "agreement": True, "kl_teacher": False, "teacher_nll": False,
                      "teacher_ppl": False}
