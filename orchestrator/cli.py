@@ -55,7 +55,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     log.info("distilling %s (loss=%s, T=%s, alpha=%s, lr=%s) on %s", student, cfg.loss.name, cfg.loss.temperature, cfg.loss.alpha,
              cfg.train.optimizer.lr, cfg.dataset.name)
     result = train(trial)
-    log.info("final val_acc=%.4f params=%d", result.metrics["val_acc"], int(result.metrics.get("size_params", 0)))
+    key = cfg.primary.key
+    log.info("final %s=%.4f params=%d", key, result.metrics.get(key, float("nan")), int(result.metrics.get("size_params", 0)))
     return 0
 
 

@@ -258,7 +258,7 @@ def lm_yaml(path: Path, corpus: Path, tok: Path, name: str = "lm", **over) -> Pa
                     "optimizer": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.0}},
         "students": ["hf.gpt2-L1-H16-A2", "hf.llama-L1-H16-A2-I32"],
         "loss": {"name": "fkl", "temperature": 1.0, "alpha": 0.5},
-        "train": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.0}},
+        "train": {"epochs": 1, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 5e-3, "weight_decay": 0.0}, "teacher_topk": 8},
         "search": {"loss.name": {"type": "categorical", "choices": ["fkl", "rkl", "jsd"]}, "alpha": {"type": "float", "low": 0.0, "high": 1.0}},
         "budget": {"num_samples": 5, "max_concurrent": 1, "grace_period": 1, "reduction_factor": 2, "confirm": {"top": 1, "seeds": 2}},
         "mode": "joint", "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "num_workers": 1},
@@ -318,6 +318,18 @@ def test_bad_lm_inputs_exit_2_with_one_line_before_ray(lm_case, tmp_path, capsys
         assert os.listdir(work) == [], (over, os.listdir(work))
 
 
+def test_the_plan_prices_the_per_token_cache(lm_case, tmp_path):
+    from orchestrator.plan.config import load_config
+    from orchestrator.plan.prepare import check_data
+    from orchestrator.run.sweep import cache_line
+
+    cfg = load_config(str(lm_yaml(tmp_path, *lm_case[:2])), [])
+    info = check_data(cfg)
+    # 8 fp16 values, 8 int16 token ids and 6 fp16 fills a token; 16 tokens a block
+    line = cache_line(cfg, info)
+    assert line.startswith(f"top-8 of 30 logits (the rest: bucket), 44 bytes a token (704 a block of 16), {704 * info.n_train / 2**20:.1f} MiB"), line
+
+
 @pytest.mark.integration
 def test_lm_sweep_end_to_end(lm_case, tmp_path, ray_address, monkeypatch):
     import mlflow
@@ -340,6 +352,11 @@ def test_lm_sweep_end_to_end(lm_case, tmp_path, ray_address, monkeypatch):
     assert count_rows(db, "select count(*) from metrics where key='val_agreement'") >= 5
     assert count_rows(db, "select count(*) from metrics where key='tokens_per_s' and value > 0") >= 5
     assert count_rows(db, "select count(*) from metrics where key like 'val_macro%' or key like 'corr_%'") == 0  # no classification numbers
+    # KD trials read the teacher's per-token targets from the sweep's cache, built once by the first (fixed views)
+    assert count_rows(db, "select count(*) from tags where key='kdsweep.teacher_targets' and value='cache'") >= 3
+    (static,) = (tmp_path / "runs" / "lm" / "teacher_cache").glob("*/static.pt")
+    stored = torch.load(static, weights_only=True)  # each train block's every position: its top 8 of the 30 tokens, and the rest's fill
+    assert stored["values"].shape[1:] == (16, 8) and stored["indices"].shape[1:] == (16, 8) and stored["values"].dtype == torch.float16
     # confirmation: the finalist on 2 seeds beside its control; the champion tested once, in perplexity
     assert count_rows(db, "select count(*) from tags where key='kdsweep.confirms'") >= 1
     assert count_rows(db, "select count(*) from metrics where key='champion_test_ppl' and value > 1") == 1

@@ -81,25 +81,26 @@ def teacher_targets(cfg: TrialConfig, teacher: nn.Module | None, card: TeacherCa
         raise ConfigError("`train.teacher_targets=precomputed` needs fixed views: set dataset.augment to crop_pad: 0, flip: false")
     if teacher is None:
         return TeacherTargets("none", None, False, None)
-    if task_for(cfg.dataset.name).outputs == "tokens":  # next-token distributions: the teacher on every batch, and on val each epoch
-        source = "online" if cfg.loss.distills else "none"
-        return TeacherTargets(source, teacher if cfg.loss.distills else None, needs_features, None, val_model=teacher)
+    held = task_for(cfg.dataset.name).whole_split_logits  # else val is scored against the teacher each epoch (val_model)
     cache = None
     if not needs_features and cfg.train.teacher_targets != "online":
         cache = TeacherCache.open(cfg.teacher_cache, cfg, card)
     members = members_of(teacher)
+    val, forwards = None, 0
     if cache is not None:
         cache.builder = Builder(cfg, teacher, card, splits, on_device, next(teacher.parameters()).device)
-        val, forwards = cache.val(val_x.device), 0
-    else:
+        if held:
+            val = cache.val(val_x.device)
+    elif held:
         val, forwards = predict(teacher, val_x), len(val_x) * members
+    val_model = None if held else teacher
     if not cfg.loss.distills:
-        return TeacherTargets("none", None, False, val, forwards=forwards, cache=cache)
+        return TeacherTargets("none", None, False, val, forwards=forwards, cache=cache, val_model=val_model)
     ensemble = {"weights": teacher.weights, "members": members} if isinstance(teacher, EnsembleTeacher) else {}
     if cache is not None:
-        return TeacherTargets("cache", teacher, False, val, cache=cache, **ensemble)
-    if static and not needs_features and cfg.train.teacher_targets != "online":
+        return TeacherTargets("cache", teacher, False, val, cache=cache, val_model=val_model, **ensemble)
+    if held and static and not needs_features and cfg.train.teacher_targets != "online":
         return TeacherTargets("precomputed", teacher, False, val, train_logits=predict(target_model(teacher), train_x),
                               forwards=forwards + len(train_x) * members, **ensemble)
     return TeacherTargets("online", target_model(teacher) if not needs_features else teacher, needs_features, val, norm=norm,
-                          channels_last=channels_last, forwards=forwards, **ensemble)
+                          channels_last=channels_last, forwards=forwards, val_model=val_model, **ensemble)

@@ -11,7 +11,10 @@ no half-written file, and the next trial to need it builds it. A builder that st
 (no chunk of teacher forwards done for STALE_S) is taken as hung: a waiting trial says so in its log
 and builds the file itself, beating as a builder does (the other waiters wait for it).
 
-Targets are fp16 logits (what the bf16/fp32 loss would see, to within fp16 rounding), or with
+Targets are stored per example as the teacher gives them, over its last axis: a classifier's
+(classes,), a causal language model's (length, vocabulary), one next-token distribution per
+position (its val split is not cached: the task scores val against the teacher model each epoch).
+They are fp16 logits (what the bf16/fp32 loss would see, to within fp16 rounding), or with
 `train.teacher_topk: k` only each target's k largest logits, their class indices and the fill logit
 of the other classes, which gives them the remaining probability mass. FKD (Shen & Xing, ECCV 2022)
 keeps that mass at T=1 only; softened at T=4 a T=1 fill gives the other classes far too much of it
@@ -58,7 +61,8 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 FORMAT = 3  # 2: targets per example (views independent of the batch size), lazy epochs, top-k; 3: the fill per temperature
-CHUNK = 2048  # images per teacher forward
+CHUNK = 2048  # examples per teacher forward, at most
+CHUNK_LOGITS = 2**25  # logits per teacher forward, at most (a language model's (L, V) per example: 128 MiB of float32)
 STALE_S = 900.0  # an epoch's builder with no chunk done for this long is taken as hung (a GPU chunk takes seconds)
 
 
@@ -157,6 +161,8 @@ class Builder:
         self.train_model, self.members = target_model(teacher), members_of(teacher)
         self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda else contextlib.nullcontext
         self.forwards = 0  # teacher image forwards (an ensemble's: one per member and image)
+        task = task_for(cfg.dataset.name)
+        self.chunk = max(1, min(CHUNK, CHUNK_LOGITS // (splits.num_classes * task.per_example(splits.input_shape))))
 
     @torch.no_grad()
     def _forward(self, model: torch.nn.Module, x: Tensor) -> Tensor:
@@ -168,8 +174,8 @@ class Builder:
     def val(self, beat: Callable[[], None] | None = None) -> Tensor:
         """The val split's logits (an ensemble's combined), fp16."""
         x, parts = self.splits.val_x, []
-        for i in range(0, len(x), CHUNK):
-            parts.append(self._forward(self.teacher, x[i : i + CHUNK]).half())
+        for i in range(0, len(x), self.chunk):
+            parts.append(self._forward(self.teacher, x[i : i + self.chunk]).half())
             if beat is not None:
                 beat()
         return _finite(torch.cat(parts))
@@ -179,10 +185,10 @@ class Builder:
         each chunk tells the trials waiting for this epoch that its builder is alive."""
         x_all, aug, parts = self.splits.train_x, self.cfg.dataset.augment_or_default(), []
         views = None if epoch is None else epoch_views(len(x_all), self.cfg.seed, epoch, aug, self.splits.input_shape[1:])
-        for i in range(0, len(x_all), CHUNK):
-            x = x_all[i : i + CHUNK].to(self.device, non_blocking=True)
+        for i in range(0, len(x_all), self.chunk):
+            x = x_all[i : i + self.chunk].to(self.device, non_blocking=True)
             if views is not None:
-                x = augment(x, views[i : i + CHUNK], aug)
+                x = augment(x, views[i : i + self.chunk], aug)
             parts.append(sparse(self._forward(self.train_model, x), self.cfg.train.teacher_topk))
             if beat is not None:
                 beat()

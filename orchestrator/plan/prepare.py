@@ -145,6 +145,9 @@ def ensure_teacher(cfg: SweepConfig, info: DataInfo, train_missing: bool = True,
             result = train(cfg.teacher_trial())  # standalone commands (kdsweep teacher, distill) train in-process
             model, metrics, preprocess = result.model, result.metrics, result.preprocess
         card.update(val_acc=metrics["val_acc"], epochs=metrics["epoch"])
+        key = cfg.primary.key  # the task's objective (val_acc; a language model's val_ppl), said beside the card's val_acc
+        if key != "val_acc" and key in metrics:
+            log.info("teacher %s=%.4f", key, metrics[key])
     card.update(preprocess, normalize=t.normalize)  # mean/std: what every trial, the cache and exports feed it
     saved = save_teacher(model, path, card)  # a trainables.card.TeacherCard: a missing field fails here
     task_for(cfg.dataset.name).save_with_teacher(cfg.dataset, path)  # text: its tokenizer, so the folder is a teacher.path on its own

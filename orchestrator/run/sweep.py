@@ -117,17 +117,19 @@ def cache_line(cfg: SweepConfig, info: DataInfo) -> str:
     """The plan's line on the teacher cache: what a view costs, what an epoch costs, when it is built."""
     if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online":
         return "off (every KD trial runs the teacher)"
-    if not cfg.task.cached_targets:
-        return f"off: {cfg.task.name.replace('_', ' ')} targets are not cached (every KD trial runs the teacher on every batch)"
     members = len(cfg.members) if cfg.is_ensemble and cfg.ensemble.combine == "probs" else 1
-    per_view = bytes_per_view(info.num_classes, cfg.train.teacher_topk, members)
+    per_row = bytes_per_view(info.num_classes, cfg.train.teacher_topk, members)  # one distribution: an example's, or a token's
+    rows = cfg.task.per_example(info.input_shape)
     views = info.n_train + info.n_unlabeled
     what = (f"top-{cfg.train.teacher_topk} of {info.num_classes} logits (the rest: {cfg.train.teacher_topk_rest})" if cfg.train.teacher_topk
             else f"all {info.num_classes} logits")
     static = cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static
     when = ("fixed views: built once, by the first trial (the others wait for it, then read it)" if static else
             "random views: each epoch built by the first trial that needs it (the others wait for it, then read it)")
-    return f"{what}, {per_view} bytes a view{' (every member)' if members > 1 else ''}, {per_view * views / 2**20:.1f} MiB an epoch; {when}"
+    size = per_row * rows * views
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    each = f"{per_row} bytes a view" if rows == 1 else f"{per_row} bytes a {cfg.task.unit[:-1]} ({per_row * rows:,} a block of {rows})"
+    return f"{what}, {each}{' (every member)' if members > 1 else ''}, {shown} an epoch; {when}"
 
 
 def check_against_data(cfg: SweepConfig, info: DataInfo) -> None:
@@ -282,8 +284,7 @@ def ensure_cache(cfg: SweepConfig, teacher: str, sweep_dir: Path, num_classes: i
     waits for views it will not reach. None when no trial would read it."""
     from trainables.api import LOSSES, create_cache, read_teacher_card
 
-    if (not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or not cfg.task.cached_targets
-            or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods)):
+    if not cfg.train.teacher_cache or cfg.train.teacher_targets == "online" or all(LOSSES.get(m).needs_teacher_features for m in cfg.methods):
         return None
     path = create_cache(cfg.trial(cfg.students[0], teacher_path=teacher), read_teacher_card(teacher), sweep_dir / "teacher_cache", num_classes)
     log.info("teacher cache: %s", path)

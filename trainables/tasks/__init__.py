@@ -86,9 +86,11 @@ class Task:
         ("test_relative_robustness", "relative robustness"), ("test_ece", "ECE"), ("test_nll", "NLL"))
     #: what a logit indexes, in messages ("classes"; a language model's "vocabulary tokens")
     label_words: ClassVar[str] = "classes"
-    #: whether the sweep's teacher cache holds its targets (one row of logits per example); a task
-    #: without runs the teacher on every batch
-    cached_targets: ClassVar[bool] = True
+    #: whether a whole split's teacher logits are held as one tensor (the val split's, for the
+    #: metrics; the train split's, precomputed): one row per example. False (a language model's
+    #: (N, L, V) would not fit): val is scored against the teacher model each epoch, and training
+    #: targets come from the teacher cache or the teacher on every batch
+    whole_split_logits: ClassVar[bool] = True
     #: the loss whose alpha=0 form is the task's plain cross-entropy (what a teacher trains with)
     ce_loss: ClassVar[str] = "kd"
     #: the numbers `validate` reports, behind a split prefix (val_, test_): name -> higher is better

@@ -28,7 +28,7 @@ class CausalLM(Task):
     input_name = "input_ids"
     outputs = "tokens"
     label_words = "vocabulary tokens"
-    cached_targets = False  # per-token top-k targets are not cached yet: the teacher runs on every batch
+    whole_split_logits = False
     ce_loss = "fkl"
     split_metrics = {"nll": False, "ppl": False, "acc": True, "agreement": True, "kl_teacher": False, "teacher_nll": False,
                      "teacher_ppl": False}
@@ -55,9 +55,11 @@ class CausalLM(Task):
         the teacher (the trial's, a control's too) agreement, KL and the teacher's own perplexity."""
         from trainables.eval.lm import eval_batch, lm_metrics
 
-        splits = trial.splits
+        splits, teacher = trial.splits, trial.targets.val_model
         batch = eval_batch(trial.cfg.train.eval_batch_size, splits.input_shape[0], splits.num_classes)
-        return lm_metrics(model, trial.targets.val_model, splits.val_x, splits.val_y, batch, trial.device, trial.autocast), {}
+        if teacher is not None:
+            trial.targets.forwards += len(splits.val_y)  # (counted as teacher forwards: val is not cached)
+        return lm_metrics(model, teacher, splits.val_x, splits.val_y, batch, trial.device, trial.autocast), {}
 
     def evaluate_split(self, student, teacher, splits, split="test", members=(), student_splits=None, seed=0, batch=2048):
         """NLL, perplexity and next-token accuracy of the student (with agreement and KL against the
