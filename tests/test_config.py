@@ -38,6 +38,23 @@ def speech_demo_home(home: Path) -> Path:
     return demo
 
 
+def lm_demo_home(home: Path) -> Path:
+    """What benchmarks/lm_data.py writes under HOME, in its layout (kjv/ of one .txt a book, and
+    tokenizer/), made small here: a few books of the tests' grammar and its word-level tokenizer."""
+    from tests.test_causal_lm import write_corpus, write_tokenizer
+
+    demo = home / ".cache" / "kdsweep" / "lm-demo"
+    (demo / "kjv").mkdir(parents=True)
+    for i in range(3):
+        write_corpus(demo / "kjv" / f"0{i + 1}-book.txt", n=150, seed=i)
+    (demo / "kjv" / "04-names.txt").write_text(" ".join(f"name{i}" for i in range(40)) + " .\n")  # a vocabulary past the top 32
+    every = home / "books.txt"
+    every.write_text("".join(f.read_text() for f in sorted((demo / "kjv").iterdir())))
+    write_tokenizer(demo / "tokenizer", every)
+    every.unlink()
+    return demo
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
 def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch, capsys):
     """Each shipped sweep validates and plans (`--dry-run`) on this machine; a config whose files a
@@ -50,11 +67,13 @@ def test_every_shipped_sweep_validates(path, tmp_path, monkeypatch, capsys):
         text_demo_home(tmp_path / "home")
     if path.name == "speech_digits.yaml":
         speech_demo_home(tmp_path / "home")
+    if path.name == "lm_kjv.yaml":
+        lm_demo_home(tmp_path / "home")
     cfg = load_config(path)
     for student in cfg.students:
         trial = cfg.trial(student)
         assert trial.student == student
-    if path.name in ("default.yaml", "text_reviews.yaml", "speech_digits.yaml"):  # the rest need data sets or GPUs this machine lacks
+    if path.name in ("default.yaml", "text_reviews.yaml", "speech_digits.yaml", "lm_kjv.yaml"):  # the rest need data sets or GPUs this machine lacks
         from orchestrator.cli import main
 
         assert main(["run", str(path), "--dry-run"]) == 0

@@ -22,7 +22,7 @@ from trainables.api import loss_defaults
 #: The alpha=0 control and the standard KD point, evaluated first for every student (search keys
 #: are canonical paths: an alias in the YAML was turned into its path by validation).
 CONTROL_POINT = {"loss.alpha": 0.0}
-STANDARD_POINT = {"loss.temperature": 4.0, "loss.alpha": 0.9}
+STANDARD_POINT = {"loss.temperature": 4.0, "loss.alpha": 0.9}  # classification's (Task.standard_point)
 
 
 def space(cfg: SweepConfig, students: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -93,18 +93,21 @@ def outside(cfg: SweepConfig, point: dict[str, Any]) -> list[str]:
 
 
 def standard_skipped(cfg: SweepConfig) -> str | None:
-    """Why the standard point (T=4, alpha=0.9) is not run, or None when it is: it runs only inside
-    the searched ranges (a range is the user's statement of where to look)."""
-    left_out = [k for k, v in STANDARD_POINT.items() if k in cfg.search and outside(cfg, {k: v})]
+    """Why the task's standard point (classification: T=4, alpha=0.9) is not run, or None when it
+    is: it runs only inside the searched ranges (a range is the user's statement of where to look)."""
+    standard = cfg.task.standard_point
+    left_out = [k for k, v in standard.items() if k in cfg.search and outside(cfg, {k: v})]
     if not left_out:
         return None
     ranges = ", ".join(f"search.{short_name(k)} [{cfg.search[k].low:g}, {cfg.search[k].high:g}]" for k in left_out)
-    values = " and ".join(f"{short_name(k)}={STANDARD_POINT[k]:g}" for k in left_out)
-    return f"the T=4, alpha=0.9 standard point is skipped: {ranges} leave{'s' if len(left_out) == 1 else ''} {values} out"
+    values = " and ".join(f"{short_name(k)}={standard[k]:g}" for k in left_out)
+    point = ", ".join(f"{'T' if k == 'loss.temperature' else short_name(k)}={v:g}" for k, v in standard.items())
+    return f"the {point} standard point is skipped: {ranges} leave{'s' if len(left_out) == 1 else ''} {values} out"
 
 
 def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]]:
-    """Per student: the no-KD control, then the standard point (T=4, alpha=0.9) of each searched method.
+    """Per student: the no-KD control, then the task's standard point (classification: T=4,
+    alpha=0.9) of each searched method.
 
     Evaluated before TPE proposes anything, so every leaderboard can show each student's KD gain.
     The control gives the distillation term a weight of exactly 0, whatever the searched range
@@ -122,7 +125,7 @@ def control_points(cfg: SweepConfig, students: list[str]) -> list[dict[str, Any]
     own = {m: {k: _fit(p, loss_defaults(m).get(k[5:])) for k, p in cfg.search.items()
                if k.startswith("loss.") and _base_value(cfg, k) is None and k[5:] in loss_defaults(m)} for m in methods}
     weight = weight_key(cfg)
-    standard = [] if standard_skipped(cfg) else [{**STANDARD_POINT, **own[m], "loss.name": m} for m in methods]
+    standard = [] if standard_skipped(cfg) else [{**cfg.task.standard_point, **own[m], "loss.name": m} for m in methods]
     for student in students:
         control = {**base, weight: 0.0} if weight in cfg.search else dict(base)  # not searched: no control (the first point is the base)
         for i, fixed in enumerate((control, *standard)):

@@ -91,6 +91,9 @@ class Task:
     #: (N, L, V) would not fit): val is scored against the teacher model each epoch, and training
     #: targets come from the teacher cache or the teacher on every batch
     whole_split_logits: ClassVar[bool] = True
+    #: the standard point a sweep runs first beside each control (where the searched ranges hold it):
+    #: Hinton's T=4, alpha=0.9 for classifiers
+    standard_point: ClassVar[dict[str, float]] = {"loss.temperature": 4.0, "loss.alpha": 0.9}
     #: the loss whose alpha=0 form is the task's plain cross-entropy (what a teacher trains with)
     ce_loss: ClassVar[str] = "kd"
     #: the numbers `validate` reports, behind a split prefix (val_, test_): name -> higher is better

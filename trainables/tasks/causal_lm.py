@@ -29,6 +29,7 @@ class CausalLM(Task):
     outputs = "tokens"
     label_words = "vocabulary tokens"
     whole_split_logits = False
+    standard_point = {"loss.temperature": 1.0, "loss.alpha": 0.5}  # torchtune's KD recipe (kd_ratio 0.5), GKD's and MiniLLM's T=1
     ce_loss = "fkl"
     split_metrics = {"nll": False, "ppl": False, "acc": True, "agreement": True, "kl_teacher": False, "teacher_nll": False,
                      "teacher_ppl": False}
