@@ -205,6 +205,70 @@ def test_token_losses_shift_mask_and_mix_next_token_ce():
         build_loss("jsd", {"beta": 1.5})
 
 
+def test_on_policy_batches_are_the_students_samples_scored_by_the_divergence_alone(lm_case, tmp_path):
+    """GKD's lmbda: a seeded share of batches is replaced by the student's continuations of each
+    row's prompt; only the sampled tokens are scored, and without CE (no labels to take it against)."""
+    from trainables.losses import build_loss
+    from trainables.models import create_model
+    from trainables.tasks import task_for
+
+    corpus, tok, pairs = lm_case
+    task = task_for("lm_text")
+    ds = dataset(corpus, tok, tmp_path).resolved()
+    splits = task.splits(ds)
+    torch.manual_seed(0)
+    student = create_model("hf.gpt2-L1-H16-A2", splits.num_classes, splits.input_shape, **task.model_kwargs("hf.gpt2-L1-H16-A2", None, ds))
+    x, y = splits.train_x[:4], splits.train_y[:4]
+    half = build_loss("fkl", {"alpha": 0.5, "lmbda": 0.5, "max_new_tokens": 5})
+    drawn = [half.rollout(student, x, y, (0, 0, b)) is not None for b in range(40)]
+    assert 8 < sum(drawn) < 32 and drawn == [half.rollout(student, x, y, (0, 0, b)) is not None for b in range(40)]  # seeded by batch
+    assert build_loss("fkl", {"alpha": 0.0, "lmbda": 1.0}).rollout(student, x, y, (0, 0, 0)) is None  # a control never samples
+    always = build_loss("fkl", {"alpha": 0.5, "lmbda": 1.0, "max_new_tokens": 5, "sample_temperature": 0.7})
+    rx, ry = always.rollout(student, x, y, (0, 0, 1))
+    assert student.training  # (sampled in eval mode, restored)
+    assert torch.equal(rx[:, :11], x[:, :11]) and rx.dtype == x.dtype and rx.shape == x.shape  # a 16-token block: 11 kept, 5 sampled
+    assert (ry[:, :11] == -100).all() and torch.equal(ry[:, 11:], rx[:, 11:].long())
+    s = student(rx)
+    t = s.detach() + torch.randn_like(s)
+    loss, parts = always(s, t, ry, on_policy=True)
+    kl = _direct_kl(s[:, 10:15].detach(), t[:, 10:15], 1.0).mean()  # positions 10..14 predict the sampled tokens 11..15
+    assert torch.allclose(loss.double(), 0.5 * kl, atol=1e-5) and parts["ce"] == 0
+    # prompt/response pairs: the batch's shortest prompt is kept and the student answers after it
+    p = task.splits(dataset(pairs, tok, tmp_path, kwargs={"prompt_column": "prompt", "response_column": "response"}))
+    px, py = p.train_x[:6], p.train_y[:6]
+    start = int((py != -100).float().argmax(1).min())
+    qx, qy = always.rollout(student, px, py, (0, 0, 1))
+    assert torch.equal(qx[:, :start], px[:, :start]) and (qy[:, :start] == -100).all() and (qy[:, start : start + 5] != -100).all()
+    with pytest.raises(ConfigError, match="loss.lmbda"):
+        build_loss("jsd", {"lmbda": 1.5})
+
+
+def test_a_trial_with_every_batch_on_policy_trains_on_the_teachers_scores_of_its_samples(lm_case, tmp_path):
+    """The loop's on-policy path, lmbda = 1 (the one trial that samples: generation is slow on a CPU)."""
+    from conftest import trial_dict
+    from trainables.loop import train_student
+    from trainables.models import create_model
+    from trainables.models.teacher import save_teacher
+    from trainables.tasks import task_for
+
+    corpus, tok, _ = lm_case
+    task = task_for("lm_text")
+    ds = dataset(corpus, tok, tmp_path).resolved()
+    splits = task.splits(ds)
+    kw = task.model_kwargs("hf.gpt2-L1-H16-A2", None, ds)
+    save_teacher(create_model("hf.gpt2-L1-H16-A2", splits.num_classes, splits.input_shape, **kw), tmp_path / "teacher",
+                 {"arch": "hf.gpt2-L1-H16-A2", "arch_kwargs": kw, "num_classes": splits.num_classes, "input_shape": list(splits.input_shape),
+                  "dataset": "lm_text", "val_acc": 0.0, "epochs": 0, "classes": [], "mean": [], "std": [], "normalize": "auto"})
+    cfg = trial_dict(student="hf.gpt2-L1-H16-A2", student_kwargs=kw, dataset=ds.model_dump(), teacher_path=str(tmp_path / "teacher"),
+                     loss={"name": "jsd", "alpha": 0.5, "lmbda": 1.0, "max_new_tokens": 4}, epochs=1, batch_size=64,
+                     optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}, checkpoint_dir=str(tmp_path / "ck"), profile=False)
+    m = train_student(cfg).metrics
+    steps = len(splits.train_y) // 64
+    assert m["status"] == "finished" and m["train_ce"] == 0 and m["train_kd"] > 0  # every batch the student's own: the divergence alone
+    assert m["teacher_forward_images"] == steps * 64 + len(splits.val_y)  # each sampled batch scored once, and val
+    assert m["val_teacher_ppl"] > 1 and math.isfinite(m["val_ppl"])
+
+
 def test_a_loss_must_score_what_the_tasks_models_give():
     from trainables.losses import check_fits
     from trainables.tasks import task_for
@@ -294,6 +358,7 @@ def _bad_lm_cases(root: Path, corpus: Path, tok: Path, pairs: Path) -> list[tupl
         ({"student_weights": {"hf.gpt2-L1-H16-A2": str(other)}}, "brings its own tokenizer, whose vocabulary is not the teacher's"),
         ({"search": {"loss.name": {"type": "categorical", "choices": ["fkl", "kd"]}}}, "`loss.name` kd distils one class distribution per example, but the models of causal lm give next-token"),
         ({"students": ["cnn_small"]}, "`students` cnn_small does not take token ids for a causal language model"),
+        ({"loss.lmbda": 1.5}, "`loss.lmbda` must lie in [0, 1], but got loss.lmbda=1.5"),
         ({"teacher": {"weights": str(bert)}}, "does not fit this architecture"),
     ]
 

@@ -208,11 +208,12 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
-        from trainables.losses import check_loss_params, loss_schedule, loss_weights
+        from trainables.losses import LOSSES, check_loss_params, loss_schedule, loss_weights
 
         try:
             loss_weights(self.alpha, self.ce_weight, self.distill_weight)
             check_loss_params(self.name, list(self.model_extra or {}))
+            LOSSES.get(self.name).check_params(dict(self.model_extra or {}))
             loss_schedule(self.schedule, alpha_form=self.ce_weight is None and self.distill_weight is None)
         except ConfigError as e:
             raise ValueError(str(e)) from None

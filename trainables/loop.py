@@ -285,6 +285,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
     batch_size, steps_per_epoch = cfg.train.batch_size, t.steps
     norm, autocast, channels_last, step_model = t.norm, t.autocast, t.channels_last, t.step_model
     history, metrics = t.history, {}
+    per_example = t.task.per_example(splits.input_shape)  # units an example counts for (a language model's block: its tokens)
     process = psutil.Process()
     last_checkpoint = time.monotonic()
     for epoch in range(t.start_epoch, cfg.train.epochs):
@@ -298,18 +299,24 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             if reporter.stop_requested():  # a plain flag read, no device sync
                 raise TrialStopped
             if b and time.monotonic() >= next_line:  # a clock read; the line holds no tensor value
-                reporter.progress(progress_line(epoch + 1, cfg.train.epochs, b, steps_per_epoch, b * batch_size, time.perf_counter() - t0,
-                                                t.task.unit))
+                reporter.progress(progress_line(epoch + 1, cfg.train.epochs, b, steps_per_epoch, b * batch_size * per_example,
+                                                time.perf_counter() - t0, t.task.unit))
                 next_line = time.monotonic() + cfg.train.progress_every_s
             raw = augment(images, view, t.aug)
             x = norm(raw)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            rolled = loss_fn.rollout(student, x, y, (cfg.seed, epoch, b))  # GKD's on-policy share: None but for token losses with lmbda > 0
+            if rolled is not None:
+                x, y = rolled
             with autocast():
                 out = step_model(x, with_features=targets.features)
                 s_logits, s_feats = out if targets.features else (out, None)
-                t_logits, t_feats = targets.batch(raw, x, epoch, idx, loss_fn.temperature, s_logits)
-                loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
+                if rolled is None:
+                    t_logits, t_feats = targets.batch(raw, x, epoch, idx, loss_fn.temperature, s_logits)
+                    loss, parts = loss_fn(s_logits, t_logits, y, s_feats, t_feats)
+                else:  # the student's samples: the teacher scores them now (no cache holds them)
+                    loss, parts = loss_fn(s_logits, targets.score(x), y, on_policy=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip:
@@ -330,7 +337,7 @@ def train_student(config: dict | TrialConfig, reporter: Reporter | None = None) 
             "train_ce": train_ce,
             **val,
             "val_loss": val["val_nll"],
-            t.task.throughput: steps_per_epoch * batch_size * t.task.per_example(splits.input_shape) / seconds,
+            t.task.throughput: steps_per_epoch * batch_size * per_example / seconds,
             "epoch_time_s": seconds,
             "lr": opt.param_groups[0]["lr"],
             "teacher_forward_images": targets.teacher_forwards,

@@ -47,6 +47,12 @@ class TeacherTargets:
         """Teacher image forwards run by this trial, the cache files it built included."""
         return self.forwards + (self.cache.builder.forwards if self.cache is not None and self.cache.builder is not None else 0)
 
+    @torch.no_grad()
+    def score(self, x: Tensor) -> Tensor:
+        """The teacher's logits on inputs no split holds (a student's samples: loss.lmbda)."""
+        self.forwards += len(x) * self.members
+        return self.teacher(x)
+
     def batch(self, raw: Tensor, x: Tensor, epoch: int, idx: Tensor, temperature: float,
               student: Tensor | None = None) -> tuple[Tensor | None, list | None]:
         """Targets for one batch of examples `idx`: `raw` is the augmented batch (0..255), `x` the

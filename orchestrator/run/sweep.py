@@ -108,7 +108,7 @@ def make_plan(cfg: SweepConfig, tracking_uri: str | None, address: str | None = 
     plan = Plan(cfg.name, cfg.ray_storage(), uri, cfg.experiment, trial_budget(cfg), res,
                 str(teacher) if teacher else f"{cfg.teacher_dir()} (trained before the sweep starts)", info,
                 first_trials(cfg, sum(n for _, _, n in trial_budget(cfg))), (cfg.budget.confirm.top, cfg.budget.confirm.seeds),
-                not cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static, warmup_notes(cfg), cache_line(cfg, info),
+                not cfg.trial(cfg.students[0], distill=False).dataset.augment_or_default().static, warmup_notes(cfg) + on_policy_notes(cfg), cache_line(cfg, info),
                 cfg.task.label_words)
     return plan, info
 
@@ -157,6 +157,17 @@ def warmup_notes(cfg: SweepConfig) -> list[str]:
             notes.append(f"{m} warms its distillation term up over {warm:g} epochs, more than the trials' {shortest}: it never reaches "
                          f"full weight (set loss.warmup_epochs, e.g. {max(1, shortest // 4)})")
     return notes
+
+
+def on_policy_notes(cfg: SweepConfig) -> list[str]:
+    """What GKD's on-policy share costs, when loss.lmbda can be above 0: sampling and the teacher online."""
+    extra = cfg.loss.model_extra or {}
+    top = max([float(extra.get("lmbda", 0.0)), *(max(p.extremes()) for k, p in cfg.search.items() if k == "loss.lmbda")])
+    if top <= 0:
+        return []
+    new = int(extra.get("max_new_tokens", 16))
+    return [f"on-policy (loss.lmbda up to {top:g}): that share of KD batches samples up to {new} tokens from the student, one full "
+            f"forward a token, and runs the teacher on them (they are not in the cache): each costs about {new + 1} forwards of a batch more"]
 
 
 #: Environment for every process of the job (driver, Tune actors, Train controllers and workers).

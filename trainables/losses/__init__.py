@@ -154,6 +154,11 @@ class DistillLoss(nn.Module):
                       if r is not None and r.end is not None and (k != "alpha" or self.start["alpha"])}
 
     @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """A one-line ConfigError for a value of this loss's own keys it cannot take, from the config
+        alone (the driver asks, before Ray starts; the loss asks again when built)."""
+
+    @classmethod
     def probe(cls, name: str, student: nn.Module | None, teacher: nn.Module | None, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
         """What this loss is built with that only the models can say (their stages' shapes, a
         transformer's sizes), read by build_loss before the loss exists: nothing, for logits."""
@@ -161,6 +166,11 @@ class DistillLoss(nn.Module):
 
     def prepare(self, student: nn.Module | None, teacher: nn.Module | None) -> None:
         """Set the models up for what this loss reads (e.g. attention maps): nothing, for logits."""
+
+    def rollout(self, student: nn.Module, x: Tensor, y: Tensor, seed: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+        """This batch replaced by the student's own samples (GKD's on-policy batches: token losses
+        with loss.lmbda > 0), or None: train on the batch as it is."""
+        return None
 
     def set_epoch(self, epoch: int, epochs: int | None = None) -> None:
         """The epoch about to train, counted from 1 (as mdistiller's trainer counts), of `epochs`:
