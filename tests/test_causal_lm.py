@@ -422,6 +422,14 @@ def test_lm_sweep_end_to_end(lm_case, tmp_path, ray_address, monkeypatch):
     (static,) = (tmp_path / "runs" / "lm" / "teacher_cache").glob("*/static.pt")
     stored = torch.load(static, weights_only=True)  # each train block's every position: its top 8 of the 30 tokens, and the rest's fill
     assert stored["values"].shape[1:] == (16, 8) and stored["indices"].shape[1:] == (16, 8) and stored["values"].dtype == torch.float16
+    # each epoch, what the student writes from the first val prompts: an MLflow table of the run
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    (trial,) = [r for r in client.search_runs([client.get_experiment_by_name("lm").experiment_id])
+                if r.data.tags.get("kdsweep.role") == "trial" and r.data.params.get("alpha") == "0.0"][:1]
+    with __import__("tempfile").TemporaryDirectory() as d:
+        table = json.loads(Path(client.download_artifacts(trial.info.run_id, "samples/epoch_001.json", d)).read_text())
+    rows = dict(zip(table["columns"], zip(*table["data"])))
+    assert len(rows["prompt"]) == 3 and all(isinstance(g, str) and g for g in rows["generated"]), rows
     # confirmation: the finalist on 2 seeds beside its control; the champion tested once, in perplexity
     assert count_rows(db, "select count(*) from tags where key='kdsweep.confirms'") >= 1
     assert count_rows(db, "select count(*) from metrics where key='champion_test_ppl' and value > 1") == 1

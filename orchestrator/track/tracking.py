@@ -15,7 +15,7 @@ from orchestrator.plan.confirm import CONFIRM
 from orchestrator.plan.search import point_of
 from orchestrator.track.store import Tag, SweepTracker, flatten
 from trainables.config import TRIAL_CONFIG
-from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS
+from trainables.eval.metrics import EPOCH_METRICS, FINAL_METRICS, TABLE_METRICS, TEXT_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ class MlflowTrialCallback(Callback):
         if epoch <= last:  # a resumed trial re-reporting an epoch we already hold
             return
         self.tracker.log_metrics(run_id, {k: result[k] for k in (*EPOCH_METRICS, *FINAL_METRICS) if k in result}, step=epoch)
+        for key in TABLE_METRICS:
+            if isinstance(result.get(key), dict):
+                self.tracker.log_table(run_id, result[key], f"{key}/epoch_{epoch:03d}.json")
         self._runs[trial.trial_id] = (run_id, epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

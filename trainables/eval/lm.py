@@ -59,3 +59,22 @@ def lm_metrics(model: nn.Module, teacher: nn.Module | None, x: Tensor, y: Tensor
     if teacher is not None:
         out.update(agreement=means[2], kl_teacher=means[3], teacher_nll=means[4], teacher_ppl=math.exp(min(means[4], 700.0)))
     return {prefix + k: v for k, v in out.items()}
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos: int | None, device: torch.device) -> list[list[int]]:
+    """Each prompt's greedy continuation (token ids), one prompt and one full forward a token at a
+    time (no cache: a few short samples an epoch), stopping at `eos`."""
+    mode = model.training
+    model.eval()
+    out = []
+    for prompt in prompts:
+        seq = torch.tensor([prompt], dtype=torch.long, device=device)
+        for _ in range(max_new_tokens):
+            nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            if eos is not None and int(nxt) == eos:
+                break
+        out.append(seq[0, len(prompt):].tolist())
+    model.train(mode)
+    return out

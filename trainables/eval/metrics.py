@@ -18,8 +18,9 @@ THROUGHPUTS = tuple(dict.fromkeys(t.throughput for t in _TASKS))
 #: epoch: every epoch (MLflow step = the epoch); final: with the last epoch; text: a string every
 #: epoch, whose last value becomes the run's tag kdsweep.<name>; size: once per architecture
 #: (trainables.models.profile); run: written by the driver (selection, tracking); field: a leaderboard
-#: column read from the trial's config or run, not a metric.
-Kind = Literal["epoch", "final", "text", "size", "run", "field"]
+#: column read from the trial's config or run, not a metric; table: columns every epoch, an MLflow
+#: table artifact of the run (<name>/epoch_NNN.json).
+Kind = Literal["epoch", "final", "text", "size", "run", "field", "table"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("robust_acc", "final", True), Metric("relative_robustness", "final", True),
     *(Metric(f"corr_{n}", "final", True) for n in dict.fromkeys(c for t in _TASKS for c in t.corruptions)),
     # node_id: the Ray node that ran the trial's loop (its rank 0 for DDP)
+    # a language model's greedy continuations of fixed val prompts: {"prompt": [...], "generated": [...]}
+    Metric("samples", "table", fmt="{}"),
     Metric("status", "text", fmt="{}"), Metric("teacher_targets", "text", fmt="{}"), Metric("node_id", "text", fmt="{}"),
     *(Metric(f"size_{k}", "size", False, *_SIZE.get(k, (None, "{:.3f}"))) for k in SIZE_KEYS),
     Metric("final_val_acc", "run", True), Metric("epochs_run", "run", True, fmt="{:.0f}"), Metric("kd_gain", "run", True, fmt="{:+.4f}"),
@@ -70,7 +73,7 @@ def names(*kinds: Kind) -> tuple[str, ...]:
     return tuple(n for n, m in METRICS.items() if m.kind in kinds)
 
 
-EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS, SIZE_METRICS = names("epoch"), names("final"), names("text"), names("size")
+EPOCH_METRICS, FINAL_METRICS, TEXT_METRICS, SIZE_METRICS, TABLE_METRICS = names("epoch"), names("final"), names("text"), names("size"), names("table")
 #: What Optuna may optimize (search.objectives): the per-epoch val metrics and the sizes.
 SEARCH_OBJECTIVES = tuple(n for n in (*EPOCH_METRICS, *SIZE_METRICS) if n.startswith(("val_", "size_")))
 #: Selection's default: accuracy first (it picks the champion), then the smallest and fastest.

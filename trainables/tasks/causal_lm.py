@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from trainables.config import DatasetConfig
 
 
+SAMPLE_PROMPTS, SAMPLE_TOKENS = 3, 20  # the val prompts a trial continues each epoch, and how far
+
+
 @TASKS.register(name="causal_lm")
 class CausalLM(Task):
     name = "causal_lm"
@@ -54,13 +57,22 @@ class CausalLM(Task):
     def validate(self, trial, model, final):
         """Streamed over val (trainables.eval.lm): NLL, perplexity, next-token accuracy, and against
         the teacher (the trial's, a control's too) agreement, KL and the teacher's own perplexity."""
-        from trainables.eval.lm import eval_batch, lm_metrics
+        from trainables.data.lm import prompts_of
+        from trainables.eval.lm import eval_batch, greedy, lm_metrics
+        from trainables.hf_files import load_tokenizer
 
         splits, teacher = trial.splits, trial.targets.val_model
         batch = eval_batch(trial.cfg.train.eval_batch_size, splits.input_shape[0], splits.num_classes)
         if teacher is not None:
             trial.targets.forwards += len(splits.val_y)  # (counted as teacher forwards: val is not cached)
-        return lm_metrics(model, teacher, splits.val_x, splits.val_y, batch, trial.device, trial.autocast), {}
+        val = lm_metrics(model, teacher, splits.val_x, splits.val_y, batch, trial.device, trial.autocast)
+        if trial.rank == 0:  # what the student writes now, from the first val prompts: a table each epoch (MLflow: samples/)
+            tok = load_tokenizer(splits.tokenizer)
+            prompts = prompts_of(splits, "val", tok, SAMPLE_PROMPTS)
+            ids = [tok(p, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for p in prompts]
+            made = greedy(model, ids, SAMPLE_TOKENS, tok.eos_token_id, trial.device)
+            val["samples"] = {"prompt": prompts, "generated": [tok.decode(g, skip_special_tokens=True) for g in made]}
+        return val, {}
 
     def evaluate_split(self, student, teacher, splits, split="test", members=(), student_splits=None, seed=0, batch=2048):
         """NLL, perplexity and next-token accuracy of the student (with agreement and KL against the
