@@ -359,6 +359,8 @@ def _bad_lm_cases(root: Path, corpus: Path, tok: Path, pairs: Path) -> list[tupl
         ({"search": {"loss.name": {"type": "categorical", "choices": ["fkl", "kd"]}}}, "`loss.name` kd distils one class distribution per example, but the models of causal lm give next-token"),
         ({"students": ["cnn_small"]}, "`students` cnn_small does not take token ids for a causal language model"),
         ({"loss.lmbda": 1.5}, "`loss.lmbda` must lie in [0, 1], but got loss.lmbda=1.5"),
+        ({"student_weights": {"hf.gpt2-L1-H16-A2": "teacher"}}, "copies the teacher's layers, so the student needs the teacher's model type "
+                                                                 "and sizes but depth (n <= 2): use hf.gpt2-L<n>-H32-A2"),
         ({"teacher": {"weights": str(bert)}}, "does not fit this architecture"),
     ]
 

@@ -221,15 +221,16 @@ def create_cache(cfg: TrialConfig, card: TeacherCard, root: str | Path, num_clas
 
 def build_teacher_cache(cfg: TrialConfig, teacher: torch.nn.Module, card: TeacherCard, root: str | Path,
                         device: torch.device | str = "cpu") -> tuple[Path, int]:
-    """Create (or find) the cache and build now, with `teacher`, what every trial reads first: val,
-    and the static targets when views never change (augmented epochs are left to the trials). For
+    """Create (or find) the cache and build now, with `teacher`, what every trial reads first: val
+    (where the task keeps val logits), and the static targets when views never change (augmented epochs are left to the trials). For
     benchmarks and tests that train outside a sweep. Returns its folder and the teacher image
     forwards run now (0 when those files existed)."""
     s, on_device = place(task_for(cfg.dataset.name).splits(cfg.dataset), cfg.dataset, device)
     cache = TeacherCache.open(create_cache(cfg, card, root, s.num_classes), cfg, card)
     cache.builder = Builder(cfg, teacher.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format),
                             card, s, on_device, device)
-    cache.val(device)
+    if task_for(cfg.dataset.name).whole_split_logits:  # (a language model's val is scored against the teacher, not cached)
+        cache.val(device)
     if cache.static:
         cache.for_epoch(0, device)
     return cache.path, cache.builder.forwards

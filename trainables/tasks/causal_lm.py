@@ -117,21 +117,32 @@ class CausalLM(Task):
 
     def check_models(self, cfg: Any, input_shape: tuple[int, ...]) -> None:
         """Every vocabulary and position table holds the data's tokens; every student reads the
-        teacher's tokenizer (token losses compare distributions over one vocabulary)."""
+        teacher's tokenizer (token losses compare distributions over one vocabulary); a student
+        taking the teacher's layers has its sizes."""
+        from trainables.config import TEACHER_LAYERS
         from trainables.hf_files import tokenizer_info
-        from trainables.models.hf import PREFIX, check_fit, family_config, model_config
+        from trainables.models.hf import PREFIX, card_config, check_fit, check_layers_fit, family_config, model_config
+        from trainables.models.teacher import CARD, read_card
 
         length, tokenizer = input_shape[0], cfg.dataset.resolved().tokenizer
         vocab = tokenizer_info(tokenizer)["vocab_size"]
+        teacher = None
         for t in cfg.members:
             if t.arch == "hf" and not t.path:
-                check_fit(model_config(t.arch_kwargs["config"]), "teacher.weights", length, vocab)
+                teacher = model_config(t.arch_kwargs["config"])
+                check_fit(teacher, "teacher.weights", length, vocab)
             elif t.arch.startswith(PREFIX) and not t.path:
-                check_fit(family_config(t.arch, tokenizer, **{k: v for k, v in t.arch_kwargs.items() if k != "head"}), "teacher.arch",
-                          length, vocab)
+                teacher = family_config(t.arch, tokenizer, **{k: v for k, v in t.arch_kwargs.items() if k != "head"})
+                check_fit(teacher, "teacher.arch", length, vocab)
+            elif t.path and (Path(t.path) / CARD).is_file():
+                card = read_card(t.path)
+                teacher = card_config(card.arch, {k: v for k, v in card.arch_kwargs.items() if k != "head"})
         for s in cfg.students:
             own = cfg.student_kwargs(s).get("tokenizer")
             if own != tokenizer and cfg.loss.distills:
                 raise ConfigError(f"`student_weights.{s}` brings its own tokenizer, whose vocabulary is not the teacher's: the token losses "
                                   "(fkl, rkl, jsd, skl, srkl, tvd) compare one vocabulary: give the student the teacher's tokenizer")
-            check_fit(family_config(s, own), f"students {s}", length, tokenizer_info(own)["vocab_size"])
+            config = family_config(s, own)
+            check_fit(config, f"students {s}", length, tokenizer_info(own)["vocab_size"])
+            if cfg.student_weights.get(s) == TEACHER_LAYERS and teacher is not None:
+                check_layers_fit(config, teacher, s)
