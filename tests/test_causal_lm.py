@@ -418,6 +418,9 @@ def test_lm_sweep_end_to_end(lm_case, tmp_path, ray_address, monkeypatch):
     assert count_rows(db, "select count(*) from metrics where key='val_teacher_ppl' and value > 1") >= 5
     assert count_rows(db, "select count(*) from metrics where key='val_agreement'") >= 5
     assert count_rows(db, "select count(*) from metrics where key='tokens_per_s' and value > 0") >= 5
+    # latency per generated token (batch 1, KV cache on), each student's and against the teacher's, timed interleaved
+    assert count_rows(db, "select count(*) from metrics where key='size_latency_cpu_b1_token_ms' and value > 0") >= 5
+    assert count_rows(db, "select count(*) from metrics where key='speedup_latency_cpu_b1_token' and value > 0") >= 5
     assert count_rows(db, "select count(*) from metrics where key like 'val_macro%' or key like 'corr_%'") == 0  # no classification numbers
     # KD trials read the teacher's per-token targets from the sweep's cache, built once by the first (fixed views)
     assert count_rows(db, "select count(*) from tags where key='kdsweep.teacher_targets' and value='cache'") >= 3

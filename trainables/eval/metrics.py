@@ -41,7 +41,9 @@ _SPLIT_ALIASES = {"macro_f1": "macro_f1", "nll": "nll", "ece": "ece", "agreement
 #: size metrics, logged as size_<name> (trainables.models.profile.size_metrics measures them).
 SIZE_KEYS = ("params", "bytes", "flops", "latency_cpu_b1_ms", "latency_gpu_b1_ms", "latency_gpu_b64_ms",
              # text models: batch 1 at a quarter and half of dataset.max_length (the two above: at all of it)
-             "latency_cpu_b1_len25_ms", "latency_cpu_b1_len50_ms", "latency_gpu_b1_len25_ms", "latency_gpu_b1_len50_ms")
+             "latency_cpu_b1_len25_ms", "latency_cpu_b1_len50_ms", "latency_gpu_b1_len25_ms", "latency_gpu_b1_len50_ms",
+             # a language model: per generated token, batch 1, KV cache on (Task.timed_forms)
+             "latency_cpu_b1_token_ms")
 _SIZE = {"params": ("params", "{:.0f}"), "bytes": ("bytes", "{:.0f}"), "flops": ("flops", "{:.0f}"), "latency_cpu_b1_ms": ("latency_ms", "{:.3f}")}
 
 METRICS: dict[str, Metric] = {m.name: m for m in (

@@ -91,23 +91,33 @@ def interleaved_latency(models: dict[str, nn.Module], inputs: Inputs, threads: i
     with _threads(threads):
         for key, (shape, b, device) in settings.items():
             x = inputs.example(b, "cuda" if device == "gpu" else "cpu", shape=shape)
-            pick = (lambda n: on_gpu[n]) if device == "gpu" else (lambda n: ready[n])
-            once, calls = {}, {}
-            for n in names:
-                _per_call(pick(n), x, 1)  # warm-up: allocations, kernels chosen
-                once[n] = max(_per_call(pick(n), x, 1), 1e-7)
-                calls[n] = max(1, math.ceil(block_s / once[n]))
-            per_round = sum(calls[n] * once[n] for n in names)
-            samples: dict[str, list[float]] = {n: [] for n in names}
-            count = max(3, min(rounds, int(budget_s / max(per_round, 1e-9))))
-            if rounds_used is not None:
-                rounds_used[key] = count
-            for r in range(count):
-                for n in names[r % len(names):] + names[:r % len(names)]:
-                    samples[n].append(_per_call(pick(n), x, calls[n]) * 1e3)
-            for n in names:
-                out[n][key] = statistics.median(samples[n])
+            _time_setting(on_gpu if device == "gpu" else ready, x, key, out, rounds, budget_s, block_s, rounds_used)
+        # the task's own timed forms (a language model: its greedy generation, per generated token), CPU, batch 1
+        for key, (shape, wrap, per) in task_named(inputs.task).timed_forms(inputs.shape).items():
+            _time_setting({n: wrap(m) for n, m in ready.items()}, inputs.example(1, "cpu", shape=shape), key, out, rounds, budget_s, block_s,
+                          rounds_used, per)
     return out
+
+
+def _time_setting(models: dict[str, nn.Module], x: torch.Tensor, key: str, out: dict[str, dict[str, float]], rounds: int, budget_s: float,
+                  block_s: float, rounds_used: dict[str, int] | None, per: int = 1) -> None:
+    """One setting of interleaved_latency: milliseconds per call (divided by `per`, the units a call makes)."""
+    names = list(models)
+    once, calls = {}, {}
+    for n in names:
+        _per_call(models[n], x, 1)  # warm-up: allocations, kernels chosen
+        once[n] = max(_per_call(models[n], x, 1), 1e-7)
+        calls[n] = max(1, math.ceil(block_s / once[n]))
+    per_round = sum(calls[n] * once[n] for n in names)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    count = max(3, min(rounds, int(budget_s / max(per_round, 1e-9))))
+    if rounds_used is not None:
+        rounds_used[key] = count
+    for r in range(count):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            samples[n].append(_per_call(models[n], x, calls[n]) * 1e3 / per)
+    for n in names:
+        out[n][key] = statistics.median(samples[n])
 
 
 def _per_call(model: nn.Module, x: torch.Tensor, calls: int) -> float:

@@ -109,6 +109,12 @@ class Task:
         """How many `unit`s one example of `shape` counts for in the throughput (1: the example itself)."""
         return 1
 
+    def timed_forms(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], Callable[[Any], Any], int]]:
+        """Latency settings of the task's own, beside a forward at each input size: metric key ->
+        (input shape, a wrapper of the model whose call is timed, the units one call makes). None
+        for classifiers."""
+        return {}
+
     def validate(self, trial: Any, model: "torch.nn.Module", final: bool) -> tuple[dict[str, float], dict[str, Any]]:
         """The epoch's val numbers (`val_` + split_metrics' names, against the teacher where the
         trial has one) and, after the final epoch (`final`, on rank 0), its tables and the

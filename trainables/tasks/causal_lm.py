@@ -16,6 +16,22 @@ if TYPE_CHECKING:
 
 
 SAMPLE_PROMPTS, SAMPLE_TOKENS = 3, 20  # the val prompts a trial continues each epoch, and how far
+GENERATED = 16  # tokens a timed generation makes (latency per generated token)
+
+
+class Generates:
+    """A causal LM's `generate` as a call on prompt ids: `n` tokens, greedy, its KV cache on (what
+    serving a prompt costs per token, which a forward over the whole block does not say)."""
+
+    def __init__(self, model, n: int) -> None:
+        self.model, self.n = model, n
+
+    def __call__(self, ids):
+        import torch
+
+        net = self.model.net
+        return net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False,
+                            pad_token_id=net.config.pad_token_id, eos_token_id=None)
 
 
 @TASKS.register(name="causal_lm")
@@ -38,9 +54,14 @@ class CausalLM(Task):
                      "teacher_ppl": False}
 
     leaderboard = ("student", "loss", "status", "temperature", "alpha", "lr", "val_ppl", "kd_gain", "val_acc", "agreement", "val_kl_teacher",
-                   "params", "bytes", "latency_ms", "epochs")
+                   "params", "bytes", "latency_ms", "size_latency_cpu_b1_token_ms", "epochs")
     versus = (("test_ppl", "perplexity"), ("test_nll", "NLL"), ("test_acc", "next-token acc"), ("test_agreement", "agreement with the teacher"),
               ("test_kl_teacher", "KL(teacher || student)"))
+
+    def timed_forms(self, shape):
+        """Greedy generation at batch 1 from a prompt of half the block, GENERATED tokens with the
+        model's KV cache: latency_cpu_b1_token_ms is a call's time per generated token."""
+        return {"latency_cpu_b1_token_ms": ((max(1, shape[0] // 2),), lambda m: Generates(m, GENERATED), GENERATED)}
 
     def per_example(self, shape):
         return int(shape[0])
