@@ -93,6 +93,21 @@ def export_tensors(model, logged: StudentCard, splits, task: Task, dataset, trac
     return path
 
 
+def check_onnx(path: Path, feeds: dict[str, torch.Tensor], expected: torch.Tensor, what: str, tracker: SweepTracker, run_id: str) -> None:
+    """The token model's ONNX file run by onnxruntime on `feeds` against PyTorch's `expected` logits
+    (within TOLERANCE), the difference logged to the run; a ConfigError when it disagrees."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+    diff = (got - expected).abs().max().item()
+    bound = TOLERANCE * max(1.0, expected.abs().max().item())
+    log.info("exported %s to %s: max abs logit difference vs PyTorch on %d %s = %.3g (bound %.3g)", run_id, path, len(expected), what, diff, bound)
+    if not diff <= bound:
+        raise ConfigError(f"`--format onnx` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on {what}")
+    tracker.log_metrics(run_id, {"export_onnx_max_abs_diff": diff}, step=0)
+
+
 class TokensIn(torch.nn.Module):
     """A Hugging Face student as transformers' own exports take it: input_ids and attention_mask
     (int64, (batch, sequence)) in, logits out."""
@@ -131,16 +146,7 @@ def export_tokens(normalized, card: StudentCard, splits, task: Task, dataset, tr
         torch.onnx.export(wrapped, (ids[:2], mask[:2]), str(path), input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, dynamo=True,
                           external_data=False, verbose=False)
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
-        diff = (got - expected).abs().max().item()
-        bound = TOLERANCE * max(1.0, expected.abs().max().item())
-        log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test texts = %.3g (bound %.3g)", run_id, path, len(ids), diff, bound)
-        if not diff <= bound:
-            raise ConfigError(f"`--format onnx` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test texts")
-        tracker.log_metrics(run_id, {"export_onnx_max_abs_diff": diff}, step=0)
+        check_onnx(path, {"input_ids": ids, "attention_mask": mask}, expected, "test texts", tracker, run_id)
     else:
         raise ConfigError("`--format torchscript` takes tensors, not strings: export a text student with --format onnx or safetensors")
     for f in [path, *(out_dir / n for n in os.listdir(out_dir) if n.startswith(("tokenizer", "vocab", "special_tokens", "merges")))]:
@@ -181,16 +187,7 @@ def export_generator(normalized, card: StudentCard, splits, task: Task, dataset,
         batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=getattr(model.config, "max_position_embeddings", ids.shape[1]))
         torch.onnx.export(wrapped, (ids[:2],), str(path), input_names=["input_ids"], output_names=["logits"],
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}}, dynamo=True, external_data=False, verbose=False)
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
-        diff = (got - expected).abs().max().item()
-        bound = TOLERANCE * max(1.0, expected.abs().max().item())
-        log.info("exported %s to %s: max abs logit difference vs PyTorch on %d test examples = %.3g (bound %.3g)", run_id, path, len(ids), diff, bound)
-        if not diff <= bound:
-            raise ConfigError(f"`--format onnx` export disagrees with PyTorch by {diff:.3g} (> {bound:.3g}) on test examples")
-        tracker.log_metrics(run_id, {"export_onnx_max_abs_diff": diff}, step=0)
+        check_onnx(path, {"input_ids": ids}, expected, "test examples", tracker, run_id)
     elif fmt != "safetensors":
         raise ConfigError("`--format torchscript` is not made for causal LMs: export one with --format onnx or safetensors (a save_pretrained folder)")
     for f in sorted(p for p in out_dir.iterdir() if p.is_file()):

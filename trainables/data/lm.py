@@ -121,8 +121,7 @@ def tokenize_lm(root: str | Path, cache: str | Path, tokenizer: str, max_length:
     t0 = time.perf_counter()
     if not (out_dir / "meta.json").exists():
         if prompt_column is not None:
-            _, rows = _read_columns(root, prompt_column, response_column)
-            ids, labels = pairs(tok, *rows, max_length)
+            ids, labels = pairs(tok, *_read_columns(root, prompt_column, response_column), max_length)
         else:
             ids = pack(tok, _documents(root, text_column)[0], max_length)
             labels = ids.astype(np.int64)
@@ -159,14 +158,14 @@ def tokenize_lm(root: str | Path, cache: str | Path, tokenizer: str, max_length:
     return RawData(train_x, train_y, test_x, test_y, val_x, val_y, decode_s=decode_s, pad_id=meta["pad_token_id"], n_classes=meta["vocab"])
 
 
-def _read_columns(path: Path, prompt_column: str, response_column: str) -> tuple[list[Path], tuple[list[str], list[str]]]:
+def _read_columns(path: Path, prompt_column: str, response_column: str) -> tuple[list[str], list[str]]:
     columns = []
     for key, column in (("prompt_column", prompt_column), ("response_column", response_column)):
         try:
             columns.append(_read_table(path, column, None)[0])
         except ConfigError as e:
             raise ConfigError(str(e).replace("dataset.kwargs.text_column", f"dataset.kwargs.{key}")) from None
-    return [path], (columns[0], columns[1])
+    return columns[0], columns[1]
 
 
 def prompts_of(splits, split: str, tokenizer, n: int, tokens: int = 8) -> list[str]:

@@ -104,20 +104,22 @@ class TokenLoss(DistillLoss):
         labels[:, prompt : prompt + new] = seq[:, prompt:]
         return out, labels
 
+    def _divergence(self, s: Tensor, t_logits: Tensor, target: Tensor) -> Tensor:
+        """T^2 * D over the scored tokens: `s` the shifted student logits, the teacher's cut to them."""
+        t = self.temperature
+        return token_divergence(self.kind, s, t_logits[:, : s.shape[1]], target != IGNORE, temperature=t, beta=self.beta, skew=self.skew,
+                                dtype=self.dtype) * (t * t)
+
     def forward(self, s_logits: Tensor, t_logits: Tensor | None, y: Tensor, s_feats=None, t_feats=None, on_policy: bool = False):
         s, target = shifted(s_logits, y)
         if on_policy:  # the student's own samples: the divergence alone, over them
-            t = self.temperature
-            d = token_divergence(self.kind, s, t_logits[:, : s_logits.shape[1] - 1], target != IGNORE, temperature=t, beta=self.beta,
-                                 skew=self.skew, dtype=self.dtype) * (t * t)
+            d = self._divergence(s, t_logits, target)
             return self.distill_weight * self.warmup_factor() * d, {"ce": torch.zeros_like(d.detach()), "kd": d.detach()}
         ce = token_ce(s, target)
         weighted_ce = ce if self.ce_weight == 1.0 else self.ce_weight * ce
         if self.distill_weight == 0.0:  # the no-KD control: exactly next-token CE, no teacher needed
             return weighted_ce, {"ce": ce.detach(), "kd": torch.zeros_like(ce)}
-        t = self.temperature
-        d = token_divergence(self.kind, s, t_logits[:, : s_logits.shape[1] - 1], target != IGNORE, temperature=t, beta=self.beta,
-                             skew=self.skew, dtype=self.dtype) * (t * t)
+        d = self._divergence(s, t_logits, target)
         return self.distill_weight * self.warmup_factor() * d + weighted_ce, {"ce": ce.detach(), "kd": d.detach()}
 
 

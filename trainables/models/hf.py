@@ -91,6 +91,16 @@ class TextFeatures(NamedTuple):
     mask: Tensor  # (N, L) 1 for a token, 0 for padding
 
 
+def check_inputs(config, input_shape: tuple[int, ...], dataset: str) -> None:
+    """Token ids (N, L) with L within the model's positions, or a one-line ConfigError naming `dataset`, the data it takes."""
+    if len(input_shape) != 1:
+        raise ConfigError(f"`students`/`teacher.arch` hf models take token ids, but the dataset gives {tuple(input_shape)} inputs: use {dataset}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and input_shape[0] > positions:
+        raise ConfigError(f"`dataset.max_length` {input_shape[0]} is more than the model's {positions} positions: "
+                          f"set dataset.max_length <= {positions}")
+
+
 class HFClassifier(FeatureTaps, nn.Module):
     """AutoModelForSequenceClassification on token ids. Features (`with_features=True`): a
     TextFeatures; or, with layer names (set_feature_layers: the transformers model's own), those
@@ -101,13 +111,7 @@ class HFClassifier(FeatureTaps, nn.Module):
 
         quiet()
         super().__init__()
-        if len(input_shape) != 1:
-            raise ConfigError(f"`students`/`teacher.arch` hf models take token ids, but the dataset gives {tuple(input_shape)} inputs: "
-                              "use a text dataset (dataset.name: text)")
-        positions = getattr(config, "max_position_embeddings", None)
-        if positions is not None and input_shape[0] > positions:
-            raise ConfigError(f"`dataset.max_length` {input_shape[0]} is more than the model's {positions} positions: "
-                              f"set dataset.max_length <= {positions}")
+        check_inputs(config, input_shape, "a text dataset (dataset.name: text)")
         if config.pad_token_id is None:
             raise ConfigError(f"`teacher.arch` hf model config ({config.model_type}) has no pad_token_id: set it in its config.json")
         config.num_labels = num_classes
@@ -165,13 +169,7 @@ class HFCausalLM(FeatureTaps, nn.Module):
 
         quiet()
         super().__init__()
-        if len(input_shape) != 1:
-            raise ConfigError(f"`students`/`teacher.arch` hf models take token ids, but the dataset gives {tuple(input_shape)} inputs: "
-                              "use a language-model dataset (dataset.name: lm_text)")
-        positions = getattr(config, "max_position_embeddings", None)
-        if positions is not None and input_shape[0] > positions:
-            raise ConfigError(f"`dataset.max_length` {input_shape[0]} is more than the model's {positions} positions: "
-                              f"set dataset.max_length <= {positions}")
+        check_inputs(config, input_shape, "a language-model dataset (dataset.name: lm_text)")
         self.net = AutoModelForCausalLM.from_config(config)
         self.pad_id = int(config.pad_token_id) if config.pad_token_id is not None else 0
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainables.registry import ConfigError
 from trainables.tasks import TASKS, Task
+from trainables.tasks.text import Tokenized
 
 if TYPE_CHECKING:
     from trainables.config import DatasetConfig
@@ -35,7 +36,7 @@ class Generates:
 
 
 @TASKS.register(name="causal_lm")
-class CausalLM(Task):
+class CausalLM(Tokenized, Task):
     name = "causal_lm"
     input_words = "token ids for a causal language model"
     unit = "tokens"
@@ -114,12 +115,6 @@ class CausalLM(Task):
     def robustness(self, predict, splits, split, n, seed, batch, clean_acc, tokenizer=None):
         return {}, {}
 
-    def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
-        """No dataset.tokenizer: the teacher checkpoint's."""
-        if dataset.tokenizer is None and checkpoint:
-            return dataset.model_copy(update={"tokenizer": checkpoint})
-        return dataset
-
     def model_kwargs(self, arch: str, weights: str | None, dataset: "DatasetConfig") -> dict[str, Any]:
         """The causal-LM head; an hf.<family> model's tokenizer: the one saved with its weights, else the data's."""
         from trainables.hf_files import has_tokenizer
@@ -130,11 +125,6 @@ class CausalLM(Task):
         if not arch.startswith(PREFIX):
             return {}
         return {"head": "causal_lm", "tokenizer": weights if weights and has_tokenizer(weights) else dataset.tokenizer}
-
-    def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
-        from trainables.hf_files import load_tokenizer
-
-        load_tokenizer(dataset.resolved().tokenizer).save_pretrained(str(folder))
 
     def check_models(self, cfg: Any, input_shape: tuple[int, ...]) -> None:
         """Every vocabulary and position table holds the data's tokens; every student reads the

@@ -14,8 +14,25 @@ if TYPE_CHECKING:
     from trainables.data import DataSplits
 
 
+class Tokenized:
+    """What the tasks over one tokenizer's ids share (text classification, causal language
+    modelling): the tokenizer defaults to the teacher checkpoint's and is saved beside a teacher."""
+
+    def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
+        """No dataset.tokenizer: the teacher checkpoint's."""
+        if dataset.tokenizer is None and checkpoint:
+            return dataset.model_copy(update={"tokenizer": checkpoint})
+        return dataset
+
+    def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
+        """The tokenizer beside the weights: the folder is a teacher.path (and a checkpoint) on its own."""
+        from trainables.hf_files import load_tokenizer
+
+        load_tokenizer(dataset.resolved().tokenizer).save_pretrained(str(folder))
+
+
 @TASKS.register(name="text_classification")
-class TextClassification(Task):
+class TextClassification(Tokenized, Task):
     name = "text_classification"
     input_words = "text (token ids)"
     unit = "texts"
@@ -57,12 +74,6 @@ class TextClassification(Task):
         return tokenize_unlabeled(root, cache_dir(options.get("cache")), options["tokenizer"], options["max_length"],
                                   options.get("text_column", "text"))
 
-    def resolve_dataset(self, dataset: "DatasetConfig", checkpoint: str | None) -> "DatasetConfig":
-        """No dataset.tokenizer: the teacher checkpoint's."""
-        if dataset.tokenizer is None and checkpoint:
-            return dataset.model_copy(update={"tokenizer": checkpoint})
-        return dataset
-
     def model_kwargs(self, arch: str, weights: str | None, dataset: "DatasetConfig") -> dict[str, Any]:
         """An hf.<family> model's tokenizer: the one saved with its weights checkpoint, else the data's."""
         from trainables.hf_files import has_tokenizer
@@ -71,12 +82,6 @@ class TextClassification(Task):
         if not arch.startswith(PREFIX):
             return {}
         return {"tokenizer": weights if weights and has_tokenizer(weights) else dataset.tokenizer}
-
-    def save_with_teacher(self, dataset: "DatasetConfig", folder: Path) -> None:
-        """The tokenizer beside the weights: the folder is a teacher.path (and a checkpoint) on its own."""
-        from trainables.hf_files import load_tokenizer
-
-        load_tokenizer(dataset.resolved().tokenizer).save_pretrained(str(folder))
 
     def check_models(self, cfg: Any, input_shape: tuple[int, ...]) -> None:
         """Every vocabulary and position table holds the data's tokens; a student with its own
